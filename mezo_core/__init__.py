@@ -1,0 +1,9 @@
+"""mezo_core: the MeZO step, the perturbation engine, the trainer and the
+interfaces that plugins implement. Read in this order: interfaces, perturb,
+mezo, registry, config, data, trainer, cli."""
+from .hookspecs import hookimpl
+from .interfaces import Backend, EvictionPolicy, Example, Schedule
+from .errors import MezoError
+
+__all__ = ["hookimpl", "Backend", "EvictionPolicy", "Example", "Schedule", "MezoError"]
+__version__ = "0.1.0"

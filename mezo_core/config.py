@@ -1,0 +1,153 @@
+"""Run configuration: a typed OmegaConf schema, YAML files from ``conf/`` and
+``key=value`` overrides. Every mistake becomes a MezoError naming the file,
+line or field."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import MezoError
+
+DEFAULT_CONFIG = "conf/sst2.yaml"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "${assets}/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: Optional[List[int]] = None     # None: every layer
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "classification"           # classification | completion
+    train: str = "${assets}/data/sst2/train.tsv"
+    dev: str = "${assets}/data/sst2/dev.tsv"
+    template: str = "{text} It was"        # classification prompt; {text} is the input
+    verbalizer: List[str] = field(default_factory=lambda: [" terrible", " great"])  # word of label i
+    k_per_class: Optional[int] = 16        # MeZO-paper sampling: k train examples per class ...
+    n_train: Optional[int] = None          # ... or n examples (when k_per_class is null)
+    n_dev: Optional[int] = None            # first n dev examples (null: all)
+    sample_seed: int = 42
+
+
+@dataclass
+class MezoConfig:
+    steps: int = 200
+    batch_size: int = 16
+    q: int = 1                             # directions per step
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_end: Optional[float] = None
+    warmup_steps: int = 0
+    eps: float = 1e-3
+    eps_schedule: str = "constant"
+    eps_end: Optional[float] = None
+    weight_decay: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    backend: str = "hf"
+    seed: int = 0
+    assets: str = "${oc.env:MEZO_ASSETS,../shared/assets}"
+    out_dir: str = "runs/sst2"
+    eval_every: int = 0                    # 0: only zero-shot and final
+    eval_batch_size: int = 32
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    zero_shot: bool = True
+    plot: bool = True
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    mezo: MezoConfig = field(default_factory=MezoConfig)
+    # backend-specific options, read by the backend plugin of that name
+    hf: Dict[str, Any] = field(default_factory=dict)
+    vllm: Dict[str, Any] = field(default_factory=dict)
+    sglang: Dict[str, Any] = field(default_factory=dict)
+
+
+def _line_of(text: str, key: str) -> str:
+    leaf = key.split(".")[-1]
+    for i, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(leaf)}\s*:", line):
+            return f", line {i}"
+    return ""
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    return key, msg
+
+
+def load_config(path: str | Path | None = None, overrides: List[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file <- ``key=value`` overrides, validated."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise MezoError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise MezoError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise MezoError(f"{path}: the top level must be a mapping of keys")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+        except OmegaConfBaseException as exc:
+            key, msg = _describe(exc)
+            raise MezoError(f"{path}{_line_of(text, key)}: field {key!r}: {msg}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise MezoError(f"override {item!r}: expected key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            key, msg = _describe(exc)
+            raise MezoError(f"override {item!r}: field {key!r}: {msg}") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise MezoError(f"config: {exc}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that the types alone cannot express."""
+    def need(ok, key, what):
+        if not ok:
+            raise MezoError(f"config field {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
+    need(cfg.mezo.steps >= 0, "mezo.steps", "must be >= 0")
+    need(cfg.mezo.batch_size > 0, "mezo.batch_size", "must be > 0")
+    need(cfg.mezo.q >= 1, "mezo.q", "must be >= 1")
+    need(cfg.mezo.eps > 0, "mezo.eps", "must be > 0")
+    need(cfg.mezo.lr >= 0, "mezo.lr", "must be >= 0")
+    need(cfg.lora.r > 0, "lora.r", "must be > 0")
+    need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+    need(cfg.task.kind in ("classification", "completion"), "task.kind",
+         "must be 'classification' or 'completion'")
+    if cfg.task.kind == "classification":
+        need(len(cfg.task.verbalizer) >= 2, "task.verbalizer", "needs a word for each of >= 2 labels")
+        need("{text}" in cfg.task.template, "task.template", "must contain {text}")
+    need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")

@@ -1,0 +1,6 @@
+"""One exception type for everything a user can get wrong: the CLI prints its
+message and exits non-zero, without a traceback."""
+
+
+class MezoError(Exception):
+    """A user-facing error: the message names the file, line or field at fault."""

@@ -1,0 +1,44 @@
+"""The hooks a mezo-run plugin can implement.
+
+A plugin is a plain module (or object) with functions marked ``@hookimpl`` and
+listed under the ``mezo`` entry-point group of its distribution, e.g.::
+
+    [project.entry-points.mezo]
+    my_backend = "my_package.plugin"
+
+The built-in plugins (``mezo_builtin``, ``mezo_backend_hf``, ...) are found the
+same way, so a third-party package is a first-class citizen.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mezo")
+hookimpl = pluggy.HookimplMarker("mezo")
+
+
+@hookspec
+def register_backends(register):
+    """Register backend classes: ``register(BackendSubclass)``.
+
+    The class's ``name`` attribute is the value users put in ``backend=...``.
+    Do not import heavy engines here; do it in the backend's ``__init__``.
+    """
+
+
+@hookspec
+def register_eviction_policies(register):
+    """Register cache eviction policies: ``register(name, EvictionPolicySubclass)``."""
+
+
+@hookspec
+def register_epsilon_schedules(register):
+    """Register schedules: ``register(name, ScheduleSubclass)``.
+
+    The same schedules drive the learning rate (``mezo.lr_schedule``) and the
+    perturbation size (``mezo.eps_schedule``).
+    """
+
+
+@hookspec
+def on_step_end(step, metrics):
+    """Called after every optimisation step with the metrics dict that is also
+    written to ``metrics.jsonl``. Loggers (W&B, TensorBoard, ...) hook in here."""

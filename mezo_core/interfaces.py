@@ -1,0 +1,146 @@
+"""The three interfaces plugins implement: Backend, EvictionPolicy, Schedule.
+
+Data flows one way: config -> registry -> backend -> trainer. The trainer only
+talks to a backend through the methods below, so a backend may keep its model in
+another process (vLLM, SGLang) as long as it can apply a seeded perturbation to
+its trainable tensors in place (see ``mezo_core.perturb``).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    """One scored sequence: the loss is the mean cross-entropy of ``target_ids``
+    given ``prompt_ids`` (prompt tokens are context only)."""
+
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.target_ids:
+            raise ValueError("Example needs at least one target token")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+# A perturbation: theta <- decay * theta + sum(coef * z(seed)) over the terms.
+Terms = Sequence[tuple[int, float]]
+
+
+class Backend(abc.ABC):
+    """Supplies per-example losses under the current adapter, and moves the
+    adapter along seeded random directions.
+
+    Subclasses set ``name`` and ``capabilities`` and are constructed with the
+    whole run config (an OmegaConf node: ``model``, ``lora`` and the section
+    named after the backend, e.g. ``cfg.hf``).
+    """
+
+    name: ClassVar[str]
+    #: free-form tags shown by ``mezo-run backends`` (e.g. "cuda", "prefix-cache")
+    capabilities: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run here (engine not installed, no GPU), or None."""
+        return None
+
+    tokenizer: Any  # a transformers tokenizer for the loaded model
+
+    @abc.abstractmethod
+    def trainable_names(self) -> list[str]:
+        """Canonical PEFT names of the trainable tensors, in z-index order
+        (sorted). Tensor i of this list gets z(seed, i) in every backend."""
+
+    @abc.abstractmethod
+    def perturb(self, terms: Terms, decay: float = 1.0) -> None:
+        """In place: theta <- decay*theta + sum(coef * z(seed)) (one pass)."""
+
+    @abc.abstractmethod
+    def losses(self, batch: Sequence[Example]) -> torch.Tensor:
+        """Per-example mean cross-entropy over target tokens, float64, CPU, shape [B]."""
+
+    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float):
+        """L+ and L- of one SPSA direction.
+
+        Returns ``(loss_plus, loss_minus, offset)`` where ``offset`` is the
+        multiple of z(seed) left applied to the weights on return, so the
+        trainer can fuse the restore into the update. The plain sequence
+        leaves the weights at theta - eps*z (offset = -eps); a backend that
+        evaluates both signs side by side may return offset 0.
+        """
+        self.perturb([(seed, eps)])
+        loss_plus = self.losses(batch)
+        self.perturb([(seed, -2.0 * eps)])
+        loss_minus = self.losses(batch)
+        return loss_plus, loss_minus, -eps
+
+    def choice_losses(self, prompts: Sequence[tuple[int, ...]],
+                      choices: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """Loss of every choice after every prompt, shape [len(prompts), len(choices)].
+        Backends may override this with a faster exact path."""
+        batch = [Example(p, c) for p in prompts for c in choices]
+        return self.losses(batch).view(len(prompts), len(choices))
+
+    def get_stats(self) -> dict[str, float]:
+        """Cache counters (lookups, hits, hit_rate, token_reuse, bytes, evictions...)."""
+        return {}
+
+    @abc.abstractmethod
+    def save_adapter(self, path: str) -> None:
+        """Write the adapter as a PEFT folder (adapter_config.json + safetensors)."""
+
+    @abc.abstractmethod
+    def load_adapter(self, path: str) -> None:
+        """Load adapter weights written by ``save_adapter`` (used by --resume)."""
+
+    def close(self) -> None:
+        """Release engines, processes and device memory."""
+
+
+class EvictionPolicy(abc.ABC):
+    """Chooses which cache entry to drop when a cache is over its byte budget.
+    The cache calls ``insert``/``touch``/``remove`` as entries come and go."""
+
+    @abc.abstractmethod
+    def insert(self, key: Any, nbytes: int) -> None: ...
+
+    @abc.abstractmethod
+    def touch(self, key: Any) -> None: ...
+
+    @abc.abstractmethod
+    def remove(self, key: Any) -> None: ...
+
+    @abc.abstractmethod
+    def victim(self) -> Any:
+        """The key to evict next (must be a key currently held)."""
+
+
+class Schedule(abc.ABC):
+    """A value over training steps (used for epsilon and for the learning rate).
+
+    ``start`` is the peak value, ``end`` the final one (where the shape has one),
+    ``warmup_steps`` ramps linearly from 0 to ``start`` first."""
+
+    def __init__(self, start: float, end: float | None = None, warmup_steps: int = 0):
+        self.start = float(start)
+        self.end = float(start if end is None else end)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            return self.start * (step + 1) / self.warmup_steps
+        span = max(1, total_steps - self.warmup_steps)
+        return self.value(min(1.0, (step - self.warmup_steps) / span))
+
+    @abc.abstractmethod
+    def value(self, progress: float) -> float:
+        """The value at ``progress`` in [0, 1] after warm-up."""

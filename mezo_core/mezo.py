@@ -1,0 +1,54 @@
+"""The MeZO step (Malladi et al. 2023, Algorithm 1) over any Backend.
+
+Per direction i with seed s_i:  theta += eps*z_i; L+;  theta -= 2*eps*z_i; L-;
+g_i = (L+ - L-) / (2*eps). The restore of the last direction, weight decay and
+the update are fused into a single pass over the weights:
+
+    theta <- (1 - lr*wd) * (theta + eps*z_q) - lr/q * sum_i g_i z_i
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .interfaces import Backend, Example
+from .perturb import mix
+
+
+def direction_seeds(run_seed: int, step: int, q: int) -> list[int]:
+    """The z seeds of one step: a pure function of (run seed, step), so a resumed
+    run draws exactly the directions of the uninterrupted one."""
+    return [mix(run_seed, step, i) for i in range(q)]
+
+
+@dataclass
+class StepResult:
+    seeds: list[int]
+    grads: list[float]         # projected gradients g_i
+    loss_plus: float           # mean over directions and examples
+    loss_minus: float
+
+    @property
+    def loss(self) -> float:
+        return 0.5 * (self.loss_plus + self.loss_minus)
+
+
+def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
+              eps: float, lr: float, weight_decay: float = 0.0) -> StepResult:
+    """One MeZO update of the backend's trainable tensors; returns what was measured."""
+    grads, plus, minus = [], [], []
+    for i, seed in enumerate(seeds):
+        loss_plus, loss_minus, offset = backend.plus_minus_losses(batch, seed, eps)
+        lp, lm = float(loss_plus.mean()), float(loss_minus.mean())
+        grads.append((lp - lm) / (2.0 * eps))
+        plus.append(lp)
+        minus.append(lm)
+        if offset and i < len(seeds) - 1:
+            backend.perturb([(seed, -offset)])  # restore before the next direction
+            offset = 0.0
+    decay = 1.0 - lr * weight_decay
+    terms = [(seed, -lr * g / len(seeds)) for seed, g in zip(seeds, grads)]
+    if offset:
+        terms.append((seeds[-1], -decay * offset))
+    backend.perturb(terms, decay=decay)
+    return StepResult(list(seeds), grads, sum(plus) / len(plus), sum(minus) / len(minus))

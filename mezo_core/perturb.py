@@ -1,0 +1,93 @@
+"""The perturbation engine: z is regenerated, never stored.
+
+z for trainable tensor ``index`` under ``seed`` is a standard normal tensor of
+the tensor's shape, produced in chunks of ``CHUNK`` elements; chunk ``c`` comes
+from a ``torch.Generator`` on the tensor's device seeded with
+``mix(seed, index, c)``. Fixing the chunk size makes z independent of how the
+work is split and bounds the extra memory by one chunk, whatever the tensor's
+size. Any process that holds the tensors (a vLLM worker, say) regenerates the
+same z from the same (seed, index).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+CHUNK = 1 << 20  # elements per z chunk: 4 MiB of fp32 scratch at most
+_MASK64 = (1 << 64) - 1
+
+
+def mix(*values: int) -> int:
+    """SplitMix64 over the values: a well-spread 63-bit generator seed."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def _generator(device: torch.device, cache: dict) -> torch.Generator:
+    if device not in cache:
+        cache[device] = torch.Generator(device=device)
+    return cache[device]
+
+
+def z_chunk(out: torch.Tensor, seed: int, index: int, chunk: int,
+            generators: dict | None = None) -> torch.Tensor:
+    """Fill ``out`` (fp32, 1-D) with chunk ``chunk`` of z(seed, index)."""
+    gen = _generator(out.device, {} if generators is None else generators)
+    gen.manual_seed(mix(seed, index, chunk))
+    return out.normal_(generator=gen)
+
+
+def z_like(tensor: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """The whole z(seed, index) for ``tensor`` as a new fp32 tensor (tests,
+    layout conversions). The engine itself never materialises it."""
+    flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
+    gens: dict = {}
+    for c, start in enumerate(range(0, flat.numel(), CHUNK)):
+        z_chunk(flat[start:start + CHUNK], seed, index, c, gens)
+    return flat.view(tensor.shape)
+
+
+def merge_terms(terms: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Add up coefficients of repeated seeds so each z is generated once."""
+    merged: dict[int, float] = {}
+    for seed, coef in terms:
+        merged[int(seed)] = merged.get(int(seed), 0.0) + float(coef)
+    return [(s, c) for s, c in merged.items() if c != 0.0]
+
+
+@torch.no_grad()
+def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
+            decay: float = 1.0, indices: Sequence[int] | None = None) -> None:
+    """In place, for every tensor i: theta_i <- decay*theta_i + sum_k coef_k*z(seed_k, i).
+
+    One pass over each tensor, chunk by chunk; scratch is one fp32 chunk (plus
+    one for non-fp32 tensors, which are updated in fp32 and rounded once).
+    ``indices`` gives each tensor's z index when it is not its list position.
+    """
+    terms = merge_terms(terms)
+    if not terms and decay == 1.0:
+        return
+    gens: dict = {}
+    for pos, tensor in enumerate(tensors):
+        index = pos if indices is None else indices[pos]
+        if not tensor.is_contiguous():
+            raise ValueError(f"trainable tensor {index} is not contiguous")
+        flat = tensor.view(-1)
+        scratch = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32, device=flat.device)
+        for c, start in enumerate(range(0, flat.numel(), CHUNK)):
+            part = flat[start:start + CHUNK]
+            z = scratch[:part.numel()]
+            acc = part if part.dtype == torch.float32 else part.float()
+            if decay != 1.0:
+                acc.mul_(decay)
+            for seed, coef in terms:
+                acc.add_(z_chunk(z, seed, index, c, gens), alpha=coef)
+            if acc is not part:
+                part.copy_(acc)

@@ -1,0 +1,69 @@
+"""Plugin discovery: every distribution with a ``mezo`` entry point is loaded,
+the built-in ones included, and its ``register_*`` hooks fill the registry."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import MezoError
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    obj: Any            # a Backend/EvictionPolicy/Schedule subclass
+    plugin: str         # the plugin (entry point) that registered it
+    distribution: str   # its distribution ("builtin" when added in code)
+    version: str
+
+
+class Registry:
+    """What the loaded plugins registered, by kind and name."""
+
+    KINDS = {"backends": "register_backends",
+             "eviction_policies": "register_eviction_policies",
+             "epsilon_schedules": "register_epsilon_schedules"}
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+        self.items: dict[str, dict[str, Registered]] = {k: {} for k in self.KINDS}
+        dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+        for kind, hook_name in self.KINDS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                dist = dists.get(id(impl.plugin))
+                source = (impl.plugin_name,
+                          dist.project_name if dist else "(not from a distribution)",
+                          dist.version if dist else "")
+                impl.function(register=functools.partial(self._add, kind, source))
+
+    def _add(self, kind, source, name_or_obj, obj=None):
+        name, obj = (name_or_obj.name, name_or_obj) if obj is None else (name_or_obj, obj)
+        self.items[kind][name] = Registered(name, obj, *source)
+
+    def get(self, kind: str, name: str) -> Any:
+        try:
+            return self.items[kind][name].obj
+        except KeyError:
+            known = ", ".join(sorted(self.items[kind])) or "none"
+            raise MezoError(f"unknown {kind[:-1].replace('_', ' ')} {name!r} (registered: {known})") from None
+
+    def hook(self):
+        return self.pm.hook
+
+
+def make_plugin_manager(extra_plugins=()) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("mezo")
+    pm.add_hookspecs(hookspecs)
+    pm.load_setuptools_entrypoints("mezo")
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    return pm
+
+
+@functools.lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    return Registry(make_plugin_manager())
