@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 
 from mezo_core import Backend, Example, MezoError
+from mezo_core.adapter import (canonical_name, initial_adapter, peft_lora_config, read_peft_adapter,
+                               write_peft_adapter)
 from mezo_core.models import resolve_model_dir
 from mezo_core.perturb import apply_z
 
@@ -25,19 +27,6 @@ def torch_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise MezoError(f"{field}: unknown dtype {name!r} (use one of {', '.join(DTYPES)})") from None
-
-
-def lora_config(lora):
-    from peft import LoraConfig
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(lora.target_modules),
-                      layers_to_transform=None if lora.layers is None else list(lora.layers),
-                      task_type="CAUSAL_LM")
-
-
-def canonical_name(param_name: str) -> str:
-    """peft parameter name -> the key peft writes to adapter_model.safetensors."""
-    return param_name.replace(".default", "")
 
 
 class HFBackend(Backend):
@@ -55,18 +44,18 @@ class HFBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.model.dtype))
         base.to(self.device).eval()
-        with torch.random.fork_rng(devices=[]):  # LoRA init from the run seed, global RNG untouched
-            torch.manual_seed(cfg.seed)
-            try:
-                self.model = get_peft_model(base, lora_config(cfg.lora))
-            except ValueError as exc:
-                raise MezoError(f"lora: {exc}") from None
+        self.model_dir, self.lora = model_dir, cfg.lora
+        try:
+            self.model = get_peft_model(base, peft_lora_config(cfg.lora, str(model_dir)))
+        except ValueError as exc:
+            raise MezoError(f"lora: {exc}") from None
         self.model.eval()
         params = {canonical_name(n): p for n, p in self.model.named_parameters() if p.requires_grad}
         for p in params.values():
             p.requires_grad_(False)  # MeZO never needs autograd
         self._names = sorted(params)
         self._tensors = [params[n] for n in self._names]
+        self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.forward_tokens = 0
@@ -123,17 +112,18 @@ class HFBackend(Backend):
 
     # -- adapter files -------------------------------------------------------------
     def save_adapter(self, path):
-        self.model.save_pretrained(str(path))
+        write_peft_adapter(dict(zip(self._names, self._tensors)), self.lora, self.model_dir, path)
 
     def load_adapter(self, path):
-        from safetensors.torch import load_file
-        state = load_file(f"{path}/adapter_model.safetensors")
+        self._load_state(read_peft_adapter(path), source=path)
+
+    @torch.no_grad()
+    def _load_state(self, state, source="initial adapter"):
         missing = set(self._names) - set(state)
         if missing:
-            raise MezoError(f"{path}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for name, tensor in zip(self._names, self._tensors):
-                tensor.copy_(state[name])
+            raise MezoError(f"{source}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        for name, tensor in zip(self._names, self._tensors):
+            tensor.copy_(state[name])
 
     def get_stats(self):
         return {"forward_tokens": self.forward_tokens}

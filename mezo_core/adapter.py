@@ -1,0 +1,94 @@
+"""The LoRA adapter as plain tensors: its names, its seeded initial values and
+its PEFT folder. Every backend starts from the same adapter for the same seed,
+whatever engine holds the weights, so their losses and trajectories compare."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .perturb import mix
+
+
+def peft_lora_config(lora, base_model: str = ""):
+    from peft import LoraConfig
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(lora.target_modules),
+                      layers_to_transform=None if lora.layers is None else list(lora.layers),
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+
+
+def canonical_name(param_name: str) -> str:
+    """peft parameter name -> the key peft writes to adapter_model.safetensors."""
+    return param_name.replace(".default", "")
+
+
+def adapter_shapes(model_dir, lora) -> dict[str, torch.Size]:
+    """Names and shapes of the LoRA tensors, from the model's config alone
+    (the model is built on the meta device: no weights are read)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(config), peft_lora_config(lora))
+    return {canonical_name(n): p.shape for n, p in model.named_parameters() if p.requires_grad}
+
+
+def initial_adapter(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
+    """LoRA init as in peft (A: kaiming-uniform with a=sqrt(5), B: zeros), drawn
+    per tensor from (seed, index) so that it does not depend on module order."""
+    state = {}
+    for index, name in enumerate(sorted(shapes)):
+        shape = shapes[name]
+        if ".lora_B." in name:
+            state[name] = torch.zeros(shape)
+            continue
+        bound = 1.0 / math.sqrt(shape[-1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
+        gen = torch.Generator().manual_seed(mix(seed, index, 0x1A17))
+        state[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    return state
+
+
+def write_peft_adapter(state: dict[str, torch.Tensor], lora, base_model: str, out: str | Path) -> Path:
+    """Write a PEFT adapter folder atomically (temp folder, then rename)."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    peft_lora_config(lora, str(base_model)).save_pretrained(tmp)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()},
+              tmp / "adapter_model.safetensors")
+    replace_dir(tmp, out)
+    return out
+
+
+def read_peft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    path = Path(path)
+    f = path / "adapter_model.safetensors"
+    if not f.exists():
+        from .errors import MezoError
+        raise MezoError(f"{path}: not a PEFT adapter folder (no adapter_model.safetensors)")
+    return load_file(str(f))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an old ``dst`` is swapped out first."""
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
