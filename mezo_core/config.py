@@ -43,6 +43,9 @@ class TaskConfig:
     n_train: Optional[int] = None          # ... or n examples (when k_per_class is null)
     n_dev: Optional[int] = None            # first n dev examples (null: all)
     sample_seed: int = 42
+    # classification loss: "choices" = cross-entropy among the verbalizer words
+    # (MeZO's train_as_classification); "target" = LM loss of the gold word
+    train_loss: str = "choices"
 
 
 @dataclass
@@ -148,6 +151,7 @@ def validate(cfg: DictConfig) -> None:
          "must be 'classification' or 'completion'")
     if cfg.task.kind == "classification":
         need(len(cfg.task.verbalizer) >= 2, "task.verbalizer", "needs a word for each of >= 2 labels")
+        need(cfg.task.train_loss in ("choices", "target"), "task.train_loss", "must be 'choices' or 'target'")
         need("{text}" in cfg.task.template, "task.template", "must contain {text}")
     need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")

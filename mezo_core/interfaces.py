@@ -21,10 +21,15 @@ class Example:
 
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
+    #: classification: the candidate completions; the loss MeZO minimises is then
+    #: the cross-entropy of ``target_ids`` among them (MeZO's train_as_classification)
+    choices: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
         if not self.target_ids:
             raise ValueError("Example needs at least one target token")
+        if self.choices is not None and self.target_ids not in self.choices:
+            raise ValueError("Example target must be one of its choices")
 
     @property
     def num_tokens(self) -> int:
@@ -78,10 +83,24 @@ class Backend(abc.ABC):
         evaluates both signs side by side may return offset 0.
         """
         self.perturb([(seed, eps)])
-        loss_plus = self.losses(batch)
+        loss_plus = self.objective(batch)
         self.perturb([(seed, -2.0 * eps)])
-        loss_minus = self.losses(batch)
+        loss_minus = self.objective(batch)
         return loss_plus, loss_minus, -eps
+
+    def objective(self, batch: Sequence[Example]) -> torch.Tensor:
+        """The per-example losses MeZO minimises: ``losses`` for plain examples;
+        for examples with ``choices``, the cross-entropy of the gold choice over
+        the choices, each scored by its mean token loss. A batch shares one
+        set of choices."""
+        if batch[0].choices is None:
+            return self.losses(batch)
+        choices = batch[0].choices
+        if any(e.choices != choices for e in batch):
+            raise ValueError("examples of one batch must share their choices")
+        scores = self.choice_losses([e.prompt_ids for e in batch], choices)
+        gold = torch.tensor([choices.index(e.target_ids) for e in batch])
+        return torch.nn.functional.cross_entropy(-scores, gold, reduction="none")
 
     def choice_losses(self, prompts: Sequence[tuple[int, ...]],
                       choices: Sequence[tuple[int, ...]]) -> torch.Tensor:

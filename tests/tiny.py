@@ -31,8 +31,12 @@ def train_tokenizer(out_dir: Path, vocab_size=300):
     return fast
 
 
-def build_model(out_dir: Path, arch: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0):
-    """Save a randomly initialised model of the given architecture with a trained tokenizer."""
+def build_model(out_dir: Path, arch: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0,
+                heads: int = 4, kv_heads: int = 2):
+    """Save a randomly initialised model of the given architecture with a trained tokenizer.
+
+    ``heads``/``kv_heads`` set the attention heads (head_dim = hidden // heads; vLLM's
+    CPU attention wants head_dim 32, 64, ...; GPT-2 uses ``heads`` only)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,13 +44,13 @@ def build_model(out_dir: Path, arch: str = "llama", layers: int = 4, hidden: int
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                              max_position_embeddings=256, tie_word_embeddings=True,
                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id)
         model = LlamaForCausalLM(config)
     elif arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+        config = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id)
         model = GPT2LMHeadModel(config)

@@ -1,0 +1,378 @@
+"""SGLang forward passes for MeZO, with LoRA and RadixAttention's prefix cache.
+
+The engine (``sglang.Engine``) runs the model in its own processes. The driver
+keeps the trainable state: an fp32 copy of the LoRA tensors in PEFT layout, on
+``model.device`` (CUDA), so that ``perturb`` regenerates exactly the z of the
+hf backend (``mezo_core.perturb`` draws z on the tensor's device). Whenever the
+state has changed and losses are asked for, the new state is loaded into the
+engine as a new adapter *version* (``load_lora_adapter_from_tensors``, no disk
+round trip) under a new name, and the previous version is unloaded.
+
+Why versions: SGLang's radix cache is keyed by the adapter (its ``lora_id``),
+so a prefix computed under one version can never serve a request of another.
+SGLang also mints a fresh ``lora_id`` on every load, but the versioned name
+makes the guarantee ours rather than an engine detail, and lets requests name
+exactly the state they were computed under.
+
+Losses come from ``generate(input_ids, return_logprob=True,
+logprob_start_len=len(prompt) - 1, max_new_tokens=1)``: the engine returns the
+log-probabilities of the input tokens from ``logprob_start_len`` on (the first
+entry is ``None``: nothing predicts the token at that position), i.e. of every
+target token. The radix cache reuses a cached prefix only up to
+``logprob_start_len``, so this start is also the longest prefix that can be
+shared between examples (a few-shot context, a classification template).
+
+Engine options come from the free-form ``sglang`` section of the run config;
+every key there is passed to ``sglang.Engine`` except the ones this module
+reads itself (``eviction_policy``, ``adapter_transport``, ``name``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mezo_core import Backend, Example, MezoError
+from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
+                               write_peft_adapter)
+from mezo_core.models import resolve_model_dir
+from mezo_core.perturb import apply_z
+
+#: model.dtype -> SGLang's --dtype
+DTYPES = {"float32": "float32", "fp32": "float32",
+          "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+#: mezo-run EvictionPolicy names -> SGLang's --radix-eviction-policy.
+#: SGLang evicts leaves of its radix tree, ordered by a per-node priority:
+#: last access time (lru), (hit count, last access) (lfu), creation time (fifo).
+#: mezo's LFU breaks ties by oldest insertion, SGLang's by least recent access.
+RADIX_EVICTION = {"lru": "lru", "lfu": "lfu", "fifo": "fifo"}
+
+#: policies SGLang's radix cache cannot honour, with the reason.
+UNSUPPORTED_EVICTION = {
+    "size": "GreedyDual-Size ranks entries by (hits+1)/bytes, but SGLang's radix tree ranks "
+            "nodes only by access time, hit count, creation time or request priority; "
+            "a node's size plays no part",
+}
+
+#: keys of the ``sglang`` config section that this module reads itself
+OWN_KEYS = ("eviction_policy", "adapter_transport", "name")
+
+
+def radix_eviction_policy(name: str | None) -> str | None:
+    """SGLang's radix eviction policy for mezo-run's eviction policy ``name``
+    (None: leave SGLang's default, LRU). Raises MezoError for a policy that the
+    radix cache cannot honour."""
+    if name is None:
+        return None
+    key = str(name).lower()
+    if key in RADIX_EVICTION:
+        return RADIX_EVICTION[key]
+    if key in UNSUPPORTED_EVICTION:
+        raise MezoError(f"sglang.eviction_policy: {name!r} cannot be honoured by SGLang's radix "
+                        f"cache: {UNSUPPORTED_EVICTION[key]}. Use one of "
+                        f"{', '.join(sorted(RADIX_EVICTION))}")
+    raise MezoError(f"sglang.eviction_policy: {name!r} has no SGLang radix-cache counterpart "
+                    f"(SGLang can honour {', '.join(sorted(RADIX_EVICTION))}; its own policies "
+                    f"'slru' and 'priority' can be set with sglang.radix_eviction_policy)")
+
+
+def _plain(node) -> dict:
+    """A config section as a plain dict (OmegaConf node, mapping or None)."""
+    if node is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(node):
+            return dict(OmegaConf.to_container(node, resolve=True))
+    except ImportError:  # pragma: no cover - omegaconf is a core dependency
+        pass
+    return dict(node)
+
+
+def lora_config_dict(lora, base_model: str = "") -> dict[str, Any]:
+    """The adapter_config.json content SGLang needs to accept an adapter."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora.r),
+            "lora_alpha": float(lora.alpha), "lora_dropout": 0.0, "bias": "none",
+            "target_modules": list(lora.target_modules),
+            "layers_to_transform": None if lora.layers is None else list(lora.layers),
+            "use_dora": False, "use_rslora": False, "base_model_name_or_path": str(base_model)}
+
+
+def target_logprobs(meta_info: dict, example: Example, start: int) -> list[float]:
+    """Log-probabilities of ``example.target_ids`` from one request's meta_info,
+    where the request asked for input logprobs from position ``start``."""
+    entries = meta_info.get("input_token_logprobs")
+    if entries is None:
+        raise MezoError("sglang: the engine returned no input_token_logprobs "
+                        "(was return_logprob dropped?)")
+    skip = len(example.prompt_ids) - start  # entries before the first target token
+    got = entries[skip:]
+    if len(got) != len(example.target_ids):
+        raise MezoError(f"sglang: expected {len(example.target_ids)} target logprobs, got "
+                        f"{len(got)} (logprob_start_len={start}, {len(entries)} entries)")
+    values = []
+    for (value, token, *_), want in zip(got, example.target_ids):
+        # SGLang reports the last vocabulary id as 0 (it clips padded ids)
+        if token != want and token != 0:
+            raise MezoError(f"sglang: logprob entry is for token {token}, expected {want}")
+        if value is None:
+            raise MezoError("sglang: a target token has no logprob")
+        values.append(float(value))
+    return values
+
+
+class SGLangBackend(Backend):
+    name = "sglang"
+    capabilities = ("cuda", "bf16", "fp16", "lora", "prefix-cache", "radix-cache",
+                    "adapter-versions", "single-token-choices")
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("sglang") is None:
+            return ("sglang is not installed (it has no CPU build: install sglang>=0.5 on a "
+                    "machine with an NVIDIA GPU)")
+        if not torch.cuda.is_available():
+            return "no CUDA device: SGLang runs on NVIDIA GPUs only"
+        return None
+
+    def __init__(self, cfg, engine_factory: Callable[..., Any] | None = None):
+        """``engine_factory(**engine_kwargs)`` builds the engine; by default
+        ``sglang.Engine`` (tests pass a stand-in)."""
+        self.cfg = cfg
+        self.lora = cfg.lora
+        options = _plain(cfg.get("sglang") if hasattr(cfg, "get") else getattr(cfg, "sglang", None))
+        self.transport = str(options.pop("adapter_transport", "tensors"))
+        if self.transport not in ("tensors", "disk"):
+            raise MezoError(f"sglang.adapter_transport: {self.transport!r} (use 'tensors' or 'disk')")
+        self.prefix = str(options.pop("name", "mezo"))
+        policy = radix_eviction_policy(options.pop("eviction_policy", None))
+        if policy is not None:
+            native = options.get("radix_eviction_policy")
+            if native is not None and native != policy:
+                raise MezoError(f"sglang: eviction_policy maps to radix_eviction_policy={policy!r} "
+                                f"but radix_eviction_policy={native!r} is also set")
+            options["radix_eviction_policy"] = policy
+
+        self.device = torch.device(cfg.model.device)
+        if engine_factory is None:
+            reason = self.unavailable_reason()
+            if reason:
+                raise MezoError(f"backend sglang: {reason}")
+            if self.device.type != "cuda":
+                raise MezoError(f"model.device: the sglang backend runs on CUDA only "
+                                f"(got {cfg.model.device!r}; set model.device=cuda)")
+        try:
+            dtype = DTYPES[str(cfg.model.dtype)]
+        except KeyError:
+            raise MezoError(f"model.dtype: unknown dtype {cfg.model.dtype!r} "
+                            f"(use one of {', '.join(DTYPES)})") from None
+
+        self.model_dir = resolve_model_dir(cfg.model.path)
+        from transformers import AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+
+        # the trainable state: fp32, PEFT layout, on model.device (z is drawn there)
+        try:
+            shapes = adapter_shapes(self.model_dir, cfg.lora)
+        except ValueError as exc:
+            raise MezoError(f"lora: {exc}") from None
+        self._names = sorted(shapes)
+        init = initial_adapter(shapes, cfg.seed)
+        self._tensors = [init[n].to(self.device, torch.float32).contiguous() for n in self._names]
+        self._config_dict = lora_config_dict(cfg.lora, str(self.model_dir))
+
+        engine_kwargs = dict(model_path=str(self.model_dir), dtype=dtype, enable_lora=True,
+                             max_lora_rank=int(cfg.lora.r),
+                             lora_target_modules=list(cfg.lora.target_modules),
+                             max_loras_per_batch=2, attention_backend="triton",
+                             random_seed=int(cfg.seed), log_level="error")
+        if self.device.type == "cuda" and self.device.index is not None:
+            engine_kwargs["base_gpu_id"] = self.device.index
+        engine_kwargs.update(options)
+        self.engine_kwargs = engine_kwargs
+        if engine_factory is None:
+            import sglang
+            engine_factory = sglang.Engine
+        try:
+            self.engine = engine_factory(**engine_kwargs)
+        except TypeError as exc:  # an unknown option in the sglang section
+            raise MezoError(f"sglang: engine option rejected: {exc}") from None
+
+        self._version = 0
+        self._loaded: str | None = None     # adapter name the engine holds for the state
+        self._dirty = True                  # state changed since the last load
+        self._tmp = None                    # folder for adapter_transport=disk
+        self._stats = dict(lookups=0, hits=0, cached_tokens=0, prompt_tokens=0,
+                           target_tokens=0, requests=0, generate_calls=0, generate_s=0.0,
+                           adapter_loads=0, adapter_unloads=0, adapter_load_s=0.0)
+
+    # -- the trainable state --------------------------------------------------
+    def trainable_names(self):
+        return list(self._names)
+
+    def trainable_tensors(self):
+        return list(self._tensors)
+
+    def perturb(self, terms, decay=1.0):
+        apply_z(self._tensors, terms, decay)
+        self._dirty = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self._names, self._tensors))
+
+    @property
+    def adapter_name(self) -> str:
+        """The engine-side adapter that holds the current state (loading it if needed)."""
+        return self._sync()
+
+    def _sync(self) -> str:
+        if not self._dirty and self._loaded is not None:
+            return self._loaded
+        name = f"{self.prefix}-v{self._version}"
+        self._version += 1
+        t0 = time.perf_counter()
+        if self.transport == "tensors":
+            tensors = {n: t.detach().to("cpu", torch.float32).contiguous()
+                       for n, t in zip(self._names, self._tensors)}
+            result = self.engine.load_lora_adapter_from_tensors(name, tensors, dict(self._config_dict))
+        else:
+            if self._tmp is None:
+                self._tmp = tempfile.mkdtemp(prefix="mezo-sglang-")
+            folder = os.path.join(self._tmp, name)
+            write_peft_adapter(self.state_dict(), self.lora, self.model_dir, folder)
+            result = self.engine.load_lora_adapter(name, folder)
+        self._check(result, f"loading adapter version {name}")
+        old, self._loaded, self._dirty = self._loaded, name, False
+        self._stats["adapter_loads"] += 1
+        if old is not None:
+            self._check(self.engine.unload_lora_adapter(old), f"unloading adapter version {old}")
+            self._stats["adapter_unloads"] += 1
+            if self._tmp is not None:
+                shutil.rmtree(os.path.join(self._tmp, old), ignore_errors=True)
+        self._stats["adapter_load_s"] += time.perf_counter() - t0
+        return name
+
+    @staticmethod
+    def _check(result, what: str) -> None:
+        ok = getattr(result, "success", None)
+        if ok is None and isinstance(result, dict):
+            ok = result.get("success", True)
+        if ok is False:
+            msg = getattr(result, "error_message", None) or (
+                result.get("error_message") if isinstance(result, dict) else None)
+            raise MezoError(f"sglang: {what} failed: {msg}")
+
+    # -- forward passes ---------------------------------------------------------
+    def _generate(self, input_ids, starts, **extra) -> list[dict]:
+        name = self._sync()
+        t0 = time.perf_counter()
+        outs = self.engine.generate(input_ids=input_ids,
+                                    sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                                    return_logprob=True, logprob_start_len=starts,
+                                    lora_path=[name] * len(input_ids), **extra)
+        self._stats["generate_s"] += time.perf_counter() - t0
+        self._stats["generate_calls"] += 1
+        if isinstance(outs, dict):
+            outs = [outs]
+        if len(outs) != len(input_ids):
+            raise MezoError(f"sglang: {len(input_ids)} requests, {len(outs)} answers")
+        for out in outs:
+            meta = out["meta_info"]
+            cached = int(meta.get("cached_tokens", 0) or 0)
+            self._stats["requests"] += 1
+            self._stats["lookups"] += 1
+            self._stats["hits"] += int(cached > 0)
+            self._stats["cached_tokens"] += cached
+            self._stats["prompt_tokens"] += int(meta.get("prompt_tokens", 0) or 0)
+        return outs
+
+    @staticmethod
+    def _start(prompt_ids) -> int:
+        if not prompt_ids:
+            raise MezoError("sglang backend: an example needs at least one prompt token "
+                            "(nothing predicts the first token of a sequence)")
+        return len(prompt_ids) - 1
+
+    def losses(self, batch: Sequence[Example]) -> torch.Tensor:
+        if not batch:
+            return torch.zeros(0, dtype=torch.float64)
+        starts = [self._start(e.prompt_ids) for e in batch]
+        outs = self._generate([list(e.prompt_ids) + list(e.target_ids) for e in batch], starts)
+        result = torch.empty(len(batch), dtype=torch.float64)
+        for i, (e, s, out) in enumerate(zip(batch, starts, outs)):
+            values = target_logprobs(out["meta_info"], e, s)
+            result[i] = -sum(values) / len(values)
+            self._stats["target_tokens"] += len(values)
+        return result
+
+    def choice_losses(self, prompts, choices):
+        if any(len(c) != 1 for c in choices) or not prompts:
+            return super().choice_losses(prompts, choices)
+        # single-token choices: one request per prompt, the choices' logprobs
+        # at its first output position (greedy: raw log-softmax of the logits)
+        ids = [c[0] for c in choices]
+        starts = [self._start(p) for p in prompts]
+        outs = self._generate([list(p) for p in prompts], starts,
+                              token_ids_logprob=[list(ids) for _ in prompts])
+        result = torch.empty(len(prompts), len(choices), dtype=torch.float64)
+        for i, out in enumerate(outs):
+            rows = out["meta_info"].get("output_token_ids_logprobs")
+            if not rows or rows[0] is None:
+                raise MezoError("sglang: the engine returned no output_token_ids_logprobs")
+            got = {int(token): float(value) for value, token, *_ in rows[0]}
+            for j, token in enumerate(ids):
+                if token not in got:
+                    raise MezoError(f"sglang: no logprob for choice token {token}")
+                result[i, j] = -got[token]
+        return result
+
+    # -- adapter files ----------------------------------------------------------
+    def save_adapter(self, path):
+        write_peft_adapter(self.state_dict(), self.lora, self.model_dir, path)
+
+    def load_adapter(self, path):
+        state = read_peft_adapter(path)
+        missing = set(self._names) - set(state)
+        if missing:
+            raise MezoError(f"{path}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for name, tensor in zip(self._names, self._tensors):
+                if tuple(state[name].shape) != tuple(tensor.shape):
+                    raise MezoError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
+                                    f"expected {tuple(tensor.shape)}")
+                tensor.copy_(state[name])
+        self._dirty = True
+
+    # -- stats and shutdown ----------------------------------------------------------
+    def get_stats(self):
+        s = dict(self._stats)
+        s["hit_rate"] = s["hits"] / s["lookups"] if s["lookups"] else 0.0
+        s["token_reuse"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+        s["adapter_version"] = self._version - 1
+        return s
+
+    def reset_stats(self):
+        for k in self._stats:
+            self._stats[k] = 0.0 if isinstance(self._stats[k], float) else 0
+
+    def flush_cache(self):
+        """Drop every cached prefix in the engine (for measurements)."""
+        return self.engine.flush_cache()
+
+    def close(self):
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            try:
+                engine.shutdown()
+            finally:
+                if self._tmp is not None:
+                    shutil.rmtree(self._tmp, ignore_errors=True)
+                    self._tmp = None
+        self._tensors = []

@@ -1,0 +1,111 @@
+"""``mezo-run``: train, eval, list backends, show the resolved config.
+
+    mezo-run train [-c conf/sst2.yaml] [--resume] [key=value ...]
+    mezo-run eval  [-c ...] [--adapter DIR] [key=value ...]
+    mezo-run backends
+    mezo-run config [-c ...] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from omegaconf import OmegaConf
+
+from .config import DEFAULT_CONFIG, load_config
+from .errors import MezoError
+from .registry import get_registry
+
+
+def make_backend(cfg, registry):
+    cls = registry.get("backends", cfg.backend)
+    reason = cls.unavailable_reason()
+    if reason:
+        raise MezoError(f"backend {cfg.backend!r} is unavailable: {reason}")
+    return cls(cfg)
+
+
+def cmd_train(args, cfg, registry):
+    from .trainer import Trainer
+    backend = make_backend(cfg, registry)
+    try:
+        summary = Trainer(cfg, backend, registry).train(resume=args.resume)
+    finally:
+        backend.close()
+    _print_summary(summary, cfg)
+
+
+def cmd_eval(args, cfg, registry):
+    from .data import Task
+    backend = make_backend(cfg, registry)
+    try:
+        if args.adapter:
+            backend.load_adapter(args.adapter)
+        result = Task(cfg.task, backend.tokenizer).evaluate(backend, cfg.eval_batch_size)
+    finally:
+        backend.close()
+    print(json.dumps(result, indent=1))
+
+
+def _print_summary(summary, cfg):
+    zero, final = summary.get("zero_shot") or {}, summary.get("final") or {}
+    key = "dev_accuracy" if "dev_accuracy" in final else "dev_loss"
+    print(f"\nSST-2-style dev {key.replace('dev_', '')} on {final.get('dev_examples')} examples "
+          f"after {summary['step']} MeZO steps ({cfg.backend} backend):")
+    if zero:
+        print(f"  zero-shot : {zero[key]:.4f}")
+    print(f"  fine-tuned: {final[key]:.4f}")
+    print(f"  run folder: {cfg.out_dir} (metrics.jsonl, training.png, adapter/)")
+
+
+def cmd_backends(args, cfg, registry):
+    print(f"{'backend':10} {'status':12} {'distribution':22} {'version':8} capabilities")
+    for name, entry in sorted(registry.items["backends"].items()):
+        reason = entry.obj.unavailable_reason()
+        status = "available" if reason is None else "unavailable"
+        print(f"{name:10} {status:12} {entry.distribution:22} {entry.version:8} "
+              f"{', '.join(entry.obj.capabilities)}")
+        if reason:
+            print(f"{'':10} -> {reason}")
+    for kind in ("epsilon_schedules", "eviction_policies"):
+        items = registry.items[kind]
+        print(f"{kind.replace('_', ' ')}: " + ", ".join(
+            f"{n} ({e.distribution})" for n, e in sorted(items.items())))
+
+
+def cmd_config(args, cfg, registry):
+    print(OmegaConf.to_yaml(cfg))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mezo-run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in [("train", "fine-tune with MeZO"), ("eval", "evaluate on the dev set"),
+                           ("backends", "list backend plugins"), ("config", "print the resolved config")]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML file (default {DEFAULT_CONFIG})")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mezo.steps=100 backend=vllm")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+        if name == "eval":
+            p.add_argument("--adapter", help="a PEFT adapter folder to evaluate")
+    args = parser.parse_args(argv)
+    try:
+        registry = get_registry()
+        cfg = load_config(args.config if args.command != "backends" else None, args.overrides)
+        registry.get("backends", cfg.backend) if args.command != "backends" else None
+        {"train": cmd_train, "eval": cmd_eval, "backends": cmd_backends,
+         "config": cmd_config}[args.command](args, cfg, registry)
+    except MezoError as exc:
+        print(f"mezo-run: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mezo-run: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Tasks as in the MeZO paper: classification by prompt + verbalizer words
+(SST-2: ``<sentence> It was [terrible|great]``) and plain prompt/completion.
+
+Files: GLUE TSV (``sentence<TAB>label`` with a header) or JSONL, one object a
+line: ``{"text": ..., "label": 0}`` or ``{"prompt": ..., "completion": ...}``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import MezoError
+from .interfaces import Example
+from .perturb import mix
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw example: ``text``/``label`` for classification, ``text``/``completion`` otherwise."""
+    text: str
+    label: int | None = None
+    completion: str | None = None
+
+
+def _check_label(value, num_labels, where):
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        raise MezoError(f"{where}: label {value!r} is not an integer") from None
+    if not 0 <= label < num_labels:
+        raise MezoError(f"{where}: label {label} out of range 0..{num_labels - 1} (task.verbalizer has {num_labels} words)")
+    return label
+
+
+def read_records(path: str | Path, kind: str, num_labels: int = 2, field: str = "task.train") -> list[Record]:
+    path = Path(path)
+    if not path.exists():
+        raise MezoError(f"{field}: data file not found: {path}\n  (SST-2 is GLUE's; with network: "
+                        "datasets.load_dataset('glue', 'sst2'), then write sentence<TAB>label TSV)")
+    records = []
+    if path.suffix == ".tsv":
+        if kind != "classification":
+            raise MezoError(f"{field}: {path}: TSV files hold classification data (sentence, label)")
+        with path.open(newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, None)
+            if not header or "sentence" not in header or "label" not in header:
+                raise MezoError(f"{path}, line 1: expected a header with 'sentence' and 'label'")
+            si, li = header.index("sentence"), header.index("label")
+            for n, row in enumerate(reader, 2):
+                if len(row) != len(header):
+                    raise MezoError(f"{path}, line {n}: expected {len(header)} tab-separated fields, got {len(row)}")
+                records.append(Record(row[si], _check_label(row[li], num_labels, f"{path}, line {n}")))
+    else:
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {n}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise MezoError(f"{where}: malformed JSON: {exc.msg}") from None
+                if not isinstance(obj, dict):
+                    raise MezoError(f"{where}: expected a JSON object")
+                need = ("text", "label") if kind == "classification" else ("prompt", "completion")
+                missing = [k for k in need if k not in obj]
+                if missing:
+                    raise MezoError(f"{where}: missing field {missing[0]!r} (a {kind} line needs {need})")
+                if kind == "classification":
+                    records.append(Record(str(obj["text"]), _check_label(obj["label"], num_labels, where)))
+                else:
+                    records.append(Record(str(obj["prompt"]), completion=str(obj["completion"])))
+    if not records:
+        raise MezoError(f"{field}: {path} holds no examples")
+    return records
+
+
+def sample(records: Sequence[Record], k_per_class: int | None, n: int | None, seed: int) -> list[Record]:
+    """MeZO-paper sampling: k per class (or n overall), fixed seed; None keeps all."""
+    rng = random.Random(seed)
+    if k_per_class:
+        by_label: dict[int, list[Record]] = {}
+        for r in records:
+            by_label.setdefault(r.label, []).append(r)
+        out = []
+        for label in sorted(by_label):
+            pool = by_label[label]
+            if len(pool) < k_per_class:
+                raise MezoError(f"task.k_per_class={k_per_class}: label {label} has only {len(pool)} examples")
+            out += rng.sample(pool, k_per_class)
+        rng.shuffle(out)
+        return out
+    if n:
+        return rng.sample(list(records), min(n, len(records)))
+    return list(records)
+
+
+class Task:
+    """Turns records into token-level Examples for a tokenizer."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+        self.kind = cfg.kind
+        labels = len(cfg.verbalizer)
+        train = read_records(cfg.train, cfg.kind, labels, "task.train")
+        self.train = sample(train, cfg.k_per_class if cfg.kind == "classification" else None,
+                            cfg.n_train, cfg.sample_seed)
+        dev = read_records(cfg.dev, cfg.kind, labels, "task.dev")
+        self.dev = dev[:cfg.n_dev] if cfg.n_dev else dev
+        if self.kind == "classification":
+            self.choices = [tuple(self._ids(w, special=False)) for w in cfg.verbalizer]
+        self.train_examples = [self.example(r) for r in self.train]
+
+    def _ids(self, text, special=True):
+        return self.tok(text, add_special_tokens=special)["input_ids"]
+
+    def prompt(self, record: Record) -> tuple[int, ...]:
+        text = self.cfg.template.format(text=record.text) if self.kind == "classification" else record.text
+        return tuple(self._ids(text))
+
+    def example(self, record: Record) -> Example:
+        if self.kind == "classification":
+            choices = tuple(self.choices) if self.cfg.train_loss == "choices" else None
+            return Example(self.prompt(record), self.choices[record.label], choices)
+        return Example(self.prompt(record), tuple(self._ids(record.completion, special=False)))
+
+    def train_batch(self, run_seed: int, step: int, batch_size: int) -> list[Example]:
+        """Batches walk through a seeded permutation per epoch: a pure function
+        of (seed, step), so a resumed run sees the same batches."""
+        n = len(self.train_examples)
+        out = []
+        for i in range(step * batch_size, (step + 1) * batch_size):
+            epoch, pos = divmod(i, n)
+            perm = self._perm(run_seed, epoch, n)
+            out.append(self.train_examples[perm[pos]])
+        return out
+
+    def _perm(self, run_seed, epoch, n):
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != (run_seed, epoch):
+            gen = torch.Generator().manual_seed(mix(run_seed, epoch, 0xDA7A))
+            self._perm_cache = ((run_seed, epoch), torch.randperm(n, generator=gen).tolist())
+        return self._perm_cache[1]
+
+    def evaluate(self, backend, batch_size: int, progress=None) -> dict:
+        """Classification: accuracy (lowest-loss choice wins) and mean loss of the
+        gold choice; completion: mean loss."""
+        losses, correct = [], 0
+        for start in range(0, len(self.dev), batch_size):
+            chunk = self.dev[start:start + batch_size]
+            if self.kind == "classification":
+                scores = backend.choice_losses([self.prompt(r) for r in chunk], self.choices)
+                gold = torch.tensor([r.label for r in chunk])
+                correct += int((scores.argmin(1) == gold).sum())
+                losses += scores[torch.arange(len(chunk)), gold].tolist()
+            else:
+                losses += backend.losses([self.example(r) for r in chunk]).tolist()
+            if progress:
+                progress.update(len(chunk))
+        out = {"dev_loss": sum(losses) / len(losses), "dev_examples": len(self.dev)}
+        if self.kind == "classification":
+            out["dev_accuracy"] = correct / len(self.dev)
+        return out

@@ -1,0 +1,141 @@
+"""The training loop, read top to bottom: evaluate zero-shot, then MeZO steps
+with metrics, periodic evaluation and atomic checkpoints, then a final
+evaluation, the adapter and a plot.
+
+Everything random is a pure function of (seed, step): the batch, the z seeds.
+A checkpoint therefore needs only the adapter and the step to resume the
+uninterrupted trajectory exactly.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from .adapter import replace_dir, write_json_atomic
+from .data import Task
+from .errors import MezoError
+from .mezo import direction_seeds, mezo_step
+
+
+def make_schedule(registry, name, start, end, warmup):
+    return registry.get("epsilon_schedules", name)(start, end, warmup)
+
+
+class Trainer:
+    def __init__(self, cfg, backend, registry):
+        self.cfg, self.backend, self.registry = cfg, backend, registry
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        m = cfg.mezo
+        self.eps = make_schedule(registry, m.eps_schedule, m.eps, m.eps_end, 0)
+        self.lr = make_schedule(registry, m.lr_schedule, m.lr, m.lr_end, m.warmup_steps)
+        self.task = Task(cfg.task, backend.tokenizer)
+        self.hook = registry.hook()
+
+    # -- the run ---------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        cfg, m = self.cfg, self.cfg.mezo
+        state = self._resume() if resume else self._fresh()
+        if cfg.zero_shot and "zero_shot" not in state:
+            state["zero_shot"] = self.evaluate("zero-shot")
+            self._checkpoint(state)
+        metrics_file = (self.out / "metrics.jsonl").open("a")
+        bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        for step in range(state["step"], m.steps):
+            batch = self.task.train_batch(cfg.seed, step, m.batch_size)
+            eps, lr = self.eps(step, m.steps), self.lr(step, m.steps)
+            seeds = direction_seeds(cfg.seed, step, m.q)
+            start = time.perf_counter()
+            result = mezo_step(self.backend, batch, seeds, eps, lr, m.weight_decay)
+            seconds = time.perf_counter() - start
+            tokens = 2 * m.q * sum(e.num_tokens for e in batch)
+            row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
+                   "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
+                   "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
+                   **self.backend.get_stats()}
+            state["step"] = step + 1
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < m.steps:
+                row.update(self.evaluate(f"step {state['step']}"))
+                state.setdefault("evals", []).append({"step": state["step"], **row})
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            self.hook.on_step_end(step=state["step"], metrics=row)
+            bar.set_postfix(loss=f"{result.loss:.4f}", eps=f"{eps:.1e}", lr=f"{lr:.1e}",
+                            tok_s=f"{tokens / seconds:.0f}")
+            bar.update(1)
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                self._checkpoint(state)
+        bar.close()
+        metrics_file.close()
+        if "final" not in state:
+            state["final"] = self.evaluate("fine-tuned")
+            self._checkpoint(state)
+        self.backend.save_adapter(self.out / "adapter")
+        summary = {k: state.get(k) for k in ("zero_shot", "final", "step")}
+        write_json_atomic(self.out / "summary.json", summary)
+        if cfg.plot:
+            from .plot import plot_run
+            plot_run(self.out / "metrics.jsonl", state, self.out / "training.png")
+        return summary
+
+    def evaluate(self, label: str) -> dict:
+        bar = tqdm(total=len(self.task.dev), desc=f"eval {label}", leave=False,
+                   disable=not self.cfg.progress, dynamic_ncols=True)
+        result = self.task.evaluate(self.backend, self.cfg.eval_batch_size, bar)
+        bar.close()
+        return result
+
+    # -- state and checkpoints -----------------------------------------------------
+    def _fresh(self) -> dict:
+        if (self.out / "checkpoints").exists():
+            raise MezoError(f"out_dir {self.out} already holds a run: pass --resume to continue it, "
+                            f"or choose another out_dir=...")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        (self.out / "metrics.jsonl").write_text("")
+        return {"step": 0}
+
+    def _resume(self) -> dict:
+        latest = self.ckpt_dir / "latest"
+        if not latest.exists():
+            raise MezoError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        saved = OmegaConf.load(self.out / "config.yaml")
+        changed = _diff(OmegaConf.to_container(saved), OmegaConf.to_container(self.cfg))
+        if changed:
+            raise MezoError(f"--resume: the config differs from the run's {self.out / 'config.yaml'} "
+                            f"at {', '.join(changed)}")
+        ckpt = self.ckpt_dir / latest.read_text().strip()
+        state = json.loads((ckpt / "state.json").read_text())
+        self.backend.load_adapter(ckpt)
+        # drop metric rows written after the checkpoint: the resumed run writes them again
+        rows = (self.out / "metrics.jsonl").read_text().splitlines()
+        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= state["step"]]
+        (self.out / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+        return state
+
+    def _checkpoint(self, state: dict) -> None:
+        """Adapter + state into a temp folder, renamed into place, then ``latest``."""
+        name = f"step-{state['step']:07d}"
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.backend.save_adapter(tmp)
+        write_json_atomic(tmp / "state.json", state)
+        replace_dir(tmp, self.ckpt_dir / name)
+        (self.ckpt_dir / "latest.tmp").write_text(name)
+        (self.ckpt_dir / "latest.tmp").replace(self.ckpt_dir / "latest")
+        for old in sorted(self.ckpt_dir.glob("step-*"))[:-max(1, self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b))
+                for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
