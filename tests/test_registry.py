@@ -1,0 +1,358 @@
+"""Plugins: the built-ins come through the ``mezo`` entry points with their
+distribution names; an outside plugin distribution (simulated with a
+``*.dist-info`` folder on sys.path) is listed by ``mezo-run backends`` and used
+for training; the on_step_end hook; the built-in schedules and eviction policies."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import textwrap
+
+import pytest
+
+from mezo_core import EvictionPolicy, MezoError, Schedule, hookimpl
+from mezo_core.registry import Registry, get_registry, make_plugin_manager
+
+TOY_DIST, TOY_VERSION, TOY_MODULE = "mezo-toy-plugin", "9.8.7", "mezo_toy_plugin"
+
+TOY_SOURCE = '''
+"""An outside mezo-run plugin: a backend (the hf one, instrumented), an
+unavailable backend and a schedule."""
+from mezo_core import Schedule, hookimpl
+from mezo_backend_hf.backend import HFBackend
+
+CALLS = {"init": 0, "losses": 0}
+
+
+class ToyBackend(HFBackend):
+    name = "toy"
+    capabilities = ("cpu", "toy-capability")
+
+    def __init__(self, cfg):
+        CALLS["init"] += 1
+        super().__init__(cfg)
+
+    def losses(self, batch):
+        CALLS["losses"] += 1
+        return super().losses(batch)
+
+    def get_stats(self):
+        return {**super().get_stats(), "toy_losses_calls": CALLS["losses"]}
+
+
+class OffBackend(ToyBackend):
+    name = "toy-off"
+
+    @classmethod
+    def unavailable_reason(cls):
+        return "needs the frobnicator engine"
+
+
+class Half(Schedule):
+    def value(self, progress):
+        return self.start / 2
+
+
+@hookimpl
+def register_backends(register):
+    register(ToyBackend)
+    register(OffBackend)
+
+
+@hookimpl
+def register_epsilon_schedules(register):
+    register("toy-half", Half)
+'''
+
+
+@pytest.fixture
+def toy_plugin(tmp_path, monkeypatch):
+    """A fake installed distribution: <site>/mezo_toy_plugin.py and
+    <site>/mezo_toy_plugin-9.8.7.dist-info/{METADATA,entry_points.txt}."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / f"{TOY_MODULE}.py").write_text(TOY_SOURCE)
+    info = site / f"{TOY_MODULE}-{TOY_VERSION}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {TOY_DIST}\nVersion: {TOY_VERSION}\n")
+    (info / "entry_points.txt").write_text(f"[mezo]\ntoyplugin = {TOY_MODULE}\n")
+    (info / "RECORD").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    sys.modules.pop(TOY_MODULE, None)
+    get_registry.cache_clear()
+    yield site
+    get_registry.cache_clear()
+    sys.modules.pop(TOY_MODULE, None)
+
+
+def write_task_files(folder, n_train=8, n_dev=6):
+    words = "the movie was great fun the film was boring and dull a lovely story".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        with (folder / f"{name}.jsonl").open("w") as f:
+            for i in range(n):
+                text = " ".join(words[(i * 3 + j) % len(words)] for j in range(3 + i % 4))
+                f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
+    return folder / "train.jsonl", folder / "dev.jsonl"
+
+
+def write_config(tmp_path, model, **extra):
+    train, dev = write_task_files(tmp_path / "data")
+    text = textwrap.dedent(f"""\
+        backend: hf
+        seed: 0
+        out_dir: {tmp_path / 'run'}
+        progress: false
+        plot: false
+        eval_batch_size: 8
+        checkpoint_every: 2
+        model:
+          path: {model}
+        lora:
+          r: 2
+          alpha: 4
+        task:
+          kind: classification
+          train: {train}
+          dev: {dev}
+          template: "{{text}} It was"
+          verbalizer: [" great", " terrible"]
+          k_per_class: 2
+        mezo:
+          steps: 3
+          batch_size: 2
+          lr: 1.0e-3
+          eps: 1.0e-3
+        """)
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+# -- built-ins ---------------------------------------------------------------------
+def test_builtins_are_registered_with_their_distributions():
+    reg = Registry(make_plugin_manager())
+    hf = reg.items["backends"]["hf"]
+    assert (hf.distribution, hf.version, hf.plugin) == ("mezo-backend-hf", "0.1.0", "hf")
+    from mezo_backend_hf.backend import HFBackend
+    assert reg.get("backends", "hf") is HFBackend
+    for name in ("constant", "linear", "cosine", "exponential"):
+        entry = reg.items["epsilon_schedules"][name]
+        assert entry.distribution == "mezo-builtin" and entry.plugin == "builtin"
+        assert issubclass(entry.obj, Schedule)
+    for name in ("lru", "lfu", "fifo", "size"):
+        entry = reg.items["eviction_policies"][name]
+        assert entry.distribution == "mezo-builtin"
+        assert issubclass(entry.obj, EvictionPolicy)
+
+
+def test_unknown_name_is_a_mezo_error_listing_the_known_ones():
+    reg = Registry(make_plugin_manager())
+    with pytest.raises(MezoError, match=r"unknown backend 'nope' \(registered: .*hf"):
+        reg.get("backends", "nope")
+    with pytest.raises(MezoError, match="unknown epsilon schedule 'zigzag'.*constant"):
+        reg.get("epsilon_schedules", "zigzag")
+
+
+def test_plugin_registered_in_code():
+    class Plugin:
+        @hookimpl
+        def register_epsilon_schedules(self, register):
+            register("flat", type("Flat", (Schedule,), {"value": lambda self, p: 1.0}))
+
+    reg = Registry(make_plugin_manager([Plugin()]))
+    entry = reg.items["epsilon_schedules"]["flat"]
+    assert entry.distribution == "(not from a distribution)"
+    assert reg.get("epsilon_schedules", "flat")(3.0)(0, 10) == 1.0
+    assert "constant" in reg.items["epsilon_schedules"]   # built-ins still there
+
+
+# -- an outside plugin distribution -----------------------------------------------
+def test_outside_plugin_is_discovered_through_entry_points(toy_plugin):
+    reg = Registry(make_plugin_manager())
+    toy = reg.items["backends"]["toy"]
+    assert (toy.distribution, toy.version, toy.plugin) == (TOY_DIST, TOY_VERSION, "toyplugin")
+    assert reg.get("backends", "toy").__module__ == TOY_MODULE
+    assert reg.items["epsilon_schedules"]["toy-half"].distribution == TOY_DIST
+    assert "hf" in reg.items["backends"] and "constant" in reg.items["epsilon_schedules"]
+
+
+def test_backends_command_lists_the_outside_plugin(toy_plugin, capsys):
+    from mezo_core.cli import main
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    toy_line = next(line for line in out.splitlines() if line.startswith("toy "))
+    assert "available" in toy_line and TOY_DIST in toy_line and TOY_VERSION in toy_line
+    assert "toy-capability" in toy_line
+    off_line = next(line for line in out.splitlines() if line.startswith("toy-off"))
+    assert "unavailable" in off_line
+    assert "-> needs the frobnicator engine" in out
+    hf_line = next(line for line in out.splitlines() if line.startswith("hf "))
+    assert "mezo-backend-hf" in hf_line and "0.1.0" in hf_line
+    assert f"toy-half ({TOY_DIST})" in out
+    assert "constant (mezo-builtin)" in out and "lru (mezo-builtin)" in out
+
+
+def test_training_uses_the_outside_backend_and_schedule(toy_plugin, tmp_path, tiny_llama, capsys):
+    from mezo_core.cli import main
+    cfg = write_config(tmp_path, tiny_llama)
+    rc = main(["train", "-c", str(cfg), "backend=toy", "mezo.eps_schedule=toy-half"])
+    assert rc == 0, capsys.readouterr().err
+    calls = sys.modules[TOY_MODULE].CALLS
+    assert calls["init"] == 1 and calls["losses"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["toy_losses_calls"] > 0 for r in rows)
+    assert all(r["eps"] == pytest.approx(0.5e-3) for r in rows)
+    assert "(toy backend)" in capsys.readouterr().out
+
+
+def test_unavailable_outside_backend_is_refused(toy_plugin, tmp_path, tiny_llama, capsys):
+    from mezo_core.cli import main
+    cfg = write_config(tmp_path, tiny_llama)
+    assert main(["train", "-c", str(cfg), "backend=toy-off"]) == 2
+    err = capsys.readouterr().err
+    assert "toy-off" in err and "frobnicator" in err
+    assert not (tmp_path / "run").exists()
+
+
+# -- the step-end hook ---------------------------------------------------------------
+def test_on_step_end_hook_is_called_every_step(tmp_path, tiny_llama):
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_core.config import load_config
+    from mezo_core.trainer import Trainer
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        @hookimpl
+        def on_step_end(self, step, metrics):
+            self.calls.append((step, dict(metrics)))
+
+    rec = Recorder()
+    registry = Registry(make_plugin_manager([rec]))
+    cfg = load_config(write_config(tmp_path, tiny_llama), ["mezo.steps=4", "zero_shot=false"])
+    backend = HFBackend(cfg)
+    try:
+        Trainer(cfg, backend, registry).train()
+    finally:
+        backend.close()
+    assert [s for s, _ in rec.calls] == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m for _, m in rec.calls] == rows   # the same dict that goes to metrics.jsonl
+    assert {"loss", "eps", "lr", "grads", "seeds"} <= set(rows[0])
+
+
+# -- schedules -----------------------------------------------------------------------
+def schedule(name, *args):
+    return get_registry().get("epsilon_schedules", name)(*args)
+
+
+def test_schedule_values():
+    total = 101   # progress = step / 101
+    c = schedule("constant", 1e-3)
+    assert [c(s, total) for s in (0, 50, 100)] == [1e-3] * 3
+    lin = schedule("linear", 1e-2, 1e-4)
+    assert lin.value(0.0) == pytest.approx(1e-2)
+    assert lin.value(0.5) == pytest.approx(0.5 * (1e-2 + 1e-4))
+    assert lin.value(1.0) == pytest.approx(1e-4)
+    assert lin(50, 100) == pytest.approx(lin.value(0.5))
+    cos = schedule("cosine", 1e-2, 1e-4)
+    assert cos.value(0.0) == pytest.approx(1e-2)
+    assert cos.value(0.5) == pytest.approx(0.5 * (1e-2 + 1e-4))
+    assert cos.value(0.25) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4) * (1 + math.cos(math.pi / 4)))
+    assert cos.value(1.0) == pytest.approx(1e-4)
+    exp = schedule("exponential", 1e-2, 1e-4)
+    assert exp.value(0.0) == pytest.approx(1e-2)
+    assert exp.value(0.5) == pytest.approx(1e-3)
+    assert exp.value(1.0) == pytest.approx(1e-4)
+    values = [exp(s, 100) for s in range(100)]
+    assert values[0] == pytest.approx(1e-2)
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert 1e-4 < values[-1] < 1.1e-4
+    # geometric: constant ratio between steps
+    ratios = [b / a for a, b in zip(values, values[1:])]
+    assert max(ratios) == pytest.approx(min(ratios))
+    # end defaults to start: every shape is then constant
+    for name in ("linear", "cosine", "exponential"):
+        s = schedule(name, 2e-3)
+        assert [s(k, 10) for k in range(10)] == pytest.approx([2e-3] * 10)
+
+
+def test_schedule_warmup():
+    s = schedule("linear", 1.0, 0.0, 4)
+    assert [s(k, 14) for k in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert s(4, 14) == pytest.approx(1.0)          # the shape starts after warm-up
+    assert s(9, 14) == pytest.approx(0.5)
+    assert s(13, 14) == pytest.approx(0.1)
+    assert s(14, 14) == pytest.approx(0.0)
+    w = schedule("constant", 3.0, None, 2)
+    assert [w(k, 5) for k in range(5)] == pytest.approx([1.5, 3.0, 3.0, 3.0, 3.0])
+
+
+def test_exponential_needs_positive_ends():
+    with pytest.raises(ValueError):
+        schedule("exponential", 1e-2, 0.0).value(0.5)
+
+
+# -- eviction policies ----------------------------------------------------------------
+def policy(name):
+    return get_registry().get("eviction_policies", name)()
+
+
+def fill(p, sizes):
+    for key, nbytes in sizes.items():
+        p.insert(key, nbytes)
+    return p
+
+
+def test_lru():
+    p = fill(policy("lru"), {"a": 10, "b": 10, "c": 10})
+    assert p.victim() == "a"
+    p.touch("a")
+    assert p.victim() == "b"
+    p.remove("b")
+    assert p.victim() == "c"
+    p.touch("c")
+    assert p.victim() == "a"
+
+
+def test_fifo_ignores_hits():
+    p = fill(policy("fifo"), {"a": 10, "b": 10, "c": 10})
+    p.touch("a")
+    p.touch("a")
+    assert p.victim() == "a"
+    p.remove("a")
+    assert p.victim() == "b"
+
+
+def test_lfu():
+    p = fill(policy("lfu"), {"a": 10, "b": 10, "c": 10})
+    for key, hits in (("a", 3), ("b", 1), ("c", 2)):
+        for _ in range(hits):
+            p.touch(key)
+    assert p.victim() == "b"
+    p.remove("b")
+    assert p.victim() == "c"
+    p.insert("d", 10)            # new, no hits: goes first
+    assert p.victim() == "d"
+    q = fill(policy("lfu"), {"x": 1, "y": 1})   # tie: oldest insertion
+    assert q.victim() == "x"
+
+
+def test_size_aware():
+    p = fill(policy("size"), {"small": 10, "big": 10_000, "mid": 1_000})
+    assert p.victim() == "big"           # least (hits+1)/bytes
+    p.remove("big")
+    for _ in range(20):
+        p.touch("mid")                   # (hits+1)/bytes = 21/1000 < 1/10: still first
+    assert p.victim() == "mid"
+    for _ in range(200):
+        p.touch("mid")                   # 221/1000 > 1/10: small goes first
+    assert p.victim() == "small"
+    p.remove("small")
+    # aging: after an eviction at priority L, new entries start from L
+    p.insert("new-big", 10_000)
+    assert p.entries["new-big"][0] >= 1 / 10
