@@ -29,9 +29,26 @@ def torch_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
         raise MezoError(f"{field}: unknown dtype {name!r} (use one of {', '.join(DTYPES)})") from None
 
 
+OPTIONS = {  # cfg.hf: name -> default
+    "trunk_cache": True,        # cache hidden states below the first adapted layer
+    "cache_budget_mb": 1024,    # byte budget of that cache
+    "cache_policy": "lru",      # an eviction policy plugin
+    "cache_device": None,       # None: the model's device; "cpu": keep entries in (pinned) CPU memory
+}
+
+
+def backend_options(section, defaults, prefix):
+    """The backend's config section over its defaults; unknown keys are errors."""
+    unknown = sorted(set(section) - set(defaults))
+    if unknown:
+        raise MezoError(f"config field '{prefix}.{unknown[0]}': unknown option "
+                        f"(known: {', '.join(sorted(defaults))})")
+    return {**defaults, **section}
+
+
 class HFBackend(Backend):
     name = "hf"
-    capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "single-token-choices")
+    capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "single-token-choices", "frozen-trunk-cache")
 
     def __init__(self, cfg):
         from peft import get_peft_model
@@ -56,9 +73,23 @@ class HFBackend(Backend):
         self._names = sorted(params)
         self._tensors = [params[n] for n in self._names]
         self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
+        self.trunk = self._make_trunk(backend_options(cfg.hf, OPTIONS, "hf"))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.forward_tokens = 0
+
+    def _make_trunk(self, opts):
+        if not opts["trunk_cache"]:
+            return None
+        from mezo_core.registry import get_registry
+        from .trunk import FrozenTrunk, RadixCache
+        policy = get_registry().get("eviction_policies", opts["cache_policy"])()
+        cache = RadixCache(opts["cache_budget_mb"] * 2**20, policy, opts["cache_device"])
+        try:
+            trunk = FrozenTrunk(self.model, cache)
+        except ValueError as exc:
+            raise MezoError(f"hf.trunk_cache: {exc}; set hf.trunk_cache=false") from None
+        return trunk if trunk.k0 > 0 else None  # nothing frozen below the first layer
 
     # -- perturbation --------------------------------------------------------
     def trainable_names(self):
@@ -85,9 +116,30 @@ class HFBackend(Backend):
     def _last_logits(self, rows, keep: int) -> torch.Tensor:
         ids, mask, positions = self._batch_tensors(rows)
         self.forward_tokens += int(mask.sum())
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         logits_to_keep=keep, use_cache=False)
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        if self.trunk is None:
+            out = self.model(**inputs, logits_to_keep=keep)
+        else:
+            out = self.trunk.forward_from_cache(self._trunk_states(rows, ids.shape[1]), **inputs,
+                                                logits_to_keep=keep)
         return out.logits.float(), ids
+
+    def _trunk_states(self, rows, width):
+        """Left-padded hidden states entering layer k0: cached, or computed once."""
+        trunk = self.trunk
+        trunk.check_fresh()
+        states = [trunk.cache.lookup(r) for r in rows]
+        missing = [i for i, s in enumerate(states) if s is None]
+        if missing:
+            ids, mask, positions = self._batch_tensors([rows[i] for i in missing])
+            hidden = trunk.capture(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            for j, i in enumerate(missing):
+                states[i] = hidden[j, hidden.shape[1] - len(rows[i]):]
+                trunk.cache.insert(rows[i], states[i])
+        out = torch.zeros((len(rows), width, states[0].shape[-1]), dtype=states[0].dtype, device=self.device)
+        for i, s in enumerate(states):
+            out[i, width - len(s):] = s.to(self.device, non_blocking=True)
+        return out
 
     @torch.inference_mode()
     def losses(self, batch: Sequence[Example]) -> torch.Tensor:
@@ -126,7 +178,13 @@ class HFBackend(Backend):
             tensor.copy_(state[name])
 
     def get_stats(self):
-        return {"forward_tokens": self.forward_tokens}
+        stats = {"forward_tokens": self.forward_tokens}
+        if self.trunk is not None:
+            c = self.trunk.cache
+            stats.update(c.stats, bytes=c.bytes, hit_rate=c.stats["hits"] / max(1, c.stats["lookups"]),
+                         token_reuse=c.stats["tokens_reused"] / max(1, c.stats["tokens_looked_up"]),
+                         layers_skipped=self.trunk.k0)
+        return stats
 
     def close(self):
         self.model = None
