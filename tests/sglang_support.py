@@ -1,0 +1,180 @@
+"""Helpers for the SGLang backend's tests and GPU benchmark: a small random
+Llama with a tokenizer trained here, a config for it, and ``FakeEngine``, a CPU
+stand-in for ``sglang.Engine`` that follows SGLang 0.5's call shapes and
+conventions (see below), so that the backend's plumbing -- adapter versions,
+logprob bookkeeping, cache statistics -- is tested where SGLang cannot run."""
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import train_tokenizer  # noqa: E402
+
+
+def build_llama(out_dir, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=None,
+                vocab=None, init_std=0.1, max_positions=2048, seed=0, dtype=torch.float32):
+    """Save a random Llama (tied embeddings) with the tiny trained tokenizer.
+
+    ``init_std`` larger than transformers' 0.02 makes the next-token
+    distributions peaked, so losses differ between examples and adapters and a
+    comparison of two engines means something. ``vocab`` pads the embedding
+    past the tokenizer's 300 ids (for timing shapes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=max(len(tok), vocab or 0), hidden_size=hidden,
+                         intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         initializer_range=init_std, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(out_dir)
+    return out_dir
+
+
+def make_config(model_dir, device="cpu", dtype="float32", seed=0, r=8, sglang=None, **extra):
+    from omegaconf import OmegaConf
+
+    from mezo_core.config import load_config
+    cfg = load_config(None, [f"model.path={model_dir}", f"model.device={device}",
+                             f"model.dtype={dtype}", f"seed={seed}", f"lora.r={r}",
+                             f"lora.alpha={2 * r}"] + [f"{k}={v}" for k, v in extra.items()])
+    if sglang:
+        cfg.sglang = OmegaConf.merge(cfg.sglang, sglang)
+    return cfg
+
+
+def examples(n, prompt_len, target_len, vocab=300, seed=0, shared_prefix=()):
+    """Random examples (ids >= 4: no special tokens), optionally behind a shared prefix."""
+    from mezo_core import Example
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab, (prompt_len + target_len,), generator=gen).tolist()
+        out.append(Example(tuple(shared_prefix) + tuple(ids[:prompt_len]), tuple(ids[prompt_len:])))
+    return out
+
+
+class FakeEngine:
+    """CPU stand-in for ``sglang.Engine`` (transformers + peft underneath).
+
+    What it copies from SGLang 0.5.15:
+    - adapters are loaded by name (``load_lora_adapter_from_tensors`` /
+      ``load_lora_adapter``) and get a fresh ``lora_id`` per load; loading a
+      name that is loaded already fails; ``unload_lora_adapter`` frees it;
+    - ``generate(..., return_logprob=True, logprob_start_len=s)`` returns in
+      ``meta_info["input_token_logprobs"]`` one ``(logprob, token_id, None)``
+      per input position from ``s`` on, the first with logprob ``None``;
+      ``token_ids_logprob`` adds ``output_token_ids_logprobs`` for the first
+      output position; greedy log-probabilities are the raw log-softmax;
+    - ``cached_tokens``: a radix cache keyed by ``lora_id`` that matches a
+      prefix of at most ``logprob_start_len`` tokens of an earlier request.
+    """
+
+    def __init__(self, model_path, enable_lora=True, max_lora_rank=8, lora_target_modules=(),
+                 **kwargs):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from mezo_core.adapter import canonical_name
+        assert enable_lora
+        self.kwargs = dict(kwargs, model_path=model_path, max_lora_rank=max_lora_rank,
+                           lora_target_modules=list(lora_target_modules))
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = get_peft_model(base, LoraConfig(r=max_lora_rank, lora_alpha=max_lora_rank,
+                                                     target_modules=list(lora_target_modules)))
+        self.params = {canonical_name(n): p for n, p in self.model.named_parameters() if "lora_" in n}
+        self.adapters = {}       # name -> (lora_id, tensors, scaling)
+        self.cache = {}          # lora_id -> list of cached token sequences
+        self.calls = []          # (method, args) log
+        self.shut = False
+
+    # -- adapters ---------------------------------------------------------
+    def load_lora_adapter_from_tensors(self, lora_name, tensors, config_dict, load_format=None):
+        self.calls.append(("load_tensors", lora_name))
+        if lora_name in self.adapters:
+            return {"success": False, "error_message": f"{lora_name} is already loaded"}
+        unknown = set(tensors) - set(self.params)
+        if unknown:
+            return {"success": False, "error_message": f"unknown tensors {sorted(unknown)[:2]}"}
+        scaling = config_dict["lora_alpha"] / config_dict["r"]
+        self.adapters[lora_name] = (uuid.uuid4().hex, {k: v.clone() for k, v in tensors.items()}, scaling)
+        return {"success": True}
+
+    def load_lora_adapter(self, lora_name, lora_path, pinned=False):
+        import json
+
+        from mezo_core.adapter import read_peft_adapter
+        config = json.loads((Path(lora_path) / "adapter_config.json").read_text())
+        return self.load_lora_adapter_from_tensors(lora_name, read_peft_adapter(lora_path), config)
+
+    def unload_lora_adapter(self, lora_name):
+        self.calls.append(("unload", lora_name))
+        if lora_name not in self.adapters:
+            return {"success": False, "error_message": f"{lora_name} is not loaded"}
+        lora_id = self.adapters.pop(lora_name)[0]
+        self.cache.pop(lora_id, None)
+        return {"success": True}
+
+    def flush_cache(self):
+        self.cache.clear()
+        return True
+
+    def shutdown(self):
+        self.shut = True
+
+    # -- forward ----------------------------------------------------------
+    @torch.no_grad()
+    def _use(self, name):
+        lora_id, tensors, scaling = self.adapters[name]
+        for key, p in self.params.items():
+            p.copy_(tensors[key])
+        for module in self.model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling["default"] = scaling
+        return lora_id
+
+    def _cached(self, lora_id, ids, start):
+        best = 0
+        for seq in self.cache.get(lora_id, []):
+            n = 0
+            for a, b in zip(seq, ids[:start]):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        return best
+
+    @torch.no_grad()
+    def generate(self, input_ids, sampling_params=None, return_logprob=False, logprob_start_len=None,
+                 lora_path=None, token_ids_logprob=None, **unused):
+        self.calls.append(("generate", len(input_ids)))
+        assert return_logprob and sampling_params["max_new_tokens"] == 1
+        if not isinstance(logprob_start_len, (list, tuple)):
+            logprob_start_len = [logprob_start_len] * len(input_ids)
+        outs = []
+        for i, ids in enumerate(input_ids):
+            start = logprob_start_len[i]
+            assert 0 <= start < len(ids)
+            lora_id = self._use(lora_path[i])
+            cached = self._cached(lora_id, ids, start)
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            entries = [(None, ids[start], None)]
+            entries += [(float(logp[p - 1, ids[p]]), ids[p], None) for p in range(start + 1, len(ids))]
+            meta = {"prompt_tokens": len(ids), "cached_tokens": cached, "input_token_logprobs": entries,
+                    "completion_tokens": 1}
+            if token_ids_logprob is not None:
+                meta["output_token_ids_logprobs"] = [[(float(logp[-1, t]), t, None)
+                                                      for t in token_ids_logprob[i]]]
+            self.cache.setdefault(lora_id, []).append(list(ids))
+            outs.append({"text": "", "meta_info": meta})
+        return outs

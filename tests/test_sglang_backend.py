@@ -1,0 +1,305 @@
+"""The SGLang backend.
+
+Two groups:
+- everywhere (CPU CI): the plugin loads without SGLang, says why it cannot run,
+  maps eviction policies, and -- over ``FakeEngine``, a CPU stand-in that keeps
+  SGLang's call shapes and logprob conventions -- computes the hf backend's
+  losses, versions the adapter on every change, counts cached tokens;
+- on a CUDA machine with SGLang (``requires_sglang``): the same checks against a
+  real ``sglang.Engine`` and the hf backend on the GPU, a short MeZO run, the
+  radix cache's cached tokens and the stale-version test. Elsewhere they are
+  skipped with the reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from mezo_core import Backend, Example, MezoError
+from mezo_core.mezo import direction_seeds, mezo_step
+from sglang_support import FakeEngine, build_llama, examples, make_config
+
+from mezo_backend_sglang.backend import (RADIX_EVICTION, UNSUPPORTED_EVICTION, SGLangBackend,
+                                         radix_eviction_policy)
+
+
+def _gpu_skip_reason():
+    if importlib.util.find_spec("sglang") is None:
+        return "sglang is not installed (no CPU build; these tests run on a CUDA host with SGLang)"
+    if not torch.cuda.is_available():
+        return "no CUDA device (SGLang runs on NVIDIA GPUs only)"
+    return None
+
+
+requires_sglang = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return build_llama(tmp_path_factory.mktemp("sglang-llama"))
+
+
+# --------------------------------------------------------------------------------
+# everywhere
+# --------------------------------------------------------------------------------
+def test_plugin_registers_without_sglang():
+    from mezo_core.registry import get_registry
+    cls = get_registry().get("backends", "sglang")
+    assert cls is SGLangBackend
+    if _gpu_skip_reason() is not None:
+        reason = cls.unavailable_reason()
+        assert reason and ("sglang" in reason or "CUDA" in reason)
+
+
+def test_eviction_policy_mapping():
+    from mezo_core.registry import get_registry
+    builtin = set(get_registry().items["eviction_policies"])
+    assert builtin == set(RADIX_EVICTION) | set(UNSUPPORTED_EVICTION)
+    assert radix_eviction_policy("lru") == "lru"
+    assert radix_eviction_policy("LFU") == "lfu"
+    assert radix_eviction_policy("fifo") == "fifo"
+    assert radix_eviction_policy(None) is None
+    with pytest.raises(MezoError, match="size.*cannot be honoured"):
+        radix_eviction_policy("size")
+    with pytest.raises(MezoError, match="no SGLang radix-cache counterpart"):
+        radix_eviction_policy("random")
+
+
+def test_engine_options_from_config(llama):
+    cfg = make_config(llama, sglang={"eviction_policy": "fifo", "mem_fraction_static": 0.3,
+                                     "max_loras_per_batch": 3})
+    b = SGLangBackend(cfg, engine_factory=FakeEngine)
+    kw = b.engine_kwargs
+    assert kw["radix_eviction_policy"] == "fifo" and "eviction_policy" not in kw
+    assert kw["mem_fraction_static"] == 0.3 and kw["max_loras_per_batch"] == 3
+    assert kw["enable_lora"] and kw["attention_backend"] == "triton"
+    assert kw["max_lora_rank"] == 8 and kw["lora_target_modules"] == ["q_proj", "v_proj"]
+    b.close()
+    assert b.engine is None
+    with pytest.raises(MezoError, match="size"):
+        SGLangBackend(make_config(llama, sglang={"eviction_policy": "size"}), engine_factory=FakeEngine)
+    with pytest.raises(MezoError, match="also set"):
+        SGLangBackend(make_config(llama, sglang={"eviction_policy": "lfu", "radix_eviction_policy": "lru"}),
+                      engine_factory=FakeEngine)
+
+
+@pytest.mark.skipif(_gpu_skip_reason() is None, reason="checks the message shown where SGLang is absent")
+def test_real_engine_refused_here(llama):
+    with pytest.raises(MezoError, match="backend sglang"):
+        SGLangBackend(make_config(llama))
+
+
+@pytest.fixture
+def fake_pair(llama):
+    from mezo_backend_hf.backend import HFBackend
+    cfg = make_config(llama)
+    hf, sg = HFBackend(cfg), SGLangBackend(cfg, engine_factory=FakeEngine)
+    yield hf, sg
+    hf.close()
+    sg.close()
+
+
+def test_fake_engine_losses_match_hf_and_versions(fake_pair):
+    hf, sg = fake_pair
+    assert sg.trainable_names() == hf.trainable_names()
+    for a, b in zip(sg.trainable_tensors(), hf.trainable_tensors()):
+        assert torch.equal(a, b.detach().float())
+    batch = examples(4, 6, 3, seed=1)
+    torch.testing.assert_close(sg.losses(batch), hf.losses(batch), rtol=0, atol=1e-5)
+    assert sg.get_stats()["adapter_loads"] == 1
+    sg.losses(batch)  # unchanged state: no new version
+    assert sg.get_stats()["adapter_loads"] == 1
+    for terms in ([(11, 0.5)], [(12, -0.3), (13, 0.2)]):
+        sg.perturb(terms)
+        hf.perturb(terms)
+        torch.testing.assert_close(sg.losses(batch), hf.losses(batch), rtol=0, atol=1e-5)
+    stats = sg.get_stats()
+    assert stats["adapter_loads"] == 3 and stats["adapter_unloads"] == 2
+    assert list(sg.engine.adapters) == [sg.adapter_name] == ["mezo-v2"]
+
+
+def test_fake_engine_choice_losses(fake_pair):
+    hf, sg = fake_pair
+    sg.perturb([(5, 0.5)])
+    hf.perturb([(5, 0.5)])
+    prompts = [e.prompt_ids for e in examples(3, 5, 1, seed=2)]
+    single = [(7,), (9,), (40,)]
+    torch.testing.assert_close(sg.choice_losses(prompts, single), hf.choice_losses(prompts, single),
+                               rtol=0, atol=1e-5)
+    multi = [(7, 8), (9,)]
+    torch.testing.assert_close(sg.choice_losses(prompts, multi), hf.choice_losses(prompts, multi),
+                               rtol=0, atol=1e-5)
+
+
+def test_fake_engine_no_stale_prefix(fake_pair):
+    """After a change, the engine must be asked under a new adapter: no prefix
+    cached under the old state can serve it, and the losses are the new state's."""
+    _, sg = fake_pair
+    prefix = tuple(range(10, 30))
+    batch = examples(3, 4, 2, seed=3, shared_prefix=prefix)
+    before = sg.losses(batch)
+    sg.reset_stats()
+    again = sg.losses(batch)
+    assert torch.equal(before, again)
+    assert sg.get_stats()["cached_tokens"] >= 3 * len(prefix)  # same version: prefix reused
+    sg.perturb([(21, 1.0)])
+    sg.reset_stats()
+    after = sg.losses(batch)
+    stats = sg.get_stats()
+    assert (after - before).abs().max() > 1e-3
+    # within the new version only the batch's own earlier requests may be reused
+    assert stats["cached_tokens"] <= 2 * (len(prefix) + 3)
+
+
+def test_fake_engine_save_load_and_disk_transport(llama, tmp_path):
+    cfg = make_config(llama, sglang={"adapter_transport": "disk"})
+    sg = SGLangBackend(cfg, engine_factory=FakeEngine)
+    batch = examples(2, 5, 2, seed=4)
+    sg.perturb([(3, 0.7)])
+    saved = sg.losses(batch)
+    sg.save_adapter(tmp_path / "a")
+    sg.perturb([(4, 0.7)])
+    assert (sg.losses(batch) - saved).abs().max() > 1e-4
+    sg.load_adapter(tmp_path / "a")
+    torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=1e-6)
+    with pytest.raises(MezoError, match="at least one prompt token"):
+        sg.losses([Example((), (5, 6))])
+    sg.close()
+
+
+def test_fake_engine_mezo_lowers_loss(llama):
+    sg = SGLangBackend(make_config(llama), engine_factory=FakeEngine)
+    batch = examples(8, 6, 2, seed=5)
+    first = float(sg.losses(batch).mean())
+    for step in range(30):
+        mezo_step(sg, batch, direction_seeds(0, step, 1), eps=1e-3, lr=2e-3)
+    last = float(sg.losses(batch).mean())
+    assert last < first - 0.05, (first, last)
+    sg.close()
+
+
+# --------------------------------------------------------------------------------
+# on a CUDA machine with SGLang
+# --------------------------------------------------------------------------------
+GPU_OPTIONS = {"mem_fraction_static": 0.3, "log_level": "error"}
+
+
+@pytest.fixture(scope="module")
+def gpu(llama):
+    reason = _gpu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from mezo_backend_hf.backend import HFBackend
+    cfg = make_config(llama, device="cuda", dtype="bfloat16", sglang=GPU_OPTIONS)
+    sg = SGLangBackend(cfg)
+    hf32 = HFBackend(make_config(llama, device="cuda", dtype="float32"))
+    yield sg, hf32
+    sg.close()
+    hf32.close()
+
+
+def _restore(sg, hf, seed, coef):
+    sg.perturb([(seed, -coef)])
+    hf.perturb([(seed, -coef)])
+
+
+@requires_sglang
+def test_gpu_losses_agree_with_hf(gpu):
+    sg, hf = gpu
+    batch = examples(8, 24, 6, seed=11)
+    # initial adapter (B = 0) and a perturbed one that moves the losses
+    torch.testing.assert_close(sg.losses(batch), hf.losses(batch), rtol=0, atol=0.08)
+    sg.perturb([(77, 0.05)])
+    hf.perturb([(77, 0.05)])
+    try:
+        torch.testing.assert_close(sg.losses(batch), hf.losses(batch), rtol=0, atol=0.08)
+    finally:
+        _restore(sg, hf, 77, 0.05)
+    torch.testing.assert_close(sg.losses(batch), hf.losses(batch), rtol=0, atol=0.08)
+
+
+@requires_sglang
+def test_gpu_lora_moves_losses_like_hf(gpu):
+    """The adapter's effect, not just the base model: the change of the losses
+    under a perturbation agrees between the engines."""
+    sg, hf = gpu
+    batch = examples(8, 24, 6, seed=12)
+    s0, h0 = sg.losses(batch), hf.losses(batch)
+    sg.perturb([(78, 0.05)])
+    hf.perturb([(78, 0.05)])
+    try:
+        ds, dh = sg.losses(batch) - s0, hf.losses(batch) - h0
+    finally:
+        _restore(sg, hf, 78, 0.05)
+    assert dh.abs().mean() > 0.05, "perturbation too small to test anything"
+    assert (ds - dh).abs().max() < 0.05 + 0.1 * dh.abs().max(), (ds, dh)
+
+
+@requires_sglang
+def test_gpu_choice_losses_single_token(gpu):
+    sg, hf = gpu
+    prompts = [e.prompt_ids for e in examples(6, 20, 1, seed=13)]
+    choices = [(20,), (33,), (250,)]
+    fast = sg.choice_losses(prompts, choices)
+    slow = Backend.choice_losses(sg, prompts, choices)  # generic path
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0.02)
+    torch.testing.assert_close(fast, hf.choice_losses(prompts, choices), rtol=0, atol=0.05)
+
+
+@requires_sglang
+def test_gpu_shared_prefix_is_cached(gpu):
+    sg, _ = gpu
+    prefix = tuple(examples(1, 200, 1, seed=14)[0].prompt_ids)
+    batch = examples(8, 8, 2, seed=15, shared_prefix=prefix)
+    sg.flush_cache()
+    sg.losses(batch)          # loads the state if needed
+    sg.reset_stats()
+    sg.losses(batch)          # same adapter version: the prefix is in the radix tree
+    stats = sg.get_stats()
+    assert stats["cached_tokens"] >= 8 * len(prefix), stats
+    assert stats["hit_rate"] == 1.0 and stats["token_reuse"] > 0.8
+
+
+@requires_sglang
+def test_gpu_no_stale_prefix_after_change(gpu, tmp_path):
+    """Loss after a change equals a freshly loaded adapter's (computed with no
+    cache reuse at all), and no prefix of the old version was reused."""
+    sg, _ = gpu
+    prefix = tuple(examples(1, 150, 1, seed=16)[0].prompt_ids)
+    batch = examples(6, 6, 3, seed=17, shared_prefix=prefix)
+    before = sg.losses(batch)
+    sg.losses(batch)                      # the old version's prefix is cached now
+    sg.perturb([(79, 1.0)])
+    sg.reset_stats()
+    after = sg.losses(batch)
+    first_cached = sg.get_stats()["cached_tokens"]
+    assert (after - before).abs().max() > 0.05
+    sg.save_adapter(tmp_path / "fresh")
+    assert sg.engine.load_lora_adapter("fresh-check", str(tmp_path / "fresh")).success
+    try:
+        outs = sg.engine.generate(input_ids=[list(e.prompt_ids + e.target_ids) for e in batch],
+                                  sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                                  return_logprob=True, logprob_start_len=0,
+                                  lora_path=["fresh-check"] * len(batch))
+    finally:
+        sg.engine.unload_lora_adapter("fresh-check")
+    fresh = torch.tensor([-sum(v for v, *_ in o["meta_info"]["input_token_logprobs"][len(e.prompt_ids):])
+                          / len(e.target_ids) for o, e in zip(outs, batch)], dtype=torch.float64)
+    assert all(o["meta_info"]["cached_tokens"] == 0 for o in outs)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0.02)
+    # the new version may reuse only what its own batch computed, never the old prefix
+    assert first_cached <= (len(batch) - 1) * (len(prefix) + 6)
+    sg.perturb([(79, -1.0)])
+
+
+@requires_sglang
+def test_gpu_mezo_run_lowers_loss(gpu):
+    sg, _ = gpu
+    batch = examples(16, 16, 4, seed=18)
+    first = float(sg.losses(batch).mean())
+    for step in range(40):
+        mezo_step(sg, batch, direction_seeds(1, step, 1), eps=1e-2, lr=5e-3)
+    last = float(sg.losses(batch).mean())
+    assert last < first - 0.05, (first, last)
