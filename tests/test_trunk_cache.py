@@ -1,0 +1,93 @@
+"""The frozen-trunk cache against the plain computation, on fresh random inputs."""
+import pytest
+import torch
+
+from mezo_core import Example
+from mezo_core.config import load_config
+from mezo_core.registry import get_registry
+from mezo_backend_hf.backend import HFBackend
+from mezo_backend_hf.trunk import RadixCache
+
+TOL = 1e-5  # fp32 on CPU: batched layouts differ only in reduction order
+
+
+def backend(model_dir, arch, cache, layers="[2,3]", extra=()):
+    mods = "[q_proj,v_proj]" if arch == "llama" else "[c_attn]"
+    return HFBackend(load_config(None, [f"model.path={model_dir}", f"lora.layers={layers}",
+                                        f"lora.target_modules={mods}", f"hf.trunk_cache={cache}", *extra]))
+
+
+def random_batch(gen, n=6, shared_prefix=4):
+    prefix = torch.randint(4, 250, (shared_prefix,), generator=gen).tolist()
+    batch = []
+    for _ in range(n):
+        body = torch.randint(4, 250, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+        target = torch.randint(4, 250, (int(torch.randint(1, 3, (1,), generator=gen)),), generator=gen).tolist()
+        batch.append(Example(tuple(prefix + body), tuple(target)))
+    return batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_losses_equal_uncached(arch, tiny_llama, tiny_gpt2):
+    model_dir = tiny_llama if arch == "llama" else tiny_gpt2
+    plain, cached = backend(model_dir, arch, False), backend(model_dir, arch, True)
+    assert plain.trunk is None and cached.trunk.k0 == 2
+    gen = torch.Generator().manual_seed(7)
+    batches = [random_batch(gen) for _ in range(2)]
+    for step in range(4):  # the adapter moves every step; trunk entries stay valid
+        for b in (plain, cached):
+            b.perturb([(step, 0.3)])
+        for batch in batches:
+            assert torch.allclose(plain.losses(batch), cached.losses(batch), atol=TOL, rtol=0)
+            prompts = [e.prompt_ids for e in batch]
+            assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
+                                  cached.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
+    stats = cached.get_stats()
+    assert stats["hits"] > 0 and stats["invalidations"] == 0 and stats["layers_skipped"] == 2
+    assert 0 < stats["token_reuse"] <= 1
+
+
+def test_no_stale_hit_after_trunk_weights_change(tiny_llama):
+    plain, cached = backend(tiny_llama, "llama", False), backend(tiny_llama, "llama", True)
+    batch = random_batch(torch.Generator().manual_seed(3))
+    cached.losses(batch)  # fill the cache
+    assert cached.losses(batch).shape == (len(batch),) and cached.get_stats()["hits"] == len(batch)
+    # change a weight BELOW k0 in place (as a mis-configured perturbation would)
+    for b in (plain, cached):
+        layer0 = b.trunk.layers[0] if b.trunk else b.model.base_model.model.model.layers[0]
+        with torch.no_grad():
+            layer0.mlp.up_proj.weight.add_(0.05)
+    assert torch.allclose(plain.losses(batch), cached.losses(batch), atol=TOL, rtol=0)
+    assert cached.get_stats()["invalidations"] == 1
+
+
+def test_radix_tree_shares_prefixes_and_serves_prefixes():
+    cache = RadixCache(1 << 30, get_registry().get("eviction_policies", "lru")())
+    gen = torch.Generator().manual_seed(0)
+    a, b = (1, 2, 3, 4, 5), (1, 2, 3, 9)
+    ha, hb = torch.randn(5, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    hb[:3] = ha[:3]  # causal: a shared prefix has the same states
+    cache.insert(a, ha)
+    cache.insert(b, hb)
+    assert cache.bytes == (5 + 1) * 8 * 4  # the 3-token prefix is stored once
+    assert torch.equal(cache.lookup(a), ha) and torch.equal(cache.lookup(b), hb)
+    assert torch.equal(cache.lookup((1, 2)), ha[:2])  # a prefix of a cached sequence is a hit
+    assert cache.lookup((1, 2, 3, 4, 6)) is None and cache.lookup((7,)) is None
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "size"])
+def test_budget_and_eviction(policy, tiny_llama):
+    budget_tokens = 20
+    extra = [f"hf.cache_policy={policy}", f"hf.cache_budget_mb={budget_tokens * 64 * 4 / 2**20}"]
+    plain, cached = backend(tiny_llama, "llama", False), backend(tiny_llama, "llama", True, extra=extra)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        batch = random_batch(gen, n=4, shared_prefix=0)
+        assert torch.allclose(plain.losses(batch), cached.losses(batch), atol=TOL, rtol=0)
+        assert cached.trunk.cache.bytes <= budget_tokens * 64 * 4
+    assert cached.get_stats()["evictions"] > 0
+
+
+def test_all_layer_lora_has_no_trunk(tiny_llama):
+    b = HFBackend(load_config(None, [f"model.path={tiny_llama}"]))
+    assert b.trunk is None  # nothing is frozen below layer 0
