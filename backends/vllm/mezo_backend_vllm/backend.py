@@ -206,7 +206,11 @@ class VLLMBackend(Backend):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The current adapter (fp32 CPU copies, canonical PEFT names)."""
-        return self._rpc("mezo_state")
+        # raw fp32 bytes: the reply crosses vLLM's msgpack RPC when the engine runs in
+        # its own process (vllm.multiprocessing=true)
+        state = self._rpc("mezo_state_bytes")
+        return {n: torch.frombuffer(bytearray(data), dtype=torch.float32).view(*shape)
+                for n, (shape, data) in state.items()}
 
     # -- forward passes ------------------------------------------------------------
     def _prompt(self, ids: Sequence[int]):

@@ -61,6 +61,11 @@ class MezoWorkerExtension:
         """The trainable tensors (fp32, CPU copies) by canonical PEFT name."""
         return {n: t.detach().to("cpu", copy=True) for n, t in zip(self._mezo_names, self._mezo_tensors)}
 
+    def mezo_state_bytes(self) -> dict[str, tuple[list[int], bytes]]:
+        """``mezo_state`` as (shape, raw fp32 bytes): survives any RPC serialiser."""
+        return {n: (list(t.shape), t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+                for n, t in zip(self._mezo_names, self._mezo_tensors)}
+
     def mezo_perturb(self, terms, decay: float = 1.0) -> None:
         """theta <- decay*theta + sum coef*z(seed, i), then into vLLM's slot."""
         apply_z(self._mezo_tensors, [(int(s), float(c)) for s, c in terms], float(decay))
