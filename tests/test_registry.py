@@ -16,6 +16,17 @@ from mezo_core.registry import Registry, get_registry, make_plugin_manager
 
 TOY_DIST, TOY_VERSION, TOY_MODULE = "mezo-toy-plugin", "9.8.7", "mezo_toy_plugin"
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core
+    machine OpenMP's spinning makes their forwards ~3x slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TOY_SOURCE = '''
 """An outside mezo-run plugin: a backend (the hf one, instrumented), an
 unavailable backend and a schedule."""

@@ -1,0 +1,285 @@
+"""``mezo-run`` end to end on the tiny Llama with tiny JSONL data: the run
+folder, user errors (exit code 2, one line, nothing written), --resume
+reproducing the uninterrupted run bit for bit, and its refusals."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from mezo_core import hookimpl
+from mezo_core.cli import main
+from mezo_core.registry import get_registry
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
+TIMING = {"step_seconds", "tokens_per_second"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core
+    machine OpenMP's spinning makes their forwards ~3x slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_data(folder, n_train=8, n_dev=6):
+    words = "the movie was great fun the film was boring and dull a lovely story".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        with (folder / f"{name}.jsonl").open("w") as f:
+            for i in range(n):
+                text = " ".join(words[(i * 3 + j) % len(words)] for j in range(3 + i % 4))
+                f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
+    return folder / "train.jsonl", folder / "dev.jsonl"
+
+
+def write_config(tmp_path, model, steps=4, checkpoint_every=2, plot=False):
+    train, dev = write_data(tmp_path / "data")
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        backend: hf
+        seed: 0
+        out_dir: {tmp_path / 'run'}
+        progress: false
+        plot: {str(plot).lower()}
+        eval_batch_size: 8
+        checkpoint_every: {checkpoint_every}
+        model:
+          path: {model}
+        lora:
+          r: 2
+          alpha: 4
+        task:
+          kind: classification
+          train: {train}
+          dev: {dev}
+          template: "{{text}} It was"
+          verbalizer: [" great", " terrible"]
+          k_per_class: 3
+        mezo:
+          steps: {steps}
+          batch_size: 2
+          q: 2
+          lr: 1.0e-2
+          eps: 1.0e-2
+          weight_decay: 0.01
+        """))
+    return path
+
+
+def error_text(stderr):
+    """The CLI's error message (transformers may draw a progress bar before it)."""
+    assert "Traceback" not in stderr and "mezo-run: error: " in stderr, stderr
+    return stderr[stderr.index("mezo-run: error: "):]
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(row, stats=("forward_tokens",)):
+    # timing fields differ run to run; backend stats count the process's own
+    # forward passes (the resumed process did not evaluate zero-shot)
+    return {k: v for k, v in row.items() if k not in TIMING and k not in stats}
+
+
+@pytest.fixture
+def fresh_registry():
+    get_registry.cache_clear()
+    yield get_registry()
+    get_registry.cache_clear()
+
+
+# -- a whole run ------------------------------------------------------------------
+def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registry):
+    cfg = write_config(tmp_path, tiny_llama, steps=5, plot=True)
+    run = tmp_path / "run"
+    assert main(["train", "-c", str(cfg), "mezo.lr_schedule=cosine",
+                 "mezo.lr_end=1e-3", "mezo.warmup_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot" in out and "fine-tuned" in out
+    metrics = rows(run)
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
+    for r in metrics:
+        assert {"loss", "loss_plus", "loss_minus", "grads", "seeds", "eps", "lr", "step_seconds",
+                "tokens_per_second", "forward_tokens"} <= set(r)
+        assert len(r["grads"]) == len(r["seeds"]) == 2
+    assert metrics[0]["lr"] == pytest.approx(1e-2) and metrics[1]["lr"] == pytest.approx(1e-2)
+    assert metrics[-1]["lr"] < 1e-2                       # cosine after warm-up
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 5
+    for key in ("zero_shot", "final"):
+        assert 0 <= summary[key]["dev_accuracy"] <= 1 and summary[key]["dev_examples"] == 6
+    assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json",
+                                                                  "adapter_model.safetensors"]
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-0000005"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000004", "step-0000005"]
+    state = json.loads((ckpts / "step-0000005" / "state.json").read_text())
+    assert state["step"] == 5 and state["final"] == summary["final"]
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == load_file(str(ckpts / "step-0000005" / "adapter_model.safetensors")).keys()
+    assert any(float(t.abs().sum()) > 0 for n, t in final.items() if ".lora_B." in n)   # it trained
+    assert (run / "config.yaml").exists()
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
+    # eval of the saved adapter reproduces the final accuracy
+    assert main(["eval", "-c", str(cfg), "--adapter", str(run / "adapter")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dev_accuracy"] == summary["final"]["dev_accuracy"]
+    assert result["dev_loss"] == pytest.approx(summary["final"]["dev_loss"], rel=1e-6)
+
+
+def test_config_command_prints_the_resolved_config(tmp_path, tiny_llama, capsys, fresh_registry):
+    cfg = write_config(tmp_path, tiny_llama)
+    assert main(["config", "-c", str(cfg), "mezo.steps=9"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 9" in out and str(tiny_llama) in out
+
+
+# -- user errors: exit code 2, one clear line, nothing written ------------------------
+def _bad_jsonl(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "c", label: 0}\n')
+    return [f"task.train={bad}"], [str(bad), "line 3", "malformed JSON"]
+
+
+CASES = {
+    "unknown backend": lambda p: (["backend=nope"], ["unknown backend 'nope'", "hf"]),
+    "bad key": lambda p: (["mezo.stepz=3"], ["mezo.stepz"]),
+    "bad value": lambda p: (["mezo.steps=many"], ["mezo.steps", "many"]),
+    "bad value check": lambda p: (["lora.r=0"], ["lora.r"]),
+    "missing data file": lambda p: ([f"task.train={p / 'none.jsonl'}"], ["task.train", "none.jsonl", "not found"]),
+    "missing dev file": lambda p: ([f"task.dev={p / 'none.jsonl'}"], ["task.dev", "none.jsonl"]),
+    "malformed JSONL line": _bad_jsonl,
+    "missing model": lambda p: ([f"model.path={p / 'no-model'}"], ["model.path", "no-model"]),
+    "unknown schedule": lambda p: (["mezo.eps_schedule=zigzag"], ["zigzag"]),
+    "bad target module": lambda p: (["lora.target_modules=[nope]"], ["lora", "nope"]),
+}
+MULTI_LINE = {"missing data file", "missing dev file", "missing model"}   # a hint follows the first line
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_errors_exit_2_with_one_clear_line_and_write_nothing(case, tmp_path, tiny_llama, capsys,
+                                                                  fresh_registry):
+    cfg = write_config(tmp_path, tiny_llama)
+    overrides, needles = CASES[case](tmp_path)
+    assert main(["train", "-c", str(cfg), *overrides]) == 2
+    err = error_text(capsys.readouterr().err)
+    lines = err.strip().splitlines()
+    if case not in MULTI_LINE:
+        assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_key_in_the_config_file(tmp_path, tiny_llama, capsys, fresh_registry):
+    cfg = write_config(tmp_path, tiny_llama)
+    cfg.write_text(cfg.read_text() + "verbose: true\n")
+    assert main(["train", "-c", str(cfg)]) == 2
+    err = error_text(capsys.readouterr().err).strip()
+    n = len(cfg.read_text().splitlines())
+    assert err == f"mezo-run: error: {cfg}, line {n}: field 'verbose': Key 'verbose' not in 'RunConfig'"
+    assert main(["train", "-c", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# -- resume ---------------------------------------------------------------------------
+class InterruptAt:
+    """A plugin that stops the run (as Ctrl-C would) at the end of a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = write_config(tmp, tiny_llama, steps=5, checkpoint_every=2)
+    get_registry.cache_clear()
+    assert main(["train", "-c", str(cfg)]) == 0
+    get_registry.cache_clear()
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])   # 2: before that step's checkpoint is written
+def test_resume_reproduces_the_uninterrupted_run(stop_at, uninterrupted, tmp_path, tiny_llama, capsys,
+                                                 fresh_registry):
+    cfg = write_config(tmp_path, tiny_llama, steps=5, checkpoint_every=2)
+    run = tmp_path / "run"
+    stopper = InterruptAt(stop_at)
+    fresh_registry.pm.register(stopper)
+    try:
+        assert main(["train", "-c", str(cfg)]) == 130
+    finally:
+        fresh_registry.pm.unregister(stopper)
+    assert "--resume" in capsys.readouterr().err
+    assert [r["step"] for r in rows(run)] == list(range(1, stop_at + 1))
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+
+    # a changed config is refused, and the run is left as it was
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", "-c", str(cfg), "--resume", "mezo.lr=0.5"]) == 2
+    err = error_text(capsys.readouterr().err)
+    assert "config differs" in err and "mezo.lr" in err and len(err.strip().splitlines()) == 1
+    assert (run / "metrics.jsonl").read_text() == before
+    # so is starting over in the same folder without --resume
+    assert main(["train", "-c", str(cfg)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+
+    assert main(["train", "-c", str(cfg), "--resume"]) == 0
+    want, got = rows(uninterrupted), rows(run)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert [comparable(r) for r in got] == [comparable(r) for r in want]
+    a = load_file(str(uninterrupted / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equal(b[name]), name                  # bitwise on CPU
+    assert (json.loads((run / "summary.json").read_text())
+            == json.loads((uninterrupted / "summary.json").read_text()))
+
+
+def test_training_twice_into_a_finished_run_is_refused(uninterrupted, capsys, fresh_registry):
+    cfg = uninterrupted.parent / "run.yaml"
+    before = (uninterrupted / "metrics.jsonl").read_text()
+    assert main(["train", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err
+    assert (uninterrupted / "metrics.jsonl").read_text() == before
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, tiny_llama, capsys, fresh_registry):
+    cfg = write_config(tmp_path, tiny_llama)
+    assert main(["train", "-c", str(cfg), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# -- the real SST-2 files (optional) ---------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason=f"{SHARED}/data/sst2 is not here")
+def test_real_sst2_files_read_and_sample():
+    from collections import Counter
+
+    from mezo_core.data import read_records, sample
+    train = read_records(SHARED / "data" / "sst2" / "train.tsv", "classification", 2)
+    dev = read_records(SHARED / "data" / "sst2" / "dev.tsv", "classification", 2, field="task.dev")
+    assert len(train) == 67349 and len(dev) == 872
+    assert set(Counter(r.label for r in dev)) == {0, 1}
+    k = sample(train, 16, None, seed=42)
+    assert Counter(r.label for r in k) == {0: 16, 1: 16}
