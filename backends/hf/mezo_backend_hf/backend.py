@@ -34,6 +34,7 @@ OPTIONS = {  # cfg.hf: name -> default
     "cache_budget_mb": 1024,    # byte budget of that cache
     "cache_policy": "lru",      # an eviction policy plugin
     "cache_device": None,       # None: the model's device; "cpu": keep entries in (pinned) CPU memory
+    "pm_batch": False,          # run the +eps and -eps passes as one batch of 2B rows
 }
 
 
@@ -73,7 +74,10 @@ class HFBackend(Backend):
         self._names = sorted(params)
         self._tensors = [params[n] for n in self._names]
         self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
-        self.trunk = self._make_trunk(backend_options(cfg.hf, OPTIONS, "hf"))
+        opts = backend_options(cfg.hf, OPTIONS, "hf")
+        self.trunk = self._make_trunk(opts)
+        self._minus = self._make_minus_adapter(cfg.lora) if opts["pm_batch"] else None
+        self._row_adapters = None  # per-example adapter names while a +/- batch runs
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.forward_tokens = 0
@@ -91,6 +95,16 @@ class HFBackend(Backend):
             raise MezoError(f"hf.trunk_cache: {exc}; set hf.trunk_cache=false") from None
         return trunk if trunk.k0 > 0 else None  # nothing frozen below the first layer
 
+    def _make_minus_adapter(self, lora):
+        """A second adapter that holds theta - eps*z beside the default one's theta + eps*z."""
+        self.model.add_adapter("minus", peft_lora_config(lora, str(self.model_dir)))
+        self.model.set_adapter("default")  # training still moves the default adapter only
+        params = {canonical_name(n.replace(".minus", ".default")): p
+                  for n, p in self.model.named_parameters() if ".minus." in n}
+        for p in params.values():
+            p.requires_grad_(False)
+        return [params[n] for n in self._names]
+
     # -- perturbation --------------------------------------------------------
     def trainable_names(self):
         return list(self._names)
@@ -100,6 +114,23 @@ class HFBackend(Backend):
 
     def perturb(self, terms, decay=1.0):
         apply_z(self._tensors, terms, decay)
+
+    @torch.no_grad()
+    def plus_minus_losses(self, batch, seed, eps):
+        """Both signs in one batch of 2B rows: the frozen GEMMs run once over all
+        rows, each half adds its own LoRA delta (peft's mixed-adapter batch)."""
+        if self._minus is None:
+            return super().plus_minus_losses(batch, seed, eps)
+        self.perturb([(seed, eps)])                      # default adapter: theta + eps z
+        for plus, minus in zip(self._tensors, self._minus):
+            minus.copy_(plus)
+        apply_z(self._minus, [(seed, -2.0 * eps)])       # minus adapter: theta - eps z
+        self._row_adapters = ["default"] * len(batch) + ["minus"] * len(batch)
+        try:
+            losses = self.objective(list(batch) + list(batch))
+        finally:
+            self._row_adapters = None
+        return losses[:len(batch)], losses[len(batch):], eps
 
     # -- forward passes --------------------------------------------------------
     def _batch_tensors(self, rows: Sequence[Sequence[int]]):
@@ -113,10 +144,12 @@ class HFBackend(Backend):
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _last_logits(self, rows, keep: int) -> torch.Tensor:
+    def _last_logits(self, rows, keep: int, adapters=None) -> torch.Tensor:
         ids, mask, positions = self._batch_tensors(rows)
         self.forward_tokens += int(mask.sum())
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        if adapters is not None:
+            inputs["adapter_names"] = adapters
         if self.trunk is None:
             out = self.model(**inputs, logits_to_keep=keep)
         else:
@@ -145,7 +178,7 @@ class HFBackend(Backend):
     def losses(self, batch: Sequence[Example]) -> torch.Tensor:
         rows = [e.prompt_ids + e.target_ids for e in batch]
         k = max(len(e.target_ids) for e in batch)
-        logits, ids = self._last_logits(rows, k + 1)
+        logits, ids = self._last_logits(rows, k + 1, self._row_adapters)
         logits, labels = logits[:, :-1], ids[:, -k:]          # position t predicts t+1
         target_len = torch.tensor([len(e.target_ids) for e in batch], device=ids.device)
         is_target = torch.arange(k, device=ids.device)[None, :] >= (k - target_len)[:, None]
@@ -156,9 +189,15 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def choice_losses(self, prompts, choices):
         if any(len(c) != 1 for c in choices):
-            return super().choice_losses(prompts, choices)
+            adapters = self._row_adapters
+            if adapters is not None:  # one row per (prompt, choice)
+                self._row_adapters = [a for a in adapters for _ in choices]
+            try:
+                return super().choice_losses(prompts, choices)
+            finally:
+                self._row_adapters = adapters
         # single-token choices: one pass over the prompts scores all of them
-        logits, _ = self._last_logits(prompts, 1)
+        logits, _ = self._last_logits(prompts, 1, self._row_adapters)
         logp = torch.log_softmax(logits[:, -1], dim=-1)
         return (-logp[:, [c[0] for c in choices]]).double().cpu()
 

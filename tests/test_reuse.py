@@ -91,3 +91,24 @@ def test_budget_and_eviction(policy, tiny_llama):
 def test_all_layer_lora_has_no_trunk(tiny_llama):
     b = HFBackend(load_config(None, [f"model.path={tiny_llama}"]))
     assert b.trunk is None  # nothing is frozen below layer 0
+
+
+@pytest.mark.parametrize("trunk", [False, True])
+def test_pm_batch_equals_two_sequential_passes(trunk, tiny_llama):
+    seq = backend(tiny_llama, "llama", trunk)
+    one = backend(tiny_llama, "llama", trunk, extra=["hf.pm_batch=true"])
+    gen = torch.Generator().manual_seed(int(trunk) + 5)
+    plain = random_batch(gen)
+    single = [Example(e.prompt_ids, (5,), ((5,), (9,))) for e in plain]       # single-token choices
+    multi = [Example(e.prompt_ids, (5, 7), ((5, 7), (9,))) for e in plain]    # multi-token choices
+    for step, batch in enumerate([plain, single, multi]):
+        seed, eps = 100 + step, 1e-2
+        lp_a, lm_a, off_a = seq.plus_minus_losses(batch, seed, eps)
+        lp_b, lm_b, off_b = one.plus_minus_losses(batch, seed, eps)
+        assert torch.allclose(lp_a, lp_b, atol=TOL, rtol=0) and torch.allclose(lm_a, lm_b, atol=TOL, rtol=0)
+        assert not torch.allclose(lp_a, lm_a)  # the two halves really saw different adapters
+        # bring both back to theta and compare the adapters
+        seq.perturb([(seed, -off_a)])
+        one.perturb([(seed, -off_b)])
+        for x, y in zip(seq.trainable_tensors(), one.trainable_tensors()):
+            assert torch.allclose(x, y, atol=1e-6, rtol=0)
