@@ -157,19 +157,29 @@ def choices_check(sg, hf32):
 def prefix_cache(sg):
     prefix = tuple(examples(1, 200, 1, seed=14)[0].prompt_ids)
     batch = examples(8, 8, 2, seed=15, shared_prefix=prefix)
-    sg.flush_cache()
-    sg.losses(batch[:1])  # make sure the adapter is loaded; caches one prefix
+    sg.losses(batch[:1])  # make sure the adapter is loaded
+    keep_prime, sg.prime_min_tokens = sg.prime_min_tokens, 0
+    try:
+        sg.flush_cache()
+        sg.reset_stats()
+        plain = sg.losses(batch)
+        first = sg.get_stats()
+        sg.reset_stats()
+        sg.losses(batch)
+        second = sg.get_stats()
+    finally:
+        sg.prime_min_tokens = keep_prime
     sg.flush_cache()
     sg.reset_stats()
-    sg.losses(batch)
-    first = sg.get_stats()
-    sg.reset_stats()
-    sg.losses(batch)
-    second = sg.get_stats()
-    keep = ("lookups", "hits", "hit_rate", "cached_tokens", "prompt_tokens", "token_reuse")
+    primed = sg.losses(batch)
+    third = sg.get_stats()
+    keep = ("lookups", "hits", "hit_rate", "cached_tokens", "prompt_tokens", "token_reuse",
+            "generate_calls", "primed_batches")
     return {"prefix_tokens": len(prefix), "batch": len(batch), "tokens_per_example": batch[0].num_tokens,
-            "first_call_after_flush": {k: first[k] for k in keep},
-            "second_call_same_version": {k: second[k] for k in keep}}
+            "one_call_after_flush": {k: first[k] for k in keep},
+            "second_call_same_version": {k: second[k] for k in keep},
+            "primed_after_flush": {k: third[k] for k in keep},
+            "max_abs_primed_vs_one_call": maxdiff(primed, plain)}
 
 
 def stale(sg, tmp):
@@ -237,16 +247,45 @@ def step_time(sg, hf16, batch, label, steps):
             "sglang_generate_ms_per_step": 1e3 * st["generate_s"] / n,
             "sglang_adapter_loads_per_step": st["adapter_loads"] / n,
             "sglang_token_reuse": st["token_reuse"],
+            "sglang_generate_calls_per_step": st["generate_calls"] / n,
             "sglang_step_times_ms": [round(1e3 * t, 2) for t in all_sg],
             "hf_step_times_ms": [round(1e3 * t, 2) for t in all_hf]}
 
 
+def transports(sg, repeats=5):
+    """Seconds to load one adapter version (and unload the last), per transport."""
+    out, keep, applied = {}, sg.transport, []
+    try:
+        for transport in ("bucket", "tensors", "disk"):
+            sg.transport = transport
+            times = []
+            for i in range(repeats + 1):
+                sg.perturb([(900 + i, 1e-4)])
+                applied.append((900 + i, -1e-4))
+                t0 = time.perf_counter()
+                sg.adapter_name  # loads the new version
+                times.append(time.perf_counter() - t0)
+            out[f"{transport}_load_ms"] = 1e3 * statistics.median(times[1:])
+    finally:
+        sg.transport = keep
+        sg.perturb(applied)
+    out["tensors"] = len(sg.trainable_names())
+    out["adapter_mib_fp32"] = sum(t.numel() for t in sg.trainable_tensors()) * 4 / 2**20
+    return out
+
+
 def timings(sg, hf16, vocab, steps):
-    out = {}
+    out = {"adapter_transport": transports(sg)}
     out["plain_B16_T128"] = step_time(sg, hf16, examples(16, 120, 8, vocab=vocab, seed=20), "plain", steps)
     prefix = tuple(examples(1, 112, 1, vocab=vocab, seed=21)[0].prompt_ids)
     shared = examples(16, 8, 8, vocab=vocab, seed=22, shared_prefix=prefix)
-    out["shared_prefix112_B16_T128"] = step_time(sg, hf16, shared, "shared prefix", steps)
+    out["shared_prefix112_B16_T128_primed"] = step_time(sg, hf16, shared, "shared prefix, primed", steps)
+    keep, sg.prime_min_tokens = sg.prime_min_tokens, 0
+    try:
+        out["shared_prefix112_B16_T128_one_call"] = step_time(sg, hf16, shared, "shared prefix, one call",
+                                                              steps)
+    finally:
+        sg.prime_min_tokens = keep
     return out
 
 
@@ -255,6 +294,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--big", action="store_true", help="also time a SmolLM2-135M-shaped model")
+    p.add_argument("--big-only", action="store_true", help="only time the SmolLM2-135M-shaped model")
     p.add_argument("--eviction", default="fifo")
     args = p.parse_args(argv)
     from mezo_backend_hf.backend import HFBackend
@@ -265,6 +305,9 @@ def main(argv=None):
     rep.data["model"] = {"hidden": 256, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 300,
                          "init_std": 0.1, "lora": "r=8 alpha=16 q_proj,v_proj", "sglang_dtype": "bfloat16"}
     holder = {}
+    if args.big_only:
+        args.big = True
+        return finish(rep, args, tmp)
 
     def engine():
         try:
@@ -293,7 +336,11 @@ def main(argv=None):
     del sg, hf32, hf16
     torch.cuda.empty_cache()
     rep.write()
+    return finish(rep, args, tmp)
 
+
+def finish(rep, args, tmp):
+    from mezo_backend_hf.backend import HFBackend
     if args.big:
         def big():
             from mezo_backend_sglang.backend import SGLangBackend

@@ -76,7 +76,9 @@ class FakeEngine:
       ``token_ids_logprob`` adds ``output_token_ids_logprobs`` for the first
       output position; greedy log-probabilities are the raw log-softmax;
     - ``cached_tokens``: a radix cache keyed by ``lora_id`` that matches a
-      prefix of at most ``logprob_start_len`` tokens of an earlier request.
+      prefix of at most ``logprob_start_len`` tokens of a request of an earlier
+      call (requests of one call are prefilled together and share nothing,
+      as seen on the GPU host).
     """
 
     def __init__(self, model_path, enable_lora=True, max_lora_rank=8, lora_target_modules=(),
@@ -160,7 +162,7 @@ class FakeEngine:
         assert return_logprob and sampling_params["max_new_tokens"] == 1
         if not isinstance(logprob_start_len, (list, tuple)):
             logprob_start_len = [logprob_start_len] * len(input_ids)
-        outs = []
+        outs, inserts = [], []
         for i, ids in enumerate(input_ids):
             start = logprob_start_len[i]
             assert 0 <= start < len(ids)
@@ -175,6 +177,10 @@ class FakeEngine:
             if token_ids_logprob is not None:
                 meta["output_token_ids_logprobs"] = [[(float(logp[-1, t]), t, None)
                                                       for t in token_ids_logprob[i]]]
-            self.cache.setdefault(lora_id, []).append(list(ids))
+            inserts.append((lora_id, list(ids)))
             outs.append({"text": "", "meta_info": meta})
+        # like SGLang, requests of one call are prefilled together: none of them
+        # finds another's prefix; the radix tree holds them all afterwards
+        for lora_id, ids in inserts:
+            self.cache.setdefault(lora_id, []).append(ids)
         return outs

@@ -137,7 +137,7 @@ def test_fake_engine_no_stale_prefix(fake_pair):
     """After a change, the engine must be asked under a new adapter: no prefix
     cached under the old state can serve it, and the losses are the new state's."""
     _, sg = fake_pair
-    prefix = tuple(range(10, 30))
+    prefix = tuple(range(10, 30))            # shorter than prime_min_tokens: one call
     batch = examples(3, 4, 2, seed=3, shared_prefix=prefix)
     before = sg.losses(batch)
     sg.reset_stats()
@@ -149,8 +149,30 @@ def test_fake_engine_no_stale_prefix(fake_pair):
     after = sg.losses(batch)
     stats = sg.get_stats()
     assert (after - before).abs().max() > 1e-3
-    # within the new version only the batch's own earlier requests may be reused
-    assert stats["cached_tokens"] <= 2 * (len(prefix) + 3)
+    assert stats["cached_tokens"] == 0 and stats["adapter_loads"] == 1
+
+
+def test_fake_engine_primes_shared_prefix(fake_pair):
+    """A batch with a long common prefix sends one request first, so the rest
+    find the prefix in the cache under the current version; same losses."""
+    hf, sg = fake_pair
+    prefix = tuple(range(10, 50))
+    batch = examples(4, 5, 2, seed=6, shared_prefix=prefix)
+    assert SGLangBackend.shared_prefix_len([list(e.prompt_ids + e.target_ids) for e in batch],
+                                           [len(e.prompt_ids) - 1 for e in batch]) >= len(prefix)
+    sg.perturb([(22, 0.5)])
+    hf.perturb([(22, 0.5)])
+    sg.reset_stats()
+    primed = sg.losses(batch)
+    stats = sg.get_stats()
+    assert stats["primed_batches"] == 1 and stats["generate_calls"] == 2
+    assert stats["cached_tokens"] >= 3 * len(prefix)
+    torch.testing.assert_close(primed, hf.losses(batch), rtol=0, atol=1e-5)
+    sg.prime_min_tokens = 0
+    sg.flush_cache()
+    sg.reset_stats()
+    torch.testing.assert_close(sg.losses(batch), primed, rtol=0, atol=1e-6)
+    assert sg.get_stats()["cached_tokens"] == 0 and sg.get_stats()["generate_calls"] == 1
 
 
 def test_fake_engine_save_load_and_disk_transport(llama, tmp_path):
@@ -171,12 +193,12 @@ def test_fake_engine_save_load_and_disk_transport(llama, tmp_path):
 
 def test_fake_engine_mezo_lowers_loss(llama):
     sg = SGLangBackend(make_config(llama), engine_factory=FakeEngine)
-    batch = examples(8, 6, 2, seed=5)
+    batch = examples(4, 6, 2, seed=5)
     first = float(sg.losses(batch).mean())
-    for step in range(30):
-        mezo_step(sg, batch, direction_seeds(0, step, 1), eps=1e-3, lr=2e-3)
+    for step in range(12):
+        mezo_step(sg, batch, direction_seeds(0, step, 1), eps=1e-3, lr=5e-3)
     last = float(sg.losses(batch).mean())
-    assert last < first - 0.05, (first, last)
+    assert last < first - 0.2, (first, last)
     sg.close()
 
 
@@ -244,8 +266,9 @@ def test_gpu_choice_losses_single_token(gpu):
     choices = [(20,), (33,), (250,)]
     fast = sg.choice_losses(prompts, choices)
     slow = Backend.choice_losses(sg, prompts, choices)  # generic path
-    torch.testing.assert_close(fast, slow, rtol=0, atol=0.02)
-    torch.testing.assert_close(fast, hf.choice_losses(prompts, choices), rtol=0, atol=0.05)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0.06)
+    # single-token log-probs (no averaging over tokens) in bf16: within 0.1 nats
+    torch.testing.assert_close(fast, hf.choice_losses(prompts, choices), rtol=0, atol=0.1)
 
 
 @requires_sglang
@@ -253,13 +276,26 @@ def test_gpu_shared_prefix_is_cached(gpu):
     sg, _ = gpu
     prefix = tuple(examples(1, 200, 1, seed=14)[0].prompt_ids)
     batch = examples(8, 8, 2, seed=15, shared_prefix=prefix)
+    sg.prime_min_tokens = 0                # one call per batch
+    try:
+        sg.losses(batch)                   # loads the state if needed
+        sg.flush_cache()
+        sg.reset_stats()
+        plain = sg.losses(batch)
+        sg.reset_stats()
+        sg.losses(batch)                   # same adapter version: the prefix is in the radix tree
+        stats = sg.get_stats()
+        assert stats["cached_tokens"] >= 8 * len(prefix), stats
+        assert stats["hit_rate"] == 1.0 and stats["token_reuse"] > 0.8
+    finally:
+        sg.prime_min_tokens = 32
+    # priming: after a flush, one request goes first and the other 7 reuse its prefix
     sg.flush_cache()
-    sg.losses(batch)          # loads the state if needed
     sg.reset_stats()
-    sg.losses(batch)          # same adapter version: the prefix is in the radix tree
+    primed = sg.losses(batch)
     stats = sg.get_stats()
-    assert stats["cached_tokens"] >= 8 * len(prefix), stats
-    assert stats["hit_rate"] == 1.0 and stats["token_reuse"] > 0.8
+    assert stats["primed_batches"] == 1 and stats["cached_tokens"] >= 7 * len(prefix), stats
+    torch.testing.assert_close(primed, plain, rtol=0, atol=0.03)
 
 
 @requires_sglang
