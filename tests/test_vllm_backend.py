@@ -172,6 +172,24 @@ def test_choice_losses_agree_with_hf(pair):
 
 
 @needs_vllm
+def test_forced_decoding_path_for_single_tokens(pair, monkeypatch):
+    """The path used where vLLM lacks ``logprob_token_ids`` (older releases):
+    single tokens scored by forced one-token decoding, same losses."""
+    vb, hb = pair
+    for b in (vb, hb):
+        b.perturb([(9, 0.4)])
+    batch = mixed_batch(4)
+    with_ids = vb.losses(batch)
+    monkeypatch.setattr(vb, "_has_token_ids", False)
+    forced = vb.losses(batch)
+    assert torch.allclose(forced, hb.losses(batch), atol=ATOL, rtol=0)
+    assert torch.allclose(forced, with_ids, atol=1e-6, rtol=0)
+    prompts = [e.prompt_ids for e in batch[:5]]
+    assert torch.allclose(vb.choice_losses(prompts, [(17,), (29,)]),
+                          hb.choice_losses(prompts, [(17,), (29,)]), atol=ATOL, rtol=0)
+
+
+@needs_vllm
 def test_adapter_reaches_vllm_layout(pair):
     """The worker's slot holds B*alpha/r of the PEFT state, packed into qkv_proj."""
     vb, hb = pair

@@ -37,7 +37,8 @@ cached prefix -- is only context:
   masks every logit but the next target token; ``logprobs=0`` returns the raw
   (pre-processor) logprob of each sampled, i.e. forced, token:
   log p(t_k | prompt, t_<k). One prefill of the prompt plus one decode step
-  per target token.
+  per target token. (Also the single-token path on a vLLM without
+  ``logprob_token_ids``: one forced one-token request per (prompt, token).)
 
 Engine options come from the free-form ``vllm`` section of the run config;
 every key is passed to ``vllm.LLM`` (overriding the defaults below) except the
@@ -166,10 +167,10 @@ class VLLMBackend(Backend):
         if on_cpu:
             # small blocks: a prefix is reused in whole blocks only (CPU default: 128 tokens);
             # eager: torch.compile takes minutes on a small CPU and buys little here
-            kwargs.update(block_size=32, enforce_eager=True, max_num_seqs=64)
+            # KV cache: 1 GiB (vLLM's CPU default claims most of the node's memory)
+            kwargs.update(block_size=32, enforce_eager=True, max_num_seqs=64,
+                          kv_cache_memory_bytes=1 << 30)
         kwargs.update(opts)
-        if kwargs.get("enable_prefix_caching") is False:
-            pass  # allowed (for measurements); stats then show no hits
         try:
             with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiproc else "0"):
                 self.llm = LLM(**kwargs)
@@ -182,6 +183,13 @@ class VLLMBackend(Backend):
             raise MezoError(f"vllm: the worker holds {len(names)} LoRA tensors, mezo expects "
                             f"{len(self._names)} (first: {names[:1]} vs {self._names[:1]})")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        from vllm import SamplingParams
+        fields = getattr(SamplingParams, "__struct_fields__", None)
+        if fields is None:
+            import dataclasses
+            fields = [f.name for f in dataclasses.fields(SamplingParams)]
+        #: vLLM >= 0.2x: logprobs of named token ids; else forced decoding scores them
+        self._has_token_ids = "logprob_token_ids" in fields
         self._version = 0
         self._stats = {"lookups": 0, "hits": 0, "prompt_tokens": 0, "cached_tokens": 0,
                        "computed_tokens": 0, "requests": 0}
@@ -235,8 +243,13 @@ class VLLMBackend(Backend):
 
     def _next_token_logprobs(self, prompts: Sequence[tuple[int, ...]],
                              ids: Sequence[Sequence[int]]) -> list[dict[int, float]]:
-        """log p(t | prompt) for every t in ids[i], one request per prompt."""
+        """log p(t | prompt) for every t in ids[i], one request per prompt (per
+        (prompt, t) on a vLLM without ``logprob_token_ids``: forced one-token decoding)."""
         from vllm import SamplingParams
+        if not self._has_token_ids:
+            rows = [(tuple(p), (int(t),)) for p, want in zip(prompts, ids) for t in sorted(set(want))]
+            lps = dict(zip(rows, self._forced_logprobs(rows)))
+            return [{int(t): lps[(tuple(p), (int(t),))][0] for t in want} for p, want in zip(prompts, ids)]
         reqs, params, owner = [], [], []
         for i, (p, want) in enumerate(zip(prompts, ids)):
             want = sorted(set(int(t) for t in want))

@@ -18,6 +18,7 @@ back the current weights, never the initial folder's.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -102,10 +103,13 @@ class MezoWorkerExtension:
         device = self._mezo_device()
         # clones: vLLM scales lora_b in place (LoRALayerWeights.optimize)
         tensors = {n: t.detach().clone() for n, t in zip(self._mezo_names, self._mezo_tensors)}
-        lora = LoRAModel.from_lora_tensors(
-            lora_model_id=self._mezo_lora_id, tensors=tensors, peft_helper=self._mezo_peft_helper,
-            device=str(device), dtype=mgr.lora_config.lora_dtype, model_vocab_size=wm.vocab_size,
-            weights_mapper=mapper, skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        kwargs = dict(lora_model_id=self._mezo_lora_id, tensors=tensors,
+                      peft_helper=self._mezo_peft_helper, device=str(device),
+                      dtype=mgr.lora_config.lora_dtype, model_vocab_size=wm.vocab_size,
+                      weights_mapper=mapper, skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        # keep to the arguments this vLLM version's loader takes (they vary by release)
+        accepted = inspect.signature(LoRAModel.from_lora_tensors).parameters
+        lora = LoRAModel.from_lora_tensors(**{k: v for k, v in kwargs.items() if k in accepted})
         if not lora.loras:
             raise ValueError("none of the adapter's tensors maps to a LoRA layer of the vLLM model")
         return lora
