@@ -30,6 +30,9 @@ def mix(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+_GENERATORS: dict = {}  # one per device, re-seeded for every chunk (creating one costs more than seeding)
+
+
 def _generator(device: torch.device, cache: dict) -> torch.Generator:
     if device not in cache:
         cache[device] = torch.Generator(device=device)
@@ -39,7 +42,7 @@ def _generator(device: torch.device, cache: dict) -> torch.Generator:
 def z_chunk(out: torch.Tensor, seed: int, index: int, chunk: int,
             generators: dict | None = None) -> torch.Tensor:
     """Fill ``out`` (fp32, 1-D) with chunk ``chunk`` of z(seed, index)."""
-    gen = _generator(out.device, {} if generators is None else generators)
+    gen = _generator(out.device, _GENERATORS if generators is None else generators)
     gen.manual_seed(mix(seed, index, chunk))
     return out.normal_(generator=gen)
 
@@ -48,9 +51,8 @@ def z_like(tensor: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     """The whole z(seed, index) for ``tensor`` as a new fp32 tensor (tests,
     layout conversions). The engine itself never materialises it."""
     flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-    gens: dict = {}
     for c, start in enumerate(range(0, flat.numel(), CHUNK)):
-        z_chunk(flat[start:start + CHUNK], seed, index, c, gens)
+        z_chunk(flat[start:start + CHUNK], seed, index, c)
     return flat.view(tensor.shape)
 
 
@@ -74,20 +76,22 @@ def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
     terms = merge_terms(terms)
     if not terms and decay == 1.0:
         return
-    gens: dict = {}
+    scratch: dict = {}  # one fp32 chunk per device, shared by all tensors
     for pos, tensor in enumerate(tensors):
         index = pos if indices is None else indices[pos]
         if not tensor.is_contiguous():
             raise ValueError(f"trainable tensor {index} is not contiguous")
         flat = tensor.view(-1)
-        scratch = torch.empty(min(CHUNK, flat.numel()), dtype=torch.float32, device=flat.device)
+        if flat.device not in scratch:
+            size = min(CHUNK, max(t.numel() for t in tensors))
+            scratch[flat.device] = torch.empty(size, dtype=torch.float32, device=flat.device)
         for c, start in enumerate(range(0, flat.numel(), CHUNK)):
             part = flat[start:start + CHUNK]
-            z = scratch[:part.numel()]
+            z = scratch[flat.device][:part.numel()]
             acc = part if part.dtype == torch.float32 else part.float()
             if decay != 1.0:
                 acc.mul_(decay)
             for seed, coef in terms:
-                acc.add_(z_chunk(z, seed, index, c, gens), alpha=coef)
+                acc.add_(z_chunk(z, seed, index, c), alpha=coef)
             if acc is not part:
                 part.copy_(acc)

@@ -66,7 +66,10 @@ class RadixCache:
 
     def insert(self, tokens, hidden: torch.Tensor) -> None:
         node, i = self.root, 0
-        hidden = hidden.to(self.device) if self.device is not None else hidden
+        if self.device is not None and hidden.device != torch.device(self.device):
+            hidden = hidden.to(self.device)  # spill: e.g. GPU states kept in pinned CPU memory
+            if hidden.device.type == "cpu" and torch.cuda.is_available():
+                hidden = hidden.pin_memory()
         while i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None:
