@@ -321,8 +321,8 @@ def test_save_and_load_adapter(pair, tmp_path):
     assert torch.allclose(vb.losses(batch), hb.losses(batch), atol=ATOL, rtol=0)
     with pytest.raises(MezoError):
         vb.load_adapter(tmp_path / "nothing-here")
-    with pytest.raises(MezoError):
-        vb.losses([Example((), (5,))])
+    with pytest.raises(MezoError, match="empty prompt"):
+        vb.choice_losses([()], [(5,), (6,)])
 
 
 # -- without vLLM ------------------------------------------------------------------------
