@@ -13,7 +13,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from .config import DEFAULT_CONFIG, load_config
+from .config import DEFAULT_CONFIG, default_config, load_config
 from .errors import MezoError
 from .registry import get_registry
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     for name, helptext in [("train", "fine-tune with MeZO"), ("eval", "evaluate on the dev set"),
                            ("backends", "list backend plugins"), ("config", "print the resolved config")]:
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML file (default {DEFAULT_CONFIG})")
+        p.add_argument("-c", "--config", default=None, help=f"YAML file (default {DEFAULT_CONFIG})")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mezo.steps=100 backend=vllm")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         registry = get_registry()
-        cfg = load_config(args.config if args.command != "backends" else None, args.overrides)
+        config_file = None if args.command == "backends" else (args.config or default_config())
+        cfg = load_config(config_file, args.overrides)
         registry.get("backends", cfg.backend) if args.command != "backends" else None
         {"train": cmd_train, "eval": cmd_eval, "backends": cmd_backends,
          "config": cmd_config}[args.command](args, cfg, registry)

@@ -3,7 +3,6 @@
 line or field."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -14,7 +13,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MezoError
 
-DEFAULT_CONFIG = "conf/sst2.yaml"
+DEFAULT_CONFIG = "conf/sst2.yaml"  # relative to the working directory, else to the checkout
+
+
+def default_config() -> Path:
+    here = Path(DEFAULT_CONFIG)
+    return here if here.exists() else Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
 
 
 @dataclass
@@ -87,11 +91,22 @@ class RunConfig:
 
 
 def _line_of(text: str, key: str) -> str:
-    leaf = key.split(".")[-1]
-    for i, line in enumerate(text.splitlines(), 1):
-        if re.match(rf"\s*{re.escape(leaf)}\s*:", line):
-            return f", line {i}"
-    return ""
+    """', line N' of ``key`` (a dotted path) in the YAML text, following its mappings."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return ""
+    line = None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == part:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return f", line {line}" if line else ""
 
 
 def _describe(exc: OmegaConfBaseException) -> str:

@@ -126,6 +126,9 @@ class Task:
         return tuple(self._ids(text))
 
     def example(self, record: Record) -> Example:
+        if not self.prompt(record):
+            raise MezoError(f"task: the prompt of {record.text[:40]!r} has no tokens (the tokenizer adds "
+                            "no BOS token): give every example a non-empty prompt")
         if self.kind == "classification":
             choices = tuple(self.choices) if self.cfg.train_loss == "choices" else None
             return Example(self.prompt(record), self.choices[record.label], choices)

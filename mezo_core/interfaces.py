@@ -26,8 +26,8 @@ class Example:
     choices: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
-        if not self.target_ids:
-            raise ValueError("Example needs at least one target token")
+        if not self.target_ids or not self.prompt_ids:
+            raise ValueError("an Example needs at least one prompt token and one target token")
         if self.choices is not None and self.target_ids not in self.choices:
             raise ValueError("Example target must be one of its choices")
 

@@ -22,8 +22,15 @@ from .errors import MezoError
 from .mezo import direction_seeds, mezo_step
 
 
-def make_schedule(registry, name, start, end, warmup):
-    return registry.get("epsilon_schedules", name)(start, end, warmup)
+def make_schedule(registry, field, name, start, end, warmup):
+    """A schedule plugin, tried at both ends before anything is written."""
+    schedule = registry.get("epsilon_schedules", name)(start, end, warmup)
+    try:
+        schedule(0, 1)
+        schedule.value(1.0)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise MezoError(f"config field {field!r}: schedule {name!r} cannot run: {exc}") from None
+    return schedule
 
 
 class Trainer:
@@ -32,8 +39,8 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         m = cfg.mezo
-        self.eps = make_schedule(registry, m.eps_schedule, m.eps, m.eps_end, 0)
-        self.lr = make_schedule(registry, m.lr_schedule, m.lr, m.lr_end, m.warmup_steps)
+        self.eps = make_schedule(registry, "mezo.eps_schedule", m.eps_schedule, m.eps, m.eps_end, 0)
+        self.lr = make_schedule(registry, "mezo.lr_schedule", m.lr_schedule, m.lr, m.lr_end, m.warmup_steps)
         self.task = Task(cfg.task, backend.tokenizer)
         self.hook = registry.hook()
 
@@ -58,7 +65,7 @@ class Trainer:
             row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
                    "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
                    "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
-                   **self.backend.get_stats()}
+                   **self.backend.get_stats()}  # backend counters count since process start
             state["step"] = step + 1
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < m.steps:
                 row.update(self.evaluate(f"step {state['step']}"))

@@ -60,9 +60,6 @@ def test_unknown_top_level_key(tmp_path):
         load_config(f)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config._line_of matches the leaf key anywhere in the file: "
-                   "a key under the wrong section is reported at the line of the first key with "
-                   "the same leaf name (here line 2 instead of line 4)")
 def test_unknown_key_in_the_wrong_section_names_its_own_line(tmp_path):
     f = write(tmp_path / "bad.yaml", """\
         mezo:
@@ -333,3 +330,16 @@ def test_evaluate_classification(tmp_path):
     assert out["dev_accuracy"] == pytest.approx(2 / 6)
     assert out["dev_loss"] == pytest.approx((2 * 0.5 + 4 * 2.0) / 6)
     assert out["dev_examples"] == 6
+
+
+def test_empty_prompt_is_a_clear_error(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+    from mezo_core.data import Task
+    from mezo_core import Example
+    with pytest.raises(ValueError):
+        Example((), (5,))
+    data = tmp_path / "c.jsonl"
+    data.write_text('{"prompt": "the movie", "completion": " was good"}\n{"prompt": "", "completion": " bad"}\n')
+    cfg = load_config(None, ["task.kind=completion", f"task.train={data}", f"task.dev={data}"])
+    with pytest.raises(MezoError, match="non-empty prompt"):
+        Task(cfg.task, AutoTokenizer.from_pretrained(tiny_llama))

@@ -183,9 +183,6 @@ def test_user_errors_exit_2_with_one_clear_line_and_write_nothing(case, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a schedule that cannot take its values (exponential with "
-                   "end <= 0) raises ValueError at the first step: a traceback, after config.yaml and the "
-                   "zero-shot checkpoint are written (trainer.make_schedule should check and raise MezoError)")
 def test_impossible_schedule_is_a_user_error(tmp_path, tiny_llama, capsys, fresh_registry):
     cfg = write_config(tmp_path, tiny_llama)
     try:
