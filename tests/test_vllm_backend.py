@@ -237,6 +237,45 @@ def test_perturb_roundtrip_and_matches_hf(pair):
 
 
 @needs_vllm
+@pytest.mark.parametrize("with_choices", [False, True])
+def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
+    """Both signs in one engine call (a second, minus adapter) give the losses of the
+    plain sequence, leave theta + eps*z (offset +eps), and match hf."""
+    vb, hb = pair
+    for b in (vb, hb):
+        b.perturb([(61, 0.5)])
+    if with_choices:
+        rng = random.Random(6)
+        choices = ((17,), (29, 4), (101,))
+        batch = [Example(rand_ids(rng, rng.randint(3, 30)), choices[i % 3], choices) for i in range(7)]
+    else:
+        batch = mixed_batch(5)
+    eps = 1e-2
+    vb.reset_stats()
+    vb.objective(batch)
+    single_requests = vb.get_stats()["requests"]
+    vb.reset_stats()
+    lp, lm, offset = vb.plus_minus_losses(batch, 77, eps)
+    assert offset == eps
+    assert vb.get_stats()["requests"] == 2 * single_requests
+    # hf, the plain sequence
+    hb.perturb([(77, eps)])
+    hp = hb.objective(batch)
+    hb.perturb([(77, -2 * eps)])
+    hm = hb.objective(batch)
+    hb.perturb([(77, eps)])
+    assert torch.allclose(lp, hp, atol=ATOL, rtol=0) and torch.allclose(lm, hm, atol=ATOL, rtol=0)
+    assert (lp - lm).abs().max().item() > 10 * ATOL
+    vb.perturb([(77, -offset)])
+    assert max_state_diff(vb.state_dict(), hf_state(hb)) < 1e-6
+    # vLLM's own plain sequence agrees closely with its side-by-side path
+    monkeypatch.setattr(vb, "_paired", False)
+    sp, sm, soffset = vb.plus_minus_losses(batch, 77, eps)
+    assert soffset == -eps
+    assert torch.allclose(sp, lp, atol=1e-5, rtol=0) and torch.allclose(sm, lm, atol=1e-5, rtol=0)
+
+
+@needs_vllm
 def test_mezo_run_decreases_training_loss(pair):
     from mezo_core.mezo import direction_seeds, mezo_step
     vb, hb = pair

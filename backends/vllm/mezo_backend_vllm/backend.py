@@ -40,9 +40,22 @@ cached prefix -- is only context:
   per target token. (Also the single-token path on a vLLM without
   ``logprob_token_ids``: one forced one-token request per (prompt, token).)
 
+Both signs side by side. ``plus_minus_losses`` keeps a second adapter in the
+engine (``max_loras=2``): the worker fills it with theta - eps*z from memory,
+and each request is issued once per adapter in a single engine call (the
+hf backend's mixed-adapter batch, in vLLM terms). ``vllm.paired_signs=false``
+falls back to the plain sequence.
+
 Engine options come from the free-form ``vllm`` section of the run config;
 every key is passed to ``vllm.LLM`` (overriding the defaults below) except the
-ones this module reads itself (``OWN_KEYS``).
+ones this module reads itself (``OWN_KEYS``): ``multiprocessing`` (default
+false: the engine core runs in this process, so ``collective_rpc`` is a plain
+call; true: vLLM's engine process, which needs the usual ``__main__`` guard)
+and ``paired_signs`` (default true). On a CPU the defaults are block_size 32,
+enforce_eager, max_num_seqs 64 and a 1 GiB KV cache. In-process, vLLM's CPU
+worker pins this process's OpenMP threads and sets torch to one intra-op
+thread (vLLM's serving default); choose ``multiprocessing`` to keep the
+caller's process untouched.
 """
 from __future__ import annotations
 
@@ -69,13 +82,14 @@ DTYPES = {"float32": "float32", "fp32": "float32",
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 #: keys of the ``vllm`` config section read by this module, not passed to vllm.LLM
-OWN_KEYS = ("multiprocessing",)
+OWN_KEYS = ("multiprocessing", "paired_signs")
 
 #: most token ids one request may ask logprobs for (vllm MAX_LOGPROB_TOKEN_IDS)
 MAX_IDS = 128
 
 LORA_NAME = "mezo"
 LORA_ID = 1
+MINUS_ID = 2
 WORKER_EXTENSION = "mezo_backend_vllm.worker.MezoWorkerExtension"
 
 
@@ -124,10 +138,6 @@ class VLLMBackend(Backend):
         reason = self.unavailable_reason()
         if reason:
             raise MezoError(f"backend 'vllm' is unavailable: {reason}")
-        from omegaconf import OmegaConf
-        from transformers import AutoTokenizer
-        from vllm import LLM
-        from vllm.lora.request import LoRARequest
         from vllm.platforms import current_platform
 
         self.llm = None
@@ -148,6 +158,18 @@ class VLLMBackend(Backend):
             raise MezoError(f"model.device: {cfg.model.device!r} requested, but the installed vLLM "
                             f"runs on {current_platform.device_name}; set model.device=cuda")
 
+        try:
+            self._start(cfg, model_dir, dtype, on_cpu)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, cfg, model_dir, dtype, on_cpu):
+        from omegaconf import OmegaConf
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
         shapes = adapter_shapes(model_dir, cfg.lora)
         self._names = sorted(shapes)
         self._workdir = Path(tempfile.mkdtemp(prefix="mezo-vllm-"))
@@ -157,10 +179,12 @@ class VLLMBackend(Backend):
         opts = OmegaConf.to_container(cfg.vllm, resolve=True) if "vllm" in cfg else {}
         opts = dict(opts or {})
         multiproc = bool(opts.pop("multiprocessing", False))
+        paired = bool(opts.pop("paired_signs", True))
         for key in OWN_KEYS:
             opts.pop(key, None)
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=int(cfg.seed),
-                      enable_lora=True, max_lora_rank=_max_lora_rank(int(cfg.lora.r)), max_loras=1,
+                      enable_lora=True, max_lora_rank=_max_lora_rank(int(cfg.lora.r)),
+                      max_loras=2 if paired else 1,
                       enable_prefix_caching=True, disable_log_stats=True,
                       worker_extension_cls=WORKER_EXTENSION,
                       logits_processors=["mezo_backend_vllm.logitsprocs:ForceTargetsLogitsProcessor"])
@@ -182,8 +206,15 @@ class VLLMBackend(Backend):
         if names != self._names:
             raise MezoError(f"vllm: the worker holds {len(names)} LoRA tensors, mezo expects "
                             f"{len(self._names)} (first: {names[:1]} vs {self._names[:1]})")
+        # the minus adapter of plus_minus_losses: created in the worker from memory (its
+        # path is never read: the worker registers and pins it before any request)
+        self._paired = paired and int(kwargs.get("max_loras", 1)) >= 2
+        self.minus_request = LoRARequest(LORA_NAME + "-minus", MINUS_ID, str(adapter_dir))
+        if self._paired:
+            self._rpc("mezo_fill", MINUS_ID, [])
+        self._minus_version = 0
+        self._row_slots = None
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        from vllm import SamplingParams
         fields = getattr(SamplingParams, "__struct_fields__", None)
         if fields is None:
             import dataclasses
@@ -220,15 +251,51 @@ class VLLMBackend(Backend):
         return {n: torch.frombuffer(bytearray(data), dtype=torch.float32).view(*shape)
                 for n, (shape, data) in state.items()}
 
+    # -- both signs side by side ---------------------------------------------------
+    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float):
+        """L+ and L- in one engine call. The main adapter moves to theta + eps*z
+        (as in the plain sequence); the worker fills a second adapter with
+        (theta + eps*z) - 2*eps*z -- the very arithmetic of the sequential path --
+        and every request is issued once per adapter. The objective runs once
+        over ``batch + batch`` with the second half routed to the minus adapter,
+        like the hf backend's mixed-adapter batch. Leaves theta + eps*z: offset +eps."""
+        if not self._paired:
+            return super().plus_minus_losses(batch, seed, eps)
+        self.perturb([(seed, eps)])
+        self._rpc("mezo_fill", MINUS_ID, [(int(seed), -2.0 * float(eps))])
+        self._minus_version += 1
+        self._row_slots = [0] * len(batch) + [1] * len(batch)
+        try:
+            losses = self.objective(list(batch) + list(batch))
+        finally:
+            self._row_slots = None
+        return losses[:len(batch)], losses[len(batch):], eps
+
+    def _slots(self, n: int) -> list[int]:
+        """Adapter slot of each of n rows: 0 the trained adapter, 1 the minus one."""
+        if self._row_slots is None:
+            return [0] * n
+        if len(self._row_slots) != n:
+            raise RuntimeError("vllm backend: rows and adapter routing disagree")
+        return self._row_slots
+
     # -- forward passes ------------------------------------------------------------
-    def _prompt(self, ids: Sequence[int]):
+    def _request(self, key):
+        """The prompt dict and LoRA request of a (slot, prompt ids) key. The cache
+        salt names the adapter's current version: KV blocks computed under other
+        weights can never match."""
+        slot, ids = key
         if not ids:
             raise MezoError("vllm backend: an example has an empty prompt (vLLM needs at least "
                             "one prompt token to predict the first target)")
-        return {"prompt_token_ids": [int(t) for t in ids], "cache_salt": f"mezo-v{self._version}"}
+        salt = f"mezo-v{self._version}" if slot == 0 else f"mezo-minus-v{self._minus_version}"
+        lora = self.lora_request if slot == 0 else self.minus_request
+        return {"prompt_token_ids": [int(t) for t in ids], "cache_salt": salt}, lora
 
-    def _generate(self, prompts, params):
-        outs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+    def _generate(self, keys, params):
+        reqs = [self._request(k) for k in keys]
+        prompts = [r[0] for r in reqs]
+        outs = self.llm.generate(prompts, params, lora_request=[r[1] for r in reqs], use_tqdm=False)
         s = self._stats
         for p, o in zip(prompts, outs):
             n = len(p["prompt_token_ids"])
@@ -241,25 +308,24 @@ class VLLMBackend(Backend):
         s["requests"] += len(prompts)
         return outs
 
-    def _next_token_logprobs(self, prompts: Sequence[tuple[int, ...]],
-                             ids: Sequence[Sequence[int]]) -> list[dict[int, float]]:
-        """log p(t | prompt) for every t in ids[i], one request per prompt (per
-        (prompt, t) on a vLLM without ``logprob_token_ids``: forced one-token decoding)."""
+    def _next_token_logprobs(self, keys, ids) -> list[dict[int, float]]:
+        """log p(t | prompt) for every t in ids[i], one request per (slot, prompt) key
+        (per (key, t) on a vLLM without ``logprob_token_ids``: forced one-token decoding)."""
         from vllm import SamplingParams
         if not self._has_token_ids:
-            rows = [(tuple(p), (int(t),)) for p, want in zip(prompts, ids) for t in sorted(set(want))]
+            rows = [(k, (int(t),)) for k, want in zip(keys, ids) for t in sorted(set(want))]
             lps = dict(zip(rows, self._forced_logprobs(rows)))
-            return [{int(t): lps[(tuple(p), (int(t),))][0] for t in want} for p, want in zip(prompts, ids)]
-        reqs, params, owner = [], [], []
-        for i, (p, want) in enumerate(zip(prompts, ids)):
+            return [{int(t): lps[(k, (int(t),))][0] for t in want} for k, want in zip(keys, ids)]
+        req_keys, params, owner = [], [], []
+        for i, (k, want) in enumerate(zip(keys, ids)):
             want = sorted(set(int(t) for t in want))
             for start in range(0, len(want), MAX_IDS):
-                reqs.append(self._prompt(p))
+                req_keys.append(k)
                 params.append(SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                              logprob_token_ids=want[start:start + MAX_IDS]))
                 owner.append(i)
-        result: list[dict[int, float]] = [{} for _ in prompts]
-        for i, out in zip(owner, self._generate(reqs, params)):
+        result: list[dict[int, float]] = [{} for _ in keys]
+        for i, out in zip(owner, self._generate(req_keys, params)):
             result[i].update({t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()})
         for want, got in zip(ids, result):
             missing = set(want) - set(got)
@@ -267,17 +333,17 @@ class VLLMBackend(Backend):
                 raise RuntimeError(f"vllm returned no logprob for token ids {sorted(missing)[:5]}")
         return result
 
-    def _forced_logprobs(self, rows: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[list[float]]:
-        """Teacher-forced log p(t_k | prompt, t_<k) of every target, one request per row."""
+    def _forced_logprobs(self, rows) -> list[list[float]]:
+        """Teacher-forced log p(t_k | prompt, t_<k) of every target, one request per
+        ((slot, prompt), target) row."""
         from vllm import SamplingParams
 
         from .logitsprocs import FORCE_KEY
-        reqs = [self._prompt(p) for p, _ in rows]
         params = [SamplingParams(max_tokens=len(t), min_tokens=len(t), temperature=0.0, logprobs=0,
                                  ignore_eos=True, detokenize=False,
                                  extra_args={FORCE_KEY: [int(x) for x in t]}) for _, t in rows]
         result = []
-        for (p, t), out in zip(rows, self._generate(reqs, params)):
+        for (_, t), out in zip(rows, self._generate([k for k, _ in rows], params)):
             comp = out.outputs[0]
             if tuple(comp.token_ids) != tuple(t):
                 raise RuntimeError(f"vllm: forced decoding produced {list(comp.token_ids)[:8]}, "
@@ -288,19 +354,20 @@ class VLLMBackend(Backend):
     @torch.inference_mode()
     def losses(self, batch: Sequence[Example]) -> torch.Tensor:
         out = torch.empty(len(batch), dtype=torch.float64)
-        single: dict[tuple[int, ...], set[int]] = {}
-        multi: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
-        for i, e in enumerate(batch):
+        keys = [(slot, tuple(e.prompt_ids)) for slot, e in zip(self._slots(len(batch)), batch)]
+        single: dict[tuple, set[int]] = {}
+        multi: dict[tuple, list[int]] = {}
+        for i, (k, e) in enumerate(zip(keys, batch)):
             if len(e.target_ids) == 1:
-                single.setdefault(tuple(e.prompt_ids), set()).add(int(e.target_ids[0]))
+                single.setdefault(k, set()).add(int(e.target_ids[0]))
             else:
-                multi.setdefault((tuple(e.prompt_ids), tuple(e.target_ids)), []).append(i)
+                multi.setdefault((k, tuple(e.target_ids)), []).append(i)
         if single:
-            prompts = list(single)
-            lps = dict(zip(prompts, self._next_token_logprobs(prompts, [single[p] for p in prompts])))
-            for i, e in enumerate(batch):
+            uniq = list(single)
+            lps = dict(zip(uniq, self._next_token_logprobs(uniq, [single[k] for k in uniq])))
+            for i, (k, e) in enumerate(zip(keys, batch)):
                 if len(e.target_ids) == 1:
-                    out[i] = -lps[tuple(e.prompt_ids)][int(e.target_ids[0])]
+                    out[i] = -lps[k][int(e.target_ids[0])]
         if multi:
             rows = list(multi)
             for row, lps in zip(rows, self._forced_logprobs(rows)):
@@ -311,14 +378,21 @@ class VLLMBackend(Backend):
 
     @torch.inference_mode()
     def choice_losses(self, prompts, choices):
+        slots = self._slots(len(prompts))
         if any(len(c) != 1 for c in choices):
             # multi-token choices: one forced request per (prompt, choice); the
             # prompt's blocks are computed once and reused from the prefix cache
-            return super().choice_losses(prompts, choices)
+            batch = [Example(tuple(p), tuple(c)) for p in prompts for c in choices]
+            routed, self._row_slots = self._row_slots, [s for s in slots for _ in choices]
+            try:
+                return self.losses(batch).view(len(prompts), len(choices))
+            finally:
+                self._row_slots = routed
         ids = [c[0] for c in choices]
-        uniq = list(dict.fromkeys(tuple(p) for p in prompts))
+        keys = [(slot, tuple(p)) for slot, p in zip(slots, prompts)]
+        uniq = list(dict.fromkeys(keys))
         lps = dict(zip(uniq, self._next_token_logprobs(uniq, [ids] * len(uniq))))
-        return torch.tensor([[-lps[tuple(p)][t] for t in ids] for p in prompts], dtype=torch.float64)
+        return torch.tensor([[-lps[k][t] for t in ids] for k in keys], dtype=torch.float64)
 
     # -- adapter files -------------------------------------------------------------
     def save_adapter(self, path):

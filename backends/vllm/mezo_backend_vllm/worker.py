@@ -72,6 +72,15 @@ class MezoWorkerExtension:
         apply_z(self._mezo_tensors, [(int(s), float(c)) for s, c in terms], float(decay))
         self._mezo_push()
 
+    def mezo_fill(self, lora_int_id: int, terms) -> None:
+        """Adapter ``lora_int_id`` (not the trained one) <- theta + sum coef*z(seed, i),
+        computed on copies: the minus side of a side-by-side +/- evaluation."""
+        if int(lora_int_id) == self._mezo_lora_id:
+            raise ValueError("mezo_fill: that is the trained adapter")
+        tensors = [t.clone() for t in self._mezo_tensors]
+        apply_z(tensors, [(int(s), float(c)) for s, c in terms])
+        self._mezo_push(int(lora_int_id), tensors)
+
     def mezo_slot_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """vLLM's stacked (A, B) of the adapter's slot per LoRA layer (tests)."""
         mgr = self.model_runner.lora_manager._adapter_manager
@@ -90,8 +99,8 @@ class MezoWorkerExtension:
         dev = getattr(self, "device", None)
         return torch.device(dev) if dev is not None else torch.device("cpu")
 
-    def _mezo_lora_model(self):
-        """A vLLM LoRAModel of the current state, built by vLLM's loader code."""
+    def _mezo_lora_model(self, lora_id: int, state: list[torch.Tensor]):
+        """A vLLM LoRAModel of ``state`` (PEFT layout), built by vLLM's loader code."""
         from vllm.lora.lora_model import LoRAModel
 
         wm = self.model_runner.lora_manager
@@ -102,8 +111,8 @@ class MezoWorkerExtension:
             mapper = mapper.get_rename_mapper()
         device = self._mezo_device()
         # clones: vLLM scales lora_b in place (LoRALayerWeights.optimize)
-        tensors = {n: t.detach().clone() for n, t in zip(self._mezo_names, self._mezo_tensors)}
-        kwargs = dict(lora_model_id=self._mezo_lora_id, tensors=tensors,
+        tensors = {n: t.detach().clone() for n, t in zip(self._mezo_names, state)}
+        kwargs = dict(lora_model_id=lora_id, tensors=tensors,
                       peft_helper=self._mezo_peft_helper, device=str(device),
                       dtype=mgr.lora_config.lora_dtype, model_vocab_size=wm.vocab_size,
                       weights_mapper=mapper, skip_prefixes=getattr(model, "lora_skip_prefixes", None))
@@ -115,12 +124,13 @@ class MezoWorkerExtension:
         return lora
 
     @torch.no_grad()
-    def _mezo_push(self) -> None:
-        """Replace the registered adapter by the current state and activate it
+    def _mezo_push(self, lora_id: int | None = None, state: list[torch.Tensor] | None = None) -> None:
+        """Register ``state`` (default: the trained state) as adapter ``lora_id``
+        (default: the trained one), replacing its previous weights, and activate it
         (the same slot when it was active)."""
         mgr = self.model_runner.lora_manager._adapter_manager
-        lora_id = self._mezo_lora_id
-        lora = self._mezo_lora_model()
+        lora_id = self._mezo_lora_id if lora_id is None else lora_id
+        lora = self._mezo_lora_model(lora_id, self._mezo_tensors if state is None else state)
         slots_before = list(mgr.lora_index_to_id)
         mgr.remove_adapter(lora_id)
         mgr.add_adapter(lora)            # packs qkv/gate_up, folds the scaling into B
