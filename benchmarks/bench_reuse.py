@@ -43,6 +43,18 @@ def make_backend(model_dir, shape, layers, opts, device, dtype, r=16):
     return HFBackend(load_config(None, overrides))
 
 
+def working_memory(fn, device):
+    """Peak device memory a call needs above what was allocated before it (GiB)."""
+    if not torch.device(device).type == "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
 def timed_step(backend, data, step, device, eps=1e-3):
     synchronize(device)
     start = time.perf_counter()
@@ -76,14 +88,19 @@ def main(argv=None):
             for name, b in backends.items():
                 times[name].append(timed_step(b, data, rnd + 1, args.device))
         base = statistics.median(times["plain (LoRA top quarter)"])
+        ref = backends["plain (LoRA top quarter)"]
+        forward_mem = working_memory(lambda: ref.losses(data), args.device)
         rows = []
         for name, b in backends.items():
             med = statistics.median(times[name])
+            step_mem = working_memory(lambda: mezo_step(b, data, [999], 1e-3, 1e-6), args.device)
             stats = b.get_stats()
             rows.append({"row": name, "step_ms": 1e3 * med, "speedup_vs_plain_top_quarter": base / med,
                          "tokens_per_second": 2 * args.batch * args.seq / med,
                          "hit_rate": stats.get("hit_rate"), "token_reuse": stats.get("token_reuse"),
-                         "layers_skipped": stats.get("layers_skipped", 0), "cache_bytes": stats.get("bytes", 0)})
+                         "layers_skipped": stats.get("layers_skipped", 0), "cache_bytes": stats.get("bytes", 0),
+                         "step_working_memory_gib": step_mem,
+                         "step_memory_over_one_forward": step_mem / forward_mem if forward_mem else None})
         for b in backends.values():
             b.close()
         eps_rows = []
@@ -104,7 +121,7 @@ def main(argv=None):
         print(f"{r['eps']:8.0e} {r['hit_rate']:9.3f} {r['token_reuse']:12.3f}")
     write_result({"benchmark": "hf exact reuse, mechanisms on/off", **environment(args.device),
                   "shape": args.shape, "batch": args.batch, "seq": args.seq, "dtype": dtype,
-                  "rounds": args.rounds, "rows": rows, "hit_rate_vs_eps": eps_rows,
+                  "rounds": args.rounds, "one_forward_working_memory_gib": forward_mem, "rows": rows, "hit_rate_vs_eps": eps_rows,
                   "raw_step_seconds": times}, args.out)
 
 

@@ -8,22 +8,8 @@
 set -u
 stage=${1:-tests}
 OUT=${OUT:-/tmp/mezo-out}; mkdir -p "$OUT"
-extra=/tmp/site-extra
-if [ ! -f $extra/.done ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $extra .whl/*.whl || exit 1
-  # the repo's plugins are found through entry points: give them dist-info
-  for spec in mezo-builtin:builtin:mezo_builtin mezo-backend-hf:hf:mezo_backend_hf \
-              mezo-backend-sglang:sglang:mezo_backend_sglang; do
-    IFS=: read -r dist ep mod <<< "$spec"
-    d=$extra/${dist//-/_}-0.1.0.dist-info; mkdir -p "$d"
-    printf 'Metadata-Version: 2.1\nName: %s\nVersion: 0.1.0\n' "$dist" > "$d/METADATA"
-    printf '[mezo]\n%s = %s\n' "$ep" "$mod" > "$d/entry_points.txt"
-  done
-  touch $extra/.done
-fi
-repo=$PWD:$PWD/backends/hf:$PWD/backends/sglang:$PWD/plugins/builtin
+source benchmarks/gpu_host_env.sh
 sglang_site=$(bash .offline/carry/install.sh | tail -1 | sed -n 's/^export PYTHONPATH=//p')
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "$stage" = tests ]; then
   export PYTHONPATH=$repo:$sglang_site:$extra
