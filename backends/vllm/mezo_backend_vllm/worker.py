@@ -14,7 +14,10 @@ gate_up_proj, ``lora_alpha / r`` folded into B) and copied into the adapter's GP
 slot with each layer's ``set_lora`` (padding to ``max_lora_rank``), which is what
 vLLM does when it activates an adapter read from disk. The registered CPU-side
 ``LoRAModel`` is replaced as well, so that a later re-activation (LRU) brings
-back the current weights, never the initial folder's.
+back the current weights, never the initial folder's. ``mezo_fill`` does the same
+for a second adapter id from a perturbed *copy* of the state (the minus side of
+``plus_minus_losses``); both adapters are pinned, so vLLM never reloads either
+from the (stale) folder on disk.
 """
 from __future__ import annotations
 
