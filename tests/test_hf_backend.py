@@ -16,17 +16,6 @@ TARGETS = {"llama": "[q_proj,v_proj]", "gpt2": "[c_attn,c_fc]"}
 ARCHS = ["llama", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core
-    machine OpenMP's spinning makes their forwards ~3x slower."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def model_dir(request, tiny_llama, tiny_gpt2):
     return {"llama": tiny_llama, "gpt2": tiny_gpt2}[request.param]

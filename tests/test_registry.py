@@ -7,25 +7,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-import textwrap
 
 import pytest
 
 from mezo_core import EvictionPolicy, MezoError, Schedule, hookimpl
 from mezo_core.registry import Registry, get_registry, make_plugin_manager
+from tiny import write_run_config
 
 TOY_DIST, TOY_VERSION, TOY_MODULE = "mezo-toy-plugin", "9.8.7", "mezo_toy_plugin"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core
-    machine OpenMP's spinning makes their forwards ~3x slower."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TOY_SOURCE = '''
 """An outside mezo-run plugin: a backend (the hf one, instrumented), an
@@ -97,48 +87,9 @@ def toy_plugin(tmp_path, monkeypatch):
     sys.modules.pop(TOY_MODULE, None)
 
 
-def write_task_files(folder, n_train=8, n_dev=6):
-    words = "the movie was great fun the film was boring and dull a lovely story".split()
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("dev", n_dev)):
-        with (folder / f"{name}.jsonl").open("w") as f:
-            for i in range(n):
-                text = " ".join(words[(i * 3 + j) % len(words)] for j in range(3 + i % 4))
-                f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
-    return folder / "train.jsonl", folder / "dev.jsonl"
-
-
-def write_config(tmp_path, model, **extra):
-    train, dev = write_task_files(tmp_path / "data")
-    text = textwrap.dedent(f"""\
-        backend: hf
-        seed: 0
-        out_dir: {tmp_path / 'run'}
-        progress: false
-        plot: false
-        eval_batch_size: 8
-        checkpoint_every: 2
-        model:
-          path: {model}
-        lora:
-          r: 2
-          alpha: 4
-        task:
-          kind: classification
-          train: {train}
-          dev: {dev}
-          template: "{{text}} It was"
-          verbalizer: [" great", " terrible"]
-          k_per_class: 2
-        mezo:
-          steps: 3
-          batch_size: 2
-          lr: 1.0e-3
-          eps: 1.0e-3
-        """)
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    return path
+def write_config(tmp_path, model):
+    return write_run_config(tmp_path, model, {"mezo.steps": 3, "task.k_per_class": 2,
+                                              "mezo.lr": 1.0e-3, "mezo.eps": 1.0e-3})
 
 
 # -- built-ins ---------------------------------------------------------------------

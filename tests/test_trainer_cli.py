@@ -4,7 +4,6 @@ reproducing the uninterrupted run bit for bit, and its refusals."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,65 +12,15 @@ from safetensors.torch import load_file
 from mezo_core import hookimpl
 from mezo_core.cli import main
 from mezo_core.registry import get_registry
+from tiny import write_run_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
 TIMING = {"step_seconds", "tokens_per_second"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core
-    machine OpenMP's spinning makes their forwards ~3x slower."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def write_data(folder, n_train=8, n_dev=6):
-    words = "the movie was great fun the film was boring and dull a lovely story".split()
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("dev", n_dev)):
-        with (folder / f"{name}.jsonl").open("w") as f:
-            for i in range(n):
-                text = " ".join(words[(i * 3 + j) % len(words)] for j in range(3 + i % 4))
-                f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
-    return folder / "train.jsonl", folder / "dev.jsonl"
-
-
 def write_config(tmp_path, model, steps=4, checkpoint_every=2, plot=False):
-    train, dev = write_data(tmp_path / "data")
-    path = tmp_path / "run.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        backend: hf
-        seed: 0
-        out_dir: {tmp_path / 'run'}
-        progress: false
-        plot: {str(plot).lower()}
-        eval_batch_size: 8
-        checkpoint_every: {checkpoint_every}
-        model:
-          path: {model}
-        lora:
-          r: 2
-          alpha: 4
-        task:
-          kind: classification
-          train: {train}
-          dev: {dev}
-          template: "{{text}} It was"
-          verbalizer: [" great", " terrible"]
-          k_per_class: 3
-        mezo:
-          steps: {steps}
-          batch_size: 2
-          q: 2
-          lr: 1.0e-2
-          eps: 1.0e-2
-          weight_decay: 0.01
-        """))
-    return path
+    return write_run_config(tmp_path, model, {"mezo.steps": steps, "checkpoint_every": checkpoint_every,
+                                              "plot": plot, "mezo.q": 2, "mezo.weight_decay": 0.01})
 
 
 def error_text(stderr):

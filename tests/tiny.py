@@ -58,3 +58,37 @@ def build_model(out_dir: Path, arch: str = "llama", layers: int = 4, hidden: int
         raise ValueError(arch)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def write_task_files(folder, n_train=8, n_dev=6):
+    """Tiny classification JSONL files (train, dev) for end-to-end runs."""
+    import json
+    words = "the movie was great fun the film was boring and dull a lovely story".split()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        with (folder / f"{name}.jsonl").open("w") as f:
+            for i in range(n):
+                text = " ".join(words[(i * 3 + j) % len(words)] for j in range(3 + i % 4))
+                f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
+    return folder / "train.jsonl", folder / "dev.jsonl"
+
+
+def write_run_config(tmp_path, model, overrides=None):
+    """A run YAML on the tiny task; ``overrides`` maps dotted keys to values."""
+    import yaml
+    train, dev = write_task_files(Path(tmp_path) / "data")
+    cfg = {"backend": "hf", "seed": 0, "out_dir": str(Path(tmp_path) / "run"), "progress": False,
+           "plot": False, "eval_batch_size": 8, "checkpoint_every": 2,
+           "model": {"path": str(model)}, "lora": {"r": 2, "alpha": 4},
+           "task": {"kind": "classification", "train": str(train), "dev": str(dev),
+                    "template": "{text} It was", "verbalizer": [" great", " terrible"], "k_per_class": 3},
+           "mezo": {"steps": 4, "batch_size": 2, "lr": 1.0e-2, "eps": 1.0e-2}}
+    for key, value in (overrides or {}).items():
+        node, *path, leaf = [cfg] + key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    out = Path(tmp_path) / "run.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
