@@ -69,29 +69,62 @@ def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
             decay: float = 1.0, indices: Sequence[int] | None = None) -> None:
     """In place, for every tensor i: theta_i <- decay*theta_i + sum_k coef_k*z(seed_k, i).
 
-    One pass over each tensor, chunk by chunk; scratch is one fp32 chunk (plus
-    one for non-fp32 tensors, which are updated in fp32 and rounded once).
+    One pass over each tensor, chunk by chunk; scratch is one fp32 chunk per
+    device (plus one for non-fp32 tensors, which are updated in fp32 and
+    rounded once). Small fp32 tensors (LoRA factors) are handled in groups that
+    fill one chunk, with one multi-tensor add per group and term instead of one
+    add per tensor: the per-tensor overhead is what a LoRA step pays for.
     ``indices`` gives each tensor's z index when it is not its list position.
     """
     terms = merge_terms(terms)
     if not terms and decay == 1.0:
         return
-    scratch: dict = {}  # one fp32 chunk per device, shared by all tensors
-    for pos, tensor in enumerate(tensors):
-        index = pos if indices is None else indices[pos]
+    indices = list(range(len(tensors))) if indices is None else list(indices)
+    for index, tensor in zip(indices, tensors):
         if not tensor.is_contiguous():
             raise ValueError(f"trainable tensor {index} is not contiguous")
-        flat = tensor.view(-1)
-        if flat.device not in scratch:
-            size = min(CHUNK, max(t.numel() for t in tensors))
-            scratch[flat.device] = torch.empty(size, dtype=torch.float32, device=flat.device)
-        for c, start in enumerate(range(0, flat.numel(), CHUNK)):
-            part = flat[start:start + CHUNK]
-            z = scratch[flat.device][:part.numel()]
-            acc = part if part.dtype == torch.float32 else part.float()
-            if decay != 1.0:
-                acc.mul_(decay)
-            for seed, coef in terms:
-                acc.add_(z_chunk(z, seed, index, c), alpha=coef)
-            if acc is not part:
-                part.copy_(acc)
+    scratch: dict = {}
+
+    def chunk_buffer(device):
+        if device not in scratch:
+            size = min(CHUNK, sum(t.numel() for t in tensors))
+            scratch[device] = torch.empty(size, dtype=torch.float32, device=device)
+        return scratch[device]
+
+    group, group_size = [], 0  # small fp32 tensors of one device, together <= CHUNK elements
+    for index, tensor in zip(indices, tensors):
+        if tensor.dtype == torch.float32 and tensor.numel() <= CHUNK:
+            if group and (group_size + tensor.numel() > CHUNK or group[0][1].device != tensor.device):
+                _apply_group(group, terms, decay, chunk_buffer(group[0][1].device))
+                group, group_size = [], 0
+            group.append((index, tensor))
+            group_size += tensor.numel()
+        else:
+            _apply_chunked(index, tensor, terms, decay, chunk_buffer(tensor.device))
+    if group:
+        _apply_group(group, terms, decay, chunk_buffer(group[0][1].device))
+
+
+def _apply_group(group, terms, decay, buffer):
+    flats = [t.view(-1) for _, t in group]
+    zs = torch.split(buffer[:sum(f.numel() for f in flats)], [f.numel() for f in flats])
+    if decay != 1.0:
+        torch._foreach_mul_(flats, decay)
+    for seed, coef in terms:
+        for (index, _), z in zip(group, zs):
+            z_chunk(z, seed, index, 0)
+        torch._foreach_add_(flats, zs, alpha=coef)
+
+
+def _apply_chunked(index, tensor, terms, decay, buffer):
+    flat = tensor.view(-1)
+    for c, start in enumerate(range(0, flat.numel(), CHUNK)):
+        part = flat[start:start + CHUNK]
+        z = buffer[:part.numel()]
+        acc = part if part.dtype == torch.float32 else part.float()
+        if decay != 1.0:
+            acc.mul_(decay)
+        for seed, coef in terms:
+            acc.add_(z_chunk(z, seed, index, c), alpha=coef)
+        if acc is not part:
+            part.copy_(acc)
