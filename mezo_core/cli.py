@@ -4,6 +4,7 @@
     mezo-run eval  [-c ...] [--adapter DIR] [key=value ...]
     mezo-run backends
     mezo-run config [-c ...] [key=value ...]
+    mezo-run bench [--device cuda --rows hf,vllm ...]   (benchmarks.compare, from a checkout)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 from omegaconf import OmegaConf
 
 from .config import DEFAULT_CONFIG, default_config, load_config
+from .distributed import init_from_env
 from .errors import MezoError
 from .registry import get_registry
 
@@ -78,7 +80,25 @@ def cmd_config(args, cfg, registry):
     print(OmegaConf.to_yaml(cfg))
 
 
+def cmd_bench(argv) -> int:
+    """Forward to benchmarks.compare (the repository's benchmarks package, not installed)."""
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parent.parent)
+    if (Path(root) / "benchmarks" / "compare.py").exists() and root not in sys.path:
+        sys.path.append(root)  # an editable install: the checkout holds benchmarks/
+    try:
+        from benchmarks.compare import main as bench_main
+    except ImportError as exc:
+        print(f"mezo-run: error: 'bench' needs the benchmarks package of the mezo-run repository "
+              f"(not installed with mezo-run): run it from a checkout ({exc})", file=sys.stderr)
+        return 2
+    return bench_main(argv, prog="mezo-run bench")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="mezo-run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,8 +111,10 @@ def main(argv=None) -> int:
             p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
         if name == "eval":
             p.add_argument("--adapter", help="a PEFT adapter folder to evaluate")
+    sub.add_parser("bench", help="compare the backends on one workload (see: mezo-run bench --help)")
     args = parser.parse_args(argv)
     try:
+        init_from_env()  # torchrun: join the data-parallel group
         registry = get_registry()
         config_file = None if args.command == "backends" else (args.config or default_config())
         cfg = load_config(config_file, args.overrides)

@@ -34,12 +34,19 @@ class StepResult:
 
 
 def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
-              eps: float, lr: float, weight_decay: float = 0.0) -> StepResult:
-    """One MeZO update of the backend's trainable tensors; returns what was measured."""
+              eps: float, lr: float, weight_decay: float = 0.0, reduce=None) -> StepResult:
+    """One MeZO update of the backend's trainable tensors; returns what was measured.
+
+    ``reduce`` sums [sum L+, sum L-, count] over data-parallel ranks
+    (``distributed.sum_over_ranks``), so every rank takes the same step.
+    """
     grads, plus, minus = [], [], []
     for i, seed in enumerate(seeds):
         loss_plus, loss_minus, offset = backend.plus_minus_losses(batch, seed, eps)
-        lp, lm = float(loss_plus.mean()), float(loss_minus.mean())
+        sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
+        if reduce is not None:
+            sums = reduce(sums)
+        lp, lm = sums[0] / sums[2], sums[1] / sums[2]
         grads.append((lp - lm) / (2.0 * eps))
         plus.append(lp)
         minus.append(lm)

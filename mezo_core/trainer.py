@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapter import replace_dir, write_json_atomic
 from .data import Task
+from .distributed import rank_and_world, shard, sum_over_ranks
 from .errors import MezoError
 from .mezo import direction_seeds, mezo_step
 
@@ -43,6 +44,9 @@ class Trainer:
         self.lr = make_schedule(registry, "mezo.lr_schedule", m.lr_schedule, m.lr, m.lr_end, m.warmup_steps)
         self.task = Task(cfg.task, backend.tokenizer)
         self.hook = registry.hook()
+        # data parallel: every rank steps alike on its shard; rank 0 alone writes files
+        self.rank, self.world = rank_and_world()
+        self.writes = self.rank == 0
 
     # -- the run ---------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
@@ -51,15 +55,15 @@ class Trainer:
         if cfg.zero_shot and "zero_shot" not in state:
             state["zero_shot"] = self.evaluate("zero-shot")
             self._checkpoint(state)
-        metrics_file = (self.out / "metrics.jsonl").open("a")
-        bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", disable=not cfg.progress,
-                   dynamic_ncols=True)
+        metrics_file = (self.out / "metrics.jsonl").open("a") if self.writes else None
+        bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.writes))
         for step in range(state["step"], m.steps):
-            batch = self.task.train_batch(cfg.seed, step, m.batch_size)
+            batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
             eps, lr = self.eps(step, m.steps), self.lr(step, m.steps)
             seeds = direction_seeds(cfg.seed, step, m.q)
             start = time.perf_counter()
-            result = mezo_step(self.backend, batch, seeds, eps, lr, m.weight_decay)
+            result = mezo_step(self.backend, batch, seeds, eps, lr, m.weight_decay, reduce=sum_over_ranks)
             seconds = time.perf_counter() - start
             tokens = 2 * m.q * sum(e.num_tokens for e in batch)
             row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
@@ -70,21 +74,25 @@ class Trainer:
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < m.steps:
                 row.update(self.evaluate(f"step {state['step']}"))
                 state.setdefault("evals", []).append({"step": state["step"], **row})
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            self.hook.on_step_end(step=state["step"], metrics=row)
+            if self.writes:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                self.hook.on_step_end(step=state["step"], metrics=row)
             bar.set_postfix(loss=f"{result.loss:.4f}", eps=f"{eps:.1e}", lr=f"{lr:.1e}",
                             tok_s=f"{tokens / seconds:.0f}")
             bar.update(1)
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 self._checkpoint(state)
         bar.close()
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
         if "final" not in state:
             state["final"] = self.evaluate("fine-tuned")
             self._checkpoint(state)
-        self.backend.save_adapter(self.out / "adapter")
         summary = {k: state.get(k) for k in ("zero_shot", "final", "step")}
+        if not self.writes:
+            return summary
+        self.backend.save_adapter(self.out / "adapter")
         write_json_atomic(self.out / "summary.json", summary)
         if cfg.plot:
             from .plot import plot_run
@@ -93,7 +101,7 @@ class Trainer:
 
     def evaluate(self, label: str) -> dict:
         bar = tqdm(total=len(self.task.dev), desc=f"eval {label}", leave=False,
-                   disable=not self.cfg.progress, dynamic_ncols=True)
+                   disable=not (self.cfg.progress and self.writes), dynamic_ncols=True)
         result = self.task.evaluate(self.backend, self.cfg.eval_batch_size, bar)
         bar.close()
         return result
@@ -103,6 +111,11 @@ class Trainer:
         if (self.out / "checkpoints").exists():
             raise MezoError(f"out_dir {self.out} already holds a run: pass --resume to continue it, "
                             f"or choose another out_dir=...")
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()  # every rank has checked before rank 0 writes
+        if not self.writes:
+            return {"step": 0}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
         (self.out / "metrics.jsonl").write_text("")
@@ -120,6 +133,8 @@ class Trainer:
         ckpt = self.ckpt_dir / latest.read_text().strip()
         state = json.loads((ckpt / "state.json").read_text())
         self.backend.load_adapter(ckpt)
+        if not self.writes:
+            return state
         # drop metric rows written after the checkpoint: the resumed run writes them again
         rows = (self.out / "metrics.jsonl").read_text().splitlines()
         kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= state["step"]]
@@ -128,6 +143,8 @@ class Trainer:
 
     def _checkpoint(self, state: dict) -> None:
         """Adapter + state into a temp folder, renamed into place, then ``latest``."""
+        if not self.writes:
+            return
         name = f"step-{state['step']:07d}"
         tmp = self.ckpt_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
