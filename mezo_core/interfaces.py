@@ -88,6 +88,22 @@ class Backend(abc.ABC):
         loss_minus = self.objective(batch)
         return loss_plus, loss_minus, -eps
 
+    def population_losses(self, batch: Sequence[Example], seeds: Sequence[int], eps: float):
+        """L+ and L- of every direction of a step.
+
+        Returns ``([(loss_plus, loss_minus), ...], offset)`` with ``offset`` the
+        multiple of z(seeds[-1]) left applied to the weights. The default runs
+        the directions one after another; a backend that can hold several
+        perturbed states side by side evaluates them in one batch.
+        """
+        pairs, offset = [], 0.0
+        for i, seed in enumerate(seeds):
+            if offset:
+                self.perturb([(seeds[i - 1], -offset)])  # restore before the next direction
+            loss_plus, loss_minus, offset = self.plus_minus_losses(batch, seed, eps)
+            pairs.append((loss_plus, loss_minus))
+        return pairs, offset
+
     def objective(self, batch: Sequence[Example]) -> torch.Tensor:
         """The per-example losses MeZO minimises: ``losses`` for plain examples;
         for examples with ``choices``, the cross-entropy of the gold choice over

@@ -41,8 +41,8 @@ def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
     (``distributed.sum_over_ranks``), so every rank takes the same step.
     """
     grads, plus, minus = [], [], []
-    for i, seed in enumerate(seeds):
-        loss_plus, loss_minus, offset = backend.plus_minus_losses(batch, seed, eps)
+    pairs, offset = backend.population_losses(batch, seeds, eps)
+    for loss_plus, loss_minus in pairs:
         sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
         if reduce is not None:
             sums = reduce(sums)
@@ -50,9 +50,6 @@ def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
         grads.append((lp - lm) / (2.0 * eps))
         plus.append(lp)
         minus.append(lm)
-        if offset and i < len(seeds) - 1:
-            backend.perturb([(seed, -offset)])  # restore before the next direction
-            offset = 0.0
     decay = 1.0 - lr * weight_decay
     terms = [(seed, -lr * g / len(seeds)) for seed, g in zip(seeds, grads)]
     if offset:

@@ -93,22 +93,30 @@ def test_all_layer_lora_has_no_trunk(tiny_llama):
     assert b.trunk is None  # nothing is frozen below layer 0
 
 
-@pytest.mark.parametrize("trunk", [False, True])
-def test_pm_batch_equals_two_sequential_passes(trunk, tiny_llama):
+@pytest.mark.parametrize("trunk,q", [(False, 1), (True, 1), (True, 3)])
+def test_side_by_side_batch_equals_sequential_passes(trunk, q, tiny_llama):
+    """hf.pm_batch: all 2q perturbed states in one batch == the q directions one by one."""
     seq = backend(tiny_llama, "llama", trunk)
     one = backend(tiny_llama, "llama", trunk, extra=["hf.pm_batch=true"])
-    gen = torch.Generator().manual_seed(int(trunk) + 5)
+    gen = torch.Generator().manual_seed(int(trunk) + 5 + q)
     plain = random_batch(gen)
     single = [Example(e.prompt_ids, (5,), ((5,), (9,))) for e in plain]       # single-token choices
     multi = [Example(e.prompt_ids, (5, 7), ((5, 7), (9,))) for e in plain]    # multi-token choices
     for step, batch in enumerate([plain, single, multi]):
-        seed, eps = 100 + step, 1e-2
-        lp_a, lm_a, off_a = seq.plus_minus_losses(batch, seed, eps)
-        lp_b, lm_b, off_b = one.plus_minus_losses(batch, seed, eps)
-        assert torch.allclose(lp_a, lp_b, atol=TOL, rtol=0) and torch.allclose(lm_a, lm_b, atol=TOL, rtol=0)
-        assert not torch.allclose(lp_a, lm_a)  # the two halves really saw different adapters
-        # bring both back to theta and compare the adapters
-        seq.perturb([(seed, -off_a)])
-        one.perturb([(seed, -off_b)])
+        seeds, eps = [100 + 10 * step + i for i in range(q)], 1e-2
+        pairs_a, off_a = seq.population_losses(batch, seeds, eps)
+        pairs_b, off_b = one.population_losses(batch, seeds, eps)
+        assert off_b == 0.0 and off_a == -eps
+        for (lp_a, lm_a), (lp_b, lm_b) in zip(pairs_a, pairs_b):
+            assert torch.allclose(lp_a, lp_b, atol=TOL, rtol=0) and torch.allclose(lm_a, lm_b, atol=TOL, rtol=0)
+            assert not torch.allclose(lp_a, lm_a)  # the blocks really saw different adapters
+        seq.perturb([(seeds[-1], -off_a)])  # back to theta
         for x, y in zip(seq.trainable_tensors(), one.trainable_tensors()):
             assert torch.allclose(x, y, atol=1e-6, rtol=0)
+    # a whole MeZO step agrees too
+    from mezo_core.mezo import mezo_step
+    ra = mezo_step(seq, plain, [7 + i for i in range(q)], 1e-2, 1e-1)
+    rb = mezo_step(one, plain, [7 + i for i in range(q)], 1e-2, 1e-1)
+    assert ra.grads == pytest.approx(rb.grads, abs=1e-3)
+    for x, y in zip(seq.trainable_tensors(), one.trainable_tensors()):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0)

@@ -34,7 +34,7 @@ OPTIONS = {  # cfg.hf: name -> default
     "cache_budget_mb": 1024,    # byte budget of that cache
     "cache_policy": "lru",      # an eviction policy plugin
     "cache_device": None,       # None: the model's device; "cpu": keep entries in (pinned) CPU memory
-    "pm_batch": False,          # run the +eps and -eps passes as one batch of 2B rows
+    "pm_batch": False,          # run both signs of all q directions as one batch of 2qB rows
 }
 
 
@@ -76,8 +76,9 @@ class HFBackend(Backend):
         self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
         opts = backend_options(cfg.hf, OPTIONS, "hf")
         self.trunk = self._make_trunk(opts)
-        self._minus = self._make_minus_adapter(cfg.lora) if opts["pm_batch"] else None
-        self._row_adapters = None  # per-example adapter names while a +/- batch runs
+        self.pm_batch = opts["pm_batch"]
+        self._side = {}            # adapter name -> its tensors, for side-by-side perturbed states
+        self._row_adapters = None  # per-example adapter names while such a batch runs
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.forward_tokens = 0
@@ -95,15 +96,17 @@ class HFBackend(Backend):
             raise MezoError(f"hf.trunk_cache: {exc}; set hf.trunk_cache=false") from None
         return trunk if trunk.k0 > 0 else None  # nothing frozen below the first layer
 
-    def _make_minus_adapter(self, lora):
-        """A second adapter that holds theta - eps*z beside the default one's theta + eps*z."""
-        self.model.add_adapter("minus", peft_lora_config(lora, str(self.model_dir)))
-        self.model.set_adapter("default")  # training still moves the default adapter only
-        params = {canonical_name(n.replace(".minus", ".default")): p
-                  for n, p in self.model.named_parameters() if ".minus." in n}
-        for p in params.values():
-            p.requires_grad_(False)
-        return [params[n] for n in self._names]
+    def _side_adapter(self, name):
+        """The tensors of an extra adapter that holds a perturbed copy of the default one."""
+        if name not in self._side:
+            self.model.add_adapter(name, peft_lora_config(self.lora, str(self.model_dir)))
+            self.model.set_adapter("default")  # training still moves the default adapter only
+            params = {canonical_name(n.replace(f".{name}.", ".default.")): p
+                      for n, p in self.model.named_parameters() if f".{name}." in n}
+            for p in params.values():
+                p.requires_grad_(False)
+            self._side[name] = [params[n] for n in self._names]
+        return self._side[name]
 
     # -- perturbation --------------------------------------------------------
     def trainable_names(self):
@@ -116,21 +119,27 @@ class HFBackend(Backend):
         apply_z(self._tensors, terms, decay)
 
     @torch.no_grad()
-    def plus_minus_losses(self, batch, seed, eps):
-        """Both signs in one batch of 2B rows: the frozen GEMMs run once over all
-        rows, each half adds its own LoRA delta (peft's mixed-adapter batch)."""
-        if self._minus is None:
-            return super().plus_minus_losses(batch, seed, eps)
-        self.perturb([(seed, eps)])                      # default adapter: theta + eps z
-        for plus, minus in zip(self._tensors, self._minus):
-            minus.copy_(plus)
-        apply_z(self._minus, [(seed, -2.0 * eps)])       # minus adapter: theta - eps z
-        self._row_adapters = ["default"] * len(batch) + ["minus"] * len(batch)
+    def population_losses(self, batch, seeds, eps):
+        """All 2q perturbed states in one batch of 2qB rows: the frozen GEMMs run
+        once over all rows, each block of B rows adds the LoRA delta of its own
+        adapter, theta +/- eps z_i (peft's mixed-adapter batch). The default
+        adapter never moves, so the offset is 0."""
+        if not self.pm_batch:
+            return super().population_losses(batch, seeds, eps)
+        names = []
+        for i, seed in enumerate(seeds):
+            for sign, name in ((1.0, f"mezo_p{i}"), (-1.0, f"mezo_m{i}")):
+                side = self._side_adapter(name)
+                for dst, src in zip(side, self._tensors):
+                    dst.copy_(src)
+                apply_z(side, [(seed, sign * eps)])
+                names.append(name)
+        self._row_adapters = [name for name in names for _ in batch]
         try:
-            losses = self.objective(list(batch) + list(batch))
+            losses = self.objective(list(batch) * len(names)).view(len(names), len(batch))
         finally:
             self._row_adapters = None
-        return losses[:len(batch)], losses[len(batch):], eps
+        return [(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))], 0.0
 
     # -- forward passes --------------------------------------------------------
     def _batch_tensors(self, rows: Sequence[Sequence[int]]):
