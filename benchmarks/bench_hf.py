@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHAPES, build_random_model, environment, median_time, write_result
+from benchmarks.common import SHAPES, build_random_model, environment, median_times, write_result
 from mezo_core import Example
 from mezo_core.config import load_config
 from mezo_core.mezo import mezo_step
@@ -49,10 +49,12 @@ def run(shape, batch, seq, dtype, device, lora_layers, r, steps, model_root):
             backend.model(input_ids=ids).logits.float()
 
     step_no = iter(range(10**9))
-    t_step, all_steps = median_time(lambda: mezo_step(backend, data, [next(step_no)], 1e-3, 1e-6),
-                                    steps, device=device)
-    t_base, _ = median_time(base_forward, steps, device=device)
-    t_loss, _ = median_time(lambda: backend.losses(data), steps, device=device)
+    # round robin: each round times one of each, so clock and noise drift hit all alike
+    t_step, t_base, t_loss = median_times(
+        [lambda: mezo_step(backend, data, [next(step_no)], 1e-3, 1e-6), base_forward, lambda: backend.losses(data)],
+        steps, device=device)
+    all_steps = t_step[1]
+    t_step, t_base, t_loss = t_step[0], t_base[0], t_loss[0]
     peak = torch.cuda.max_memory_allocated() / 2**30 if backend.device.type == "cuda" else None
     backend.close()
     return {"shape": shape, "batch": batch, "seq": seq, "dtype": dtype, "lora_layers": lora_layers,

@@ -49,17 +49,20 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int, warmup: int = 2, device="cpu") -> tuple[float, list[float]]:
+def median_times(fns, repeats: int, warmup: int = 2, device="cpu") -> list[tuple[float, list[float]]]:
+    """(median, all times) of each function, timed round robin after a warm-up."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        for fn, out in zip(fns, times):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            out.append(time.perf_counter() - start)
+    return [(statistics.median(t), t) for t in times]
 
 
 def environment(device) -> dict:

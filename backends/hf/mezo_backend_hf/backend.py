@@ -178,10 +178,8 @@ class HFBackend(Backend):
             for j, i in enumerate(missing):
                 states[i] = hidden[j, hidden.shape[1] - len(rows[i]):]
                 trunk.cache.insert(rows[i], states[i])
-        out = torch.zeros((len(rows), width, states[0].shape[-1]), dtype=states[0].dtype, device=self.device)
-        for i, s in enumerate(states):
-            out[i, width - len(s):] = s.to(self.device, non_blocking=True)
-        return out
+        return torch.nn.utils.rnn.pad_sequence([s.to(self.device, non_blocking=True) for s in states],
+                                               batch_first=True, padding_side="left")
 
     @torch.inference_mode()
     def losses(self, batch: Sequence[Example]) -> torch.Tensor:
