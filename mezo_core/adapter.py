@@ -55,25 +55,36 @@ def initial_adapter(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch
 
 def write_peft_adapter(state: dict[str, torch.Tensor], lora, base_model: str, out: str | Path) -> Path:
     """Write a PEFT adapter folder atomically (temp folder, then rename)."""
+    return write_tensors(state, out, "adapter_model.safetensors",
+                         lambda tmp: peft_lora_config(lora, str(base_model)).save_pretrained(tmp))
+
+
+def read_peft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+    return read_tensors(path, "adapter_model.safetensors", "a PEFT adapter folder")
+
+
+def write_tensors(state: dict[str, torch.Tensor], out: str | Path, filename: str, extra=None) -> Path:
+    """A folder holding ``filename`` (fp32 safetensors), written to a temp folder
+    and renamed into place; ``extra(tmp)`` may add files first."""
     from safetensors.torch import save_file
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    peft_lora_config(lora, str(base_model)).save_pretrained(tmp)
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()},
-              tmp / "adapter_model.safetensors")
+    if extra is not None:
+        extra(tmp)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, tmp / filename)
     replace_dir(tmp, out)
     return out
 
 
-def read_peft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: str | Path, filename: str, what: str = "a mezo-run adapter folder") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     path = Path(path)
-    f = path / "adapter_model.safetensors"
+    f = path / filename
     if not f.exists():
         from .errors import MezoError
-        raise MezoError(f"{path}: not a PEFT adapter folder (no adapter_model.safetensors)")
+        raise MezoError(f"{path}: not {what} (no {filename})")
     return load_file(str(f))
 
 

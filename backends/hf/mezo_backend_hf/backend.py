@@ -13,7 +13,7 @@ import torch
 
 from mezo_core import Backend, Example, MezoError
 from mezo_core.adapter import (canonical_name, initial_adapter, peft_lora_config, read_peft_adapter,
-                               write_peft_adapter)
+                               read_tensors, write_peft_adapter, write_tensors)
 from mezo_core.models import resolve_model_dir
 from mezo_core.perturb import apply_z
 
@@ -29,12 +29,16 @@ def torch_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
         raise MezoError(f"{field}: unknown dtype {name!r} (use one of {', '.join(DTYPES)})") from None
 
 
+FULL_PARAMS_FILE = "mezo_params.safetensors"
+
 OPTIONS = {  # cfg.hf: name -> default
     "trunk_cache": True,        # cache hidden states below the first adapted layer
     "cache_budget_mb": 1024,    # byte budget of that cache
     "cache_policy": "lru",      # an eviction policy plugin
     "cache_device": None,       # None: the model's device; "cpu": keep entries in (pinned) CPU memory
     "pm_batch": False,          # run both signs of all q directions as one batch of 2qB rows
+    "full_params": None,        # full-parameter MeZO: regexes of parameter names to train
+                                # instead of LoRA, e.g. [".*"] or ['.*layers\\.2[6-9]\\..*']
 }
 
 
@@ -63,18 +67,27 @@ class HFBackend(Backend):
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.model.dtype))
         base.to(self.device).eval()
         self.model_dir, self.lora = model_dir, cfg.lora
-        try:
-            self.model = get_peft_model(base, peft_lora_config(cfg.lora, str(model_dir)))
-        except ValueError as exc:
-            raise MezoError(f"lora: {exc}") from None
+        opts = backend_options(cfg.hf, OPTIONS, "hf")
+        self.full_params = opts["full_params"]
+        if self.full_params is None:
+            try:
+                self.model = get_peft_model(base, peft_lora_config(cfg.lora, str(model_dir)))
+            except ValueError as exc:
+                raise MezoError(f"lora: {exc}") from None
+            params = {canonical_name(n): p for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            self.model = base
+            params = self._full_params(base, self.full_params)
         self.model.eval()
-        params = {canonical_name(n): p for n, p in self.model.named_parameters() if p.requires_grad}
-        for p in params.values():
+        for p in self.model.parameters():
             p.requires_grad_(False)  # MeZO never needs autograd
         self._names = sorted(params)
         self._tensors = [params[n] for n in self._names]
-        self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
-        opts = backend_options(cfg.hf, OPTIONS, "hf")
+        if self.full_params is None:
+            self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
+        elif opts["pm_batch"]:
+            raise MezoError("hf.pm_batch holds perturbed LoRA adapters side by side: it needs LoRA, "
+                            "not hf.full_params")
         self.trunk = self._make_trunk(opts)
         self.pm_batch = opts["pm_batch"]
         self._side = {}            # adapter name -> its tensors, for side-by-side perturbed states
@@ -82,6 +95,20 @@ class HFBackend(Backend):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.forward_tokens = 0
+
+    @staticmethod
+    def _full_params(model, patterns):
+        """Full-parameter MeZO: the base weights whose names match a pattern."""
+        import re
+        try:
+            regexes = [re.compile(p) for p in patterns]
+        except (re.error, TypeError) as exc:
+            raise MezoError(f"hf.full_params: {exc}") from None
+        params = {n: p for n, p in model.named_parameters() if any(r.fullmatch(n) for r in regexes)}
+        if not params:
+            raise MezoError(f"hf.full_params: no parameter name matches {list(patterns)} "
+                            f"(names look like {next(iter(dict(model.named_parameters())))})")
+        return params
 
     def _make_trunk(self, opts):
         if not opts["trunk_cache"]:
@@ -91,7 +118,7 @@ class HFBackend(Backend):
         policy = get_registry().get("eviction_policies", opts["cache_policy"])()
         cache = RadixCache(opts["cache_budget_mb"] * 2**20, policy, opts["cache_device"])
         try:
-            trunk = FrozenTrunk(self.model, cache)
+            trunk = FrozenTrunk(self.model, cache, self._tensors)
         except ValueError as exc:
             raise MezoError(f"hf.trunk_cache: {exc}; set hf.trunk_cache=false") from None
         return trunk if trunk.k0 > 0 else None  # nothing frozen below the first layer
@@ -210,10 +237,17 @@ class HFBackend(Backend):
 
     # -- adapter files -------------------------------------------------------------
     def save_adapter(self, path):
-        write_peft_adapter(dict(zip(self._names, self._tensors)), self.lora, self.model_dir, path)
+        state = dict(zip(self._names, self._tensors))
+        if self.full_params is None:
+            write_peft_adapter(state, self.lora, self.model_dir, path)
+        else:  # trained base weights, by their transformers names
+            write_tensors(state, path, FULL_PARAMS_FILE)
 
     def load_adapter(self, path):
-        self._load_state(read_peft_adapter(path), source=path)
+        if self.full_params is None:
+            self._load_state(read_peft_adapter(path), source=path)
+        else:
+            self._load_state(read_tensors(path, FULL_PARAMS_FILE), source=path)
 
     @torch.no_grad()
     def _load_state(self, state, source="initial adapter"):

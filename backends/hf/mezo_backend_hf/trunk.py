@@ -146,17 +146,18 @@ class _Captured(Exception):
 class FrozenTrunk:
     """Runs a causal LM with layers below k0 replaced by cached hidden states."""
 
-    def __init__(self, model, cache: RadixCache):
+    def __init__(self, model, cache: RadixCache, trainable):
+        """``trainable``: the tensors MeZO moves. k0 is the first layer holding one;
+        k0 = 0 (nothing to cache) when one lives outside the decoder layers."""
         self.model, self.cache = model, cache
         self.parent, self.attr, self.layers = decoder_layers(model)
+        trainable_ids = {id(t) for t in trainable}
         adapted = [i for i, layer in enumerate(self.layers)
-                   if any("lora_" in n for n, _ in layer.named_parameters())]
+                   if any(id(p) in trainable_ids for p in layer.parameters())]
         self.k0 = min(adapted) if adapted else len(self.layers)
         top_ids = {id(p) for layer in list(self.layers)[self.k0:] for p in layer.parameters()}
-        outside = [n for n, p in model.named_parameters() if "lora_" in n and id(p) not in top_ids]
-        if outside:
-            raise ValueError(f"adapted tensors outside the decoder layers ({outside[0]}): "
-                             "the frozen trunk would not be frozen")
+        if trainable_ids - top_ids:  # e.g. embeddings: no layer's input is frozen
+            self.k0, top_ids = 0, {id(p) for p in model.parameters()}
         self.trunk_params = [p for p in model.parameters() if id(p) not in top_ids]
         self.top = torch.nn.ModuleList(list(self.layers)[self.k0:])
         self.fingerprint = self._fingerprint()
