@@ -110,7 +110,7 @@ class MezoWorkerExtension:
         mgr = wm._adapter_manager
         model = mgr.model
         mapper = getattr(model, "hf_to_vllm_mapper", None)
-        if mapper is not None:
+        if hasattr(mapper, "get_rename_mapper"):  # vLLM >= 0.27 takes the rename view; 0.26 the mapper
             mapper = mapper.get_rename_mapper()
         device = self._mezo_device()
         # clones: vLLM scales lora_b in place (LoRALayerWeights.optimize)
