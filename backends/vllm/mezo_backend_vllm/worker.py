@@ -110,8 +110,12 @@ class MezoWorkerExtension:
         mgr = wm._adapter_manager
         model = mgr.model
         mapper = getattr(model, "hf_to_vllm_mapper", None)
-        if hasattr(mapper, "get_rename_mapper"):  # vLLM >= 0.27 takes the rename view; 0.26 the mapper
-            mapper = mapper.get_rename_mapper()
+        # the mapper without the q/k/v -> qkv fusion maps, so that the manager packs the
+        # constituents itself (vLLM 0.32: get_rename_mapper, 0.26: get_unstacked_mapper)
+        for view in ("get_rename_mapper", "get_unstacked_mapper"):
+            if hasattr(mapper, view):
+                mapper = getattr(mapper, view)()
+                break
         device = self._mezo_device()
         # clones: vLLM scales lora_b in place (LoRALayerWeights.optimize)
         tensors = {n: t.detach().clone() for n, t in zip(self._mezo_names, state)}
