@@ -128,6 +128,24 @@ def target_logprobs(meta_info: dict, example: Example, start: int) -> list[float
     return values
 
 
+def losses_under_folder(engine, folder, batch: Sequence[Example], name: str = "fresh-check"):
+    """Losses of ``batch`` under the PEFT folder ``folder`` loaded afresh into
+    ``engine`` (scored from token 0, so no cached prefix can be served): the
+    reference a versioned adapter must match. Returns (losses, generate outputs)."""
+    result = engine.load_lora_adapter(name, str(folder))
+    if not getattr(result, "success", True):
+        raise RuntimeError(f"sglang could not load {folder}: {result}")
+    try:
+        outs = engine.generate(input_ids=[list(e.prompt_ids + e.target_ids) for e in batch],
+                               sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                               return_logprob=True, logprob_start_len=0, lora_path=[name] * len(batch))
+    finally:
+        engine.unload_lora_adapter(name)
+    losses = torch.tensor([-sum(v for v, *_ in o["meta_info"]["input_token_logprobs"][len(e.prompt_ids):])
+                           / len(e.target_ids) for o, e in zip(outs, batch)], dtype=torch.float64)
+    return losses, outs
+
+
 class SGLangBackend(Backend):
     name = "sglang"
     capabilities = ("cuda", "bf16", "fp16", "lora", "prefix-cache", "radix-cache",
