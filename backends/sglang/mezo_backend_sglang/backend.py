@@ -40,13 +40,9 @@ import torch
 from mezo_core import Backend, Example, MezoError
 from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
-from mezo_core.models import resolve_model_dir
+from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import apply_z
 
-#: model.dtype -> SGLang's --dtype
-DTYPES = {"float32": "float32", "fp32": "float32",
-          "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 #: mezo-run EvictionPolicy names -> SGLang's --radix-eviction-policy.
 #: SGLang evicts leaves of its radix tree, ordered by a per-node priority:
@@ -199,11 +195,7 @@ class SGLangBackend(Backend):
             if self.device.type != "cuda":
                 raise MezoError(f"model.device: the sglang backend runs on CUDA only "
                                 f"(got {cfg.model.device!r}; set model.device=cuda)")
-        try:
-            dtype = DTYPES[str(cfg.model.dtype)]
-        except KeyError:
-            raise MezoError(f"model.dtype: unknown dtype {cfg.model.dtype!r} "
-                            f"(use one of {', '.join(DTYPES)})") from None
+        dtype = dtype_name(cfg.model.dtype)
 
         self.model_dir = resolve_model_dir(cfg.model.path)
         from transformers import AutoTokenizer

@@ -71,12 +71,7 @@ import torch
 
 from mezo_core import Backend, Example, MezoError
 from mezo_core.adapter import adapter_shapes, initial_adapter, read_peft_adapter, write_peft_adapter
-from mezo_core.models import resolve_model_dir
-
-#: model.dtype -> vLLM's dtype
-DTYPES = {"float32": "float32", "fp32": "float32",
-          "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+from mezo_core.models import dtype_name, resolve_model_dir
 
 #: ranks vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -144,11 +139,7 @@ class VLLMBackend(Backend):
         self._workdir = None
         model_dir = resolve_model_dir(cfg.model.path)
         self.model_dir, self.lora = model_dir, cfg.lora
-        try:
-            dtype = DTYPES[str(cfg.model.dtype)]
-        except KeyError:
-            raise MezoError(f"model.dtype: unknown dtype {cfg.model.dtype!r} "
-                            f"(use one of {', '.join(DTYPES)})") from None
+        dtype = dtype_name(cfg.model.dtype)
         on_cpu = current_platform.is_cpu()
         wants_cuda = str(cfg.model.device).startswith("cuda")
         if wants_cuda and on_cpu:
