@@ -19,7 +19,7 @@ $(STAMP): requirements-dev.txt pyproject.toml plugins/builtin/pyproject.toml bac
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mezo-run train
+	$(BIN)/mezo-run train out_dir=runs/sst2-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
