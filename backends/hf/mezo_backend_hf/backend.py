@@ -41,7 +41,8 @@ def backend_options(section, defaults, prefix):
 
 class HFBackend(Backend):
     name = "hf"
-    capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "single-token-choices", "frozen-trunk-cache")
+    capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "full-params", "single-token-choices",
+                    "frozen-trunk-cache", "side-by-side-directions")
 
     def __init__(self, cfg):
         from peft import get_peft_model
