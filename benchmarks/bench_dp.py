@@ -8,7 +8,6 @@ takes the same step after one all-reduce of three scalars per direction.
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 

@@ -332,7 +332,6 @@ def hit_rate_vs_eps(row, batches, eps_steps):
 
 def run_rows(rows, model_dir, batches, args, log):
     """Measure every row: the hf rows together (round-robin), then each engine alone."""
-    device = args.device
     batch0 = batches[0]
     eps_table = {}
     ref = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -199,7 +198,7 @@ def stale(sg, tmp):
     v_after = sg.adapter_name
     sg.save_adapter(Path(tmp) / "fresh")
     from mezo_backend_sglang.backend import losses_under_folder
-    fresh, _ = losses_under_folder(sg.engine, Path(tmp) / "fresh", batch)
+    fresh, outs = losses_under_folder(sg.engine, Path(tmp) / "fresh", batch)
     sg.perturb([(79, -1.0)])
     return {"load_fresh_ok": True, "versions": [v_before, v_after],
             "max_abs_change_from_old": maxdiff(after, before),

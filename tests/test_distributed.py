@@ -3,7 +3,6 @@ each other and as one process over the same global batch."""
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
