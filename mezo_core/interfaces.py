@@ -141,6 +141,25 @@ class Backend(abc.ABC):
         """Release engines, processes and device memory."""
 
 
+class LocalTensorsBackend(Backend):
+    """A Backend whose trainable tensors live in this process: set ``_names``
+    (sorted canonical names) and ``_tensors`` (same order) and the perturbation
+    plumbing is done."""
+
+    _names: list[str]
+    _tensors: list[torch.Tensor]
+
+    def trainable_names(self) -> list[str]:
+        return list(self._names)
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        return list(self._tensors)
+
+    def perturb(self, terms: Terms, decay: float = 1.0) -> None:
+        from .perturb import apply_z
+        apply_z(self._tensors, terms, decay)
+
+
 class EvictionPolicy(abc.ABC):
     """Chooses which cache entry to drop when a cache is over its byte budget.
     The cache calls ``insert``/``touch``/``remove`` as entries come and go."""

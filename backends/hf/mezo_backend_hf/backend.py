@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from mezo_core import Backend, Example, MezoError
+from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (canonical_name, initial_adapter, peft_lora_config, read_peft_adapter,
                                read_tensors, write_peft_adapter, write_tensors)
 from mezo_core.models import resolve_model_dir, torch_dtype
@@ -39,7 +39,7 @@ def backend_options(section, defaults, prefix):
     return {**defaults, **section}
 
 
-class HFBackend(Backend):
+class HFBackend(LocalTensorsBackend):
     name = "hf"
     capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "full-params", "single-token-choices",
                     "frozen-trunk-cache", "side-by-side-directions")
@@ -123,16 +123,6 @@ class HFBackend(Backend):
                 p.requires_grad_(False)
             self._side[name] = [params[n] for n in self._names]
         return self._side[name]
-
-    # -- perturbation --------------------------------------------------------
-    def trainable_names(self):
-        return list(self._names)
-
-    def trainable_tensors(self):
-        return list(self._tensors)
-
-    def perturb(self, terms, decay=1.0):
-        apply_z(self._tensors, terms, decay)
 
     @torch.no_grad()
     def population_losses(self, batch, seeds, eps):

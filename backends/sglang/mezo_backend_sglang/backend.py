@@ -37,11 +37,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mezo_core import Backend, Example, MezoError
+from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
-from mezo_core.perturb import apply_z
 
 
 #: mezo-run EvictionPolicy names -> SGLang's --radix-eviction-policy.
@@ -142,7 +141,7 @@ def losses_under_folder(engine, folder, batch: Sequence[Example], name: str = "f
     return losses, outs
 
 
-class SGLangBackend(Backend):
+class SGLangBackend(LocalTensorsBackend):
     name = "sglang"
     capabilities = ("cuda", "bf16", "fp16", "lora", "prefix-cache", "radix-cache",
                     "adapter-versions", "single-token-choices")
@@ -238,15 +237,9 @@ class SGLangBackend(Backend):
                            adapter_loads=0, adapter_unloads=0, adapter_load_s=0.0)
 
     # -- the trainable state --------------------------------------------------
-    def trainable_names(self):
-        return list(self._names)
-
-    def trainable_tensors(self):
-        return list(self._tensors)
-
     def perturb(self, terms, decay=1.0):
-        apply_z(self._tensors, terms, decay)
-        self._dirty = True
+        super().perturb(terms, decay)
+        self._dirty = True  # the engine gets the new version before the next forward
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self._names, self._tensors))
