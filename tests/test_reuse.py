@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mezo_core import Example
+from mezo_core import Example, MezoError
 from mezo_core.config import load_config
 from mezo_core.registry import get_registry
 from mezo_backend_hf.backend import HFBackend
@@ -120,3 +120,58 @@ def test_side_by_side_batch_equals_sequential_passes(trunk, q, tiny_llama):
     assert ra.grads == pytest.approx(rb.grads, abs=1e-3)
     for x, y in zip(seq.trainable_tensors(), one.trainable_tensors()):
         assert torch.allclose(x, y, atol=1e-5, rtol=0)
+
+
+def shared_prefix_batch(gen, prefix_len=10, n=7):
+    prefix = torch.randint(4, 250, (prefix_len,), generator=gen).tolist()
+    rows = []
+    for k in range(n):
+        body = torch.randint(4, 250, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist()
+        head = prefix if k < n - 2 else prefix[:3]  # two rows share only 3 tokens: no group
+        target = torch.randint(4, 250, (1 + k % 2,), generator=gen).tolist()
+        rows.append(Example(tuple(head + body), tuple(target)))
+    return rows
+
+
+@pytest.mark.parametrize("arch,pm", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_prefix_sharing_equals_plain(arch, pm, tiny_llama, tiny_gpt2):
+    """hf.prefix_sharing: a shared prefix runs once per pass and its KV is forked."""
+    model_dir = tiny_llama if arch == "llama" else tiny_gpt2
+    extra = ["hf.pm_batch=true"] if pm else []
+    plain = backend(model_dir, arch, False, extra=extra)
+    shared = backend(model_dir, arch, False, extra=extra + ["hf.prefix_sharing=true", "hf.prefix_min_tokens=4"])
+    gen = torch.Generator().manual_seed(21)
+    rows = shared_prefix_batch(gen)
+    multi = [Example(e.prompt_ids, (5, 7), ((5, 7), (9,))) for e in rows]
+    for step in range(2):
+        for b in (plain, shared):
+            b.perturb([(step, 0.05)])  # a realistic adapter: fp32 noise stays far below TOL
+        assert torch.allclose(plain.losses(rows), shared.losses(rows), atol=TOL, rtol=0)
+        prompts = [e.prompt_ids for e in rows]
+        assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
+                              shared.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
+        pairs_a, _ = plain.population_losses(multi, [50 + step], 1e-2)
+        pairs_b, _ = shared.population_losses(multi, [50 + step], 1e-2)
+        for x, y in zip(pairs_a[0], pairs_b[0]):
+            assert torch.allclose(x, y, atol=TOL, rtol=0)
+        if not pm:  # sequential passes leave -eps applied
+            for b in (plain, shared):
+                b.perturb([(50 + step, 1e-2)])
+    assert shared.get_stats()["prefix_tokens_saved"] > 0
+
+
+def test_prefix_groups():
+    from mezo_backend_hf.backend import prefix_groups
+    rows = [(1, 2, 3, 4, 5, 9), (7, 7, 7), (1, 2, 3, 4, 5, 8, 8), (1, 2, 3, 4, 6), (1, 2, 3, 4, 5, 9)]
+    groups = {frozenset(m): p for p, m in prefix_groups(rows, [None] * 5, min_tokens=4, keep=1)}
+    assert groups == {frozenset({0, 2, 3, 4}): (1, 2, 3, 4), frozenset({1}): (7, 7, 7)}
+    # every member keeps `keep` tokens of suffix; different adapters never share
+    groups = prefix_groups(rows, ["a", None, "b", "a", "a"], min_tokens=4, keep=2)
+    for prefix, members in groups:
+        assert len({["a", None, "b", "a", "a"][m] for m in members}) == 1
+        assert all(len(rows[m]) - len(prefix) >= 2 for m in members) or len(members) == 1
+
+
+def test_prefix_sharing_refuses_the_trunk_cache(tiny_llama):
+    with pytest.raises(MezoError, match="prefix_sharing"):
+        backend(tiny_llama, "llama", True, extra=["hf.prefix_sharing=true"])

@@ -25,6 +25,8 @@ OPTIONS = {  # cfg.hf: name -> default
     "cache_policy": "lru",      # an eviction policy plugin
     "cache_device": None,       # None: the model's device; "cpu": keep entries in (pinned) CPU memory
     "pm_batch": False,          # run both signs of all q directions as one batch of 2qB rows
+    "prefix_sharing": False,    # rows of one pass sharing >= prefix_min_tokens compute that prefix once
+    "prefix_min_tokens": 16,
     "full_params": None,        # full-parameter MeZO: regexes of parameter names to train
                                 # instead of LoRA, e.g. [".*"] or ['.*layers\\.2[6-9]\\..*']
 }
@@ -37,6 +39,32 @@ def backend_options(section, defaults, prefix):
         raise MezoError(f"config field '{prefix}.{unknown[0]}': unknown option "
                         f"(known: {', '.join(sorted(defaults))})")
     return {**defaults, **section}
+
+
+def prefix_groups(rows, adapters, min_tokens, keep):
+    """[(prefix, member indices)]: rows of one adapter sorted so that shared
+    prefixes are adjacent, grouped greedily while their common prefix stays >=
+    ``min_tokens`` and leaves every member at least ``keep`` tokens of suffix."""
+    order = sorted(range(len(rows)), key=lambda i: (str(adapters[i]), rows[i]))
+    groups = []
+    for i in order:
+        if groups:
+            prefix, members = groups[-1]
+            common = _common_prefix(prefix, rows[i])
+            limit = min(len(rows[m]) for m in members + [i]) - keep
+            if adapters[members[0]] == adapters[i] and min(common, limit) >= min_tokens:
+                groups[-1] = (tuple(prefix[:min(common, limit)]), members + [i])
+                continue
+        groups.append((tuple(rows[i]), [i]))
+    return groups
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    for j in range(n):
+        if a[j] != b[j]:
+            return j
+    return n
 
 
 class HFBackend(LocalTensorsBackend):
@@ -79,6 +107,11 @@ class HFBackend(LocalTensorsBackend):
                             "not hf.full_params")
         self.trunk = self._make_trunk(opts)
         self.pm_batch = opts["pm_batch"]
+        self.prefix_sharing, self.prefix_min_tokens = opts["prefix_sharing"], opts["prefix_min_tokens"]
+        if self.prefix_sharing and self.trunk is not None:
+            raise MezoError("hf.prefix_sharing runs every layer of a shared prefix once per pass; it does not "
+                            "combine with hf.trunk_cache yet: set one of them to false")
+        self.prefix_tokens_saved = 0
         self._side = {}            # adapter name -> its tensors, for side-by-side perturbed states
         self._row_adapters = None  # per-example adapter names while such a batch runs
         pad = self.tokenizer.pad_token_id
@@ -160,6 +193,11 @@ class HFBackend(LocalTensorsBackend):
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
     def _last_logits(self, rows, keep: int, adapters=None) -> torch.Tensor:
+        if self.prefix_sharing and len(rows) > 1:
+            return self._shared_prefix_logits(rows, keep, adapters)
+        return self._plain_last_logits(rows, keep, adapters)
+
+    def _plain_last_logits(self, rows, keep, adapters=None):
         ids, mask, positions = self._batch_tensors(rows)
         self.forward_tokens += int(mask.sum())
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
@@ -171,6 +209,46 @@ class HFBackend(LocalTensorsBackend):
             out = self.trunk.forward_from_cache(self._trunk_states(rows, ids.shape[1]), **inputs,
                                                 logits_to_keep=keep)
         return out.logits.float(), ids
+
+    def _shared_prefix_logits(self, rows, keep, adapters):
+        """Rows (of one adapter) that share a prefix of at least ``prefix_min_tokens``
+        run it once; its KV is repeated for each row, which then runs only its
+        suffix. Exact: within one pass the adapter does not change."""
+        names = adapters or [None] * len(rows)
+        groups = prefix_groups(rows, names, self.prefix_min_tokens, keep)
+        logits = [None] * len(rows)
+        singles = [g[1][0] for g in groups if len(g[1]) == 1]
+        if singles:
+            out, _ = self._plain_last_logits([rows[i] for i in singles], keep,
+                                             None if adapters is None else [names[i] for i in singles])
+            for j, i in enumerate(singles):
+                logits[i] = out[j]
+        for prefix, members in groups:
+            if len(members) == 1:
+                continue
+            logits_g = self._group_logits(prefix, [rows[i][len(prefix):] for i in members], keep,
+                                          names[members[0]])
+            for j, i in enumerate(members):
+                logits[i] = logits_g[j]
+        ids, _, _ = self._batch_tensors(rows)
+        return torch.stack(logits), ids
+
+    def _group_logits(self, prefix, suffixes, keep, adapter):
+        n, p = len(suffixes), len(prefix)
+        extra = {} if adapter is None else {"adapter_names": [adapter]}
+        ids_p = torch.tensor([prefix], device=self.device)
+        past = self.model(input_ids=ids_p, position_ids=torch.arange(p, device=self.device)[None],
+                          use_cache=True, logits_to_keep=1, **extra).past_key_values
+        past.batch_repeat_interleave(n)
+        ids, mask, positions = self._batch_tensors(suffixes)
+        self.forward_tokens += p + int(mask.sum())
+        self.prefix_tokens_saved += (n - 1) * p
+        full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=mask.device), mask], dim=1)
+        if adapter is not None:
+            extra = {"adapter_names": [adapter] * n}
+        out = self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions + p,
+                         past_key_values=past, use_cache=True, logits_to_keep=keep, **extra)
+        return out.logits.float()
 
     def _trunk_states(self, rows, width):
         """Left-padded hidden states entering layer k0: cached, or computed once."""
@@ -238,6 +316,8 @@ class HFBackend(LocalTensorsBackend):
 
     def get_stats(self):
         stats = {"forward_tokens": self.forward_tokens}
+        if self.prefix_sharing:
+            stats["prefix_tokens_saved"] = self.prefix_tokens_saved
         if self.trunk is not None:
             c = self.trunk.cache
             stats.update(c.stats, bytes=c.bytes, hit_rate=c.stats["hits"] / max(1, c.stats["lookups"]),
