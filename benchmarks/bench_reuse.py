@@ -29,6 +29,7 @@ ROWS = {  # name: (lora layers, hf options)
     "trunk cache": ("top", {"trunk_cache": True}),
     "one +/- batch": ("top", {"trunk_cache": False, "pm_batch": True}),
     "trunk cache + one +/- batch": ("top", {"trunk_cache": True, "pm_batch": True}),
+    "shared prefixes within a pass": ("top", {"trunk_cache": False, "prefix_sharing": True}),
 }
 
 
@@ -71,11 +72,15 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--dtype", default=None)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--prefix", type=int, default=0, help="leading tokens shared by every row")
     p.add_argument("--eps-steps", type=int, default=5, help="steps per eps value in the hit-rate table")
     p.add_argument("--out")
     args = p.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     data = workload(args.batch, args.seq, SHAPES[args.shape]["vocab_size"])
+    if args.prefix:
+        head = data[0].prompt_ids[:args.prefix]
+        data = [type(e)(head + e.prompt_ids[args.prefix:], e.target_ids) for e in data]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_random_model(args.shape, Path(tmp) / args.shape,
                                        dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
