@@ -191,13 +191,17 @@ def test_fake_engine_save_load_and_disk_transport(llama, tmp_path):
     sg.close()
 
 
+def loss_before_and_after_mezo(sg, batch, steps, run_seed, eps, lr):
+    """Mean loss of ``batch`` before and after ``steps`` MeZO steps on it."""
+    first = float(sg.losses(batch).mean())
+    for step in range(steps):
+        mezo_step(sg, batch, direction_seeds(run_seed, step, 1), eps=eps, lr=lr)
+    return first, float(sg.losses(batch).mean())
+
+
 def test_fake_engine_mezo_lowers_loss(llama):
     sg = SGLangBackend(make_config(llama), engine_factory=FakeEngine)
-    batch = examples(4, 6, 2, seed=5)
-    first = float(sg.losses(batch).mean())
-    for step in range(12):
-        mezo_step(sg, batch, direction_seeds(0, step, 1), eps=1e-3, lr=5e-3)
-    last = float(sg.losses(batch).mean())
+    first, last = loss_before_and_after_mezo(sg, examples(4, 6, 2, seed=5), 12, 0, 1e-3, 5e-3)
     assert last < first - 0.2, (first, last)
     sg.close()
 
@@ -326,9 +330,5 @@ def test_gpu_no_stale_prefix_after_change(gpu, tmp_path):
 @requires_sglang
 def test_gpu_mezo_run_lowers_loss(gpu):
     sg, _ = gpu
-    batch = examples(16, 16, 4, seed=18)
-    first = float(sg.losses(batch).mean())
-    for step in range(40):
-        mezo_step(sg, batch, direction_seeds(1, step, 1), eps=1e-2, lr=5e-3)
-    last = float(sg.losses(batch).mean())
+    first, last = loss_before_and_after_mezo(sg, examples(16, 16, 4, seed=18), 40, 1, 1e-2, 5e-3)
     assert last < first - 0.05, (first, last)
