@@ -30,6 +30,7 @@ ROWS = {  # name: (lora layers, hf options)
     "one +/- batch": ("top", {"trunk_cache": False, "pm_batch": True}),
     "trunk cache + one +/- batch": ("top", {"trunk_cache": True, "pm_batch": True}),
     "shared prefixes within a pass": ("top", {"trunk_cache": False, "prefix_sharing": True}),
+    "trunk cache + shared prefixes": ("top", {"trunk_cache": True, "prefix_sharing": True}),
 }
 
 

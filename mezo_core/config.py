@@ -65,6 +65,9 @@ class MezoConfig:
     eps_schedule: str = "constant"
     eps_end: Optional[float] = None
     weight_decay: float = 0.0
+    # fold restore + update + the next step's +eps*z into one pass over the weights
+    # (2 passes per step instead of 3), except before an evaluation or checkpoint
+    fuse_steps: bool = True
 
 
 @dataclass

@@ -73,24 +73,29 @@ class Backend(abc.ABC):
     def losses(self, batch: Sequence[Example]) -> torch.Tensor:
         """Per-example mean cross-entropy over target tokens, float64, CPU, shape [B]."""
 
-    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float):
+    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float, applied: float = 0.0):
         """L+ and L- of one SPSA direction.
 
-        Returns ``(loss_plus, loss_minus, offset)`` where ``offset`` is the
-        multiple of z(seed) left applied to the weights on return, so the
+        ``applied`` is the multiple of z(seed) already on the weights (the
+        previous step's last pass may have applied +eps*z: ``mezo_step``'s
+        fused schedule). Returns ``(loss_plus, loss_minus, offset)`` where
+        ``offset`` is the multiple of z(seed) left applied on return, so the
         trainer can fuse the restore into the update. The plain sequence
         leaves the weights at theta - eps*z (offset = -eps); a backend that
         evaluates both signs side by side may return offset 0.
         """
-        self.perturb([(seed, eps)])
+        if eps != applied:
+            self.perturb([(seed, eps - applied)])
         loss_plus = self.objective(batch)
         self.perturb([(seed, -2.0 * eps)])
         loss_minus = self.objective(batch)
         return loss_plus, loss_minus, -eps
 
-    def population_losses(self, batch: Sequence[Example], seeds: Sequence[int], eps: float):
+    def population_losses(self, batch: Sequence[Example], seeds: Sequence[int], eps: float,
+                          applied: float = 0.0):
         """L+ and L- of every direction of a step.
 
+        ``applied``: the multiple of z(seeds[0]) already on the weights.
         Returns ``([(loss_plus, loss_minus), ...], offset)`` with ``offset`` the
         multiple of z(seeds[-1]) left applied to the weights. The default runs
         the directions one after another; a backend that can hold several
@@ -100,7 +105,7 @@ class Backend(abc.ABC):
         for i, seed in enumerate(seeds):
             if offset:
                 self.perturb([(seeds[i - 1], -offset)])  # restore before the next direction
-            loss_plus, loss_minus, offset = self.plus_minus_losses(batch, seed, eps)
+            loss_plus, loss_minus, offset = self.plus_minus_losses(batch, seed, eps, applied if i == 0 else 0.0)
             pairs.append((loss_plus, loss_minus))
         return pairs, offset
 

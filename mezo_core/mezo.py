@@ -1,10 +1,13 @@
 """The MeZO step (Malladi et al. 2023, Algorithm 1) over any Backend.
 
 Per direction i with seed s_i:  theta += eps*z_i; L+;  theta -= 2*eps*z_i; L-;
-g_i = (L+ - L-) / (2*eps). The restore of the last direction, weight decay and
-the update are fused into a single pass over the weights:
+g_i = (L+ - L-) / (2*eps). The restore of the last direction, weight decay,
+the update and -- when the trainer passes ``next_direction`` -- the next
+step's +eps'*z' are fused into a single pass over the weights:
 
-    theta <- (1 - lr*wd) * (theta + eps*z_q) - lr/q * sum_i g_i z_i
+    theta <- (1 - lr*wd) * (theta + eps*z_q) - lr/q * sum_i g_i z_i + eps'*z'
+
+so a step with q = 1 reads and writes the weights twice instead of four times.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class StepResult:
     grads: list[float]         # projected gradients g_i
     loss_plus: float           # mean over directions and examples
     loss_minus: float
+    applied: float = 0.0       # multiple of z(next seed) left on the weights (fused schedule)
 
     @property
     def loss(self) -> float:
@@ -34,14 +38,17 @@ class StepResult:
 
 
 def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
-              eps: float, lr: float, weight_decay: float = 0.0, reduce=None) -> StepResult:
+              eps: float, lr: float, weight_decay: float = 0.0, reduce=None,
+              applied: float = 0.0, next_direction: tuple[int, float] | None = None) -> StepResult:
     """One MeZO update of the backend's trainable tensors; returns what was measured.
 
     ``reduce`` sums [sum L+, sum L-, count] over data-parallel ranks
     (``distributed.sum_over_ranks``), so every rank takes the same step.
+    ``next_direction = (seed, eps)`` of the next step's first direction folds its
+    +eps*z into this step's last pass; pass the returned ``applied`` to that step.
     """
     grads, plus, minus = [], [], []
-    pairs, offset = backend.population_losses(batch, seeds, eps)
+    pairs, offset = backend.population_losses(batch, seeds, eps, applied)
     for loss_plus, loss_minus in pairs:
         sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
         if reduce is not None:
@@ -54,5 +61,8 @@ def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
     terms = [(seed, -lr * g / len(seeds)) for seed, g in zip(seeds, grads)]
     if offset:
         terms.append((seeds[-1], -decay * offset))
+    if next_direction is not None:
+        terms.append(next_direction)
     backend.perturb(terms, decay=decay)
-    return StepResult(list(seeds), grads, sum(plus) / len(plus), sum(minus) / len(minus))
+    return StepResult(list(seeds), grads, sum(plus) / len(plus), sum(minus) / len(minus),
+                      applied=0.0 if next_direction is None else float(next_direction[1]))

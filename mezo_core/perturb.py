@@ -1,21 +1,45 @@
 """The perturbation engine: z is regenerated, never stored.
 
-z for trainable tensor ``index`` under ``seed`` is a standard normal tensor of
-the tensor's shape, produced in chunks of ``CHUNK`` elements; chunk ``c`` comes
-from a ``torch.Generator`` on the tensor's device seeded with
-``mix(seed, index, c)``. Fixing the chunk size makes z independent of how the
-work is split and bounds the extra memory by one chunk, whatever the tensor's
-size. Any process that holds the tensors (a vLLM worker, say) regenerates the
-same z from the same (seed, index).
+z(seed, i), for trainable tensor i (its position in the sorted canonical
+names), is counter-based: element j of the flattened tensor is a pure function
+of (seed, i, j), so every device, every split of the work and both
+implementations below give the same z, and any process that holds the tensors
+(a vLLM worker, say) regenerates it from (seed, i) alone.
+
+The definition (``z_like`` computes it; tests pin it):
+
+* key = mix(seed, i), split into two 32-bit words (k0 = low, k1 = high);
+* elements come in tiles of 1024 = 4 lanes x 256: element j lies in tile
+  j // 1024, lane (j % 1024) // 256, column j % 256, and draws from counter
+  n = tile * 256 + column;
+* Philox4x32-10 (Salmon et al. 2011, as in Random123) maps counter
+  (n mod 2^32, n >> 32, 0, 0) and key (k0, k1) to four 32-bit words x0..x3;
+  u_a = (2 * (x_a >> 9) + 1) * 2^-24 lies in (0, 1) and is exact in fp32;
+* Box-Muller in fp32: lanes 0, 1 are r0 cos t0, r0 sin t0 with
+  r0 = sqrt(-2 ln u0), t0 = 2 pi u1; lanes 2, 3 likewise from u2, u3.
+
+One counter feeds four neighbouring columns of a tile, so the kernel spends one
+Philox evaluation per four elements and still loads and stores contiguously.
+
+Two implementations: torch integer ops on any device (below), and a fused
+Triton kernel on CUDA (``perturb_triton``) that reads and writes every weight
+once per call, whatever the number of terms. The uniforms are bit-identical
+between them; z agrees to the last bits of the fp32 log/sin/cos (~1e-6).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-CHUNK = 1 << 20  # elements per z chunk: 4 MiB of fp32 scratch at most
+TILE, LANE = 1024, 256       # elements per tile; columns per lane (= counters per tile)
+CHUNK = 1 << 18              # torch path: elements per piece of work (a multiple of TILE)
+_MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
 
 
 def mix(*values: int) -> int:
@@ -30,30 +54,62 @@ def mix(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-_GENERATORS: dict = {}  # one per device, re-seeded for every chunk (creating one costs more than seeding)
+def z_key(seed: int, index: int) -> tuple[int, int]:
+    """The Philox key (k0, k1) of z(seed, index)."""
+    key = mix(seed, index)
+    return key & _MASK32, key >> 32
 
 
-def _generator(device: torch.device, cache: dict) -> torch.Generator:
-    if device not in cache:
-        cache[device] = torch.Generator(device=device)
-    return cache[device]
+# -- the torch implementation ---------------------------------------------------------
+def _mulhilo(a: torch.Tensor, m: int):
+    """High and low 32-bit words of a * m for int64 ``a`` < 2^32, without overflow:
+    a * m = mid * 2^16 + (a * m_lo mod 2^16) with mid < 2^49."""
+    low = a * (m & 0xFFFF)
+    mid = a * (m >> 16) + (low >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
 
 
-def z_chunk(out: torch.Tensor, seed: int, index: int, chunk: int,
-            generators: dict | None = None) -> torch.Tensor:
-    """Fill ``out`` (fp32, 1-D) with chunk ``chunk`` of z(seed, index)."""
-    gen = _generator(out.device, _GENERATORS if generators is None else generators)
-    gen.manual_seed(mix(seed, index, chunk))
-    return out.normal_(generator=gen)
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on int64 tensors holding 32-bit words (keys: ints or tensors)."""
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & _MASK32, (k1 + PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    return ((x >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)
+
+
+def tile_normals(tiles: torch.Tensor, k0, k1) -> torch.Tensor:
+    """z of whole tiles: ``tiles`` holds tile numbers [T] (int64), the keys are ints
+    or per-tile int64 tensors [T]; returns fp32 [T, TILE]."""
+    counters = tiles[:, None] * LANE + torch.arange(LANE, device=tiles.device)
+    if isinstance(k0, torch.Tensor):
+        k0, k1 = k0[:, None], k1[:, None]
+    zero = torch.zeros_like(counters)
+    x = philox4x32(counters & _MASK32, counters >> 32, zero, zero, k0, k1)
+    r0 = torch.sqrt(-2.0 * torch.log(_uniform(x[0])))
+    r2 = torch.sqrt(-2.0 * torch.log(_uniform(x[2])))
+    t1, t3 = (2 * math.pi) * _uniform(x[1]), (2 * math.pi) * _uniform(x[3])
+    lanes = torch.stack([r0 * torch.cos(t1), r0 * torch.sin(t1), r2 * torch.cos(t3), r2 * torch.sin(t3)], 1)
+    return lanes.view(len(tiles), TILE)
+
+
+def z_range(seed: int, index: int, start: int, count: int, device="cpu") -> torch.Tensor:
+    """Elements [start, start+count) of z(seed, index), fp32 (``start`` a multiple of TILE)."""
+    assert start % TILE == 0
+    tiles = torch.arange(start // TILE, (start + count + TILE - 1) // TILE, device=device)
+    return tile_normals(tiles, *z_key(seed, index)).view(-1)[:count]
 
 
 def z_like(tensor: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     """The whole z(seed, index) for ``tensor`` as a new fp32 tensor (tests,
     layout conversions). The engine itself never materialises it."""
-    flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-    for c, start in enumerate(range(0, flat.numel(), CHUNK)):
-        z_chunk(flat[start:start + CHUNK], seed, index, c)
-    return flat.view(tensor.shape)
+    return z_range(seed, index, 0, tensor.numel(), tensor.device).view(tensor.shape)
 
 
 def merge_terms(terms: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -64,16 +120,25 @@ def merge_terms(terms: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(s, c) for s, c in merged.items() if c != 0.0]
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @torch.no_grad()
 def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
-            decay: float = 1.0, indices: Sequence[int] | None = None) -> None:
+            decay: float = 1.0, indices: Sequence[int] | None = None, kernel: str = "auto") -> None:
     """In place, for every tensor i: theta_i <- decay*theta_i + sum_k coef_k*z(seed_k, i).
 
-    One pass over each tensor, chunk by chunk; scratch is one fp32 chunk per
-    device (plus one for non-fp32 tensors, which are updated in fp32 and
-    rounded once). Small fp32 tensors (LoRA factors) are handled in groups that
-    fill one chunk, with one multi-tensor add per group and term instead of one
-    add per tensor: the per-tensor overhead is what a LoRA step pays for.
+    Every element is read and written once per call, whatever the number of
+    terms: this is what lets a MeZO step fold restore, update and the next
+    step's +eps z into one pass. CUDA tensors go through the fused Triton kernel
+    (``kernel="auto"``/``"triton"``; ``"torch"`` forces the torch path). The
+    torch path works in CHUNK-sized pieces of fp32 scratch; small fp32 tensors
+    (LoRA factors) share one piece, with one multi-tensor add per term.
     ``indices`` gives each tensor's z index when it is not its list position.
     """
     terms = merge_terms(terms)
@@ -83,48 +148,52 @@ def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
     for index, tensor in zip(indices, tensors):
         if not tensor.is_contiguous():
             raise ValueError(f"trainable tensor {index} is not contiguous")
-    scratch: dict = {}
-
-    def chunk_buffer(device):
-        if device not in scratch:
-            size = min(CHUNK, sum(t.numel() for t in tensors))
-            scratch[device] = torch.empty(size, dtype=torch.float32, device=device)
-        return scratch[device]
-
+    pairs = list(zip(indices, tensors))
+    if kernel != "torch" and any(t.is_cuda for t in tensors) and (kernel == "triton" or triton_available()):
+        from .perturb_triton import apply_z_triton
+        apply_z_triton([(i, t) for i, t in pairs if t.is_cuda], terms, decay)
+        pairs = [(i, t) for i, t in pairs if not t.is_cuda]
     group, group_size = [], 0  # small fp32 tensors of one device, together <= CHUNK elements
-    for index, tensor in zip(indices, tensors):
+    for index, tensor in pairs:
         if tensor.dtype == torch.float32 and tensor.numel() <= CHUNK:
             if group and (group_size + tensor.numel() > CHUNK or group[0][1].device != tensor.device):
-                _apply_group(group, terms, decay, chunk_buffer(group[0][1].device))
+                _apply_group(group, terms, decay)
                 group, group_size = [], 0
             group.append((index, tensor))
             group_size += tensor.numel()
         else:
-            _apply_chunked(index, tensor, terms, decay, chunk_buffer(tensor.device))
+            _apply_chunked(index, tensor, terms, decay)
     if group:
-        _apply_group(group, terms, decay, chunk_buffer(group[0][1].device))
+        _apply_group(group, terms, decay)
 
 
-def _apply_group(group, terms, decay, buffer):
+def _apply_group(group, terms, decay):
+    """One Philox evaluation per term for all tensors of the group: tiles of every
+    tensor side by side, each with its tensor's key."""
+    device = group[0][1].device
     flats = [t.view(-1) for _, t in group]
-    zs = torch.split(buffer[:sum(f.numel() for f in flats)], [f.numel() for f in flats])
+    n_tiles = [(f.numel() + TILE - 1) // TILE for f in flats]
+    sizes = torch.tensor(n_tiles, device=device)
+    owner = torch.repeat_interleave(torch.arange(len(group), device=device), sizes)
+    first = torch.cumsum(sizes, 0) - sizes
+    tiles = torch.arange(int(sizes.sum()), device=device) - first[owner]
     if decay != 1.0:
         torch._foreach_mul_(flats, decay)
     for seed, coef in terms:
-        for (index, _), z in zip(group, zs):
-            z_chunk(z, seed, index, 0)
+        keys = torch.tensor([z_key(seed, index) for index, _ in group], device=device)
+        z = tile_normals(tiles, keys[owner, 0], keys[owner, 1])
+        zs = [part.view(-1)[:f.numel()] for part, f in zip(torch.split(z, n_tiles), flats)]
         torch._foreach_add_(flats, zs, alpha=coef)
 
 
-def _apply_chunked(index, tensor, terms, decay, buffer):
+def _apply_chunked(index, tensor, terms, decay):
     flat = tensor.view(-1)
-    for c, start in enumerate(range(0, flat.numel(), CHUNK)):
+    for start in range(0, flat.numel(), CHUNK):
         part = flat[start:start + CHUNK]
-        z = buffer[:part.numel()]
         acc = part if part.dtype == torch.float32 else part.float()
         if decay != 1.0:
             acc.mul_(decay)
         for seed, coef in terms:
-            acc.add_(z_chunk(z, seed, index, c), alpha=coef)
+            acc.add_(z_range(seed, index, start, part.numel(), part.device), alpha=coef)
         if acc is not part:
             part.copy_(acc)

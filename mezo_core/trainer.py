@@ -58,13 +58,19 @@ class Trainer:
         metrics_file = (self.out / "metrics.jsonl").open("a") if self.writes else None
         bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
                    disable=not (cfg.progress and self.writes))
+        applied = 0.0  # multiple of this step's first z already on the weights
         for step in range(state["step"], m.steps):
             batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
             eps, lr = self.eps(step, m.steps), self.lr(step, m.steps)
             seeds = direction_seeds(cfg.seed, step, m.q)
+            next_direction = None
+            if m.fuse_steps and not self._pauses_after(step + 1):  # the next step's +eps z rides along
+                next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
             start = time.perf_counter()
-            result = mezo_step(self.backend, batch, seeds, eps, lr, m.weight_decay, reduce=sum_over_ranks)
+            result = mezo_step(self.backend, batch, seeds, eps, lr, m.weight_decay, reduce=sum_over_ranks,
+                               applied=applied, next_direction=next_direction)
             seconds = time.perf_counter() - start
+            applied = result.applied
             tokens = 2 * m.q * sum(e.num_tokens for e in batch)
             row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
                    "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
@@ -98,6 +104,13 @@ class Trainer:
             from .plot import plot_run
             plot_run(self.out / "metrics.jsonl", state, self.out / "training.png")
         return summary
+
+    def _pauses_after(self, step: int) -> bool:
+        """Whether the weights must be clean (theta itself) after ``step`` steps: the
+        run ends, evaluates or checkpoints there."""
+        cfg = self.cfg
+        return (step >= cfg.mezo.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+                or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
 
     def evaluate(self, label: str) -> dict:
         bar = tqdm(total=len(self.task.dev), desc=f"eval {label}", leave=False,

@@ -46,8 +46,8 @@ class QuadraticBackend(Backend):
 class SideBySideBackend(QuadraticBackend):
     """Evaluates both signs and leaves the weights where they were: offset 0."""
 
-    def plus_minus_losses(self, batch, seed, eps):
-        self.perturb([(seed, eps)])
+    def plus_minus_losses(self, batch, seed, eps, applied=0.0):
+        self.perturb([(seed, eps - applied)])
         lp = self.objective(batch)
         self.perturb([(seed, -2 * eps)])
         lm = self.objective(batch)
@@ -167,3 +167,41 @@ def test_direction_seeds_are_deterministic():
     assert len(set(seeds)) == len(seeds)
     assert direction_seeds(0, 5, 1) != direction_seeds(1, 5, 1)
     assert all(isinstance(s, int) and 0 <= s < 2 ** 63 for s in seeds)
+
+
+# -- the fused schedule: restore + update + next step's +eps z in one pass ---------------
+def _run(backend, steps, q, fused, eps=1e-3, lr=2e-2, wd=0.01):
+    applied, results = 0.0, []
+    for step in range(steps):
+        nxt = (direction_seeds(5, step + 1, q)[0], eps) if fused and step + 1 < steps else None
+        r = mezo_step(backend, BATCH, direction_seeds(5, step, q), eps, lr, wd, applied=applied,
+                      next_direction=nxt)
+        applied = r.applied
+        results.append(r)
+    return results
+
+
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("backend_cls", [QuadraticBackend, SideBySideBackend])
+def test_fused_schedule_follows_the_unfused_trajectory(q, backend_cls):
+    fused, plain = backend_cls(seed=2), backend_cls(seed=2)
+    rf, rp = _run(fused, 6, q, True), _run(plain, 6, q, False)
+    for a, b in zip(rf, rp):
+        assert a.grads == pytest.approx(b.grads, rel=1e-3, abs=1e-6)
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+    assert rf[-1].applied == 0.0          # the last step leaves theta itself
+    for x, y in zip(fused.tensors, plain.tensors):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_schedule_makes_two_passes_per_step():
+    """q = 1: +eps z rides on the previous step's last pass, so a step is the
+    -2 eps z pass and the fused restore + update + next +eps z pass."""
+    fused, plain = QuadraticBackend(), QuadraticBackend()
+    _run(fused, 5, 1, True)
+    _run(plain, 5, 1, False)
+    count = lambda b: sum(c[0] == "perturb" for c in b.calls)
+    assert count(plain) == 3 * 5
+    assert count(fused) == 2 * 5 + 1      # the first step's own +eps z
+    last_of_step = [c for c in fused.calls if c[0] == "perturb" and len(c[1]) == 3]
+    assert len(last_of_step) == 4         # update, restore, next direction in one call

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mezo_core import perturb
-from mezo_core.perturb import apply_z, merge_terms, mix, z_chunk, z_like
+from mezo_core.perturb import apply_z, merge_terms, mix, z_like
 
 U = 2.0 ** -24  # fp32 unit roundoff (half an ulp, relative)
 
@@ -127,46 +127,121 @@ def test_mix_is_deterministic_and_spread():
     assert mix(1, 2) != mix(2, 1)
 
 
-# -- chunking ----------------------------------------------------------------------
-@pytest.mark.parametrize("chunk", [1, 7, 16, 100])
-def test_z_chunks(monkeypatch, chunk):
-    monkeypatch.setattr(perturb, "CHUNK", chunk)
-    n = 5 * chunk + 3                         # several chunks and a partial one
-    t = torch.empty(n)
-    z = z_like(t, 77, 4)
-    assert torch.equal(z, z_like(t, 77, 4))   # a fresh regeneration gives the same z
-    # each chunk is reproducible on its own (random access: chunk c from (seed, index, c))
-    for c, start in enumerate(range(0, n, chunk)):
-        part = torch.empty(min(chunk, n - start))
-        assert torch.equal(z_chunk(part, 77, 4, c), z[start:start + chunk])
-    # the engine applies exactly this z, chunk by chunk, on a tensor of another shape
-    x = torch.zeros(n, 1)
-    apply_z([torch.zeros(2), x], [(77, 1.0)], indices=[0, 4])
-    assert torch.equal(x.view(-1), z)
-    # and the chunks are not copies of each other
-    if chunk >= 16:
-        assert not torch.equal(z[:chunk], z[chunk:2 * chunk])
+# -- the definition of z -------------------------------------------------------------
+def test_philox_matches_the_random123_known_answers():
+    kat = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+           ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, expect in kat:
+        out = perturb.philox4x32(*[torch.tensor([c]) for c in counter], *key)
+        assert tuple(int(x) for x in out) == expect
+
+
+def _philox_py(c, k):
+    """Philox4x32-10 on Python ints: the reference the torch ops must equal."""
+    c, k = list(c), list(k)
+    for r in range(10):
+        if r:
+            k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k[1], p0 & 0xFFFFFFFF]
+    return c
+
+
+def test_z_follows_its_documented_definition_element_by_element():
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    seed, index = rng.randrange(2 ** 62), rng.randrange(500)
+    n = rng.randint(3000, 9000)
+    z = z_like(torch.empty(n), seed, index).double()
+    key = mix(seed, index)
+    k = (key & 0xFFFFFFFF, key >> 32)
+    for j in rng.sample(range(n), 40) + [0, 255, 256, 1023, 1024, n - 1]:
+        tile, lane, col = j // 1024, (j % 1024) // 256, j % 256
+        x = _philox_py(((tile * 256 + col) & 0xFFFFFFFF, (tile * 256 + col) >> 32, 0, 0), k)
+        u = [(2 * (w >> 9) + 1) * 2.0 ** -24 for w in x]
+        r, t = (math.sqrt(-2 * math.log(u[0])), 2 * math.pi * u[1]) if lane < 2 else \
+               (math.sqrt(-2 * math.log(u[2])), 2 * math.pi * u[3])
+        expect = r * (math.cos(t) if lane % 2 == 0 else math.sin(t))
+        assert abs(float(z[j]) - expect) < 1e-5 * max(1.0, abs(expect)), (j, float(z[j]), expect)
+
+
+def test_z_range_is_random_access():
+    z = z_like(torch.empty(5 * 1024 + 17), 77, 4)
+    for start in (0, 1024, 3 * 1024):
+        assert torch.equal(perturb.z_range(77, 4, start, 1500), z[start:start + 1500])
+
+
+def test_z_does_not_depend_on_how_the_work_is_split(monkeypatch):
+    n = 5 * 4096 + 3
+    expect = z_like(torch.empty(n), 77, 4)
+    for chunk in (1024, 4096, 1 << 18):
+        monkeypatch.setattr(perturb, "CHUNK", chunk)
+        big, small = torch.zeros(n, 1), torch.zeros(10)           # another shape: views only
+        apply_z([small, big], [(77, 1.0)], indices=[0, 4])
+        assert torch.equal(big.view(-1), expect), chunk
+        assert torch.equal(small, z_like(small, 77, 0))
 
 
 def test_apply_z_scratch_is_bounded_by_one_chunk(monkeypatch):
-    chunk = 64
+    chunk = 2048
     monkeypatch.setattr(perturb, "CHUNK", chunk)
     seen = []
-    real = perturb.z_chunk
+    real = perturb.tile_normals
 
-    def spy(out, *args, **kw):
-        seen.append((out.numel(), out.untyped_storage().nbytes()))
-        return real(out, *args, **kw)
+    def spy(tiles, *keys):
+        seen.append(len(tiles))
+        return real(tiles, *keys)
 
-    monkeypatch.setattr(perturb, "z_chunk", spy)
-    big = torch.zeros(10 * chunk + 5)
-    small = torch.zeros(10)
-    apply_z([big, small], [(1, 1.0), (2, 0.5)])
+    monkeypatch.setattr(perturb, "tile_normals", spy)
+    big, small, tiny = torch.zeros(10 * chunk + 5), torch.zeros(1000), torch.zeros(10)
+    apply_z([big, small, tiny], [(1, 1.0), (2, 0.5)])
+    # the big tensor in 11 pieces per term; the two small ones together, one tile each
     assert len(seen) == 2 * (11 + 1)
-    assert all(numel <= chunk and nbytes <= 4 * chunk for numel, nbytes in seen)
-    # one scratch chunk is shared by all tensors of a call: the small tensor
-    # uses a 10-element view of it
-    assert seen[-1][0] == 10 and len({nbytes for _, nbytes in seen}) == 1
+    assert all(tiles * perturb.TILE <= chunk for tiles in seen)
+    assert seen[-1] == 2
+
+
+TRITON_CHECK = r"""
+import os, sys, random
+os.environ["TRITON_INTERPRET"] = "1"       # Triton's CPU interpreter runs the CUDA kernel's code
+import torch
+from mezo_core.perturb import apply_z, z_like
+from mezo_core.perturb_triton import apply_z_triton
+rng = random.Random(int(sys.argv[1]))
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+shapes = [(rng.randint(1, 40), rng.randint(1, 300)) for _ in range(4)] + [(rng.randint(4097, 20000),)]
+dtypes = [torch.float32] * 3 + [torch.bfloat16, torch.float16]
+ts = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+terms = [(rng.randrange(2 ** 62), rng.uniform(-1, 1)) for _ in range(rng.randint(1, 3))]
+decay = rng.choice([1.0, 0.99])
+fused, plain = [t.clone() for t in ts], [t.clone() for t in ts]
+apply_z_triton(list(enumerate(fused)), terms, decay)
+apply_z(plain, terms, decay, kernel="torch")
+for i, (a, b, t) in enumerate(zip(fused, plain, ts)):
+    assert not torch.equal(a, t)
+    if a.dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    else:   # rounded once from fp32 values that agree to ~1e-7: at most one ulp apart
+        ulp = b.float().abs().clamp_min(1e-3) * (2 ** -7 if a.dtype == torch.bfloat16 else 2 ** -10)
+        assert bool(((a.float() - b.float()).abs() <= ulp).all()), i
+z = torch.zeros(5000)
+apply_z_triton([(7, z)], [(terms[0][0], 1.0)], 1.0)
+torch.testing.assert_close(z, z_like(z, terms[0][0], 7), rtol=0, atol=2e-6)
+print("ok")
+"""
+
+
+def test_triton_kernel_matches_the_torch_path():
+    """The CUDA kernel's code, run by Triton's interpreter on the CPU, against the
+    torch implementation on fresh random tensors, terms and decay."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    seed = int.from_bytes(os.urandom(4), "little")
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(seed)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, f"seed {seed}:\n{proc.stderr[-3000:]}"
 
 
 # -- dtypes ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mezo_core import Example, MezoError
+from mezo_core import Example
 from mezo_core.config import load_config
 from mezo_core.registry import get_registry
 from mezo_backend_hf.backend import HFBackend
@@ -133,20 +133,27 @@ def shared_prefix_batch(gen, prefix_len=10, n=7):
     return rows
 
 
-@pytest.mark.parametrize("arch,pm", [("llama", False), ("gpt2", False), ("llama", True)])
-def test_prefix_sharing_equals_plain(arch, pm, tiny_llama, tiny_gpt2):
-    """hf.prefix_sharing: a shared prefix runs once per pass and its KV is forked."""
+@pytest.mark.parametrize("arch,pm,trunk", [("llama", False, False), ("gpt2", False, False), ("llama", True, False),
+                                           ("llama", False, True), ("gpt2", False, True), ("llama", True, True)])
+def test_prefix_sharing_equals_plain(arch, pm, trunk, tiny_llama, tiny_gpt2):
+    """hf.prefix_sharing: a shared prefix runs once per pass and its KV is forked;
+    with the trunk cache, prefix and suffixes start at layer k0 from cached states."""
     model_dir = tiny_llama if arch == "llama" else tiny_gpt2
     extra = ["hf.pm_batch=true"] if pm else []
     plain = backend(model_dir, arch, False, extra=extra)
-    shared = backend(model_dir, arch, False, extra=extra + ["hf.prefix_sharing=true", "hf.prefix_min_tokens=4"])
+    shared = backend(model_dir, arch, trunk, extra=extra + ["hf.prefix_sharing=true", "hf.prefix_min_tokens=4"])
+    assert (shared.trunk is not None and shared.trunk.k0 == 2) == trunk
     gen = torch.Generator().manual_seed(21)
     rows = shared_prefix_batch(gen)
     multi = [Example(e.prompt_ids, (5, 7), ((5, 7), (9,))) for e in rows]
-    for step in range(2):
+    before = None
+    for step in range(2):  # the second step finds the trunk cache warm
         for b in (plain, shared):
             b.perturb([(step, 0.05)])  # a realistic adapter: fp32 noise stays far below TOL
-        assert torch.allclose(plain.losses(rows), shared.losses(rows), atol=TOL, rtol=0)
+        losses = plain.losses(rows)
+        assert torch.allclose(losses, shared.losses(rows), atol=TOL, rtol=0)
+        assert before is None or not torch.allclose(losses, before, atol=1e-4, rtol=0)  # the adapter moved
+        before = losses
         prompts = [e.prompt_ids for e in rows]
         assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
                               shared.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
@@ -157,7 +164,10 @@ def test_prefix_sharing_equals_plain(arch, pm, tiny_llama, tiny_gpt2):
         if not pm:  # sequential passes leave -eps applied
             for b in (plain, shared):
                 b.perturb([(50 + step, 1e-2)])
-    assert shared.get_stats()["prefix_tokens_saved"] > 0
+    stats = shared.get_stats()
+    assert stats["prefix_tokens_saved"] > 0
+    if trunk:
+        assert stats["hits"] > 0 and stats["invalidations"] == 0 and stats["layers_skipped"] == 2
 
 
 def test_prefix_groups():
@@ -170,8 +180,3 @@ def test_prefix_groups():
     for prefix, members in groups:
         assert len({["a", None, "b", "a", "a"][m] for m in members}) == 1
         assert all(len(rows[m]) - len(prefix) >= 2 for m in members) or len(members) == 1
-
-
-def test_prefix_sharing_refuses_the_trunk_cache(tiny_llama):
-    with pytest.raises(MezoError, match="prefix_sharing"):
-        backend(tiny_llama, "llama", True, extra=["hf.prefix_sharing=true"])

@@ -108,9 +108,6 @@ class HFBackend(LocalTensorsBackend):
         self.trunk = self._make_trunk(opts)
         self.pm_batch = opts["pm_batch"]
         self.prefix_sharing, self.prefix_min_tokens = opts["prefix_sharing"], opts["prefix_min_tokens"]
-        if self.prefix_sharing and self.trunk is not None:
-            raise MezoError("hf.prefix_sharing runs every layer of a shared prefix once per pass; it does not "
-                            "combine with hf.trunk_cache yet: set one of them to false")
         self.prefix_tokens_saved = 0
         self._side = {}            # adapter name -> its tensors, for side-by-side perturbed states
         self._row_adapters = None  # per-example adapter names while such a batch runs
@@ -158,13 +155,15 @@ class HFBackend(LocalTensorsBackend):
         return self._side[name]
 
     @torch.no_grad()
-    def population_losses(self, batch, seeds, eps):
+    def population_losses(self, batch, seeds, eps, applied=0.0):
         """All 2q perturbed states in one batch of 2qB rows: the frozen GEMMs run
         once over all rows, each block of B rows adds the LoRA delta of its own
         adapter, theta +/- eps z_i (peft's mixed-adapter batch). The default
         adapter never moves, so the offset is 0."""
         if not self.pm_batch:
-            return super().population_losses(batch, seeds, eps)
+            return super().population_losses(batch, seeds, eps, applied)
+        if applied:
+            self.perturb([(seeds[0], -applied)])  # the side adapters start from theta itself
         names = []
         for i, seed in enumerate(seeds):
             for sign, name in ((1.0, f"mezo_p{i}"), (-1.0, f"mezo_m{i}")):
@@ -197,48 +196,62 @@ class HFBackend(LocalTensorsBackend):
             return self._shared_prefix_logits(rows, keep, adapters)
         return self._plain_last_logits(rows, keep, adapters)
 
-    def _plain_last_logits(self, rows, keep, adapters=None):
+    def _plain_last_logits(self, rows, keep, adapters=None, states=None):
+        """``states``: the rows' trunk states when the caller has them already."""
         ids, mask, positions = self._batch_tensors(rows)
         self.forward_tokens += int(mask.sum())
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         if adapters is not None:
             inputs["adapter_names"] = adapters
-        if self.trunk is None:
-            out = self.model(**inputs, logits_to_keep=keep)
-        else:
-            out = self.trunk.forward_from_cache(self._trunk_states(rows, ids.shape[1]), **inputs,
-                                                logits_to_keep=keep)
+        if self.trunk is not None and states is None:
+            states = self._trunk_states(rows)
+        out = self._forward(states, **inputs, logits_to_keep=keep)
         return out.logits.float(), ids
+
+    def _forward(self, states, **inputs):
+        """The model's forward, from the trunk states when there are any."""
+        if states is None:
+            return self.model(**inputs)
+        return self.trunk.forward_from_cache(self._left_padded(states), **inputs)
 
     def _shared_prefix_logits(self, rows, keep, adapters):
         """Rows (of one adapter) that share a prefix of at least ``prefix_min_tokens``
         run it once; its KV is repeated for each row, which then runs only its
-        suffix. Exact: within one pass the adapter does not change."""
+        suffix. Exact: within one pass the adapter does not change. With the trunk
+        cache, prefix and suffixes start at layer k0 from slices of the rows' states."""
         names = adapters or [None] * len(rows)
         groups = prefix_groups(rows, names, self.prefix_min_tokens, keep)
+        states = None if self.trunk is None else self._trunk_states(rows)  # one capture for all misses
+
+        def pick(members):
+            return None if states is None else [states[i] for i in members]
+
         logits = [None] * len(rows)
         singles = [g[1][0] for g in groups if len(g[1]) == 1]
         if singles:
             out, _ = self._plain_last_logits([rows[i] for i in singles], keep,
-                                             None if adapters is None else [names[i] for i in singles])
+                                             None if adapters is None else [names[i] for i in singles],
+                                             pick(singles))
             for j, i in enumerate(singles):
                 logits[i] = out[j]
         for prefix, members in groups:
             if len(members) == 1:
                 continue
             logits_g = self._group_logits(prefix, [rows[i][len(prefix):] for i in members], keep,
-                                          names[members[0]])
+                                          names[members[0]], pick(members))
             for j, i in enumerate(members):
                 logits[i] = logits_g[j]
         ids, _, _ = self._batch_tensors(rows)
         return torch.stack(logits), ids
 
-    def _group_logits(self, prefix, suffixes, keep, adapter):
+    def _group_logits(self, prefix, suffixes, keep, adapter, states=None):
+        """``states``: the members' trunk states over prefix + suffix."""
         n, p = len(suffixes), len(prefix)
         extra = {} if adapter is None else {"adapter_names": [adapter]}
         ids_p = torch.tensor([prefix], device=self.device)
-        past = self.model(input_ids=ids_p, position_ids=torch.arange(p, device=self.device)[None],
-                          use_cache=True, logits_to_keep=1, **extra).past_key_values
+        past = self._forward(None if states is None else [states[0][:p]], input_ids=ids_p,
+                             position_ids=torch.arange(p, device=self.device)[None],
+                             use_cache=True, logits_to_keep=1, **extra).past_key_values
         past.batch_repeat_interleave(n)
         ids, mask, positions = self._batch_tensors(suffixes)
         self.forward_tokens += p + int(mask.sum())
@@ -246,12 +259,13 @@ class HFBackend(LocalTensorsBackend):
         full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=mask.device), mask], dim=1)
         if adapter is not None:
             extra = {"adapter_names": [adapter] * n}
-        out = self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions + p,
-                         past_key_values=past, use_cache=True, logits_to_keep=keep, **extra)
+        out = self._forward(None if states is None else [s[p:] for s in states],
+                            input_ids=ids, attention_mask=full_mask, position_ids=positions + p,
+                            past_key_values=past, use_cache=True, logits_to_keep=keep, **extra)
         return out.logits.float()
 
-    def _trunk_states(self, rows, width):
-        """Left-padded hidden states entering layer k0: cached, or computed once."""
+    def _trunk_states(self, rows):
+        """Per row, the hidden states entering layer k0: cached, or computed once."""
         trunk = self.trunk
         trunk.check_fresh()
         states = [trunk.cache.lookup(r) for r in rows]
@@ -262,6 +276,10 @@ class HFBackend(LocalTensorsBackend):
             for j, i in enumerate(missing):
                 states[i] = hidden[j, hidden.shape[1] - len(rows[i]):]
                 trunk.cache.insert(rows[i], states[i])
+        return states
+
+    def _left_padded(self, states):
+        """States of rows of different lengths as one batch, left-padded like the ids."""
         return torch.nn.utils.rnn.pad_sequence([s.to(self.device, non_blocking=True) for s in states],
                                                batch_first=True, padding_side="left")
 

@@ -186,7 +186,11 @@ class FrozenTrunk:
         raise RuntimeError("layer k0 was never reached")
 
     def forward_from_cache(self, hidden: torch.Tensor, **inputs):
-        """The model's forward with layers below k0 skipped and ``hidden`` fed to layer k0."""
+        """The model's forward with layers below k0 skipped and ``hidden`` fed to layer k0.
+        ``past_key_values`` may come from an earlier call with ``use_cache=True``."""
+        if inputs.get("past_key_values") is not None:
+            self._stand_in_below_k0(inputs["past_key_values"])
+
         def hook(module, args, kwargs):
             if args:
                 return (hidden,) + tuple(args[1:]), kwargs
@@ -199,3 +203,20 @@ class FrozenTrunk:
         finally:
             setattr(self.parent, self.attr, self.layers)
             handle.remove()
+
+    def _stand_in_below_k0(self, past):
+        """A KV cache filled by forward_from_cache holds nothing for the skipped
+        layers, yet transformers sizes the attention mask by the cache length of
+        layer 0 (``create_causal_mask`` -> ``get_mask_sizes(q, 0)``) and would
+        drop the cached prefix from it. Those layers never run, so each gets a
+        zero stand-in of the right batch and length (one head of width one:
+        batch x length values), added through the layer's own ``update`` so
+        that every layer type keeps its length bookkeeping."""
+        length = past.get_seq_length(self.k0)
+        if length == 0:
+            return
+        keys = past.layers[self.k0].keys
+        stand_in = keys.new_zeros(()).expand(keys.shape[0], 1, length, 1)
+        for layer in past.layers[:self.k0]:
+            if layer.get_seq_length() == 0:
+                layer.update(stand_in, stand_in)

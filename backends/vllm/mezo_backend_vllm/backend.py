@@ -243,7 +243,7 @@ class VLLMBackend(Backend):
                 for n, (shape, data) in state.items()}
 
     # -- both signs side by side ---------------------------------------------------
-    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float):
+    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float, applied: float = 0.0):
         """L+ and L- in one engine call. The main adapter moves to theta + eps*z
         (as in the plain sequence); the worker fills a second adapter with
         (theta + eps*z) - 2*eps*z -- the very arithmetic of the sequential path --
@@ -251,8 +251,9 @@ class VLLMBackend(Backend):
         over ``batch + batch`` with the second half routed to the minus adapter,
         like the hf backend's mixed-adapter batch. Leaves theta + eps*z: offset +eps."""
         if not self._paired:
-            return super().plus_minus_losses(batch, seed, eps)
-        self.perturb([(seed, eps)])
+            return super().plus_minus_losses(batch, seed, eps, applied)
+        if eps != applied:
+            self.perturb([(seed, eps - applied)])
         self._rpc("mezo_fill", MINUS_ID, [(int(seed), -2.0 * float(eps))])
         self._minus_version += 1
         self._row_slots = [0] * len(batch) + [1] * len(batch)

@@ -1,0 +1,109 @@
+"""The fused perturbation kernel: theta <- decay*theta + sum_k coef_k z(seed_k) in
+one read and one write of every weight, z drawn in registers (Philox4x32-10,
+the definition in ``perturb``). Tensors of one dtype and similar size share a
+launch through a table of pointers, so a LoRA adapter of many small factors
+costs one launch per call rather than one per tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .perturb import PHILOX_M, PHILOX_W, TILE, z_key
+
+TILES_PER_PROGRAM = 4
+
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1, M0: tl.constexpr, M1: tl.constexpr,
+            W0: tl.constexpr, W1: tl.constexpr):
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + W0
+            k1 = k1 + W1
+        hi0 = tl.umulhi(c0, M0)
+        lo0 = c0 * M0
+        hi1 = tl.umulhi(c2, M1)
+        lo1 = c2 * M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform(x):
+    return ((x >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+
+
+@triton.jit
+def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
+                    DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
+                    W0: tl.constexpr, W1: tl.constexpr):
+    t = tl.program_id(1)                                  # which tensor of the table
+    n = tl.load(numels + t)
+    base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    tile = (tl.program_id(0) * TILES + tl.arange(0, TILES)).to(tl.int64)[:, None]
+    col = tl.arange(0, 256).to(tl.int64)[None, :]
+    counter = tile * 256 + col                            # [TILES, 256]
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    e0 = tile * 1024 + col                                # lane 0; lanes 1..3 at +256, +512, +768
+    m0, m1, m2, m3 = e0 < n, e0 + 256 < n, e0 + 512 < n, e0 + 768 < n
+    x0 = tl.load(base + e0, mask=m0).to(tl.float32) * decay
+    x1 = tl.load(base + e0 + 256, mask=m1).to(tl.float32) * decay
+    x2 = tl.load(base + e0 + 512, mask=m2).to(tl.float32) * decay
+    x3 = tl.load(base + e0 + 768, mask=m3).to(tl.float32) * decay
+    for k in tl.static_range(NTERMS):
+        k0 = tl.load(keys + (t * NTERMS + k) * 2).to(tl.uint32)
+        k1 = tl.load(keys + (t * NTERMS + k) * 2 + 1).to(tl.uint32)
+        coef = tl.load(coefs + k)
+        r0, r1, r2, r3 = _philox(c0, c1, zero, zero, k0, k1, M0, M1, W0, W1)
+        a = tl.sqrt_rn(-2.0 * tl.log(_uniform(r0)))
+        b = tl.sqrt_rn(-2.0 * tl.log(_uniform(r2)))
+        ta = 6.283185307179586 * _uniform(r1)
+        tb = 6.283185307179586 * _uniform(r3)
+        x0 += coef * (a * tl.cos(ta))
+        x1 += coef * (a * tl.sin(ta))
+        x2 += coef * (b * tl.cos(tb))
+        x3 += coef * (b * tl.sin(tb))
+    tl.store(base + e0, x0.to(DTYPE), mask=m0)
+    tl.store(base + e0 + 256, x1.to(DTYPE), mask=m1)
+    tl.store(base + e0 + 512, x2.to(DTYPE), mask=m2)
+    tl.store(base + e0 + 768, x3.to(DTYPE), mask=m3)
+
+
+def _launch_groups(pairs):
+    """Tensors grouped by (device, dtype, programs needed rounded up to a power of
+    two): one launch per group, at most half of its programs idle."""
+    groups: dict = {}
+    per_program = TILES_PER_PROGRAM * TILE
+    for index, tensor in pairs:
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"trainable tensor {index}: dtype {tensor.dtype} is not supported")
+        programs = max(1, -(-tensor.numel() // per_program))
+        key = (tensor.device, tensor.dtype, 1 << (programs - 1).bit_length())
+        groups.setdefault(key, []).append((index, tensor))
+    return groups.items()
+
+
+def apply_z_triton(pairs, terms, decay: float) -> None:
+    """``perturb.apply_z`` for (index, tensor) pairs, every tensor on one pass."""
+    if not pairs:
+        return
+    terms = terms or [(0, 0.0)]  # decay alone: one zero term keeps one kernel
+    for (device, dtype, programs), group in _launch_groups(pairs):
+        ptrs = torch.tensor([t.data_ptr() for _, t in group], dtype=torch.int64)
+        numels = torch.tensor([t.numel() for _, t in group], dtype=torch.int64)
+        keys = torch.tensor([[z_key(seed, index) for seed, _ in terms] for index, _ in group],
+                            dtype=torch.int64)
+        coefs = torch.tensor([coef for _, coef in terms], dtype=torch.float32)
+        ptrs, numels, keys, coefs = (x.to(device, non_blocking=True) for x in (ptrs, numels, keys, coefs))
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            _perturb_kernel[(programs, len(group))](
+                ptrs, numels, keys, coefs, float(decay), NTERMS=len(terms), TILES=TILES_PER_PROGRAM,
+                DTYPE=_DTYPES[dtype], M0=PHILOX_M[0], M1=PHILOX_M[1], W0=PHILOX_W[0], W1=PHILOX_W[1])
