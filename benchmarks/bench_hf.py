@@ -30,7 +30,7 @@ def workload(batch, seq, vocab, seed=0):
     return [Example(tuple(r[:-1]), (r[-1],)) for r in ids]
 
 
-def run(shape, batch, seq, dtype, device, lora_layers, r, steps, model_root):
+def run(shape, batch, seq, dtype, device, lora_layers, r, steps, model_root, hf_options=()):
     from mezo_backend_hf.backend import HFBackend
     layers = SHAPES[shape]["num_hidden_layers"]
     model_dir = build_random_model(shape, Path(model_root) / shape,
@@ -39,6 +39,7 @@ def run(shape, batch, seq, dtype, device, lora_layers, r, steps, model_root):
                  f"lora.r={r}", f"lora.alpha={2 * r}", "lora.target_modules=[q_proj,v_proj]"]
     if lora_layers == "top-quarter":
         overrides.append(f"lora.layers=[{','.join(str(i) for i in range(layers - layers // 4, layers))}]")
+    overrides += [f"hf.{o}" for o in hf_options]
     backend = HFBackend(load_config(None, overrides))
     data = workload(batch, seq, SHAPES[shape]["vocab_size"])
     ids = torch.tensor([e.prompt_ids + e.target_ids for e in data], device=backend.device)
@@ -58,7 +59,7 @@ def run(shape, batch, seq, dtype, device, lora_layers, r, steps, model_root):
     peak = torch.cuda.max_memory_allocated() / 2**30 if backend.device.type == "cuda" else None
     backend.close()
     return {"shape": shape, "batch": batch, "seq": seq, "dtype": dtype, "lora_layers": lora_layers,
-            "lora_r": r, "steps_timed": steps,
+            "lora_r": r, "hf_options": list(hf_options), "steps_timed": steps,
             "step_ms": 1e3 * t_step, "base_forward_ms": 1e3 * t_base, "loss_forward_ms": 1e3 * t_loss,
             "step_over_two_base_forwards": t_step / (2 * t_base),
             "step_over_two_loss_forwards": t_step / (2 * t_loss),
@@ -77,6 +78,8 @@ def main(argv=None):
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-layers", default="all", choices=["all", "top-quarter"])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--hf", action="append", default=[], metavar="KEY=VALUE",
+                   help="an hf backend option, e.g. --hf cuda_graphs=true (repeatable)")
     p.add_argument("--model-root", default=None, help="where random models are saved (default: a temp dir)")
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
@@ -86,7 +89,7 @@ def main(argv=None):
             preset[key] = getattr(args, key)
     with tempfile.TemporaryDirectory() as tmp:
         row = run(preset["shape"], preset["batch"], preset["seq"], preset["dtype"], args.device,
-                  args.lora_layers, args.lora_r, args.steps, args.model_root or tmp)
+                  args.lora_layers, args.lora_r, args.steps, args.model_root or tmp, args.hf)
     write_result({"benchmark": "hf step vs two forwards", **environment(args.device), "result": row}, args.out)
 
 

@@ -31,7 +31,9 @@ ROWS = {  # name: (lora layers, hf options)
     "trunk cache + one +/- batch": ("top", {"trunk_cache": True, "pm_batch": True}),
     "shared prefixes within a pass": ("top", {"trunk_cache": False, "prefix_sharing": True}),
     "trunk cache + shared prefixes": ("top", {"trunk_cache": True, "prefix_sharing": True}),
+    "trunk cache + CUDA graphs": ("top", {"trunk_cache": True, "cuda_graphs": True}),
 }
+CUDA_ONLY = {"trunk cache + CUDA graphs"}
 
 
 def make_backend(model_dir, shape, layers, opts, device, dtype, r=16):
@@ -75,6 +77,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--prefix", type=int, default=0, help="leading tokens shared by every row")
     p.add_argument("--eps-steps", type=int, default=5, help="steps per eps value in the hit-rate table")
+    p.add_argument("--rows", nargs="*", help="only these rows (plain top quarter is always run)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -85,9 +88,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_random_model(args.shape, Path(tmp) / args.shape,
                                        dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        chosen = {name: row for name, row in ROWS.items()
+                  if (args.rows is None or name in args.rows or name == "plain (LoRA top quarter)")
+                  and (args.device.startswith("cuda") or name not in CUDA_ONLY)}
         backends = {name: make_backend(model_dir, args.shape, layers, opts, args.device, dtype)
-                    for name, (layers, opts) in ROWS.items()}
-        times = {name: [] for name in ROWS}
+                    for name, (layers, opts) in chosen.items()}
+        times = {name: [] for name in chosen}
         for name, b in backends.items():  # warm-up: fills the trunk caches
             timed_step(b, data, 0, args.device)
         for rnd in range(args.rounds):

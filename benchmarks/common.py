@@ -71,11 +71,11 @@ def environment(device) -> dict:
            "transformers": transformers.__version__, "platform": platform.platform(),
            "command": " ".join([Path(sys.executable).name, "-m", "benchmarks." + Path(sys.argv[0]).stem]
                                + sys.argv[1:])}
-    try:
-        import peft
-        env["peft"] = peft.__version__
-    except ImportError:
-        pass
+    for name in ("peft", "triton"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            pass
     if torch.device(device).type == "cuda":
         env["device"] = torch.cuda.get_device_name()
     else:

@@ -14,7 +14,13 @@ import triton.language as tl
 
 from .perturb import PHILOX_M, PHILOX_W, TILE, z_key
 
-TILES_PER_PROGRAM = 4
+import os
+
+#: launch shape (tiles of 1024 elements per program, warps) and whether to use
+#: the GPU's approximate sin/cos/log2/sqrt (z then agrees with the torch path
+#: to ~1e-6 instead of bit for bit; Triton's CPU interpreter cannot run them)
+CONFIG = dict(tiles=2, num_warps=4, fast=os.environ.get("TRITON_INTERPRET") != "1",
+              offsets64=False)  # 64-bit offsets for every tensor, not just those of >= 2^31 elements
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -40,17 +46,42 @@ def _uniform(x):
 
 
 @triton.jit
+def _approx(x, op: tl.constexpr):
+    return tl.inline_asm_elementwise(op + ".approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _box_muller(ua, ub, FAST: tl.constexpr):
+    """(r cos t, r sin t) with r = sqrt(-2 ln ua), t = 2 pi ub."""
+    if FAST:  # sin/cos.approx are accurate on [-pi, pi]: use t - pi and flip both signs
+        r = _approx(-1.3862943611198906 * _approx(ua, "lg2"), "sqrt")   # -2 ln(u) = -2 ln2 log2(u)
+        t = 6.283185307179586 * ub - 3.141592653589793
+        return -r * _approx(t, "cos"), -r * _approx(t, "sin")
+    r = tl.sqrt_rn(-2.0 * tl.log(ua))
+    t = 6.283185307179586 * ub
+    return r * tl.cos(t), r * tl.sin(t)
+
+
+@triton.jit
 def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
                     DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
-                    W0: tl.constexpr, W1: tl.constexpr):
+                    W0: tl.constexpr, W1: tl.constexpr, FAST: tl.constexpr, BIG: tl.constexpr):
     t = tl.program_id(1)                                  # which tensor of the table
     n = tl.load(numels + t)
     base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    tile = (tl.program_id(0) * TILES + tl.arange(0, TILES)).to(tl.int64)[:, None]
-    col = tl.arange(0, 256).to(tl.int64)[None, :]
+    tile = (tl.program_id(0) * TILES + tl.arange(0, TILES))[:, None]
+    col = tl.arange(0, 256)[None, :]
+    if BIG:  # a tensor of 2^31 elements or more: 64-bit offsets and counters
+        tile = tile.to(tl.int64)
+        col = col.to(tl.int64)
     counter = tile * 256 + col                            # [TILES, 256]
-    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (counter >> 32).to(tl.uint32)
+    if BIG:
+        c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (counter >> 32).to(tl.uint32)
+    else:
+        c0 = counter.to(tl.uint32)
+        c1 = tl.zeros_like(c0)
     zero = tl.zeros_like(c0)
     e0 = tile * 1024 + col                                # lane 0; lanes 1..3 at +256, +512, +768
     m0, m1, m2, m3 = e0 < n, e0 + 256 < n, e0 + 512 < n, e0 + 768 < n
@@ -63,14 +94,12 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
         k1 = tl.load(keys + (t * NTERMS + k) * 2 + 1).to(tl.uint32)
         coef = tl.load(coefs + k)
         r0, r1, r2, r3 = _philox(c0, c1, zero, zero, k0, k1, M0, M1, W0, W1)
-        a = tl.sqrt_rn(-2.0 * tl.log(_uniform(r0)))
-        b = tl.sqrt_rn(-2.0 * tl.log(_uniform(r2)))
-        ta = 6.283185307179586 * _uniform(r1)
-        tb = 6.283185307179586 * _uniform(r3)
-        x0 += coef * (a * tl.cos(ta))
-        x1 += coef * (a * tl.sin(ta))
-        x2 += coef * (b * tl.cos(tb))
-        x3 += coef * (b * tl.sin(tb))
+        z0, z1 = _box_muller(_uniform(r0), _uniform(r1), FAST)
+        z2, z3 = _box_muller(_uniform(r2), _uniform(r3), FAST)
+        x0 += coef * z0
+        x1 += coef * z1
+        x2 += coef * z2
+        x3 += coef * z3
     tl.store(base + e0, x0.to(DTYPE), mask=m0)
     tl.store(base + e0 + 256, x1.to(DTYPE), mask=m1)
     tl.store(base + e0 + 512, x2.to(DTYPE), mask=m2)
@@ -81,12 +110,12 @@ def _launch_groups(pairs):
     """Tensors grouped by (device, dtype, programs needed rounded up to a power of
     two): one launch per group, at most half of its programs idle."""
     groups: dict = {}
-    per_program = TILES_PER_PROGRAM * TILE
+    per_program = CONFIG["tiles"] * TILE
     for index, tensor in pairs:
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"trainable tensor {index}: dtype {tensor.dtype} is not supported")
         programs = max(1, -(-tensor.numel() // per_program))
-        key = (tensor.device, tensor.dtype, 1 << (programs - 1).bit_length())
+        key = (tensor.device, tensor.dtype, 1 << (programs - 1).bit_length(), CONFIG["offsets64"] or tensor.numel() >= 2**31 - 4096)
         groups.setdefault(key, []).append((index, tensor))
     return groups.items()
 
@@ -96,7 +125,7 @@ def apply_z_triton(pairs, terms, decay: float) -> None:
     if not pairs:
         return
     terms = terms or [(0, 0.0)]  # decay alone: one zero term keeps one kernel
-    for (device, dtype, programs), group in _launch_groups(pairs):
+    for (device, dtype, programs, big), group in _launch_groups(pairs):
         ptrs = torch.tensor([t.data_ptr() for _, t in group], dtype=torch.int64)
         numels = torch.tensor([t.numel() for _, t in group], dtype=torch.int64)
         keys = torch.tensor([[z_key(seed, index) for seed, _ in terms] for index, _ in group],
@@ -105,5 +134,6 @@ def apply_z_triton(pairs, terms, decay: float) -> None:
         ptrs, numels, keys, coefs = (x.to(device, non_blocking=True) for x in (ptrs, numels, keys, coefs))
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             _perturb_kernel[(programs, len(group))](
-                ptrs, numels, keys, coefs, float(decay), NTERMS=len(terms), TILES=TILES_PER_PROGRAM,
-                DTYPE=_DTYPES[dtype], M0=PHILOX_M[0], M1=PHILOX_M[1], W0=PHILOX_W[0], W1=PHILOX_W[1])
+                ptrs, numels, keys, coefs, float(decay), NTERMS=len(terms), TILES=CONFIG["tiles"],
+                DTYPE=_DTYPES[dtype], M0=PHILOX_M[0], M1=PHILOX_M[1], W0=PHILOX_W[0], W1=PHILOX_W[1],
+                FAST=CONFIG["fast"] and device.type == "cuda", BIG=big, num_warps=CONFIG["num_warps"])

@@ -207,6 +207,7 @@ import os, sys, random
 os.environ["TRITON_INTERPRET"] = "1"       # Triton's CPU interpreter runs the CUDA kernel's code
 import torch
 from mezo_core.perturb import apply_z, z_like
+from mezo_core import perturb_triton
 from mezo_core.perturb_triton import apply_z_triton
 rng = random.Random(int(sys.argv[1]))
 g = torch.Generator().manual_seed(int(sys.argv[1]))
@@ -216,6 +217,7 @@ ts = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
 terms = [(rng.randrange(2 ** 62), rng.uniform(-1, 1)) for _ in range(rng.randint(1, 3))]
 decay = rng.choice([1.0, 0.99])
 fused, plain = [t.clone() for t in ts], [t.clone() for t in ts]
+perturb_triton.CONFIG["offsets64"] = bool(int(sys.argv[1]) % 2)   # the 64-bit path on half of the runs
 apply_z_triton(list(enumerate(fused)), terms, decay)
 apply_z(plain, terms, decay, kernel="torch")
 for i, (a, b, t) in enumerate(zip(fused, plain, ts)):
@@ -239,9 +241,10 @@ def test_triton_kernel_matches_the_torch_path():
     import subprocess
     import sys
     seed = int.from_bytes(os.urandom(4), "little")
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(seed)], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "ok" in proc.stdout, f"seed {seed}:\n{proc.stderr[-3000:]}"
+    for s in (seed, seed + 1):   # 32- and 64-bit offsets
+        proc = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(s)], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0 and "ok" in proc.stdout, f"seed {s}:\n{proc.stderr[-3000:]}"
 
 
 # -- dtypes ------------------------------------------------------------------------
@@ -292,3 +295,23 @@ def test_merge_terms():
     assert merge_terms([(1, 0.5), (1, -0.5), (3, 2)]) == [(3, 2.0)]
     out = merge_terms([(torch.tensor(5).item(), 1), (5, 2)])
     assert out == [(5, 3.0)] and isinstance(out[0][0], int) and isinstance(out[0][1], float)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_matches_the_torch_path_and_the_cpu(dtype):
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    shapes = [(3, 5), (4096, 257), (70000,), (16, 2048), (2048, 16)]
+    ts = [torch.randn(s, generator=gen).to(dtype).cuda() for s in shapes]
+    terms, decay = [(11, 0.3), (22, -0.05), (33, 1e-3)], 0.99
+    fused, plain = [t.clone() for t in ts], [t.clone() for t in ts]
+    apply_z(fused, terms, decay)                       # the Triton kernel
+    apply_z(plain, terms, decay, kernel="torch")
+    for a, b in zip(fused, plain):
+        if dtype == torch.float32:   # the kernel's approximate sin/cos/log: z within ~2e-5
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+        else:
+            assert bool(((a.float() - b.float()).abs() <= b.float().abs().clamp_min(1e-3) * 2 ** -7).all())
+    z = torch.zeros(70000, device="cuda")
+    apply_z([z], [(22, 1.0)], indices=[2])
+    torch.testing.assert_close(z.cpu(), z_like(torch.empty(70000), 22, 2), rtol=0, atol=5e-5)

@@ -180,3 +180,61 @@ def test_prefix_groups():
     for prefix, members in groups:
         assert len({["a", None, "b", "a", "a"][m] for m in members}) == 1
         assert all(len(rows[m]) - len(prefix) >= 2 for m in members) or len(members) == 1
+
+
+# -- hf.cuda_graphs ------------------------------------------------------------------
+class EagerGraphs:
+    """Stands in for GraphedForward off the GPU: same inputs (widths padded to
+    GRAPH_WIDTH, a prepared 4-D mask, trunk states injected), run eagerly."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, static=(), **tensors):
+        self.calls += 1
+        return self.fn(static, **tensors)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("trunk", [False, True])
+def test_graph_inputs_give_the_plain_losses(arch, trunk, tiny_llama, tiny_gpt2):
+    model_dir = tiny_llama if arch == "llama" else tiny_gpt2
+    plain, graphed = backend(model_dir, arch, False), backend(model_dir, arch, trunk)
+    graphed.graphs = EagerGraphs(graphed._graph_forward)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    batch = random_batch(gen, n=5)
+    for step in range(2):
+        for b in (plain, graphed):
+            b.perturb([(step, 0.3)])
+        assert torch.allclose(plain.losses(batch), graphed.losses(batch), atol=TOL, rtol=0)
+        prompts = [e.prompt_ids for e in batch]
+        assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
+                              graphed.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
+    assert graphed.graphs.calls == 4
+    assert (graphed.get_stats().get("hits", 0) > 0) == trunk
+
+
+def test_cuda_graphs_need_cuda(tiny_llama):
+    from mezo_core import MezoError
+    with pytest.raises(MezoError, match="hf.cuda_graphs"):
+        backend(tiny_llama, "llama", True, extra=["hf.cuda_graphs=true"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("trunk", [False, True])
+def test_cuda_graph_replays_equal_eager_passes(trunk, tiny_llama):
+    cuda = ["model.device=cuda"]
+    eager = backend(tiny_llama, "llama", trunk, extra=cuda)
+    graphed = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.cuda_graphs=true"])
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    batches = [random_batch(gen, n=6) for _ in range(2)]
+    previous = None
+    for step in range(3):   # in-place adapter updates must reach the replayed graph
+        for b in (eager, graphed):
+            b.perturb([(step, 0.3)])
+        for batch in batches:
+            want, got = eager.losses(batch), graphed.losses(batch)
+            assert torch.allclose(want, got, atol=1e-4, rtol=0)
+        assert previous is None or not torch.equal(previous, got)
+        previous = got
+    assert graphed.graphs.captures >= 1 and graphed.graphs.replays == 6

@@ -18,6 +18,7 @@ from mezo_core.models import resolve_model_dir, torch_dtype
 from mezo_core.perturb import apply_z
 
 FULL_PARAMS_FILE = "mezo_params.safetensors"
+GRAPH_WIDTH = 16
 
 OPTIONS = {  # cfg.hf: name -> default
     "trunk_cache": True,        # cache hidden states below the first adapted layer
@@ -27,6 +28,8 @@ OPTIONS = {  # cfg.hf: name -> default
     "pm_batch": False,          # run both signs of all q directions as one batch of 2qB rows
     "prefix_sharing": False,    # rows of one pass sharing >= prefix_min_tokens compute that prefix once
     "prefix_min_tokens": 16,
+    "cuda_graphs": False,       # replay each forward as a CUDA graph (CUDA only; widths padded to
+                                # multiples of GRAPH_WIDTH tokens so that few shapes occur)
     "full_params": None,        # full-parameter MeZO: regexes of parameter names to train
                                 # instead of LoRA, e.g. [".*"] or ['.*layers\\.2[6-9]\\..*']
 }
@@ -108,6 +111,12 @@ class HFBackend(LocalTensorsBackend):
         self.trunk = self._make_trunk(opts)
         self.pm_batch = opts["pm_batch"]
         self.prefix_sharing, self.prefix_min_tokens = opts["prefix_sharing"], opts["prefix_min_tokens"]
+        self.graphs = None
+        if opts["cuda_graphs"]:
+            if self.device.type != "cuda":
+                raise MezoError("hf.cuda_graphs: CUDA graphs need model.device: cuda")
+            from .graphs import GraphedForward
+            self.graphs = GraphedForward(self._graph_forward)
         self.prefix_tokens_saved = 0
         self._side = {}            # adapter name -> its tensors, for side-by-side perturbed states
         self._row_adapters = None  # per-example adapter names while such a batch runs
@@ -180,9 +189,10 @@ class HFBackend(LocalTensorsBackend):
         return [(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))], 0.0
 
     # -- forward passes --------------------------------------------------------
-    def _batch_tensors(self, rows: Sequence[Sequence[int]]):
-        """Left-padded ids, mask and position ids (positions count real tokens only)."""
-        width = max(len(r) for r in rows)
+    def _batch_tensors(self, rows: Sequence[Sequence[int]], multiple: int = 1):
+        """Left-padded ids, mask and position ids (positions count real tokens only),
+        ``multiple`` dividing the width."""
+        width = -(-max(len(r) for r in rows) // multiple) * multiple
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -198,13 +208,19 @@ class HFBackend(LocalTensorsBackend):
 
     def _plain_last_logits(self, rows, keep, adapters=None, states=None):
         """``states``: the rows' trunk states when the caller has them already."""
-        ids, mask, positions = self._batch_tensors(rows)
+        graphed = self.graphs is not None and adapters is None
+        ids, mask, positions = self._batch_tensors(rows, GRAPH_WIDTH if graphed else 1)
         self.forward_tokens += int(mask.sum())
+        if self.trunk is not None and states is None:
+            states = self._trunk_states(rows)
+        if graphed:
+            tensors = dict(input_ids=ids, attention_mask=self._causal_mask(mask, positions), position_ids=positions)
+            if states is not None:
+                tensors["hidden"] = self._left_padded(states, ids.shape[1])
+            return self.graphs(static=keep, **tensors).to(torch.float32, copy=True), ids
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         if adapters is not None:
             inputs["adapter_names"] = adapters
-        if self.trunk is not None and states is None:
-            states = self._trunk_states(rows)
         out = self._forward(states, **inputs, logits_to_keep=keep)
         return out.logits.float(), ids
 
@@ -213,6 +229,24 @@ class HFBackend(LocalTensorsBackend):
         if states is None:
             return self.model(**inputs)
         return self.trunk.forward_from_cache(self._left_padded(states), **inputs)
+
+    def _graph_forward(self, keep, input_ids, attention_mask, position_ids, hidden=None):
+        """The forward that ``hf.cuda_graphs`` captures: every input a tensor of
+        fixed shape, the mask already 4-D (building it from a 2-D mask reads
+        values on the host, which a graph cannot)."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, logits_to_keep=keep)
+        out = self.model(**inputs) if hidden is None else self.trunk.forward_from_cache(hidden, **inputs)
+        return out.logits
+
+    def _causal_mask(self, mask, positions):
+        """transformers' own 4-D mask for these left-padded rows, as its attention
+        implementation wants it."""
+        from transformers.masking_utils import create_causal_mask
+        dtype = self.model.get_input_embeddings().weight.dtype
+        shape_only = torch.empty((*mask.shape, 0), dtype=dtype, device=self.device)  # shape, dtype, device are read
+        return create_causal_mask(config=self.model.config, inputs_embeds=shape_only, attention_mask=mask,
+                                  past_key_values=None, position_ids=positions, allow_is_causal_skip=False)
 
     def _shared_prefix_logits(self, rows, keep, adapters):
         """Rows (of one adapter) that share a prefix of at least ``prefix_min_tokens``
@@ -278,10 +312,15 @@ class HFBackend(LocalTensorsBackend):
                 trunk.cache.insert(rows[i], states[i])
         return states
 
-    def _left_padded(self, states):
+    def _left_padded(self, states, width=None):
         """States of rows of different lengths as one batch, left-padded like the ids."""
-        return torch.nn.utils.rnn.pad_sequence([s.to(self.device, non_blocking=True) for s in states],
-                                               batch_first=True, padding_side="left")
+        if len(states) == 1 and (width is None or width == len(states[0])):
+            return states[0].to(self.device, non_blocking=True)[None]
+        width = width or max(len(s) for s in states)
+        out = states[0].new_zeros((len(states), width, states[0].shape[-1]), device=self.device)
+        for i, s in enumerate(states):
+            out[i, width - len(s):] = s
+        return out
 
     @torch.inference_mode()
     def losses(self, batch: Sequence[Example]) -> torch.Tensor:

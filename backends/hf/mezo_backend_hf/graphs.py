@@ -1,0 +1,58 @@
+"""CUDA graphs for the forward passes of a MeZO step.
+
+A step's passes differ only in the adapter values, which the perturbation
+engine changes in place (same addresses), and in the inputs. Once a forward of
+a given input signature is captured, each later pass copies its inputs into
+the graph's static buffers and replays it: one launch instead of hundreds,
+which is what a step over the top layers of a small model is bound by.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class GraphedForward:
+    """``fn(**tensors) -> tensor`` replayed as one CUDA graph per signature
+    (names, shapes and dtypes of the inputs plus ``static``). At most
+    ``max_graphs`` are kept (least recently used dropped); all share one memory
+    pool. The returned tensor is the graph's output buffer: it is overwritten by
+    the next replay, so consume it first."""
+
+    def __init__(self, fn, max_graphs: int = 32, warmup: int = 2):
+        self.fn, self.max_graphs, self.warmup = fn, max_graphs, warmup
+        self.graphs: OrderedDict = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.captures = self.replays = 0
+
+    def __call__(self, static=(), **tensors) -> torch.Tensor:
+        key = (static,) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(static, tensors)
+            self.graphs[key] = entry
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        inputs, output, graph = entry
+        for name, value in tensors.items():
+            inputs[name].copy_(value, non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        return output
+
+    def _capture(self, static, tensors):
+        inputs = {k: v.clone() for k, v in tensors.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, workspaces) outside the graph
+            for _ in range(self.warmup):
+                self.fn(static, **inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.fn(static, **inputs)
+        self.captures += 1
+        return inputs, output, graph

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the GPU host, in the repo root (omegaconf's wheel in .whl/):
+#   bash benchmarks/gpu_session_host.sh a|hf|b  -> $OUT/*.json, logs  (two parts: a device call is <= 10 min)
+# The CUDA tests (Triton kernel, CUDA graphs), the full-parameter perturbation
+# bench on the 6.7B shape, the hf step with and without CUDA graphs, the reuse rows.
+set -u
+OUT=${OUT:-/tmp/mezo-out}; mkdir -p "$OUT"
+source benchmarks/gpu_host_env.sh
+export PYTHONPATH=$repo:$extra
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)"
+part=${1:-a}
+if [ "$part" = a ]; then
+timeout 200 python3 -m pytest -p no:cacheprovider -q -x tests/test_perturb.py tests/test_reuse.py \
+  -k "cuda or triton or graph" > "$OUT/pytest-gpu.log" 2>&1; echo "pytest rc=$?"; tail -3 "$OUT/pytest-gpu.log"
+timeout 330 python3 -m benchmarks.bench_perturb --device cuda --shape llama-6.7b --sweep --out "$OUT/perturb-6.7b.json" \
+  > "$OUT/bench_perturb.log" 2>&1; echo "bench_perturb rc=$?"; grep -v '^ \|^{\|^}' "$OUT/bench_perturb.log" | tail -30
+elif [ "$part" = hf ]; then
+for g in false true; do
+  timeout 115 python3 -m benchmarks.bench_hf --device cuda --preset llama-1.1b --hf cuda_graphs=$g \
+    --out "$OUT/hf-1.1b-graphs-$g.json" > "$OUT/bench_hf-$g.log" 2>&1; echo "bench_hf graphs=$g rc=$?"
+  grep -E '"(step_ms|base_forward_ms|loss_forward_ms|step_over.*)"' "$OUT/bench_hf-$g.log"
+done
+else
+timeout 400 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
+  --rows "trunk cache" "trunk cache + CUDA graphs" "trunk cache + shared prefixes" "plain (LoRA all layers)" \
+  --out "$OUT/reuse-1.1b.json" > "$OUT/bench_reuse.log" 2>&1; echo "bench_reuse rc=$?"
+grep -v '^ \|^{\|^}\|Warn\|warn' "$OUT/bench_reuse.log" | tail -16
+timeout 150 python3 -m benchmarks.profile_step --device cuda --shape llama-1.1b --lora-layers all --trunk false \
+  > "$OUT/profile-all-layers.txt" 2>&1; echo "profile rc=$?"; head -4 "$OUT/profile-all-layers.txt"
+fi
