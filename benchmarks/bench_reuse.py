@@ -32,8 +32,11 @@ ROWS = {  # name: (lora layers, hf options)
     "shared prefixes within a pass": ("top", {"trunk_cache": False, "prefix_sharing": True}),
     "trunk cache + shared prefixes": ("top", {"trunk_cache": True, "prefix_sharing": True}),
     "trunk cache + CUDA graphs": ("top", {"trunk_cache": True, "cuda_graphs": True}),
+    "trunk cache + model-dtype LoRA": ("top", {"trunk_cache": True, "lora_dtype": "model"}),
+    "trunk cache + CUDA graphs + model-dtype LoRA": ("top", {"trunk_cache": True, "cuda_graphs": True,
+                                                              "lora_dtype": "model"}),
 }
-CUDA_ONLY = {"trunk cache + CUDA graphs"}
+CUDA_ONLY = {"trunk cache + CUDA graphs", "trunk cache + CUDA graphs + model-dtype LoRA"}
 
 
 def make_backend(model_dir, shape, layers, opts, device, dtype, r=16):

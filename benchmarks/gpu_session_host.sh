@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host, in the repo root (omegaconf's wheel in .whl/):
-#   bash benchmarks/gpu_session_host.sh a|hf|b  -> $OUT/*.json, logs  (two parts: a device call is <= 10 min)
+#   bash benchmarks/gpu_session_host.sh a|hf|b|c  -> $OUT/*.json, logs  (two parts: a device call is <= 10 min)
 # The CUDA tests (Triton kernel, CUDA graphs), the full-parameter perturbation
 # bench on the 6.7B shape, the hf step with and without CUDA graphs, the reuse rows.
 set -u
@@ -21,6 +21,18 @@ for g in false true; do
     --out "$OUT/hf-1.1b-graphs-$g.json" > "$OUT/bench_hf-$g.log" 2>&1; echo "bench_hf graphs=$g rc=$?"
   grep -E '"(step_ms|base_forward_ms|loss_forward_ms|step_over.*)"' "$OUT/bench_hf-$g.log"
 done
+elif [ "$part" = c ]; then
+for opts in "lora_dtype=model" "lora_dtype=model cuda_graphs=true"; do
+  tag=${opts// /-}; tag=${tag//=/-}
+  timeout 115 python3 -m benchmarks.bench_hf --device cuda --preset llama-1.1b $(printf -- '--hf %s ' $opts) \
+    --out "$OUT/hf-1.1b-$tag.json" > "$OUT/bench_hf-$tag.log" 2>&1; echo "bench_hf $opts rc=$?"
+  grep -E '"(step_ms|base_forward_ms|step_over.*)"' "$OUT/bench_hf-$tag.log"
+done
+timeout 300 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
+  --rows "trunk cache" "trunk cache + CUDA graphs" "trunk cache + model-dtype LoRA" \
+         "trunk cache + CUDA graphs + model-dtype LoRA" \
+  --out "$OUT/reuse-1.1b-lora-dtype.json" > "$OUT/bench_reuse-c.log" 2>&1; echo "bench_reuse rc=$?"
+grep -v '^ \|^{\|^}\|Warn\|warn\|Loading' "$OUT/bench_reuse-c.log" | tail -12
 else
 timeout 400 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
   --rows "trunk cache" "trunk cache + CUDA graphs" "trunk cache + shared prefixes" "plain (LoRA all layers)" \

@@ -286,3 +286,38 @@ def test_example_checks():
     with pytest.raises(ValueError):
         Example((1,), (2,), ((3,), (4,)))
     assert Example((1, 2), (3,)).num_tokens == 3
+
+
+def test_lora_dtype_model_moves_fp32_masters_and_forwards_in_bf16(tiny_llama, tmp_path):
+    """hf.lora_dtype=model on a bf16 model: the adapter inside the model is bf16
+    (no fp32 casts around the LoRA GEMMs) and always equals the fp32 masters
+    rounded once; MeZO moves the masters, so a +eps, -2eps, +eps round trip
+    comes back at fp32 precision, and the files hold the fp32 values."""
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_core.config import load_config
+    common = [f"model.path={tiny_llama}", "model.dtype=bfloat16", "lora.layers=[2,3]", "hf.trunk_cache=false"]
+    fast = HFBackend(load_config(None, common + ["hf.lora_dtype=model"]))
+    ref = HFBackend(load_config(None, common))                     # fp32 adapter, the default
+    assert {t.dtype for t in fast._model_tensors} == {torch.bfloat16}
+    assert {t.dtype for t in fast.trainable_tensors()} == {torch.float32}
+    start = [t.clone() for t in fast.trainable_tensors()]
+    for a, b in zip(start, ref.trainable_tensors()):
+        assert torch.equal(a, b)                                   # the same initial adapter
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    batch = [Example(tuple(torch.randint(4, 250, (9,), generator=gen).tolist()), (7,)) for _ in range(4)]
+    for seed, coef in ((3, 0.5), (4, -0.25)):
+        for b in (fast, ref):
+            b.perturb([(seed, coef)])
+        for master, inside in zip(fast.trainable_tensors(), fast._model_tensors):
+            assert torch.equal(master.to(torch.bfloat16), inside)
+        torch.testing.assert_close(fast.losses(batch), ref.losses(batch), rtol=0, atol=3e-2)  # bf16 level
+    for seed, coef in ((4, 0.25), (3, -0.5)):                      # back to the start
+        fast.perturb([(seed, coef)])
+    for a, b in zip(fast.trainable_tensors(), start):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)        # fp32, not bf16, precision
+    fast.perturb([(9, 0.1)])
+    fast.save_adapter(tmp_path / "a")
+    again = HFBackend(load_config(None, common + ["hf.lora_dtype=model"]))
+    again.load_adapter(tmp_path / "a")
+    for a, b, inside in zip(again.trainable_tensors(), fast.trainable_tensors(), again._model_tensors):
+        assert torch.equal(a, b) and torch.equal(inside, b.to(torch.bfloat16))

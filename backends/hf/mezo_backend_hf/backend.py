@@ -30,6 +30,8 @@ OPTIONS = {  # cfg.hf: name -> default
     "prefix_min_tokens": 16,
     "cuda_graphs": False,       # replay each forward as a CUDA graph (CUDA only; widths padded to
                                 # multiples of GRAPH_WIDTH tokens so that few shapes occur)
+    "lora_dtype": "float32",    # dtype of the adapter the forwards use: "float32", or "model" (e.g. bf16:
+                                # no fp32 casts around the LoRA GEMMs); MeZO always moves fp32 masters
     "full_params": None,        # full-parameter MeZO: regexes of parameter names to train
                                 # instead of LoRA, e.g. [".*"] or ['.*layers\\.2[6-9]\\..*']
 }
@@ -89,9 +91,12 @@ class HFBackend(LocalTensorsBackend):
         self.model_dir, self.lora = model_dir, cfg.lora
         opts = backend_options(cfg.hf, OPTIONS, "hf")
         self.full_params = opts["full_params"]
+        if opts["lora_dtype"] not in ("float32", "model"):
+            raise MezoError(f"config field 'hf.lora_dtype': {opts['lora_dtype']!r} is neither 'float32' nor 'model'")
         if self.full_params is None:
             try:
-                self.model = get_peft_model(base, peft_lora_config(cfg.lora, str(model_dir)))
+                self.model = get_peft_model(base, peft_lora_config(cfg.lora, str(model_dir)),
+                                            autocast_adapter_dtype=opts["lora_dtype"] == "float32")
             except ValueError as exc:
                 raise MezoError(f"lora: {exc}") from None
             params = {canonical_name(n): p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -103,6 +108,9 @@ class HFBackend(LocalTensorsBackend):
             p.requires_grad_(False)  # MeZO never needs autograd
         self._names = sorted(params)
         self._tensors = [params[n] for n in self._names]
+        self._model_tensors = self._tensors   # the adapter inside the model, which the forwards read
+        if self.full_params is None and any(t.dtype != torch.float32 for t in self._tensors):
+            self._tensors = [t.float() for t in self._model_tensors]  # fp32 masters, rounded once per move
         if self.full_params is None:
             self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
         elif opts["pm_batch"]:
@@ -146,7 +154,7 @@ class HFBackend(LocalTensorsBackend):
         policy = get_registry().get("eviction_policies", opts["cache_policy"])()
         cache = RadixCache(opts["cache_budget_mb"] * 2**20, policy, opts["cache_device"])
         try:
-            trunk = FrozenTrunk(self.model, cache, self._tensors)
+            trunk = FrozenTrunk(self.model, cache, self._model_tensors)
         except ValueError as exc:
             raise MezoError(f"hf.trunk_cache: {exc}; set hf.trunk_cache=false") from None
         return trunk if trunk.k0 > 0 else None  # nothing frozen below the first layer
@@ -370,6 +378,17 @@ class HFBackend(LocalTensorsBackend):
             raise MezoError(f"{source}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
         for name, tensor in zip(self._names, self._tensors):
             tensor.copy_(state[name])
+        self._sync_model_adapter()
+
+    def perturb(self, terms, decay=1.0):
+        super().perturb(terms, decay)
+        self._sync_model_adapter()
+
+    @torch.no_grad()  # peft's enable_adapters() turns requires_grad back on
+    def _sync_model_adapter(self):
+        """hf.lora_dtype=model: the model's adapter is the fp32 masters rounded once."""
+        if self._model_tensors is not self._tensors:
+            torch._foreach_copy_(self._model_tensors, self._tensors)
 
     def get_stats(self):
         stats = {"forward_tokens": self.forward_tokens}
@@ -384,4 +403,4 @@ class HFBackend(LocalTensorsBackend):
 
     def close(self):
         self.model = None
-        self._tensors = []
+        self._tensors = self._model_tensors = []
