@@ -217,6 +217,61 @@ def test_resume_reproduces_the_uninterrupted_run(stop_at, uninterrupted, tmp_pat
             == json.loads((uninterrupted / "summary.json").read_text()))
 
 
+# -- the fused step schedule (mezo.fuse_steps) ------------------------------------------
+def test_fused_schedule_matches_the_unfused_run(tmp_path, tiny_llama, capsys, fresh_registry,
+                                                monkeypatch):
+    """fuse_steps=true folds restore + update + the next step's +eps z into one pass, except
+    before an evaluation, a checkpoint or the end: the trajectory, the mid-run evaluation and
+    checkpoint, and the final adapter match fuse_steps=false up to fp32 rounding."""
+    import mezo_core.trainer as trainer_mod
+    real_step = trainer_mod.mezo_step
+    carried = {True: [], False: []}                  # per step: did it take the next step's +eps z?
+
+    def spy(*args, next_direction=None, **kwargs):
+        carried[fuse].append(next_direction is not None)
+        return real_step(*args, next_direction=next_direction, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "mezo_step", spy)
+    runs = {}
+    for fuse in (True, False):
+        folder = tmp_path / f"fuse-{fuse}"
+        # eval after step 3, checkpoint after step 4 (both mid-run), end after step 6
+        cfg = write_config(folder, tiny_llama, steps=6, checkpoint_every=4)
+        get_registry.cache_clear()
+        assert main(["train", "-c", str(cfg), "eval_every=3", f"mezo.fuse_steps={str(fuse).lower()}"]) == 0
+        runs[fuse] = folder / "run"
+    capsys.readouterr()
+    # steps 1, 2 and 5 carry the next step's +eps z; 3, 4 and 6 leave clean weights behind
+    steps_that_carried = {k: [i + 1 for i, c in enumerate(v) if c] for k, v in carried.items()}
+    assert steps_that_carried == {True: [1, 2, 5], False: []}
+
+    fused, plain = rows(runs[True]), rows(runs[False])
+    assert [r["step"] for r in fused] == [r["step"] for r in plain] == [1, 2, 3, 4, 5, 6]
+    tol = dict(rel=1e-4, abs=1e-6)                   # fp32 rounding only
+    for f, p in zip(fused, plain):
+        assert f["seeds"] == p["seeds"] and f["eps"] == p["eps"] and f["lr"] == p["lr"]
+        for key in ("loss", "loss_plus", "loss_minus"):
+            assert f[key] == pytest.approx(p[key], **tol), (f["step"], key)
+        assert f["grads"] == pytest.approx(p["grads"], **tol), f["step"]
+    # the mid-run evaluation (step 3) saw clean weights in both runs
+    assert [r["step"] for r in fused if "dev_accuracy" in r] == [3]
+    for f, p in zip(fused, plain):
+        if "dev_accuracy" in f:
+            assert f["dev_accuracy"] == p["dev_accuracy"] and f["dev_examples"] == p["dev_examples"]
+            assert f["dev_loss"] == pytest.approx(p["dev_loss"], rel=1e-5)
+    sf, sp = (json.loads((runs[k] / "summary.json").read_text()) for k in (True, False))
+    assert sf["zero_shot"] == sp["zero_shot"]        # nothing has moved yet: bitwise
+    assert sf["final"]["dev_accuracy"] == sp["final"]["dev_accuracy"]
+    assert sf["final"]["dev_loss"] == pytest.approx(sp["final"]["dev_loss"], rel=1e-5)
+    # the mid-run checkpoint (step 4) and the final adapter hold the same tensors
+    for rel in ("checkpoints/step-0000004", "adapter"):
+        a = load_file(str(runs[True] / rel / "adapter_model.safetensors"))
+        b = load_file(str(runs[False] / rel / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert (a[name] - b[name]).abs().max() <= 1e-6, (rel, name)
+
+
 def test_training_twice_into_a_finished_run_is_refused(uninterrupted, capsys, fresh_registry):
     cfg = uninterrupted.parent / "run.yaml"
     before = (uninterrupted / "metrics.jsonl").read_text()
