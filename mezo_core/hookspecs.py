@@ -41,4 +41,6 @@ def register_epsilon_schedules(register):
 @hookspec
 def on_step_end(step, metrics):
     """Called after every optimisation step with the metrics dict that is also
-    written to ``metrics.jsonl``. Loggers (W&B, TensorBoard, ...) hook in here."""
+    written to ``metrics.jsonl``. Loggers (W&B, TensorBoard, ...) hook in here.
+    With ``mezo.fuse_steps`` the weights may already carry the next step's +eps*z
+    here; they are clean where the run evaluates, checkpoints or ends."""
