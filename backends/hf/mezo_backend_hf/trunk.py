@@ -122,6 +122,8 @@ class RadixCache:
 
 def _common(edge, tokens, start) -> int:
     n = min(len(edge), len(tokens) - start)
+    if edge[:n] == tuple(tokens[start:start + n]):  # the usual case, compared in C
+        return n
     for j in range(n):
         if edge[j] != tokens[start + j]:
             return j
