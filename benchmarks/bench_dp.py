@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.bench_hf import workload
-from benchmarks.common import SHAPES, build_random_model, environment, write_result
+from benchmarks.common import SHAPES, build_random_model, environment, workload, write_result
 from mezo_core.config import load_config
 from mezo_core.distributed import init_from_env, rank_and_world, shard, sum_over_ranks
 from mezo_core.mezo import mezo_step

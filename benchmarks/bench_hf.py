@@ -3,7 +3,8 @@
     python -m benchmarks.bench_hf                      # CPU: SmolLM2-135M shape, B=8, T=64
     python -m benchmarks.bench_hf --device cuda --preset llama-1.1b   # B=16, T=256, bf16
 
-Reports the median MeZO step (two perturbed forwards + the fused update) and
+Reports the median MeZO step (two perturbed forwards + the fused update, as
+the trainer takes them over a pool of four batches in turn) and
 its ratio to two forwards of the base model in the reference style (plain
 transformers forward, full logits), and to two forwards of our own loss path.
 """
@@ -15,19 +16,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHAPES, build_random_model, environment, median_times, write_result
-from mezo_core import Example
+from benchmarks.common import SHAPES, Stepper, build_random_model, environment, make_batches, median_times, write_result
 from mezo_core.config import load_config
-from mezo_core.mezo import mezo_step
 
 PRESETS = {"cpu": dict(shape="smollm2-135m", batch=8, seq=64, dtype="float32"),
            "llama-1.1b": dict(shape="llama-1.1b", batch=16, seq=256, dtype="bfloat16")}
-
-
-def workload(batch, seq, vocab, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(10, vocab, (batch, seq), generator=gen).tolist()
-    return [Example(tuple(r[:-1]), (r[-1],)) for r in ids]
 
 
 def run(shape, batch, seq, dtype, device, lora_layers, r, steps, model_root, hf_options=()):
@@ -41,19 +34,23 @@ def run(shape, batch, seq, dtype, device, lora_layers, r, steps, model_root, hf_
         overrides.append(f"lora.layers=[{','.join(str(i) for i in range(layers - layers // 4, layers))}]")
     overrides += [f"hf.{o}" for o in hf_options]
     backend = HFBackend(load_config(None, overrides))
-    data = workload(batch, seq, SHAPES[shape]["vocab_size"])
-    ids = torch.tensor([e.prompt_ids + e.target_ids for e in data], device=backend.device)
+    batches, _ = make_batches(batch, seq, SHAPES[shape]["vocab_size"], pool=4)
+    ids = [torch.tensor([e.prompt_ids + e.target_ids for e in b], device=backend.device) for b in batches]
+    turn = {"base": 0, "loss": 0}
+
+    def take(which, items):
+        turn[which] += 1
+        return items[turn[which] % len(items)]
 
     @torch.inference_mode()
     def base_forward():  # reference style: the base model, full logits
         with backend.model.disable_adapter():
-            backend.model(input_ids=ids).logits.float()
+            backend.model(input_ids=take("base", ids)).logits.float()
 
-    step_no = iter(range(10**9))
     # round robin: each round times one of each, so clock and noise drift hit all alike
     t_step, t_base, t_loss = median_times(
-        [lambda: mezo_step(backend, data, [next(step_no)], 1e-3, 1e-6), base_forward, lambda: backend.losses(data)],
-        steps, device=device)
+        [Stepper(backend, batches), base_forward, lambda: backend.losses(take("loss", batches))],
+        steps, warmup=2 * len(batches), device=device)
     all_steps = t_step[1]
     t_step, t_base, t_loss = t_step[0], t_base[0], t_loss[0]
     peak = torch.cuda.max_memory_allocated() / 2**30 if backend.device.type == "cuda" else None

@@ -44,6 +44,55 @@ def build_random_model(shape: str, out_dir: Path, dtype=torch.bfloat16, seed=0) 
     return out_dir
 
 
+def workload(batch, seq, vocab, seed=0):
+    """``batch`` rows of ``seq`` random tokens; the last token is the target."""
+    from mezo_core import Example
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab, (batch, seq), generator=gen).tolist()
+    return [Example(tuple(r[:-1]), (r[-1],)) for r in ids]
+
+
+def make_batches(batch, seq, vocab, prefix_frac=0.0, pool=1, seed=0):
+    """``pool`` batches of ``batch`` rows x ``seq`` tokens; the first round(prefix_frac*seq)
+    tokens of every row (of every batch) are those of row 0 of batch 0. The prefix never
+    covers the target: at most seq-1 tokens."""
+    from mezo_core import Example
+    if not 0.0 <= prefix_frac <= 1.0:
+        raise ValueError(f"--prefix-frac must be in [0, 1] (got {prefix_frac})")
+    n_prefix = min(seq - 1, round(prefix_frac * seq))
+    batches = [workload(batch, seq, vocab, seed=seed + i) for i in range(pool)]
+    prefix = batches[0][0].prompt_ids[:n_prefix]
+    out = [[Example(prefix + e.prompt_ids[n_prefix:], e.target_ids) for e in b] for b in batches]
+    return out, n_prefix
+
+
+class Stepper:
+    """MeZO steps as the trainer takes them: the fused schedule (each step's
+    update also applies the next step's +eps z) over a pool of batches taken in
+    turn, so no two consecutive steps see the same rows."""
+
+    def __init__(self, backend, batches, eps=1e-3, lr=1e-6):
+        self.backend, self.batches, self.eps, self.lr = backend, batches, eps, lr
+        self.step, self.applied = 0, 0.0
+
+    def __call__(self):
+        from mezo_core.mezo import mezo_step
+        s, self.step = self.step, self.step + 1
+        result = mezo_step(self.backend, self.batches[s % len(self.batches)], [s], self.eps, self.lr,
+                           applied=self.applied, next_direction=(s + 1, self.eps))
+        self.applied = result.applied
+        return result
+
+
+def timed(fn, device) -> float:
+    """Seconds of one call, the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -5,7 +5,7 @@
     python -m benchmarks.compare --device cuda --shape llama-1.1b --batch 16 --seq 256
     mezo-run bench ...                                            # the same
 
-Workload (``benchmarks.bench_hf.workload``): B rows of T tokens with random
+Workload (``benchmarks.common.workload``): B rows of T tokens with random
 ids, prompt = the first T-1 tokens, target = the last one; with
 ``--prefix-frac f`` the first round(f*T) tokens of every row are identical.
 Every row gets the same batch each step (``--batch-pool N``: cycles through
@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_hf import workload
-from benchmarks.common import SHAPES, build_random_model, environment, synchronize, write_result
+from benchmarks.common import (SHAPES, build_random_model, environment, make_batches, synchronize, timed,
+                               write_result)
 from mezo_core import Example
 from mezo_core.mezo import direction_seeds, mezo_step
 
@@ -69,19 +69,6 @@ LR = 1e-6                             # steps barely move the adapter
 
 
 # -- workload ------------------------------------------------------------------------------
-def make_batches(batch, seq, vocab, prefix_frac, pool=1, seed=0):
-    """``pool`` batches of ``batch`` rows x ``seq`` tokens; the first round(prefix_frac*seq)
-    tokens of every row (of every batch) are those of row 0 of batch 0. The prefix never
-    covers the target: at most seq-1 tokens."""
-    if not 0.0 <= prefix_frac <= 1.0:
-        raise ValueError(f"--prefix-frac must be in [0, 1] (got {prefix_frac})")
-    n_prefix = min(seq - 1, round(prefix_frac * seq))
-    batches = [workload(batch, seq, vocab, seed=seed + i) for i in range(pool)]
-    prefix = batches[0][0].prompt_ids[:n_prefix]
-    out = [[Example(prefix + e.prompt_ids[n_prefix:], e.target_ids) for e in b] for b in batches]
-    return out, n_prefix
-
-
 def lora_layers(shape, which):
     n = SHAPES[shape]["num_hidden_layers"]
     if which == "all":
@@ -152,14 +139,6 @@ def flush_cache(backend):
     for method in ("reset_prefix_cache", "flush_cache"):
         if hasattr(backend, method):
             getattr(backend, method)()
-
-
-def timed(fn, device):
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 def device_used_bytes(device):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host, in the repo root (omegaconf's wheel in .whl/):
-#   bash benchmarks/gpu_session_host.sh a|hf|b|c  -> $OUT/*.json, logs  (two parts: a device call is <= 10 min)
+#   bash benchmarks/gpu_session_host.sh a|hf|b|c|d|e  -> $OUT/*.json, logs  (parts: a device call is <= 10 min)
 # The CUDA tests (Triton kernel, CUDA graphs), the full-parameter perturbation
 # bench on the 6.7B shape, the hf step with and without CUDA graphs, the reuse rows.
 set -u
@@ -33,6 +33,27 @@ timeout 300 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b -
          "trunk cache + CUDA graphs + model-dtype LoRA" \
   --out "$OUT/reuse-1.1b-lora-dtype.json" > "$OUT/bench_reuse-c.log" 2>&1; echo "bench_reuse rc=$?"
 grep -v '^ \|^{\|^}\|Warn\|warn\|Loading' "$OUT/bench_reuse-c.log" | tail -12
+elif [ "$part" = d ]; then  # host overhead and fusion: profiles, the reuse rows with memory
+timeout 150 python3 -m pytest -p no:cacheprovider -q -x tests/test_perturb.py tests/test_reuse.py \
+  -k "cuda or triton or graph or compile" > "$OUT/pytest-gpu.log" 2>&1; echo "pytest rc=$?"; tail -3 "$OUT/pytest-gpu.log"
+for opts in "cuda_graphs=true lora_dtype=model" "compile=true cuda_graphs=true lora_dtype=model"; do
+  tag=${opts// /-}; tag=${tag//=/-}
+  timeout 100 python3 -m benchmarks.profile_step --device cuda --shape llama-1.1b --lora-layers top \
+    $(printf -- '--hf %s ' $opts) > "$OUT/profile-trunk-$tag.txt" 2>&1; echo "profile $opts rc=$?"
+  grep '^#' "$OUT/profile-trunk-$tag.txt"
+done
+timeout 330 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
+  --memory --rows "trunk cache" "trunk cache + CUDA graphs + model-dtype LoRA" \
+         "trunk cache + compile + CUDA graphs + model-dtype LoRA" \
+  --out "$OUT/reuse-1.1b.json" > "$OUT/bench_reuse.log" 2>&1; echo "bench_reuse rc=$?"
+grep -v '^ \|^{\|^}\|Warn\|warn\|Loading\|Writing' "$OUT/bench_reuse.log" | tail -22
+elif [ "$part" = e ]; then  # the all-layer step with the fused layers
+for opts in "lora_dtype=model" "compile=true cuda_graphs=true lora_dtype=model" "compile=true"; do
+  tag=${opts// /-}; tag=${tag//=/-}
+  timeout 170 python3 -m benchmarks.bench_hf --device cuda --preset llama-1.1b $(printf -- '--hf %s ' $opts) \
+    --out "$OUT/hf-1.1b-$tag.json" > "$OUT/bench_hf-$tag.log" 2>&1; echo "bench_hf $opts rc=$?"
+  grep -E '"(step_ms|base_forward_ms|step_over.*)"' "$OUT/bench_hf-$tag.log"
+done
 else
 timeout 400 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
   --rows "trunk cache" "trunk cache + CUDA graphs" "trunk cache + shared prefixes" "plain (LoRA all layers)" \

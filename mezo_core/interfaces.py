@@ -120,7 +120,7 @@ class Backend(abc.ABC):
         if any(e.choices != choices for e in batch):
             raise ValueError("examples of one batch must share their choices")
         scores = self.choice_losses([e.prompt_ids for e in batch], choices)
-        gold = torch.tensor([choices.index(e.target_ids) for e in batch])
+        gold = torch.tensor([choices.index(e.target_ids) for e in batch], device=scores.device)
         return torch.nn.functional.cross_entropy(-scores, gold, reduction="none")
 
     def choice_losses(self, prompts: Sequence[tuple[int, ...]],

@@ -28,6 +28,7 @@ between them; z agrees to the last bits of the fp32 log/sin/cos (~1e-6).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -54,6 +55,7 @@ def mix(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # a step's seeds recur in its next perturbation
 def z_key(seed: int, index: int) -> tuple[int, int]:
     """The Philox key (k0, k1) of z(seed, index)."""
     key = mix(seed, index)

@@ -107,17 +107,36 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
 
 
 def _launch_groups(pairs):
-    """Tensors grouped by (device, dtype, programs needed rounded up to a power of
-    two): one launch per group, at most half of its programs idle."""
-    groups: dict = {}
+    """[(device, dtype, programs, big, indices, pointer table, size table)]: tensors
+    grouped by (device, dtype, programs needed rounded up to a power of two), one
+    launch per group, at most half of its programs idle. The tables live on the
+    device and are kept per layout (addresses and sizes), so a training run
+    uploads them once."""
+    layout = (CONFIG["tiles"], CONFIG["offsets64"]) + tuple(
+        (index, t.data_ptr(), t.numel(), t.dtype, t.device) for index, t in pairs)
+    groups = _TABLES.get(layout)
+    if groups is not None:
+        return groups
+    by_key: dict = {}
     per_program = CONFIG["tiles"] * TILE
     for index, tensor in pairs:
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"trainable tensor {index}: dtype {tensor.dtype} is not supported")
         programs = max(1, -(-tensor.numel() // per_program))
-        key = (tensor.device, tensor.dtype, 1 << (programs - 1).bit_length(), CONFIG["offsets64"] or tensor.numel() >= 2**31 - 4096)
-        groups.setdefault(key, []).append((index, tensor))
-    return groups.items()
+        key = (tensor.device, tensor.dtype, 1 << (programs - 1).bit_length(),
+               CONFIG["offsets64"] or tensor.numel() >= 2**31 - 4096)
+        by_key.setdefault(key, []).append((index, tensor))
+    groups = [(*key, [i for i, _ in group],
+               torch.tensor([t.data_ptr() for _, t in group], dtype=torch.int64).to(key[0]),
+               torch.tensor([t.numel() for _, t in group], dtype=torch.int64).to(key[0]))
+              for key, group in by_key.items()]
+    if len(_TABLES) >= 64:
+        _TABLES.clear()
+    _TABLES[layout] = groups
+    return groups
+
+
+_TABLES: dict = {}
 
 
 def apply_z_triton(pairs, terms, decay: float) -> None:
@@ -125,15 +144,12 @@ def apply_z_triton(pairs, terms, decay: float) -> None:
     if not pairs:
         return
     terms = terms or [(0, 0.0)]  # decay alone: one zero term keeps one kernel
-    for (device, dtype, programs, big), group in _launch_groups(pairs):
-        ptrs = torch.tensor([t.data_ptr() for _, t in group], dtype=torch.int64)
-        numels = torch.tensor([t.numel() for _, t in group], dtype=torch.int64)
-        keys = torch.tensor([[z_key(seed, index) for seed, _ in terms] for index, _ in group],
-                            dtype=torch.int64)
+    for device, dtype, programs, big, indices, ptrs, numels in _launch_groups(pairs):
+        keys = torch.tensor([[z_key(seed, index) for seed, _ in terms] for index in indices], dtype=torch.int64)
         coefs = torch.tensor([coef for _, coef in terms], dtype=torch.float32)
-        ptrs, numels, keys, coefs = (x.to(device, non_blocking=True) for x in (ptrs, numels, keys, coefs))
+        keys, coefs = (x.to(device, non_blocking=True) for x in (keys, coefs))
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            _perturb_kernel[(programs, len(group))](
+            _perturb_kernel[(programs, len(indices))](
                 ptrs, numels, keys, coefs, float(decay), NTERMS=len(terms), TILES=CONFIG["tiles"],
                 DTYPE=_DTYPES[dtype], M0=PHILOX_M[0], M1=PHILOX_M[1], W0=PHILOX_W[0], W1=PHILOX_W[1],
                 FAST=CONFIG["fast"] and device.type == "cuda", BIG=big, num_warps=CONFIG["num_warps"])

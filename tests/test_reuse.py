@@ -191,8 +191,12 @@ class EagerGraphs:
         self.fn, self.calls = fn, 0
 
     def __call__(self, static=(), **tensors):
+        self.last = static, {k: v.clone() for k, v in tensors.items()}  # as a graph's input buffers
+        return self.replay_last()
+
+    def replay_last(self):
         self.calls += 1
-        return self.fn(static, **tensors)
+        return self.fn(self.last[0], **self.last[1])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -214,6 +218,52 @@ def test_graph_inputs_give_the_plain_losses(arch, trunk, tiny_llama, tiny_gpt2):
     assert (graphed.get_stats().get("hits", 0) > 0) == trunk
 
 
+@pytest.mark.parametrize("trunk,graphs", [(False, False), (True, False), (False, True), (True, True)])
+def test_second_pass_reuses_the_first_pass_inputs(trunk, graphs, tiny_llama, monkeypatch):
+    """Both passes of a step build the batch's inputs once; the losses still
+    follow the adapter (plain computation on fresh random batches of one shape,
+    so a stale reuse across batches would show)."""
+    plain, reusing = backend(tiny_llama, "llama", False), backend(tiny_llama, "llama", trunk)
+    if graphs:
+        reusing.graphs = EagerGraphs(reusing._graph_forward)
+    built = []
+    build = reusing._forward_inputs
+    monkeypatch.setattr(reusing, "_forward_inputs", lambda *a: built.append(1) or build(*a))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    shape = random_batch(gen, n=4)
+    for step in range(3):
+        batch = [Example(tuple(torch.randint(4, 250, (len(e.prompt_ids),), generator=gen).tolist()),
+                         e.target_ids) for e in shape]
+        want = plain.plus_minus_losses(batch, 10 + step, 0.05)
+        got = reusing.plus_minus_losses(batch, 10 + step, 0.05)
+        assert want[2] == got[2] == -0.05
+        for x, y in zip(want[:2], got[:2]):
+            assert x.device.type == "cpu" and torch.allclose(x, y, atol=TOL, rtol=0)
+        assert not torch.allclose(got[0], got[1], atol=1e-4)   # the second pass saw -eps z
+        assert len(built) == step + 1                          # one build per step
+    if trunk:
+        stats = reusing.get_stats()
+        assert stats["lookups"] == 2 * 3 * len(shape) and stats["hits"] == 3 * len(shape)
+
+
+@pytest.mark.parametrize("trunk", [False, True])
+def test_compiled_layers_give_the_plain_losses(trunk, tiny_llama):
+    """hf.compile: the compiled layers (inductor's fused kernels) against eager
+    ones, with the graph inputs too, while the adapter moves."""
+    plain = backend(tiny_llama, "llama", False)
+    compiled = backend(tiny_llama, "llama", trunk, extra=["hf.compile=true"])
+    compiled.graphs = EagerGraphs(compiled._graph_forward)
+    layers = compiled.trunk.top if trunk else compiled.model.base_model.model.model.layers
+    assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in layers)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    batch = random_batch(gen, n=5)
+    for step in range(2):
+        want = plain.plus_minus_losses(batch, 30 + step, 0.05)
+        got = compiled.plus_minus_losses(batch, 30 + step, 0.05)
+        for x, y in zip(want[:2], got[:2]):
+            assert torch.allclose(x, y, atol=TOL, rtol=0)
+
+
 def test_cuda_graphs_need_cuda(tiny_llama):
     from mezo_core import MezoError
     with pytest.raises(MezoError, match="hf.cuda_graphs"):
@@ -221,11 +271,11 @@ def test_cuda_graphs_need_cuda(tiny_llama):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("trunk", [False, True])
-def test_cuda_graph_replays_equal_eager_passes(trunk, tiny_llama):
+@pytest.mark.parametrize("trunk,compiled", [(False, False), (True, False), (True, True)])
+def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, tiny_llama):
     cuda = ["model.device=cuda"]
     eager = backend(tiny_llama, "llama", trunk, extra=cuda)
-    graphed = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.cuda_graphs=true"])
+    graphed = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.cuda_graphs=true", f"hf.compile={compiled}"])
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
     batches = [random_batch(gen, n=6) for _ in range(2)]
     previous = None

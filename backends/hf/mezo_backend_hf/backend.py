@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
@@ -30,6 +31,8 @@ OPTIONS = {  # cfg.hf: name -> default
     "prefix_min_tokens": 16,
     "cuda_graphs": False,       # replay each forward as a CUDA graph (CUDA only; widths padded to
                                 # multiples of GRAPH_WIDTH tokens so that few shapes occur)
+    "compile": False,           # torch.compile the decoder layers a pass runs (fuses norms, rotary
+                                # embeddings, activations; the first pass of each shape compiles)
     "lora_dtype": "float32",    # dtype of the adapter the forwards use: "float32", or "model" (e.g. bf16:
                                 # no fp32 casts around the LoRA GEMMs); MeZO always moves fp32 masters
     "full_params": None,        # full-parameter MeZO: regexes of parameter names to train
@@ -119,6 +122,8 @@ class HFBackend(LocalTensorsBackend):
         self.trunk = self._make_trunk(opts)
         self.pm_batch = opts["pm_batch"]
         self.prefix_sharing, self.prefix_min_tokens = opts["prefix_sharing"], opts["prefix_min_tokens"]
+        if opts["compile"]:
+            self._compile_layers()
         self.graphs = None
         if opts["cuda_graphs"]:
             if self.device.type != "cuda":
@@ -131,6 +136,8 @@ class HFBackend(LocalTensorsBackend):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.forward_tokens = 0
+        self._inputs_key, self._inputs = None, None  # the last batch's forward inputs (see _plain_last_logits)
+        self._keep_on_device = False                 # losses stay on the device until a step reads them
 
     @staticmethod
     def _full_params(model, patterns):
@@ -158,6 +165,15 @@ class HFBackend(LocalTensorsBackend):
         except ValueError as exc:
             raise MezoError(f"hf.trunk_cache: {exc}; set hf.trunk_cache=false") from None
         return trunk if trunk.k0 > 0 else None  # nothing frozen below the first layer
+
+    def _compile_layers(self):
+        """torch.compile each decoder layer that a pass runs (those from k0 up with
+        the trunk cache). Only ``forward`` is compiled, so the trunk's hooks stay
+        outside; the layers share one compiled graph (same code, same shapes)."""
+        from .trunk import decoder_layers
+        layers = self.trunk.top if self.trunk is not None else decoder_layers(self.model)[2]
+        for layer in layers:
+            layer.forward = torch.compile(layer.forward)
 
     def _side_adapter(self, name):
         """The tensors of an extra adapter that holds a perturbed copy of the default one."""
@@ -199,12 +215,21 @@ class HFBackend(LocalTensorsBackend):
     # -- forward passes --------------------------------------------------------
     def _batch_tensors(self, rows: Sequence[Sequence[int]], multiple: int = 1):
         """Left-padded ids, mask and position ids (positions count real tokens only),
-        ``multiple`` dividing the width."""
-        width = -(-max(len(r) for r in rows) // multiple) * multiple
-        ids = torch.tensor([[self.pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        ``multiple`` dividing the width; built on the host in one array, moved in one copy."""
+        lengths = [len(r) for r in rows]
+        width = -(-max(lengths) // multiple) * multiple
+        host = np.full((3, len(rows), width), self.pad_id, dtype=np.int64)
+        for i, r in enumerate(rows):
+            host[0, i, width - len(r):] = r
+        host = torch.from_numpy(host)
+        start = width - torch.tensor(lengths)[:, None]
+        column = torch.arange(width)
+        host[1] = column >= start
+        host[2] = (column - start).clamp(min=0)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        ids, mask, positions = host.to(self.device, non_blocking=True)
+        return ids, mask, positions
 
     def _last_logits(self, rows, keep: int, adapters=None) -> torch.Tensor:
         if self.prefix_sharing and len(rows) > 1:
@@ -212,28 +237,62 @@ class HFBackend(LocalTensorsBackend):
         return self._plain_last_logits(rows, keep, adapters)
 
     def _plain_last_logits(self, rows, keep, adapters=None, states=None):
-        """``states``: the rows' trunk states when the caller has them already."""
+        """Logits of the last ``keep`` positions and the padded ids. ``states``:
+        the rows' trunk states when the caller has them already.
+
+        The inputs of a whole batch under the default adapter are kept for the
+        next call: the -eps pass of a step asks for the same rows, and then
+        skips the lookups, the padding and (with CUDA graphs) the copies into
+        the graph. The key holds everything the inputs depend on: the rows, the
+        graph layout and the trunk cache's generation (a change of a trunk
+        weight empties the cache and so changes the key)."""
         graphed = self.graphs is not None and adapters is None
+        self.forward_tokens += sum(map(len, rows))
+        key = None
+        if adapters is None and states is None:
+            key = (tuple(rows), keep, graphed, self._trunk_epoch())
+        if key is not None and key == self._inputs_key:
+            if self.trunk is not None:
+                self.trunk.cache.count_reuse(rows)
+            inputs = self._inputs
+            if graphed:  # the graph's input buffers still hold these rows
+                return self.graphs.replay_last().to(torch.float32, copy=True), inputs["input_ids"]
+        else:
+            inputs = self._forward_inputs(rows, graphed, states)
+            self._inputs_key, self._inputs = key, inputs
+            if graphed:
+                return self.graphs(static=keep, **inputs).to(torch.float32, copy=True), inputs["input_ids"]
+        extra = {} if adapters is None else {"adapter_names": adapters}
+        hidden = inputs.get("hidden")
+        plain = {k: v for k, v in inputs.items() if k != "hidden"}
+        out = self._forward(hidden, **plain, **extra, use_cache=False, logits_to_keep=keep)
+        return out.logits.float(), inputs["input_ids"]
+
+    def _forward_inputs(self, rows, graphed, states=None):
+        """The tensors a forward over ``rows`` takes: ids, mask (4-D for a graph),
+        positions and, with the trunk cache, the states entering layer k0."""
         ids, mask, positions = self._batch_tensors(rows, GRAPH_WIDTH if graphed else 1)
-        self.forward_tokens += int(mask.sum())
         if self.trunk is not None and states is None:
             states = self._trunk_states(rows)
-        if graphed:
-            tensors = dict(input_ids=ids, attention_mask=self._causal_mask(mask, positions), position_ids=positions)
-            if states is not None:
-                tensors["hidden"] = self._left_padded(states, ids.shape[1])
-            return self.graphs(static=keep, **tensors).to(torch.float32, copy=True), ids
-        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        if adapters is not None:
-            inputs["adapter_names"] = adapters
-        out = self._forward(states, **inputs, logits_to_keep=keep)
-        return out.logits.float(), ids
+        inputs = dict(input_ids=ids, attention_mask=self._causal_mask(mask, positions) if graphed else mask,
+                      position_ids=positions)
+        if states is not None:
+            inputs["hidden"] = self._left_padded(states, ids.shape[1])
+        return inputs
 
-    def _forward(self, states, **inputs):
-        """The model's forward, from the trunk states when there are any."""
-        if states is None:
+    def _trunk_epoch(self):
+        """Changes whenever the trunk cache was emptied, e.g. because a trunk
+        weight changed (None: no trunk)."""
+        if self.trunk is None:
+            return None
+        self.trunk.check_fresh()
+        return self.trunk.cache.generation
+
+    def _forward(self, hidden, **inputs):
+        """The model's forward, from the trunk states (a padded batch) when there are any."""
+        if hidden is None:
             return self.model(**inputs)
-        return self.trunk.forward_from_cache(self._left_padded(states), **inputs)
+        return self.trunk.forward_from_cache(hidden, **inputs)
 
     def _graph_forward(self, keep, input_ids, attention_mask, position_ids, hidden=None):
         """The forward that ``hf.cuda_graphs`` captures: every input a tensor of
@@ -288,17 +347,17 @@ class HFBackend(LocalTensorsBackend):
         n, p = len(suffixes), len(prefix)
         extra = {} if adapter is None else {"adapter_names": [adapter]}
         ids_p = torch.tensor([prefix], device=self.device)
-        past = self._forward(None if states is None else [states[0][:p]], input_ids=ids_p,
+        past = self._forward(None if states is None else self._left_padded([states[0][:p]]), input_ids=ids_p,
                              position_ids=torch.arange(p, device=self.device)[None],
                              use_cache=True, logits_to_keep=1, **extra).past_key_values
         past.batch_repeat_interleave(n)
         ids, mask, positions = self._batch_tensors(suffixes)
-        self.forward_tokens += p + int(mask.sum())
+        self.forward_tokens += p + sum(map(len, suffixes))
         self.prefix_tokens_saved += (n - 1) * p
         full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=mask.device), mask], dim=1)
         if adapter is not None:
             extra = {"adapter_names": [adapter] * n}
-        out = self._forward(None if states is None else [s[p:] for s in states],
+        out = self._forward(None if states is None else self._left_padded([s[p:] for s in states]),
                             input_ids=ids, attention_mask=full_mask, position_ids=positions + p,
                             past_key_values=past, use_cache=True, logits_to_keep=keep, **extra)
         return out.logits.float()
@@ -337,7 +396,7 @@ class HFBackend(LocalTensorsBackend):
         is_target = torch.arange(k, device=ids.device)[None, :] >= (k - target_len)[:, None]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
         per_example = (nll * is_target).sum(1) / target_len
-        return per_example.double().cpu()
+        return self._to_host(per_example.double())
 
     @torch.inference_mode()
     def choice_losses(self, prompts, choices):
@@ -352,7 +411,21 @@ class HFBackend(LocalTensorsBackend):
         # single-token choices: one pass over the prompts scores all of them
         logits, _ = self._last_logits(prompts, 1, self._row_adapters)
         logp = torch.log_softmax(logits[:, -1], dim=-1)
-        return (-logp[:, [c[0] for c in choices]]).double().cpu()
+        return self._to_host((-logp[:, [c[0] for c in choices]]).double())
+
+    def _to_host(self, losses):
+        return losses if self._keep_on_device else losses.cpu()
+
+    def plus_minus_losses(self, batch, seed, eps, applied=0.0):
+        """The base class's sequence, with the losses read back once at the end:
+        the -eps pass is queued while the +eps pass runs, so the device never
+        waits for the host between the two."""
+        self._keep_on_device = True
+        try:
+            loss_plus, loss_minus, offset = super().plus_minus_losses(batch, seed, eps, applied)
+        finally:
+            self._keep_on_device = False
+        return loss_plus.cpu(), loss_minus.cpu(), offset
 
     # -- adapter files -------------------------------------------------------------
     def save_adapter(self, path):

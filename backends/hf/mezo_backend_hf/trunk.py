@@ -35,6 +35,9 @@ class RadixCache:
         self.stats = dict(lookups=0, hits=0, tokens_looked_up=0, tokens_reused=0, evictions=0, invalidations=0)
 
     def clear(self):
+        """Drop every entry; ``generation`` counts clears, so a caller holding
+        states it looked up knows to look them up again."""
+        self.generation = getattr(self, "generation", -1) + 1
         self.root = _Node(0, (), None, None)
         self.nodes: dict[int, _Node] = {}
         self.bytes = 0
@@ -63,6 +66,15 @@ class RadixCache:
         self.stats["hits"] += 1
         self.stats["tokens_reused"] += len(tokens)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def count_reuse(self, rows) -> None:
+        """Count hits for rows whose looked-up states a caller reuses (one step's
+        second pass over the same batch): their trunk work is skipped again."""
+        tokens = sum(map(len, rows))
+        self.stats["lookups"] += len(rows)
+        self.stats["hits"] += len(rows)
+        self.stats["tokens_looked_up"] += tokens
+        self.stats["tokens_reused"] += tokens
 
     def insert(self, tokens, hidden: torch.Tensor) -> None:
         node, i = self.root, 0
@@ -192,6 +204,8 @@ class FrozenTrunk:
         ``past_key_values`` may come from an earlier call with ``use_cache=True``."""
         if inputs.get("past_key_values") is not None:
             self._stand_in_below_k0(inputs["past_key_values"])
+        ids = inputs.pop("input_ids")  # no embedding lookup: a stand-in of the right shape, no memory
+        inputs["inputs_embeds"] = hidden.new_zeros(()).expand(*ids.shape, hidden.shape[-1])
 
         def hook(module, args, kwargs):
             if args:
