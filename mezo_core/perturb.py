@@ -21,9 +21,10 @@ The definition (``z_like`` computes it; tests pin it):
 One counter feeds four neighbouring columns of a tile, so the kernel spends one
 Philox evaluation per four elements and still loads and stores contiguously.
 
-Two implementations: torch integer ops on any device (below), and a fused
-Triton kernel on CUDA (``perturb_triton``) that reads and writes every weight
-once per call, whatever the number of terms. The uniforms are bit-identical
+Two implementations: torch ops on any device (below; on the CPU the integer
+part runs in numpy's uint64, bit-identical), and a fused Triton kernel on CUDA
+(``perturb_triton``) that reads and writes every weight once per call,
+whatever the number of terms. The uniforms are bit-identical
 between them; z agrees to the last bits of the fp32 log/sin/cos (~1e-6).
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import functools
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 TILE, LANE = 1024, 256       # elements per tile; columns per lane (= counters per tile)
@@ -86,17 +88,41 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)
 
 
+def _philox_uniforms_numpy(counters: torch.Tensor, k0, k1) -> list[torch.Tensor]:
+    """The four uniform lanes on the CPU, the integer work in numpy's uint64:
+    a 32x32-bit product fits, so each multiply is one operation instead of the
+    int64 splitting above (and numpy's per-call cost is a fraction of torch's
+    on the small tensors of a LoRA adapter). Bit-identical to ``philox4x32``."""
+    mask = np.uint64(_MASK32)
+    n = counters.numpy().astype(np.uint64)
+    c0, c1 = n & mask, n >> np.uint64(32)
+    c2 = c3 = np.zeros_like(c0)
+    k0, k1 = (np.asarray(k.numpy() if isinstance(k, torch.Tensor) else k, dtype=np.uint64) for k in (k0, k1))
+    m0, m1 = np.uint64(PHILOX_M[0]), np.uint64(PHILOX_M[1])
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0, k1 = (k0 + np.uint64(PHILOX_W[0])) & mask, (k1 + np.uint64(PHILOX_W[1])) & mask
+        p0, p1 = c0 * m0, c2 * m1
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask
+    scale = np.float32(2.0 ** -24)
+    return [torch.from_numpy(((x >> np.uint64(9)) * np.uint64(2) + np.uint64(1)).astype(np.float32) * scale)
+            for x in (c0, c1, c2, c3)]
+
+
 def tile_normals(tiles: torch.Tensor, k0, k1) -> torch.Tensor:
     """z of whole tiles: ``tiles`` holds tile numbers [T] (int64), the keys are ints
     or per-tile int64 tensors [T]; returns fp32 [T, TILE]."""
     counters = tiles[:, None] * LANE + torch.arange(LANE, device=tiles.device)
     if isinstance(k0, torch.Tensor):
         k0, k1 = k0[:, None], k1[:, None]
-    zero = torch.zeros_like(counters)
-    x = philox4x32(counters & _MASK32, counters >> 32, zero, zero, k0, k1)
-    r0 = torch.sqrt(-2.0 * torch.log(_uniform(x[0])))
-    r2 = torch.sqrt(-2.0 * torch.log(_uniform(x[2])))
-    t1, t3 = (2 * math.pi) * _uniform(x[1]), (2 * math.pi) * _uniform(x[3])
+    if counters.device.type == "cpu":
+        u = _philox_uniforms_numpy(counters, k0, k1)
+    else:
+        zero = torch.zeros_like(counters)
+        u = [_uniform(x) for x in philox4x32(counters & _MASK32, counters >> 32, zero, zero, k0, k1)]
+    r0 = torch.sqrt(-2.0 * torch.log(u[0]))
+    r2 = torch.sqrt(-2.0 * torch.log(u[2]))
+    t1, t3 = (2 * math.pi) * u[1], (2 * math.pi) * u[3]
     lanes = torch.stack([r0 * torch.cos(t1), r0 * torch.sin(t1), r2 * torch.cos(t3), r2 * torch.sin(t3)], 1)
     return lanes.view(len(tiles), TILE)
 
@@ -155,14 +181,16 @@ def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
         from .perturb_triton import apply_z_triton
         apply_z_triton([(i, t) for i, t in pairs if t.is_cuda], terms, decay)
         pairs = [(i, t) for i, t in pairs if not t.is_cuda]
-    group, group_size = [], 0  # small fp32 tensors of one device, together <= CHUNK elements
+    limit = CHUNK // max(1, len(terms))  # small fp32 tensors of one device: <= CHUNK z values for all terms
+    group, group_size = [], 0
     for index, tensor in pairs:
-        if tensor.dtype == torch.float32 and tensor.numel() <= CHUNK:
-            if group and (group_size + tensor.numel() > CHUNK or group[0][1].device != tensor.device):
+        padded = -(-tensor.numel() // TILE) * TILE
+        if tensor.dtype == torch.float32 and padded <= limit:
+            if group and (group_size + padded > limit or group[0][1].device != tensor.device):
                 _apply_group(group, terms, decay)
                 group, group_size = [], 0
             group.append((index, tensor))
-            group_size += tensor.numel()
+            group_size += padded
         else:
             _apply_chunked(index, tensor, terms, decay)
     if group:
@@ -170,8 +198,9 @@ def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
 
 
 def _apply_group(group, terms, decay):
-    """One Philox evaluation per term for all tensors of the group: tiles of every
-    tensor side by side, each with its tensor's key."""
+    """One Philox evaluation for all tensors of the group and all terms: tiles of
+    every tensor side by side, each with its tensor's and term's key. The terms
+    are then added one after another, in the kernel's order of rounding."""
     device = group[0][1].device
     flats = [t.view(-1) for _, t in group]
     n_tiles = [(f.numel() + TILE - 1) // TILE for f in flats]
@@ -181,10 +210,13 @@ def _apply_group(group, terms, decay):
     tiles = torch.arange(int(sizes.sum()), device=device) - first[owner]
     if decay != 1.0:
         torch._foreach_mul_(flats, decay)
-    for seed, coef in terms:
-        keys = torch.tensor([z_key(seed, index) for index, _ in group], device=device)
-        z = tile_normals(tiles, keys[owner, 0], keys[owner, 1])
-        zs = [part.view(-1)[:f.numel()] for part, f in zip(torch.split(z, n_tiles), flats)]
+    if not terms:
+        return
+    keys = torch.tensor([[z_key(seed, index) for index, _ in group] for seed, _ in terms], device=device)
+    keys = keys[:, owner].view(-1, 2)                     # [terms x tiles, 2]
+    z = tile_normals(tiles.repeat(len(terms)), keys[:, 0], keys[:, 1]).view(len(terms), -1, TILE)
+    for (_, coef), z_term in zip(terms, z):
+        zs = [part.view(-1)[:f.numel()] for part, f in zip(torch.split(z_term, n_tiles), flats)]
         torch._foreach_add_(flats, zs, alpha=coef)
 
 

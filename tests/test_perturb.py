@@ -149,6 +149,22 @@ def _philox_py(c, k):
     return c
 
 
+def test_numpy_philox_equals_the_torch_ops():
+    """The CPU's uint64 Philox against the int64 torch ops, on random counters
+    (beyond 2^32 too) and per-row keys."""
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    counters = torch.randint(0, 2 ** 40, (64, 1), generator=gen) + torch.arange(256)
+    k0, k1 = (torch.randint(0, 2 ** 32, (64, 1), generator=gen) for _ in range(2))
+    zero = torch.zeros_like(counters)
+    want = [perturb._uniform(x) for x in perturb.philox4x32(counters & 0xFFFFFFFF, counters >> 32, zero, zero, k0, k1)]
+    got = perturb._philox_uniforms_numpy(counters, k0, k1)
+    assert all(torch.equal(w, g) for w, g in zip(want, got))
+    got = perturb._philox_uniforms_numpy(counters, int(k0[0]), int(k1[0]))   # one key for all
+    want = [perturb._uniform(x) for x in perturb.philox4x32(counters & 0xFFFFFFFF, counters >> 32, zero, zero,
+                                                            int(k0[0]), int(k1[0]))]
+    assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
 def test_z_follows_its_documented_definition_element_by_element():
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     seed, index = rng.randrange(2 ** 62), rng.randrange(500)
@@ -196,8 +212,9 @@ def test_apply_z_scratch_is_bounded_by_one_chunk(monkeypatch):
     monkeypatch.setattr(perturb, "tile_normals", spy)
     big, small, tiny = torch.zeros(10 * chunk + 5), torch.zeros(1000), torch.zeros(10)
     apply_z([big, small, tiny], [(1, 1.0), (2, 0.5)])
-    # the big tensor in 11 pieces per term; the two small ones together, one tile each
-    assert len(seen) == 2 * (11 + 1)
+    # the big tensor in 11 pieces per term; the small ones one tile each, both terms at once,
+    # so one per call (two tiles of z = one chunk)
+    assert len(seen) == 2 * 11 + 2 and max(seen) * 1024 <= chunk
     assert all(tiles * perturb.TILE <= chunk for tiles in seen)
     assert seen[-1] == 2
 

@@ -258,10 +258,14 @@ class HFBackend(LocalTensorsBackend):
             if graphed:  # the graph's input buffers still hold these rows
                 return self.graphs.replay_last().to(torch.float32, copy=True), inputs["input_ids"]
         else:
+            self._inputs_key = self._inputs = None  # freed before the new inputs exist: no two batches held
             inputs = self._forward_inputs(rows, graphed, states)
+            if graphed:  # the graph keeps its own copy; only the ids (the labels) are kept here
+                logits = self.graphs(static=keep, **inputs)
+                inputs = {"input_ids": inputs["input_ids"]}
+                self._inputs_key, self._inputs = key, inputs
+                return logits.to(torch.float32, copy=True), inputs["input_ids"]
             self._inputs_key, self._inputs = key, inputs
-            if graphed:
-                return self.graphs(static=keep, **inputs).to(torch.float32, copy=True), inputs["input_ids"]
         extra = {} if adapters is None else {"adapter_names": adapters}
         hidden = inputs.get("hidden")
         plain = {k: v for k, v in inputs.items() if k != "hidden"}
