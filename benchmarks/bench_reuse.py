@@ -98,13 +98,20 @@ def memory_table(model_dir, args, names):
     common = ["--device", args.device, "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
               "--dtype", args.dtype, "--pool", str(args.pool), "--model-dir", str(model_dir)]
     def run(what):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_reuse", *common, "--memory-of", what],
-                             check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_reuse", *common, "--memory-of", what],
+                              capture_output=True, text=True)
+        if done.returncode:
+            return {"error": done.stderr.strip().splitlines()[-1:]}  # the timings above are kept
+        return json.loads(done.stdout.strip().splitlines()[-1])
     forward = run("one forward")
+    if "error" in forward:
+        return forward, []
     rows = []
     for name in names:
         m = run(name)
+        if "error" in m:
+            rows.append({"row": name, **m})
+            continue
         total_ratio = (m["step_peak_gib"] - m["cache_gib"]) / forward["peak_gib"]
         working = (m["step_peak_gib"] - m["weights_gib"] - m["cache_gib"]) / (forward["peak_gib"] - forward["weights_gib"])
         rows.append({"row": name, **m, "step_over_one_forward_plus_cache": total_ratio,
@@ -189,11 +196,16 @@ def main(argv=None):
     print(f"\n{'eps':>8} {'hit rate':>9} {'token reuse':>12}  ({args.eps_steps} steps, cache cold at start)")
     for r in eps_rows:
         print(f"{r['eps']:8.0e} {r['hit_rate']:9.3f} {r['token_reuse']:12.3f}")
-    if memory:
+    if memory and "error" in memory["one_forward"]:
+        print(f"\nmemory: one forward failed: {memory['one_forward']['error']}")
+    elif memory:
         print(f"\none forward: peak {memory['one_forward']['peak_gib']:.3f} GiB "
               f"(weights {memory['one_forward']['weights_gib']:.3f})")
         print(f"{'row':44} {'peak GiB':>9} {'cache':>7} {'(peak-cache)/fwd':>17} {'working/fwd':>12}")
         for r in memory["rows"]:
+            if "error" in r:
+                print(f"{r['row']:44} failed: {r['error']}")
+                continue
             print(f"{r['row']:44} {r['step_peak_gib']:9.3f} {r['cache_gib']:7.3f} "
                   f"{r['step_over_one_forward_plus_cache']:17.3f} {r['working_memory_over_one_forward']:12.3f}")
     write_result({"benchmark": "hf exact reuse, mechanisms on/off", **environment(args.device),
