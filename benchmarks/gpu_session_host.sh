@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU host, in the repo root (omegaconf's wheel in .whl/):
-#   bash benchmarks/gpu_session_host.sh a|hf|b|c|d|e  -> $OUT/*.json, logs  (parts: a device call is <= 10 min)
+#   bash benchmarks/gpu_session_host.sh a|hf|b|c|d|r|e  -> $OUT/*.json, logs  (parts: a device call is <= 10 min)
 # The CUDA tests (Triton kernel, CUDA graphs), the full-parameter perturbation
 # bench on the 6.7B shape, the hf step with and without CUDA graphs, the reuse rows.
 set -u
@@ -33,16 +33,17 @@ timeout 300 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b -
          "trunk cache + CUDA graphs + model-dtype LoRA" \
   --out "$OUT/reuse-1.1b-lora-dtype.json" > "$OUT/bench_reuse-c.log" 2>&1; echo "bench_reuse rc=$?"
 grep -v '^ \|^{\|^}\|Warn\|warn\|Loading' "$OUT/bench_reuse-c.log" | tail -12
-elif [ "$part" = d ]; then  # host overhead and fusion: profiles, the reuse rows with memory
+elif [ "$part" = d ]; then  # host overhead and fusion: CUDA tests, profiles with the device's busy time
 timeout 150 python3 -m pytest -p no:cacheprovider -q -x tests/test_perturb.py tests/test_reuse.py \
   -k "cuda or triton or graph or compile" > "$OUT/pytest-gpu.log" 2>&1; echo "pytest rc=$?"; tail -3 "$OUT/pytest-gpu.log"
 for opts in "cuda_graphs=true lora_dtype=model" "compile=true cuda_graphs=true lora_dtype=model"; do
   tag=${opts// /-}; tag=${tag//=/-}
-  timeout 100 python3 -m benchmarks.profile_step --device cuda --shape llama-1.1b --lora-layers top \
+  timeout 200 python3 -m benchmarks.profile_step --device cuda --shape llama-1.1b --lora-layers top \
     $(printf -- '--hf %s ' $opts) > "$OUT/profile-trunk-$tag.txt" 2>&1; echo "profile $opts rc=$?"
   grep '^#' "$OUT/profile-trunk-$tag.txt"
 done
-timeout 330 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
+elif [ "$part" = r ]; then  # the trunk rows, timed round robin, and their peak memory in fresh processes
+timeout 540 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
   --memory --rows "trunk cache" "trunk cache + CUDA graphs + model-dtype LoRA" \
          "trunk cache + compile + CUDA graphs + model-dtype LoRA" \
   --out "$OUT/reuse-1.1b.json" > "$OUT/bench_reuse.log" 2>&1; echo "bench_reuse rc=$?"
