@@ -155,17 +155,21 @@ def main(argv=None):
         chosen = {name: row for name, row in ROWS.items()
                   if (args.rows is None or name in args.rows or name == "plain (LoRA top quarter)")
                   and (args.device.startswith("cuda") or name not in CUDA_ONLY)}
-        steppers = {name: Stepper(make_backend(model_dir, args.shape, layers, opts, args.device, args.dtype), batches)
-                    for name, (layers, opts) in chosen.items()}
-        times = {name: [] for name in chosen}
-        for name, stepper in steppers.items():  # warm-up: fills the trunk caches, captures the graphs
-            for _ in range(2 * len(batches)):
-                stepper()
+        steppers, failed = {}, []
+        for name, (layers, opts) in chosen.items():  # warm-up: fills the trunk caches, captures the graphs
+            try:
+                stepper = Stepper(make_backend(model_dir, args.shape, layers, opts, args.device, args.dtype), batches)
+                for _ in range(2 * len(batches)):
+                    stepper()
+                steppers[name] = stepper
+            except Exception as exc:  # one broken option must not lose the other rows
+                failed.append({"row": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        times = {name: [] for name in steppers}
         for _ in range(args.rounds):
             for name, stepper in steppers.items():
                 times[name].append(timed(stepper, args.device))
         base = statistics.median(times["plain (LoRA top quarter)"])
-        rows = []
+        rows = list(failed)
         for name, stepper in steppers.items():
             med = statistics.median(times[name])
             stats = stepper.backend.get_stats()
@@ -174,6 +178,7 @@ def main(argv=None):
                          "hit_rate": stats.get("hit_rate"), "token_reuse": stats.get("token_reuse"),
                          "layers_skipped": stats.get("layers_skipped", 0), "cache_bytes": stats.get("bytes", 0)})
             stepper.backend.close()
+        measured = [name for name in steppers if ROWS[name][0] == "top"]
         del steppers
         eps_rows = []
         for eps in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1):
@@ -187,10 +192,13 @@ def main(argv=None):
             b.close()
         memory = None
         if args.memory and args.device.startswith("cuda"):
-            forward, memory_rows = memory_table(model_dir, args, [n for n in chosen if ROWS[n][0] == "top"])
+            forward, memory_rows = memory_table(model_dir, args, measured)
             memory = {"one_forward": forward, "rows": memory_rows}
     print(f"\n{'row':44} {'step ms':>9} {'speed-up':>9} {'hit rate':>9} {'reuse':>7}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['row']:44} failed: {r['error']}")
+            continue
         print(f"{r['row']:44} {r['step_ms']:9.1f} {r['speedup_vs_plain_top_quarter']:9.2f} "
               f"{(r['hit_rate'] or 0):9.3f} {(r['token_reuse'] or 0):7.3f}")
     print(f"\n{'eps':>8} {'hit rate':>9} {'token reuse':>12}  ({args.eps_steps} steps, cache cold at start)")
