@@ -36,6 +36,11 @@ ROWS = {  # name: (lora layers, hf options)
     "trunk cache + CUDA graphs + model-dtype LoRA": ("top", {"trunk_cache": True, "cuda_graphs": True,
                                                               "lora_dtype": "model"}),
     "trunk cache + compile": ("top", {"trunk_cache": True, "compile": True}),
+    "trunk cache + trimmed last layer": ("top", {"trunk_cache": True, "trim_last_layer": True}),
+    "trunk cache + compile + trimmed last layer": ("top", {"trunk_cache": True, "compile": True,
+                                                           "trim_last_layer": True}),
+    "trunk cache + every GPU option": ("top", {"trunk_cache": True, "compile": True, "cuda_graphs": True,
+                                               "lora_dtype": "model", "trim_last_layer": True}),
     "trunk cache + compile + CUDA graphs + model-dtype LoRA": ("top", {"trunk_cache": True, "compile": True,
                                                                        "cuda_graphs": True, "lora_dtype": "model"}),
 }

@@ -36,7 +36,7 @@ grep -v '^ \|^{\|^}\|Warn\|warn\|Loading' "$OUT/bench_reuse-c.log" | tail -12
 elif [ "$part" = d ]; then  # host overhead and fusion: CUDA tests, profiles with the device's busy time
 timeout 150 python3 -m pytest -p no:cacheprovider -q -x tests/test_perturb.py tests/test_reuse.py \
   -k "cuda or triton or graph or compile" > "$OUT/pytest-gpu.log" 2>&1; echo "pytest rc=$?"; tail -3 "$OUT/pytest-gpu.log"
-for opts in "cuda_graphs=true lora_dtype=model" "compile=true cuda_graphs=true lora_dtype=model"; do
+for opts in "cuda_graphs=true lora_dtype=model" "compile=true cuda_graphs=true lora_dtype=model trim_last_layer=true"; do
   tag=${opts// /-}; tag=${tag//=/-}
   timeout 200 python3 -m benchmarks.profile_step --device cuda --shape llama-1.1b --lora-layers top \
     $(printf -- '--hf %s ' $opts) > "$OUT/profile-trunk-$tag.txt" 2>&1; echo "profile $opts rc=$?"
@@ -45,11 +45,11 @@ done
 elif [ "$part" = r ]; then  # the trunk rows, timed round robin, and their peak memory in fresh processes
 timeout 540 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
   --memory --rows "trunk cache" "trunk cache + CUDA graphs + model-dtype LoRA" \
-         "trunk cache + compile + CUDA graphs + model-dtype LoRA" \
+         "trunk cache + compile + CUDA graphs + model-dtype LoRA" "trunk cache + every GPU option" \
   --out "$OUT/reuse-1.1b.json" > "$OUT/bench_reuse.log" 2>&1; echo "bench_reuse rc=$?"
 grep -v '^ \|^{\|^}\|Warn\|warn\|Loading\|Writing' "$OUT/bench_reuse.log" | tail -22
 elif [ "$part" = e ]; then  # the all-layer step with the fused layers
-for opts in "lora_dtype=model" "compile=true cuda_graphs=true lora_dtype=model" "compile=true"; do
+for opts in "lora_dtype=model" "compile=true cuda_graphs=true lora_dtype=model trim_last_layer=true" "compile=true"; do
   tag=${opts// /-}; tag=${tag//=/-}
   timeout 170 python3 -m benchmarks.bench_hf --device cuda --preset llama-1.1b $(printf -- '--hf %s ' $opts) \
     --out "$OUT/hf-1.1b-$tag.json" > "$OUT/bench_hf-$tag.log" 2>&1; echo "bench_hf $opts rc=$?"

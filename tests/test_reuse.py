@@ -264,6 +264,30 @@ def test_compiled_layers_give_the_plain_losses(trunk, tiny_llama):
             assert torch.allclose(x, y, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch,trunk,graphs", [("llama", False, False), ("llama", True, False), ("llama", True, True),
+                                                ("gpt2", False, False), ("gpt2", True, True)])
+def test_trimmed_last_layer_gives_the_plain_losses(arch, trunk, graphs, tiny_llama, tiny_gpt2):
+    """hf.trim_last_layer: the last layer's MLP sees only the kept positions, the
+    losses are the plain ones -- rows shorter than the kept window included."""
+    model_dir = tiny_llama if arch == "llama" else tiny_gpt2
+    plain = backend(model_dir, arch, False)
+    trim = backend(model_dir, arch, trunk, extra=["hf.trim_last_layer=true"])
+    if graphs:
+        trim.graphs = EagerGraphs(trim._graph_forward)
+    widths = []  # of what the last layer's MLP sees
+    trim.stack.layers[-1].mlp.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    batch = random_batch(gen, n=5) + [Example((7,), (9,)), Example((5, 6), (9, 10, 11))]  # keep = 4 > 2 tokens
+    for step in range(2):
+        want, got = plain.plus_minus_losses(batch, 40 + step, 0.05), trim.plus_minus_losses(batch, 40 + step, 0.05)
+        for x, y in zip(want[:2], got[:2]):
+            assert torch.allclose(x, y, atol=TOL, rtol=0)
+        prompts = [e.prompt_ids for e in batch]
+        assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]), trim.choice_losses(prompts, [(5,), (9,)]),
+                              atol=TOL, rtol=0)
+    assert set(widths) == {4, 1}   # only the kept positions: the longest target + 1, or the last one
+
+
 def test_cuda_graphs_need_cuda(tiny_llama):
     from mezo_core import MezoError
     with pytest.raises(MezoError, match="hf.cuda_graphs"):

@@ -35,6 +35,8 @@ OPTIONS = {  # cfg.hf: name -> default
                                 # embeddings, activations; the first pass of each shape compiles)
     "lora_dtype": "float32",    # dtype of the adapter the forwards use: "float32", or "model" (e.g. bf16:
                                 # no fp32 casts around the LoRA GEMMs); MeZO always moves fp32 masters
+    "trim_last_layer": False,   # the last layer computes only keys and values for positions whose
+                                # logits no loss reads (exact: those outputs reach no logit)
     "full_params": None,        # full-parameter MeZO: regexes of parameter names to train
                                 # instead of LoRA, e.g. [".*"] or ['.*layers\\.2[6-9]\\..*']
 }
@@ -120,6 +122,12 @@ class HFBackend(LocalTensorsBackend):
             raise MezoError("hf.pm_batch holds perturbed LoRA adapters side by side: it needs LoRA, "
                             "not hf.full_params")
         self.trunk = self._make_trunk(opts)
+        self.trim_last_layer = opts["trim_last_layer"]
+        if self.trim_last_layer and self.trunk is None:
+            from .trunk import LayerStack
+            self.stack = LayerStack(self.model)
+        else:
+            self.stack = self.trunk
         self.pm_batch = opts["pm_batch"]
         self.prefix_sharing, self.prefix_min_tokens = opts["prefix_sharing"], opts["prefix_min_tokens"]
         if opts["compile"]:
@@ -293,7 +301,17 @@ class HFBackend(LocalTensorsBackend):
         return self.trunk.cache.generation
 
     def _forward(self, hidden, **inputs):
-        """The model's forward, from the trunk states (a padded batch) when there are any."""
+        """The model's forward, from the trunk states (a padded batch) when there
+        are any; with ``hf.trim_last_layer`` the last layer runs in full only for
+        the positions whose logits are kept."""
+        keep = inputs.get("logits_to_keep")
+        if (self.trim_last_layer and inputs.get("past_key_values") is None
+                and isinstance(keep, int) and 0 < keep < inputs["input_ids"].shape[1]):
+            from .trunk import NoKeysAndValues
+            try:
+                return self.stack.last_positions(hidden, 0 if hidden is None else self.trunk.k0, **inputs)
+            except NoKeysAndValues as exc:
+                raise MezoError(f"hf.trim_last_layer: {exc}; set hf.trim_last_layer=false") from None
         if hidden is None:
             return self.model(**inputs)
         return self.trunk.forward_from_cache(hidden, **inputs)
@@ -302,9 +320,8 @@ class HFBackend(LocalTensorsBackend):
         """The forward that ``hf.cuda_graphs`` captures: every input a tensor of
         fixed shape, the mask already 4-D (building it from a 2-D mask reads
         values on the host, which a graph cannot)."""
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False, logits_to_keep=keep)
-        out = self.model(**inputs) if hidden is None else self.trunk.forward_from_cache(hidden, **inputs)
+        out = self._forward(hidden, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, use_cache=False, logits_to_keep=keep)
         return out.logits
 
     def _causal_mask(self, mask, positions):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from transformers import DynamicCache
 
 
 class _Node:
@@ -157,14 +158,129 @@ class _Captured(Exception):
         self.hidden = hidden
 
 
-class FrozenTrunk:
+def _hidden_of(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LayerStack:
+    """Runs a causal LM over a slice of its decoder layers, through the model's
+    own forward (masks, rotary embeddings, norm and head as transformers does
+    them): the other layers are swapped out, hidden states are fed to the first
+    layer of the slice by a pre-hook, and a forward hook can stop after the last."""
+
+    def __init__(self, model):
+        self.model = model
+        self.parent, self.attr, self.layers = decoder_layers(model)
+        self._slices: dict = {}
+
+    def run(self, hidden, start: int, stop: int | None = None, **inputs):
+        """Layers [start, stop) with ``hidden`` entering layer ``start`` (None: the
+        embeddings, start 0). ``stop=None`` runs on through the head and returns the
+        model's output; otherwise the hidden states leaving layer stop-1. A
+        ``past_key_values`` may hold only layers >= start (see _stand_in_below)."""
+        stop_ = len(self.layers) if stop is None else stop
+        handles = []
+
+        def inject(module, args, kwargs):
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        def finish(module, args, output):
+            raise _Captured(_hidden_of(output))
+
+        if hidden is not None:
+            if inputs.get("past_key_values") is not None:
+                self._stand_in_below(inputs["past_key_values"], start)
+            ids = inputs.pop("input_ids")  # no embedding lookup: a stand-in of the right shape, no memory
+            inputs["inputs_embeds"] = hidden.new_zeros(()).expand(*ids.shape, hidden.shape[-1])
+            handles.append(self.layers[start].register_forward_pre_hook(inject, with_kwargs=True))
+        if stop is not None:
+            handles.append(self.layers[stop - 1].register_forward_hook(finish))
+        part = self._slices.get((start, stop_))
+        if part is None:
+            part = self._slices[(start, stop_)] = torch.nn.ModuleList(list(self.layers)[start:stop_])
+        setattr(self.parent, self.attr, part)
+        try:
+            return self.model(**inputs)
+        except _Captured as captured:
+            return captured.hidden
+        finally:
+            setattr(self.parent, self.attr, self.layers)
+            for handle in handles:
+                handle.remove()
+
+    def _stand_in_below(self, past, start):
+        """A KV cache filled from layer ``start`` up holds nothing for the layers
+        below, yet transformers sizes the attention mask by the cache length of
+        layer 0 (``create_causal_mask`` -> ``get_mask_sizes(q, 0)``) and would
+        drop the cached prefix from it. Those layers never run, so each gets a
+        zero stand-in of the right batch and length (one head of width one:
+        batch x length values), added through the layer's own ``update`` so
+        that every layer type keeps its length bookkeeping."""
+        length = past.get_seq_length(start)
+        if length == 0:
+            return
+        keys = past.layers[start].keys
+        stand_in = keys.new_zeros(()).expand(keys.shape[0], 1, length, 1)
+        for layer in past.layers[:start]:
+            if layer.get_seq_length() == 0:
+                layer.update(stand_in, stand_in)
+
+    def last_positions(self, hidden, start: int, **inputs):
+        """The model's output for the last ``keep`` positions only, exactly: the
+        last layer computes keys and values for every position (later positions
+        attend to them) but queries, attention, output projection and MLP only
+        for the kept ones -- the other positions' outputs reach no logit.
+        ``hidden`` enters layer ``start`` (None: the embeddings, start 0); keep is
+        ``logits_to_keep``; ``attention_mask`` is 2-D or transformers' 4-D mask."""
+        last, keep = len(self.layers) - 1, inputs["logits_to_keep"]
+        if start < last:
+            hidden = self.run(hidden, start, last, **inputs)
+        ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+        cut = ids.shape[1] - keep
+        rest = {k: v for k, v in inputs.items()
+                if k not in ("input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep")}
+        cache = _KeysAndValuesOf(last, config=self.model.config)
+        head_mask = mask[:, :cut] if mask.dim() == 2 else mask[:, :, :cut, :cut]
+        if self.run(hidden[:, :cut], last, None, input_ids=ids[:, :cut], attention_mask=head_mask,
+                    position_ids=positions[:, :cut], past_key_values=cache, use_cache=True, **rest) is not None:
+            raise NoKeysAndValues("the last layer did not store its keys and values through the KV cache")
+        cache.stop_layer = None
+        tail_mask = mask if mask.dim() == 2 else mask[:, :, cut:, :]
+        return self.run(hidden[:, cut:], last, None, input_ids=ids[:, cut:], attention_mask=tail_mask,
+                        position_ids=positions[:, cut:], past_key_values=cache, use_cache=True,
+                        logits_to_keep=keep, **rest)
+
+
+class NoKeysAndValues(Exception):
+    """The model's last layer keeps its keys and values in some other way."""
+
+
+class _KeysAndValuesOf(DynamicCache):
+    """A KV cache that stops the forward once layer ``stop_layer`` has stored its
+    keys and values (None: never)."""
+
+    def __init__(self, stop_layer, **kwargs):
+        super().__init__(**kwargs)
+        self.stop_layer = stop_layer
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self.stop_layer:
+            raise _Captured(None)
+        return out
+
+
+class FrozenTrunk(LayerStack):
     """Runs a causal LM with layers below k0 replaced by cached hidden states."""
 
     def __init__(self, model, cache: RadixCache, trainable):
         """``trainable``: the tensors MeZO moves. k0 is the first layer holding one;
         k0 = 0 (nothing to cache) when one lives outside the decoder layers."""
-        self.model, self.cache = model, cache
-        self.parent, self.attr, self.layers = decoder_layers(model)
+        super().__init__(model)
+        self.cache = cache
         trainable_ids = {id(t) for t in trainable}
         adapted = [i for i, layer in enumerate(self.layers)
                    if any(id(p) in trainable_ids for p in layer.parameters())]
@@ -173,7 +289,7 @@ class FrozenTrunk:
         if trainable_ids - top_ids:  # e.g. embeddings: no layer's input is frozen
             self.k0, top_ids = 0, {id(p) for p in model.parameters()}
         self.trunk_params = [p for p in model.parameters() if id(p) not in top_ids]
-        self.top = torch.nn.ModuleList(list(self.layers)[self.k0:])
+        self.top = list(self.layers)[self.k0:]
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self):
@@ -188,51 +304,9 @@ class FrozenTrunk:
 
     def capture(self, **inputs) -> torch.Tensor:
         """Hidden states entering layer k0 (the rest of the forward is skipped)."""
-        def hook(module, args, kwargs):
-            raise _Captured(args[0] if args else kwargs["hidden_states"])
-        handle = self.layers[self.k0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            self.model(**inputs)
-        except _Captured as captured:
-            return captured.hidden
-        finally:
-            handle.remove()
-        raise RuntimeError("layer k0 was never reached")
+        return self.run(None, 0, self.k0, **inputs)
 
     def forward_from_cache(self, hidden: torch.Tensor, **inputs):
         """The model's forward with layers below k0 skipped and ``hidden`` fed to layer k0.
         ``past_key_values`` may come from an earlier call with ``use_cache=True``."""
-        if inputs.get("past_key_values") is not None:
-            self._stand_in_below_k0(inputs["past_key_values"])
-        ids = inputs.pop("input_ids")  # no embedding lookup: a stand-in of the right shape, no memory
-        inputs["inputs_embeds"] = hidden.new_zeros(()).expand(*ids.shape, hidden.shape[-1])
-
-        def hook(module, args, kwargs):
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
-        handle = self.layers[self.k0].register_forward_pre_hook(hook, with_kwargs=True)
-        setattr(self.parent, self.attr, self.top)
-        try:
-            return self.model(**inputs)
-        finally:
-            setattr(self.parent, self.attr, self.layers)
-            handle.remove()
-
-    def _stand_in_below_k0(self, past):
-        """A KV cache filled by forward_from_cache holds nothing for the skipped
-        layers, yet transformers sizes the attention mask by the cache length of
-        layer 0 (``create_causal_mask`` -> ``get_mask_sizes(q, 0)``) and would
-        drop the cached prefix from it. Those layers never run, so each gets a
-        zero stand-in of the right batch and length (one head of width one:
-        batch x length values), added through the layer's own ``update`` so
-        that every layer type keeps its length bookkeeping."""
-        length = past.get_seq_length(self.k0)
-        if length == 0:
-            return
-        keys = past.layers[self.k0].keys
-        stand_in = keys.new_zeros(()).expand(keys.shape[0], 1, length, 1)
-        for layer in past.layers[:self.k0]:
-            if layer.get_seq_length() == 0:
-                layer.update(stand_in, stand_in)
+        return self.run(hidden, self.k0, None, **inputs)
