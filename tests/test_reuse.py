@@ -270,8 +270,8 @@ def test_trimmed_last_layer_gives_the_plain_losses(arch, trunk, graphs, tiny_lla
     """hf.trim_last_layer: the last layer's MLP sees only the kept positions, the
     losses are the plain ones -- rows shorter than the kept window included."""
     model_dir = tiny_llama if arch == "llama" else tiny_gpt2
-    plain = backend(model_dir, arch, False)
-    trim = backend(model_dir, arch, trunk, extra=["hf.trim_last_layer=true"])
+    plain = backend(model_dir, arch, False, extra=["hf.trim_last_layer=false"])
+    trim = backend(model_dir, arch, trunk)  # on by default
     if graphs:
         trim.graphs = EagerGraphs(trim._graph_forward)
     widths = []  # of what the last layer's MLP sees
@@ -295,11 +295,12 @@ def test_cuda_graphs_need_cuda(tiny_llama):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("trunk,compiled", [(False, False), (True, False), (True, True)])
-def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, tiny_llama):
+@pytest.mark.parametrize("trunk,compiled,trim", [(False, False, False), (True, False, False), (True, True, True)])
+def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, trim, tiny_llama):
     cuda = ["model.device=cuda"]
-    eager = backend(tiny_llama, "llama", trunk, extra=cuda)
-    graphed = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.cuda_graphs=true", f"hf.compile={compiled}"])
+    eager = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.trim_last_layer=false"])
+    graphed = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.cuda_graphs=true", f"hf.compile={compiled}",
+                                                                f"hf.trim_last_layer={trim}"])
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
     batches = [random_batch(gen, n=6) for _ in range(2)]
     previous = None

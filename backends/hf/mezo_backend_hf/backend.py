@@ -35,7 +35,7 @@ OPTIONS = {  # cfg.hf: name -> default
                                 # embeddings, activations; the first pass of each shape compiles)
     "lora_dtype": "float32",    # dtype of the adapter the forwards use: "float32", or "model" (e.g. bf16:
                                 # no fp32 casts around the LoRA GEMMs); MeZO always moves fp32 masters
-    "trim_last_layer": False,   # the last layer computes only keys and values for positions whose
+    "trim_last_layer": True,    # the last layer computes only keys and values for positions whose
                                 # logits no loss reads (exact: those outputs reach no logit)
     "full_params": None,        # full-parameter MeZO: regexes of parameter names to train
                                 # instead of LoRA, e.g. [".*"] or ['.*layers\\.2[6-9]\\..*']
@@ -303,9 +303,11 @@ class HFBackend(LocalTensorsBackend):
     def _forward(self, hidden, **inputs):
         """The model's forward, from the trunk states (a padded batch) when there
         are any; with ``hf.trim_last_layer`` the last layer runs in full only for
-        the positions whose logits are kept."""
+        the positions whose logits are kept. Not when the caller wants the KV
+        cache, nor for rows with per-row adapters: peft removes its per-row hooks
+        only when a forward returns, and trimming stops one early."""
         keep = inputs.get("logits_to_keep")
-        if (self.trim_last_layer and inputs.get("past_key_values") is None
+        if (self.trim_last_layer and inputs.get("use_cache") is False and "adapter_names" not in inputs
                 and isinstance(keep, int) and 0 < keep < inputs["input_ids"].shape[1]):
             from .trunk import NoKeysAndValues
             try:
