@@ -48,7 +48,9 @@ CUDA_ONLY = {name for name, (_, opts) in ROWS.items() if opts.get("cuda_graphs")
 
 
 def make_backend(model_dir, shape, layers, opts, device, dtype, r=16):
+    """An hf backend for a row: the trimmed last layer only where the row names it."""
     from mezo_backend_hf.backend import HFBackend
+    opts = {"trim_last_layer": False, **opts}
     n = SHAPES[shape]["num_hidden_layers"]
     overrides = [f"model.path={model_dir}", f"model.device={device}", f"model.dtype={dtype}",
                  f"lora.r={r}", f"lora.alpha={2 * r}"]
