@@ -288,6 +288,18 @@ def test_trimmed_last_layer_gives_the_plain_losses(arch, trunk, graphs, tiny_lla
     assert set(widths) == {4, 1}   # only the kept positions: the longest target + 1, or the last one
 
 
+def test_trim_refuses_a_last_layer_that_bypasses_the_kv_cache(tiny_llama, monkeypatch):
+    """A model whose last layer keeps keys and values some other way would get
+    its kept positions attending to nothing: a clear error instead."""
+    from mezo_core import MezoError
+    from transformers import DynamicCache
+    from mezo_backend_hf import trunk
+    b = backend(tiny_llama, "llama", True)
+    monkeypatch.setattr(trunk._KeysAndValuesOf, "update", DynamicCache.update)  # never stops the layer
+    with pytest.raises(MezoError, match="hf.trim_last_layer"):
+        b.losses(random_batch(torch.Generator().manual_seed(0), n=3))
+
+
 def test_cuda_graphs_need_cuda(tiny_llama):
     from mezo_core import MezoError
     with pytest.raises(MezoError, match="hf.cuda_graphs"):
