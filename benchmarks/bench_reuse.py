@@ -60,6 +60,15 @@ def make_backend(model_dir, shape, layers, opts, device, dtype, r=16):
     return HFBackend(load_config(None, overrides))
 
 
+def peak_bytes(fn) -> int:
+    """Peak allocated device memory while ``fn`` runs."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
 def memory_of_row(model_dir, args, name):
     """In a fresh process: peak device memory of a warm step of ``name`` (after
     the trunk cache was filled and any CUDA graph captured), with the graphs'
@@ -71,14 +80,10 @@ def memory_of_row(model_dir, args, name):
     stepper = Stepper(backend, batches)
     for _ in range(2 * len(batches)):
         stepper()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(len(batches)):
-        stepper()
-    torch.cuda.synchronize()
+    peak = peak_bytes(lambda: [stepper() for _ in batches])
     pools = [seg for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
     pool_idle = sum(seg["total_size"] - seg["allocated_size"] for seg in pools)  # replays use these blocks
-    return {"weights_gib": weights / 2**30, "step_peak_gib": (torch.cuda.max_memory_allocated() + pool_idle) / 2**30,
+    return {"weights_gib": weights / 2**30, "step_peak_gib": (peak + pool_idle) / 2**30,
             "graph_pool_gib": sum(seg["total_size"] for seg in pools) / 2**30,
             "cache_gib": backend.get_stats().get("bytes", 0) / 2**30}
 
@@ -88,12 +93,9 @@ def one_forward_memory(model_dir, args):
     backend = make_backend(model_dir, args.shape, "top", {"trunk_cache": False}, args.device, args.dtype)
     batch = pool(args)[0]
     backend.losses(batch)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     weights = torch.cuda.memory_allocated()
-    backend.losses(batch)
-    torch.cuda.synchronize()
-    return {"weights_gib": weights / 2**30, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = peak_bytes(lambda: backend.losses(batch))
+    return {"weights_gib": weights / 2**30, "peak_gib": peak / 2**30}
 
 
 def memory_table(model_dir, args, names):

@@ -106,6 +106,9 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
     tl.store(base + e0 + 768, x3.to(DTYPE), mask=m3)
 
 
+_TABLES: dict = {}  # layout -> launch groups with their device tables
+
+
 def _launch_groups(pairs):
     """[(device, dtype, programs, big, indices, pointer table, size table)]: tensors
     grouped by (device, dtype, programs needed rounded up to a power of two), one
@@ -135,8 +138,6 @@ def _launch_groups(pairs):
     _TABLES[layout] = groups
     return groups
 
-
-_TABLES: dict = {}
 
 
 def apply_z_triton(pairs, terms, decay: float) -> None:

@@ -18,6 +18,8 @@ from mezo_core.adapter import (canonical_name, initial_adapter, peft_lora_config
 from mezo_core.models import resolve_model_dir, torch_dtype
 from mezo_core.perturb import apply_z
 
+from .trunk import common_prefix
+
 FULL_PARAMS_FILE = "mezo_params.safetensors"
 GRAPH_WIDTH = 16
 
@@ -60,21 +62,13 @@ def prefix_groups(rows, adapters, min_tokens, keep):
     for i in order:
         if groups:
             prefix, members = groups[-1]
-            common = _common_prefix(prefix, rows[i])
+            common = common_prefix(prefix, rows[i])
             limit = min(len(rows[m]) for m in members + [i]) - keep
             if adapters[members[0]] == adapters[i] and min(common, limit) >= min_tokens:
                 groups[-1] = (tuple(prefix[:min(common, limit)]), members + [i])
                 continue
         groups.append((tuple(rows[i]), [i]))
     return groups
-
-
-def _common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    for j in range(n):
-        if a[j] != b[j]:
-            return j
-    return n
 
 
 class HFBackend(LocalTensorsBackend):
@@ -256,9 +250,10 @@ class HFBackend(LocalTensorsBackend):
         weight empties the cache and so changes the key)."""
         graphed = self.graphs is not None and adapters is None
         self.forward_tokens += sum(map(len, rows))
+        generation = self._fresh_trunk_generation() if states is None else None  # before any lookup
         key = None
         if adapters is None and states is None:
-            key = (tuple(rows), keep, graphed, self._trunk_epoch())
+            key = (tuple(rows), keep, graphed, generation)
         if key is not None and key == self._inputs_key:
             if self.trunk is not None:
                 self.trunk.cache.count_reuse(rows)
@@ -292,9 +287,9 @@ class HFBackend(LocalTensorsBackend):
             inputs["hidden"] = self._left_padded(states, ids.shape[1])
         return inputs
 
-    def _trunk_epoch(self):
-        """Changes whenever the trunk cache was emptied, e.g. because a trunk
-        weight changed (None: no trunk)."""
+    def _fresh_trunk_generation(self):
+        """Checks the trunk's weights (a change empties its cache) and returns the
+        cache's generation, which changes whenever it was emptied (None: no trunk)."""
         if self.trunk is None:
             return None
         self.trunk.check_fresh()
@@ -342,7 +337,10 @@ class HFBackend(LocalTensorsBackend):
         cache, prefix and suffixes start at layer k0 from slices of the rows' states."""
         names = adapters or [None] * len(rows)
         groups = prefix_groups(rows, names, self.prefix_min_tokens, keep)
-        states = None if self.trunk is None else self._trunk_states(rows)  # one capture for all misses
+        states = None
+        if self.trunk is not None:
+            self._fresh_trunk_generation()
+            states = self._trunk_states(rows)  # one capture for all misses
 
         def pick(members):
             return None if states is None else [states[i] for i in members]
@@ -386,9 +384,9 @@ class HFBackend(LocalTensorsBackend):
         return out.logits.float()
 
     def _trunk_states(self, rows):
-        """Per row, the hidden states entering layer k0: cached, or computed once."""
+        """Per row, the hidden states entering layer k0: cached, or computed once.
+        The caller has checked the trunk (``_fresh_trunk_generation``)."""
         trunk = self.trunk
-        trunk.check_fresh()
         states = [trunk.cache.lookup(r) for r in rows]
         missing = [i for i, s in enumerate(states) if s is None]
         if missing:

@@ -37,7 +37,7 @@ class GraphedForward:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(key)
-        inputs, output, graph = entry
+        inputs = entry[0]
         for name, value in tensors.items():
             inputs[name].copy_(value, non_blocking=True)
         self.last = entry

@@ -54,7 +54,7 @@ class RadixCache:
             child = node.children.get(tokens[i])
             if child is None:
                 return None
-            m = _common(child.tokens, tokens, i)
+            m = common_prefix(child.tokens, tokens, i)
             if m == 0:
                 return None
             if m < len(child.tokens) and i + m < len(tokens):
@@ -88,7 +88,7 @@ class RadixCache:
             if child is None:
                 self._add(node, tuple(tokens[i:]), hidden[i:].clone())
                 break
-            m = _common(child.tokens, tokens, i)
+            m = common_prefix(child.tokens, tokens, i)
             if m < len(child.tokens):
                 child = self._split(child, m)
             node, i = child, i + m
@@ -133,7 +133,8 @@ class RadixCache:
         self.stats["invalidations"] += 1
 
 
-def _common(edge, tokens, start) -> int:
+def common_prefix(edge, tokens, start=0) -> int:
+    """How many leading items of ``edge`` equal ``tokens[start:]``."""
     n = min(len(edge), len(tokens) - start)
     if edge[:n] == tuple(tokens[start:start + n]):  # the usual case, compared in C
         return n
