@@ -39,6 +39,9 @@ ROWS = {  # name: (lora layers, hf options)
     "trunk cache + trimmed last layer": ("top", {"trunk_cache": True, "trim_last_layer": True}),
     "trunk cache + compile + trimmed last layer": ("top", {"trunk_cache": True, "compile": True,
                                                            "trim_last_layer": True}),
+    "trunk cache + compile + model-dtype LoRA + trimmed last layer": ("top", {"trunk_cache": True, "compile": True,
+                                                                              "lora_dtype": "model",
+                                                                              "trim_last_layer": True}),
     "trunk cache + every GPU option": ("top", {"trunk_cache": True, "compile": True, "cuda_graphs": True,
                                                "lora_dtype": "model", "trim_last_layer": True}),
     "trunk cache + compile + CUDA graphs + model-dtype LoRA": ("top", {"trunk_cache": True, "compile": True,
@@ -83,8 +86,14 @@ def memory_of_row(model_dir, args, name):
     peak = peak_bytes(lambda: [stepper() for _ in batches])
     pools = [seg for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
     pool_idle = sum(seg["total_size"] - seg["allocated_size"] for seg in pools)  # replays use these blocks
+    by_stream = {}
+    for seg in torch.cuda.memory_snapshot():
+        if seg not in pools:
+            by_stream[str(seg["stream"])] = by_stream.get(str(seg["stream"]), 0) + seg["allocated_size"] / 2**30
     return {"weights_gib": weights / 2**30, "step_peak_gib": (peak + pool_idle) / 2**30,
             "graph_pool_gib": sum(seg["total_size"] for seg in pools) / 2**30,
+            "allocated_gib_by_stream": by_stream,
+            "graphs": getattr(getattr(backend, "graphs", None), "captures", 0),
             "cache_gib": backend.get_stats().get("bytes", 0) / 2**30}
 
 

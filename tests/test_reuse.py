@@ -1,4 +1,6 @@
 """The frozen-trunk cache against the plain computation, on fresh random inputs."""
+import gc
+
 import pytest
 import torch
 
@@ -316,12 +318,23 @@ def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, trim, tiny_llama
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
     batches = [random_batch(gen, n=6) for _ in range(2)]
     previous = None
-    for step in range(3):   # in-place adapter updates must reach the replayed graph
-        for b in (eager, graphed):
-            b.perturb([(step, 0.3)])
-        for batch in batches:
-            want, got = eager.losses(batch), graphed.losses(batch)
-            assert torch.allclose(want, got, atol=1e-4, rtol=0)
-        assert previous is None or not torch.equal(previous, got)
-        previous = got
+    gc.collect()
+    gc.disable()  # what the captures leave behind is found below, not by a collection in between
+    try:
+        for step in range(3):   # in-place adapter updates must reach the replayed graph
+            for b in (eager, graphed):
+                b.perturb([(step, 0.3)])
+            for batch in batches:
+                want, got = eager.losses(batch), graphed.losses(batch)
+                assert torch.allclose(want, got, atol=1e-4, rtol=0)
+            assert previous is None or not torch.equal(previous, got)
+            previous = got
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if type(o) in (torch.Tensor, torch.nn.Parameter) and o.is_cuda]  # no fakes
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()
     assert graphed.graphs.captures >= 1 and graphed.graphs.replays == 6
+    assert not left   # device memory held by uncollected cycles (torch.compile's first call makes some)

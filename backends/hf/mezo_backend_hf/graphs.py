@@ -8,6 +8,7 @@ which is what a step over the top layers of a small model is bound by.
 """
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
 
 import torch
@@ -24,6 +25,8 @@ class GraphedForward:
         self.fn, self.max_graphs, self.warmup = fn, max_graphs, warmup
         self.graphs: OrderedDict = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()  # one side stream for every warm-up and capture: cuBLAS keeps a
+        # workspace per stream it ran on, so a fresh stream per capture would add one each time
         self.captures = self.replays = 0
         self.last = None
 
@@ -53,14 +56,14 @@ class GraphedForward:
 
     def _capture(self, static, tensors):
         inputs = {k: v.clone() for k, v in tensors.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, workspaces) outside the graph
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):  # lazy initialisation (cuBLAS handles, workspaces) outside the graph
             for _ in range(self.warmup):
                 self.fn(static, **inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        gc.collect()  # torch.compile's first call leaves reference cycles holding real device tensors
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             output = self.fn(static, **inputs)
         self.captures += 1
         return inputs, output, graph
