@@ -43,9 +43,8 @@ for opts in "cuda_graphs=true lora_dtype=model" "compile=true cuda_graphs=true l
   grep '^#' "$OUT/profile-trunk-$tag.txt"
 done
 elif [ "$part" = r ]; then  # the trunk rows, timed round robin, and their peak memory in fresh processes
-timeout 540 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
-  --memory --rows "trunk cache" "trunk cache + CUDA graphs + model-dtype LoRA" \
-         "trunk cache + compile + CUDA graphs + model-dtype LoRA" "trunk cache + every GPU option" \
+timeout 400 python3 -m benchmarks.bench_reuse --device cuda --shape llama-1.1b --batch 16 --seq 256 --eps-steps 2 \
+  --memory --rows "trunk cache" "trunk cache + compile + CUDA graphs + model-dtype LoRA" "trunk cache + every GPU option" \
   --out "$OUT/reuse-1.1b.json" > "$OUT/bench_reuse.log" 2>&1; echo "bench_reuse rc=$?"
 grep -v '^ \|^{\|^}\|Warn\|warn\|Loading\|Writing' "$OUT/bench_reuse.log" | tail -22
 elif [ "$part" = e ]; then  # the all-layer step with the fused layers
