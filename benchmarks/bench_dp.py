@@ -8,13 +8,12 @@ takes the same step after one all-reduce of three scalars per direction.
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import SHAPES, build_random_model, environment, workload, write_result
+from benchmarks.common import SHAPES, build_random_model, environment, timed, workload, write_result
 from mezo_core.config import load_config
 from mezo_core.distributed import init_from_env, rank_and_world, shard, sum_over_ranks
 from mezo_core.mezo import mezo_step
@@ -45,13 +44,7 @@ def main(argv=None):
     batch = shard(workload(args.global_batch, args.seq, SHAPES[args.shape]["vocab_size"]), rank, world)
     times = []
     for step in range(args.steps + 2):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        mezo_step(backend, batch, [step], 1e-3, 1e-6, reduce=sum_over_ranks)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(timed(lambda: mezo_step(backend, batch, [step], 1e-3, 1e-6, reduce=sum_over_ranks), device))
     times = times[2:]
     # the ranks must still hold the same adapter
     first = backend.trainable_tensors()[0].float().sum().item()

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from benchmarks.common import SHAPES, environment, synchronize, write_result
+from benchmarks.common import SHAPES, environment, timed, write_result
 from mezo_core.perturb import apply_z, z_like
 
 
@@ -61,11 +60,7 @@ def tune_kernel(tensors, device, step, repeats=3):
             samples = []
             for _ in range(repeats + 1):  # the first compiles
                 s = next(step)
-                synchronize(device)
-                start = time.perf_counter()
-                apply_z(tensors, [(s + k, 1e-9) for k in range(nterms)])
-                synchronize(device)
-                samples.append(1e3 * (time.perf_counter() - start))
+                samples.append(1e3 * timed(lambda: apply_z(tensors, [(s + k, 1e-9) for k in range(nterms)]), device))
             timing[label] = statistics.median(samples[1:])
         results.append({"tiles": tiles, "num_warps": warps, "fast": fast, **timing})
         print(f"tiles={tiles} warps={warps} fast={fast!s:5}: one term {timing['one_term_ms']:7.2f} ms, "
@@ -120,11 +115,8 @@ def main(argv=None):
     times = {name: [] for name in rows}
     for _ in range(args.rounds):
         for name, fn in rows.items():
-            synchronize(args.device)
-            start = time.perf_counter()
-            fn(next(step))
-            synchronize(args.device)
-            times[name].append(time.perf_counter() - start)
+            s = next(step)
+            times[name].append(timed(lambda: fn(s), args.device))
     med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     floor_pass = med["bandwidth floor x 1 pass"]
     table = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -84,12 +83,13 @@ def memory_of_row(model_dir, args, name):
     for _ in range(2 * len(batches)):
         stepper()
     peak = peak_bytes(lambda: [stepper() for _ in batches])
-    pools = [seg for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
-    pool_idle = sum(seg["total_size"] - seg["allocated_size"] for seg in pools)  # replays use these blocks
-    by_stream = {}
+    pools, by_stream = [], {}  # graph pool segments; allocated bytes of the others per stream
     for seg in torch.cuda.memory_snapshot():
-        if seg not in pools:
+        if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0):
+            pools.append(seg)
+        else:
             by_stream[str(seg["stream"])] = by_stream.get(str(seg["stream"]), 0) + seg["allocated_size"] / 2**30
+    pool_idle = sum(seg["total_size"] - seg["allocated_size"] for seg in pools)  # replays use these blocks
     return {"weights_gib": weights / 2**30, "step_peak_gib": (peak + pool_idle) / 2**30,
             "graph_pool_gib": sum(seg["total_size"] for seg in pools) / 2**30,
             "allocated_gib_by_stream": by_stream,

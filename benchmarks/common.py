@@ -106,11 +106,7 @@ def median_times(fns, repeats: int, warmup: int = 2, device="cpu") -> list[tuple
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, out in zip(fns, times):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            out.append(time.perf_counter() - start)
+            out.append(timed(fn, device))
     return [(statistics.median(t), t) for t in times]
 
 

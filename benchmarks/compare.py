@@ -49,9 +49,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (SHAPES, build_random_model, environment, make_batches, synchronize, timed,
-                               write_result)
-from mezo_core import Example
+from benchmarks.common import SHAPES, build_random_model, environment, make_batches, timed, write_result
 from mezo_core.mezo import direction_seeds, mezo_step
 
 #: key: (label, backend, backend options)

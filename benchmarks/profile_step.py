@@ -10,13 +10,12 @@ difference is time the GPU waited for the host.
 """
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.bench_reuse import make_backend, pool
-from benchmarks.common import SHAPES, Stepper, build_random_model, synchronize
+from benchmarks.common import Stepper, build_random_model, synchronize, timed
 
 REGIONS = ("perturb", "_forward_inputs", "_batch_tensors", "_trunk_states", "_causal_mask", "_left_padded",
            "losses", "choice_losses")
@@ -69,12 +68,7 @@ def main(argv=None):
         step = Stepper(b, pool(args))
         for _ in range(2 * args.pool):
             step()
-        synchronize(args.device)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        synchronize(args.device)
-        wall = (time.perf_counter() - t) / args.steps
+        wall = timed(lambda: [step() for _ in range(args.steps)], args.device) / args.steps
         print(f"# step {1e3 * wall:.2f} ms (mean of {args.steps}, unprofiled); hf options {opts}")
         label_regions(b)
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -90,7 +84,10 @@ def main(argv=None):
                   f"{1e3 * window / args.steps:.2f} ms ({busy / window:.0%})")
         averages = prof.key_averages()
         print("# host time of the backend's parts, per step:")
+        labels = {}  # one row per label (on CUDA the profiler lists each label for the device too)
         for e in sorted((e for e in averages if e.key.startswith("## ")), key=lambda e: -e.cpu_time_total):
+            labels.setdefault(e.key, e)
+        for e in labels.values():
             print(f"#   {e.key[3:]:18} {e.cpu_time_total / 1e3 / args.steps:7.3f} ms  ({e.count // args.steps} calls)")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50))
         if args.device.startswith("cuda"):

@@ -7,14 +7,13 @@ costs one launch per call rather than one per tensor.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .perturb import PHILOX_M, PHILOX_W, TILE, z_key
-
-import os
 
 #: launch shape (tiles of 1024 elements per program, warps) and whether to use
 #: the GPU's approximate sin/cos/log2/sqrt (z then agrees with the torch path
@@ -137,7 +136,6 @@ def _launch_groups(pairs):
         _TABLES.clear()
     _TABLES[layout] = groups
     return groups
-
 
 
 def apply_z_triton(pairs, terms, decay: float) -> None:

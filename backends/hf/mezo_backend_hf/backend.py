@@ -251,24 +251,19 @@ class HFBackend(LocalTensorsBackend):
         graphed = self.graphs is not None and adapters is None
         self.forward_tokens += sum(map(len, rows))
         generation = self._fresh_trunk_generation() if states is None else None  # before any lookup
-        key = None
-        if adapters is None and states is None:
-            key = (tuple(rows), keep, graphed, generation)
-        if key is not None and key == self._inputs_key:
+        key = (tuple(rows), keep, graphed, generation) if adapters is None and states is None else None
+        reused = key is not None and key == self._inputs_key
+        if reused:
             if self.trunk is not None:
                 self.trunk.cache.count_reuse(rows)
-            inputs = self._inputs
-            if graphed:  # the graph's input buffers still hold these rows
-                return self.graphs.replay_last().to(torch.float32, copy=True), inputs["input_ids"]
         else:
             self._inputs_key = self._inputs = None  # freed before the new inputs exist: no two batches held
-            inputs = self._forward_inputs(rows, graphed, states)
-            if graphed:  # the graph keeps its own copy; only the ids (the labels) are kept here
-                logits = self.graphs(static=keep, **inputs)
-                inputs = {"input_ids": inputs["input_ids"]}
-                self._inputs_key, self._inputs = key, inputs
-                return logits.to(torch.float32, copy=True), inputs["input_ids"]
-            self._inputs_key, self._inputs = key, inputs
+            self._inputs, self._inputs_key = self._forward_inputs(rows, graphed, states), key
+        inputs = self._inputs
+        if graphed:  # a reused batch is still in the graph's input buffers
+            logits = self.graphs.replay_last() if reused else self.graphs(static=keep, **inputs)
+            self._inputs = {"input_ids": inputs["input_ids"]}  # the graph keeps its own copy of the rest
+            return logits.to(torch.float32, copy=True), inputs["input_ids"]
         extra = {} if adapters is None else {"adapter_names": adapters}
         hidden = inputs.get("hidden")
         plain = {k: v for k, v in inputs.items() if k != "hidden"}
