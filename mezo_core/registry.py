@@ -27,6 +27,8 @@ class Registry:
     KINDS = {"backends": "register_backends",
              "eviction_policies": "register_eviction_policies",
              "epsilon_schedules": "register_epsilon_schedules"}
+    SINGULAR = {"backends": "backend", "eviction_policies": "eviction policy",
+                "epsilon_schedules": "epsilon schedule"}
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
@@ -49,7 +51,7 @@ class Registry:
             return self.items[kind][name].obj
         except KeyError:
             known = ", ".join(sorted(self.items[kind])) or "none"
-            raise MezoError(f"unknown {kind[:-1].replace('_', ' ')} {name!r} (registered: {known})") from None
+            raise MezoError(f"unknown {self.SINGULAR[kind]} {name!r} (registered: {known})") from None
 
     def hook(self):
         return self.pm.hook
