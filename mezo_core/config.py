@@ -3,6 +3,7 @@
 line or field."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -161,8 +162,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.mezo.steps >= 0, "mezo.steps", "must be >= 0")
     need(cfg.mezo.batch_size > 0, "mezo.batch_size", "must be > 0")
     need(cfg.mezo.q >= 1, "mezo.q", "must be >= 1")
-    need(cfg.mezo.eps > 0, "mezo.eps", "must be > 0")
-    need(cfg.mezo.lr >= 0, "mezo.lr", "must be >= 0")
+    need(math.isfinite(cfg.mezo.eps) and cfg.mezo.eps > 0, "mezo.eps", "must be a finite number > 0")
+    need(math.isfinite(cfg.mezo.lr) and cfg.mezo.lr >= 0, "mezo.lr", "must be a finite number >= 0")
     need(cfg.lora.r > 0, "lora.r", "must be > 0")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
     need(cfg.task.kind in ("classification", "completion"), "task.kind",
