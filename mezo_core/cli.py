@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .config import DEFAULT_CONFIG, default_config, load_config
+from .config import DEFAULT_CONFIG, default_config, load_config, validate
 from .distributed import init_from_env
 from .errors import MezoError
 from .registry import get_registry
@@ -28,8 +31,45 @@ def make_backend(cfg, registry):
     return cls(cfg)
 
 
+def check_out_dir(path) -> None:
+    """Create the run folder and write into it now, not after minutes of model loading."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise MezoError(f"config field 'out_dir': cannot create or write the folder {out}: {exc.strerror}") from None
+
+
+def adapter_lora(cfg, adapter) -> None:
+    """Take r, alpha, target modules and layers from the adapter's own
+    adapter_config.json: eval must build the adapter it was trained with, whatever
+    the config says now. A folder without one (full-parameter weights) is left as is."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise MezoError(f"--adapter: {path} is not a folder")
+    conf = path / "adapter_config.json"
+    if not conf.exists():
+        return
+    try:
+        data = json.loads(conf.read_text(encoding="utf-8"))
+        layers = data.get("layers_to_transform")
+        lora = {"r": data["r"], "alpha": data["lora_alpha"], "target_modules": data["target_modules"],
+                "layers": [layers] if isinstance(layers, int) else layers}
+        if not isinstance(lora["target_modules"], list):
+            raise ValueError(f"target_modules {lora['target_modules']!r} is not a list of module names")
+        cfg.merge_with({"lora": lora})
+    except KeyError as exc:
+        raise MezoError(f"--adapter: {conf} has no {exc} field") from None
+    except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException) as exc:
+        raise MezoError(f"--adapter: cannot read {conf}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    validate(cfg)
+
+
 def cmd_train(args, cfg, registry):
     from .trainer import Trainer
+    check_out_dir(cfg.out_dir)
     backend = make_backend(cfg, registry)
     try:
         summary = Trainer(cfg, backend, registry).train(resume=args.resume)
@@ -40,6 +80,8 @@ def cmd_train(args, cfg, registry):
 
 def cmd_eval(args, cfg, registry):
     from .data import Task
+    if args.adapter:
+        adapter_lora(cfg, args.adapter)
     backend = make_backend(cfg, registry)
     try:
         if args.adapter:
@@ -123,6 +165,10 @@ def main(argv=None) -> int:
          "config": cmd_config}[args.command](args, cfg, registry)
     except MezoError as exc:
         print(f"mezo-run: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an input that cannot be read (permissions, a folder for a file)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mezo-run: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mezo-run: interrupted; continue with --resume", file=sys.stderr)

@@ -4,12 +4,14 @@ line or field."""
 from __future__ import annotations
 
 import math
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MezoError
@@ -126,11 +128,18 @@ def load_config(path: str | Path | None = None, overrides: List[str] = ()) -> Di
         path = Path(path)
         if not path.exists():
             raise MezoError(f"config file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise MezoError(f"config file {path}: cannot read it: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise MezoError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise MezoError(f"{path}: invalid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark else ""
+            raise MezoError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise MezoError(f"{path}: the top level must be a mapping of keys")
         try:
@@ -139,19 +148,77 @@ def load_config(path: str | Path | None = None, overrides: List[str] = ()) -> Di
             key, msg = _describe(exc)
             raise MezoError(f"{path}{_line_of(text, key)}: field {key!r}: {msg}") from None
     for item in overrides:
-        if "=" not in item:
-            raise MezoError(f"override {item!r}: expected key=value")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            key, msg = _describe(exc)
-            raise MezoError(f"override {item!r}: field {key!r}: {msg}") from None
+        cfg = _apply_override(cfg, item)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        raise MezoError(f"config: {exc}") from None
+        key, msg = _describe(exc)
+        raise MezoError(f"config field {key!r}: {msg}") from None
     validate(cfg)
     return cfg
+
+
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    """``key=value`` split at the first '='. The value of a string field is taken
+    as written (``task.template={text} It was`` is not YAML); other values are
+    YAML, as in OmegaConf's dotlist."""
+    key, eq, raw = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise MezoError(f"override {item!r}: expected key=value")
+    node = _schema_node(cfg, key)
+    try:
+        if isinstance(node, StringNode):
+            patch = OmegaConf.create()
+            OmegaConf.update(patch, key, None if raw == "null" and node._is_optional() else _unquote(raw))
+        else:
+            patch = OmegaConf.from_dotlist([f"{key}={raw}"])
+        return OmegaConf.merge(cfg, patch)
+    except yaml.YAMLError as exc:
+        raise MezoError(f"override {item!r}: field {key!r}: cannot parse {raw!r}: "
+                        f"{getattr(exc, 'problem', None) or 'invalid YAML'}") from None
+    except OmegaConfBaseException as exc:
+        found, msg = _describe(exc)
+        raise MezoError(f"override {item!r}: field {found or key!r}: {msg}") from None
+    except (TypeError, ValueError) as exc:  # OmegaConf's own, for shapes it cannot merge
+        raise MezoError(f"override {item!r}: field {key!r}: {exc}") from None
+
+
+def _schema_node(cfg: DictConfig, key: str):
+    """The node at dotted ``key``, or None where the schema has none (the free-form backend sections)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return node
+
+
+def _unquote(raw: str) -> str:
+    """``'a b'`` or ``"a b"`` -> ``a b`` (quoted strings were YAML before); anything else as written."""
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        if isinstance(value, str):
+            return value
+    return raw
+
+
+def _template_problem(template: str) -> str | None:
+    """A template is a format string: anything but ``{text}`` could read object
+    attributes (``{text.__class__}``) or fail at the first example."""
+    try:
+        fields = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        return f"is not a valid template: {exc} (write a literal brace as {{{{ or }}}})"
+    for name, conv, spec in fields:
+        if (name, conv, spec) != ("text", None, ""):
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            return f"may hold only the placeholder {{text}}, not {shown}"
+    return None if fields else "must contain {text}"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -171,6 +238,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task.kind == "classification":
         need(len(cfg.task.verbalizer) >= 2, "task.verbalizer", "needs a word for each of >= 2 labels")
         need(cfg.task.train_loss in ("choices", "target"), "task.train_loss", "must be 'choices' or 'target'")
-        need("{text}" in cfg.task.template, "task.template", "must contain {text}")
+        problem = _template_problem(cfg.task.template)
+        need(problem is None, "task.template", problem)
+        words = list(cfg.task.verbalizer)
+        need(all(words), "task.verbalizer", "holds an empty word")
+        need(len(set(words)) == len(words), "task.verbalizer", "holds a word twice")
     need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+    need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: only zero-shot and final)")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    need(cfg.mezo.weight_decay >= 0, "mezo.weight_decay", "must be >= 0")
+    need(re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.model.device) is not None, "model.device",
+         "must be cpu, cuda, cuda:N or mps")

@@ -7,6 +7,7 @@ line: ``{"text": ..., "label": 0}`` or ``{"prompt": ..., "completion": ...}``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -29,13 +30,87 @@ class Record:
 
 
 def _check_label(value, num_labels, where):
+    """An int, or a string holding one (TSV labels are text). Floats and booleans
+    are refused: ``1.7`` or ``true`` read as 1 would train on a label nobody wrote."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise MezoError(f"{where}: label {value!r} is not an integer")
     try:
         label = int(value)
-    except (TypeError, ValueError):
+    except ValueError:
         raise MezoError(f"{where}: label {value!r} is not an integer") from None
     if not 0 <= label < num_labels:
         raise MezoError(f"{where}: label {label} out of range 0..{num_labels - 1} (task.verbalizer has {num_labels} words)")
     return label
+
+
+def _check_text(value, name, where, empty_ok=False):
+    """A string, never ``null`` (which str() would train as "None"); empty only where allowed."""
+    if not isinstance(value, str):
+        raise MezoError(f"{where}: field {name!r} must be a string (got {value!r:.40})")
+    if not empty_ok and not value.strip():
+        raise MezoError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _read_text(path: Path, field: str) -> str:
+    """The file as UTF-8 (a leading BOM dropped); a bad byte is named by its line."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MezoError(f"{field}: cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise MezoError(f"{path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 "
+                        "(save the file as UTF-8)") from None
+
+
+def _read_tsv(path: Path, text: str, num_labels: int) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    records = []
+    try:
+        header = next(reader, None)
+        if not header or "sentence" not in header or "label" not in header:
+            raise MezoError(f"{path}, line 1: expected a header with 'sentence' and 'label'")
+        si, li = header.index("sentence"), header.index("label")
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            if len(row) != len(header):
+                raise MezoError(f"{where}: expected {len(header)} tab-separated fields, got {len(row)} "
+                                "(fields are never quoted: a sentence must not hold a tab)")
+            records.append(Record(_check_text(row[si], "sentence", where),
+                                  _check_label(row[li], num_labels, where)))
+    except csv.Error as exc:
+        raise MezoError(f"{path}, line {reader.line_num}: {exc}") from None
+    return records
+
+
+def _read_jsonl(path: Path, text: str, kind: str, num_labels: int) -> list[Record]:
+    records = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MezoError(f"{where}: malformed JSON: {exc.msg}") from None
+        except RecursionError:
+            raise MezoError(f"{where}: malformed JSON: nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise MezoError(f"{where}: expected a JSON object")
+        need = ("text", "label") if kind == "classification" else ("prompt", "completion")
+        missing = [k for k in need if k not in obj]
+        if missing:
+            raise MezoError(f"{where}: missing field {missing[0]!r} (a {kind} line needs {need})")
+        if kind == "classification":
+            records.append(Record(_check_text(obj["text"], "text", where),
+                                  _check_label(obj["label"], num_labels, where)))
+        else:  # an empty prompt is fine where the tokenizer adds BOS (Task checks)
+            records.append(Record(_check_text(obj["prompt"], "prompt", where, empty_ok=True),
+                                  completion=_check_text(obj["completion"], "completion", where)))
+    return records
 
 
 def read_records(path: str | Path, kind: str, num_labels: int = 2, field: str = "task.train") -> list[Record]:
@@ -43,40 +118,16 @@ def read_records(path: str | Path, kind: str, num_labels: int = 2, field: str = 
     if not path.exists():
         raise MezoError(f"{field}: data file not found: {path}\n  (SST-2 is GLUE's; with network: "
                         "datasets.load_dataset('glue', 'sst2'), then write sentence<TAB>label TSV)")
-    records = []
+    if path.suffix not in (".tsv", ".jsonl", ".json"):
+        raise MezoError(f"{field}: {path}: unknown data format {path.suffix or '(no suffix)'!r} "
+                        "(supported: .tsv with a sentence/label header, .jsonl or .json with one object a line)")
+    if path.suffix == ".tsv" and kind != "classification":
+        raise MezoError(f"{field}: {path}: TSV files hold classification data (sentence, label)")
+    text = _read_text(path, field)
     if path.suffix == ".tsv":
-        if kind != "classification":
-            raise MezoError(f"{field}: {path}: TSV files hold classification data (sentence, label)")
-        with path.open(newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if not header or "sentence" not in header or "label" not in header:
-                raise MezoError(f"{path}, line 1: expected a header with 'sentence' and 'label'")
-            si, li = header.index("sentence"), header.index("label")
-            for n, row in enumerate(reader, 2):
-                if len(row) != len(header):
-                    raise MezoError(f"{path}, line {n}: expected {len(header)} tab-separated fields, got {len(row)}")
-                records.append(Record(row[si], _check_label(row[li], num_labels, f"{path}, line {n}")))
+        records = _read_tsv(path, text, num_labels)
     else:
-        with path.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {n}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise MezoError(f"{where}: malformed JSON: {exc.msg}") from None
-                if not isinstance(obj, dict):
-                    raise MezoError(f"{where}: expected a JSON object")
-                need = ("text", "label") if kind == "classification" else ("prompt", "completion")
-                missing = [k for k in need if k not in obj]
-                if missing:
-                    raise MezoError(f"{where}: missing field {missing[0]!r} (a {kind} line needs {need})")
-                if kind == "classification":
-                    records.append(Record(str(obj["text"]), _check_label(obj["label"], num_labels, where)))
-                else:
-                    records.append(Record(str(obj["prompt"]), completion=str(obj["completion"])))
+        records = _read_jsonl(path, text, kind, num_labels)
     if not records:
         raise MezoError(f"{field}: {path} holds no examples")
     return records
@@ -105,18 +156,35 @@ def sample(records: Sequence[Record], k_per_class: int | None, n: int | None, se
 class Task:
     """Turns records into token-level Examples for a tokenizer."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, batch_size: int | None = None):
+        """``batch_size`` (mezo.batch_size, when training) is checked against the
+        sampled train set: a larger batch would repeat examples within a step."""
         self.cfg, self.tok = cfg, tokenizer
         self.kind = cfg.kind
         labels = len(cfg.verbalizer)
         train = read_records(cfg.train, cfg.kind, labels, "task.train")
         self.train = sample(train, cfg.k_per_class if cfg.kind == "classification" else None,
                             cfg.n_train, cfg.sample_seed)
+        if batch_size is not None and batch_size > len(self.train):
+            raise MezoError(f"config field 'mezo.batch_size': {batch_size} is larger than the "
+                            f"training set ({len(self.train)} examples sampled from {cfg.train})")
         dev = read_records(cfg.dev, cfg.kind, labels, "task.dev")
         self.dev = dev[:cfg.n_dev] if cfg.n_dev else dev
         if self.kind == "classification":
             self.choices = [tuple(self._ids(w, special=False)) for w in cfg.verbalizer]
+            self._check_choices()
         self.train_examples = [self.example(r) for r in self.train]
+
+    def _check_choices(self):
+        """Two words with the same tokens could never be told apart: accuracy would be a coin."""
+        seen = {}
+        for word, ids in zip(self.cfg.verbalizer, self.choices):
+            if not ids:
+                raise MezoError(f"config field 'task.verbalizer': word {word!r} has no tokens")
+            if ids in seen:
+                raise MezoError(f"config field 'task.verbalizer': words {seen[ids]!r} and {word!r} "
+                                f"tokenize to the same ids {list(ids)}")
+            seen[ids] = word
 
     def _ids(self, text, special=True):
         return self.tok(text, add_special_tokens=special)["input_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from .errors import MezoError
@@ -63,13 +64,24 @@ def _convert_gguf(src: Path, out: Path) -> None:
     except ImportError:
         raise MezoError("loading a .gguf model needs the `gguf` package: pip install gguf") from None
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 -- a bad file fails in the reader in any of many ways
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise MezoError(f"model.path: {src} is not a readable GGUF file (truncated or corrupt? {first})"
+                        ) from None
     # transformers marks GGUF models as quantized and refuses to save them; the
     # weights are already dequantised, so drop the marker.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():  # else another process converted it first
+            raise MezoError(f"model.path: cannot write the converted model to {out}: {exc.strerror}") from None

@@ -25,7 +25,7 @@ GRAPH_WIDTH = 16
 
 OPTIONS = {  # cfg.hf: name -> default
     "trunk_cache": True,        # cache hidden states below the first adapted layer
-    "cache_budget_mb": 1024,    # byte budget of that cache
+    "cache_budget_mb": 1024.0,  # byte budget of that cache (MiB; fractions allowed)
     "cache_policy": "lru",      # an eviction policy plugin
     "cache_device": None,       # None: the model's device; "cpu": keep entries in (pinned) CPU memory
     "pm_batch": False,          # run both signs of all q directions as one batch of 2qB rows
@@ -45,11 +45,20 @@ OPTIONS = {  # cfg.hf: name -> default
 
 
 def backend_options(section, defaults, prefix):
-    """The backend's config section over its defaults; unknown keys are errors."""
+    """The backend's config section over its defaults; unknown keys are errors,
+    and so is a value of another type than its default (``trunk_cache=maybe``
+    would otherwise count as true). A None default leaves the check to the option."""
     unknown = sorted(set(section) - set(defaults))
     if unknown:
         raise MezoError(f"config field '{prefix}.{unknown[0]}': unknown option "
                         f"(known: {', '.join(sorted(defaults))})")
+    for name, value in section.items():
+        want = type(defaults[name])
+        ok = (defaults[name] is None or want is float and type(value) is int
+              or isinstance(value, want) and (want is bool or not isinstance(value, bool)))
+        if not ok:
+            raise MezoError(f"config field '{prefix}.{name}': expected a {want.__name__} "
+                            f"(like the default {defaults[name]!r}), got {value!r}")
     return {**defaults, **section}
 
 
