@@ -8,15 +8,16 @@ uninterrupted trajectory exactly.
 """
 from __future__ import annotations
 
+import functools
 import json
-import shutil
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from .adapter import replace_dir, write_json_atomic
+from .adapter import write_json_atomic
+from .checkpoints import (RunFolder, check_resume, config_diff, fingerprints, warn,
+                          write_adapter)
 from .data import Task
 from .distributed import rank_and_world, shard, sum_over_ranks
 from .errors import MezoError
@@ -34,6 +35,17 @@ def make_schedule(registry, field, name, start, end, warmup):
     return schedule
 
 
+def _releases_the_lock(train):
+    """However the run ends (finished, error, Ctrl-C), out_dir's lock is released."""
+    @functools.wraps(train)
+    def run(self, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            self._release()
+    return run
+
+
 class Trainer:
     def __init__(self, cfg, backend, registry):
         self.cfg, self.backend, self.registry = cfg, backend, registry
@@ -49,6 +61,7 @@ class Trainer:
         self.writes = self.rank == 0
 
     # -- the run ---------------------------------------------------------------
+    @_releases_the_lock
     def train(self, resume: bool = False) -> dict:
         cfg, m = self.cfg, self.cfg.mezo
         state = self._resume() if resume else self._fresh()
@@ -98,7 +111,7 @@ class Trainer:
         summary = {k: state.get(k) for k in ("zero_shot", "final", "step")}
         if not self.writes:
             return summary
-        self.backend.save_adapter(self.out / "adapter")
+        write_adapter(self.backend, self.out / "adapter")  # checked finite, atomic
         write_json_atomic(self.out / "summary.json", summary)
         if cfg.plot:
             from .plot import plot_run
@@ -119,60 +132,72 @@ class Trainer:
         bar.close()
         return result
 
-    # -- state and checkpoints -----------------------------------------------------
+    # -- state and checkpoints (the files: mezo_core/checkpoints.py) ------------------
     def _fresh(self) -> dict:
-        if (self.out / "checkpoints").exists():
-            raise MezoError(f"out_dir {self.out} already holds a run: pass --resume to continue it, "
-                            f"or choose another out_dir=...")
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()  # every rank has checked before rank 0 writes
-        if not self.writes:
-            return {"step": 0}
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
-        (self.out / "metrics.jsonl").write_text("")
-        return {"step": 0}
+        """A new run: out_dir locked and cleaned of leftovers, config written, the data
+        and model fingerprinted (a --resume checks them)."""
+        self.folder = RunFolder(self.out)
+        if self.writes:
+            self.folder.start(self.cfg)
+        self._barrier()  # every rank starts after rank 0 has checked and written
+        return {"step": 0, "fingerprints": fingerprints(self.cfg)} if self.writes else {"step": 0}
 
     def _resume(self) -> dict:
-        latest = self.ckpt_dir / "latest"
-        if not latest.exists():
+        """The newest intact checkpoint (falling back past damaged ones), after checking
+        that the config, data and model continue its trajectory."""
+        self.folder = RunFolder(self.out)
+        if not (self.out / "config.yaml").exists():
             raise MezoError(f"--resume: no checkpoint in {self.ckpt_dir}")
-        saved = OmegaConf.load(self.out / "config.yaml")
-        changed = _diff(OmegaConf.to_container(saved), OmegaConf.to_container(self.cfg))
-        if changed:
-            raise MezoError(f"--resume: the config differs from the run's {self.out / 'config.yaml'} "
-                            f"at {', '.join(changed)}")
-        ckpt = self.ckpt_dir / latest.read_text().strip()
-        state = json.loads((ckpt / "state.json").read_text())
-        self.backend.load_adapter(ckpt)
-        if not self.writes:
-            return state
-        # drop metric rows written after the checkpoint: the resumed run writes them again
-        rows = (self.out / "metrics.jsonl").read_text().splitlines()
-        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= state["step"]]
-        (self.out / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+        if self.writes:
+            self.folder.lock()
+            self.folder.clean()
+        self._barrier()  # rank 0 has cleaned and repaired ``latest``: every rank finds the same
+        found = self.folder.find(repair=self.writes)
+        if found is None:  # stopped before its first checkpoint: the run starts over
+            state = {"step": 0, "fingerprints": fingerprints(self.cfg)}
+            if self.writes:
+                warn(f"--resume: {self.out} holds no checkpoint yet: starting from step 0")
+        else:
+            self._resumed_from, state = found
+        changed = check_resume(self.folder.saved_config(), self.cfg, state,
+                               {"mezo.eps_schedule": self.eps, "mezo.lr_schedule": self.lr},
+                               self.out / "config.yaml")
+        if self.cfg.mezo.steps > state["step"]:
+            state.pop("final", None)  # mezo.steps was extended: the run goes on
+        if found is not None:
+            self.backend.load_adapter(found[0])
+        if self.writes:
+            self.folder.keep_metrics_until(state["step"])
+            if changed:
+                self.folder.write_config(self.cfg)
         return state
 
-    def _checkpoint(self, state: dict) -> None:
-        """Adapter + state into a temp folder, renamed into place, then ``latest``."""
-        if not self.writes:
-            return
-        name = f"step-{state['step']:07d}"
-        tmp = self.ckpt_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.backend.save_adapter(tmp)
-        write_json_atomic(tmp / "state.json", state)
-        replace_dir(tmp, self.ckpt_dir / name)
-        (self.ckpt_dir / "latest.tmp").write_text(name)
-        (self.ckpt_dir / "latest.tmp").replace(self.ckpt_dir / "latest")
-        for old in sorted(self.ckpt_dir.glob("step-*"))[:-max(1, self.cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _checkpoint(self, state: dict, extra: dict | None = None) -> None:
+        """Adapter + state (+ ``extra``: name -> {tensor name: tensor}, written as
+        ``<name>.safetensors``; read back after a resume with ``load_extra(name)``),
+        atomically (checkpoints.RunFolder.write_checkpoint)."""
+        if self.writes:
+            self.folder.write_checkpoint(self.backend, state, self.cfg.keep_checkpoints, extra)
+
+    def load_extra(self, name: str):
+        """The ``extra`` tensors ``name`` of the checkpoint this run resumed from (None
+        if it started fresh or that checkpoint holds none)."""
+        path = getattr(self, "_resumed_from", None)
+        if path is None or not (path / f"{name}.safetensors").exists():
+            return None
+        from safetensors.torch import load_file
+        return load_file(str(path / f"{name}.safetensors"))
+
+    def _release(self) -> None:
+        folder = getattr(self, "folder", None)
+        if folder is not None:
+            folder.release()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
 
 def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b))
-                for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+    return config_diff(a, b, prefix)

@@ -1,0 +1,464 @@
+"""Everything on disk about a run folder, written so that a crash at any point
+leaves a folder that resumes to the uninterrupted trajectory.
+
+    out_dir/run.lock                 pid, host, start time of the run holding the folder
+    out_dir/config.yaml              the resolved config (rewritten by an accepted --resume)
+    out_dir/metrics.jsonl            one row per step
+    out_dir/checkpoints/step-NNNNNNN/  adapter + state.json [+ <extra>.safetensors] + manifest.json
+    out_dir/checkpoints/latest       the name of the newest checkpoint
+    out_dir/adapter/                 the final adapter
+
+A checkpoint is written to ``.step-NNNNNNN.tmp``, checked (every tensor finite),
+given a manifest (size and sha256 of every file) and renamed into place; only
+then does ``latest`` move. A checkpoint counts as intact when its manifest
+matches its files, its JSON parses and its tensors are finite; loading falls
+back from a damaged one to the newest intact one. Rotation deletes only
+checkpoints older than the one just written, so the newest intact one is
+never deleted.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .adapter import replace_dir, write_json_atomic
+from .errors import MezoError
+
+STEP = re.compile(r"step-(\d{7})")
+LEFTOVER = re.compile(r".+\.tmp\d*")          # .step-N.tmp, latest.tmp, adapter.tmp<pid>, x.json.tmp<pid>
+TENSOR_FILES = ("adapter_model.safetensors", "mezo_params.safetensors")  # what backends write
+RESERVED = {"adapter_model", "mezo_params", "state", "manifest", "adapter_config"}
+
+#: Config fields that cannot change the trajectory: a --resume may change them freely.
+#: (the data and model paths are compared by content instead: FINGERPRINTED)
+TRAJECTORY_NEUTRAL = ("out_dir", "assets", "progress", "plot", "eval_batch_size", "keep_checkpoints")
+#: Files whose size + sha256 a run records and a --resume checks, by config field.
+FINGERPRINTED = ("task.train", "task.dev", "model.path")
+SAMPLE = 16 << 20   # a file above 2 x SAMPLE bytes is fingerprinted by size + its first and last SAMPLE bytes
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def warn(message: str) -> None:
+    print(f"mezo-run: warning: {message}", file=sys.stderr, flush=True)
+
+
+# -- test hook ------------------------------------------------------------------------
+_reached = collections.Counter()
+
+
+def fault(point: str) -> None:
+    """Test hook for the fault suite: with ``MEZO_FAULT=<point>[@n]`` in the
+    environment the process sends itself SIGKILL (or ``MEZO_FAULT_SIGNAL``,
+    e.g. SIGSTOP) the n-th time (default: the first) it reaches ``point`` -- a
+    crash exactly there. Points: lock, ckpt-tmp, ckpt-files, ckpt-renamed,
+    ckpt-latest, adapter-written. Without the variable this does nothing."""
+    spec = os.environ.get("MEZO_FAULT")
+    if not spec:
+        return
+    name, _, n = spec.partition("@")
+    if name == point:
+        _reached[point] += 1
+        if _reached[point] == int(n or 1):
+            os.kill(os.getpid(), getattr(signal, os.environ.get("MEZO_FAULT_SIGNAL", "SIGKILL")))
+
+
+# -- finite tensors -------------------------------------------------------------------
+def check_finite(tensors, what: str) -> None:
+    """Refuse NaN/inf (``tensors``: name -> tensor): a non-finite adapter is never
+    written, nor loaded to resume or evaluate from."""
+    import torch
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise MezoError(f"{what}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) "
+                            f"of {tensor.numel()}")
+
+
+def check_finite_folder(folder: Path, what: str) -> None:
+    """Every tensor of every ``*.safetensors`` in ``folder``, one tensor in memory at a time."""
+    from safetensors import safe_open
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as reader:
+                for key in reader.keys():
+                    check_finite({key: reader.get_tensor(key)}, f"{what} ({f.name})")
+        except MezoError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise MezoError(f"{f}: not a readable safetensors file ({exc})") from None
+
+
+def write_adapter(backend, path: str | Path) -> Path:
+    """The final (or best) adapter: written beside ``path``, checked finite, renamed
+    into place. A non-finite adapter is refused and the old ``path`` kept."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    _remove(tmp)
+    backend.save_adapter(tmp)
+    try:
+        check_finite_folder(tmp, f"adapter {path} (not written)")
+    except MezoError:
+        _remove(tmp)
+        raise
+    _sync_tree(tmp)
+    fault("adapter-written")
+    replace_dir(tmp, path)
+    return path
+
+
+# -- fingerprints ---------------------------------------------------------------------
+def _file_digest(path: Path, h) -> int:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= 2 * SAMPLE:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:  # big files (models): size + both ends, enough to tell another file apart
+            h.update(f.read(SAMPLE))
+            f.seek(size - SAMPLE)
+            h.update(f.read(SAMPLE))
+    return size
+
+
+def fingerprint(path: str | Path) -> dict:
+    """Size and sha256 of a file (of its first and last 16 MiB when it is larger
+    than 32 MiB), or of every file under a folder (names, sizes, digests)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        size = 0
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            sub = hashlib.sha256()
+            n = _file_digest(f, sub)
+            size += n
+            h.update(f"{f.relative_to(path).as_posix()}\0{n}\0{sub.hexdigest()}\n".encode())
+    elif path.is_file():
+        size = _file_digest(path, h)
+    else:
+        return {"path": str(path), "missing": True}
+    return {"path": str(path), "size": size, "sha256": h.hexdigest()}
+
+
+def fingerprints(cfg) -> dict:
+    return {key: fingerprint(OmegaConf.select(cfg, key)) for key in FINGERPRINTED}
+
+
+def _same_content(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+
+
+# -- what a --resume may change ---------------------------------------------------------
+def config_diff(a, b, prefix="") -> list[str]:
+    """Dotted keys at which two plain config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b))
+                for k in config_diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_resume(saved, cfg, state: dict, schedules: dict, config_file: Path) -> list[str]:
+    """Refuse a --resume that would not continue the recorded trajectory: a changed
+    field other than the neutral ones, a changed data or model file, or a new
+    ``mezo.steps`` that changes a schedule's value at a step already taken.
+    ``schedules``: config field -> schedule(step, total). Returns the fields that changed."""
+    changed = config_diff(OmegaConf.to_container(saved), OmegaConf.to_container(cfg))
+    blocking = [k for k in changed if k not in TRAJECTORY_NEUTRAL and k not in FINGERPRINTED
+                and k != "mezo.steps"]
+    if blocking:
+        raise MezoError(f"--resume: the config differs from the run's {config_file} at {', '.join(blocking)} "
+                        f"(only {', '.join(TRAJECTORY_NEUTRAL)} and mezo.steps may change)")
+    if "mezo.steps" in changed:
+        _check_steps(saved.mezo.steps, cfg.mezo.steps, state["step"], schedules)
+    for key, recorded in (state.get("fingerprints") or {}).items():
+        now = fingerprint(OmegaConf.select(cfg, key))
+        if not _same_content(recorded, now):
+            what = ("it is missing" if now.get("missing") else
+                    f"size {recorded.get('size')} -> {now['size']} bytes" if recorded.get("size") != now["size"]
+                    else "same size, other sha256")
+            raise MezoError(f"--resume: {key} {now['path']} is not the file this run started with "
+                            f"({what}; recorded from {recorded['path']}): restore it, or start a new run "
+                            f"in another out_dir")
+    return changed
+
+
+def _check_steps(old: int, new: int, taken: int, schedules: dict) -> None:
+    if new < taken:
+        raise MezoError(f"--resume: mezo.steps={new} is below the {taken} steps this run has taken")
+    for field, schedule in schedules.items():
+        for step in range(taken):
+            a, b = schedule(step, old), schedule(step, new)
+            if a != b and not (math.isnan(a) and math.isnan(b)):
+                raise MezoError(f"--resume: mezo.steps {old} -> {new} changes {field} at a step already "
+                                f"taken (step {step + 1}: {a:.6g} -> {b:.6g}); only runs whose schedules "
+                                f"do not depend on mezo.steps (constant, or a warm-up alone) can be "
+                                f"extended: start a new run")
+
+
+# -- the folder -----------------------------------------------------------------------
+class _Damaged(Exception):
+    pass
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush a folder's files and the folder itself: renamed into place, it survives a power cut too."""
+    for f in [*folder.iterdir(), folder]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class RunFolder:
+    """One run's ``out_dir``: its lock, its checkpoints and the files around them."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out = Path(out_dir)
+        self.ckpts = self.out / "checkpoints"
+        self.lock_file = self.out / "run.lock"
+        self._lock_fd = None
+
+    # -- the lock ---------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold ``run.lock`` (flock) for the life of the run. The kernel drops the
+        flock when its process dies, so a lock left by a killed run is simply taken
+        over; a live holder is named in the refusal."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "a run"
+                os.close(fd)
+                raise MezoError(f"out_dir {self.out} is in use by another run ({holder}; lock file "
+                                f"{self.lock_file}): wait for it to end, or choose another out_dir=...") from None
+            try:
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous:
+            warn(f"taking over the lock of a run that ended without releasing it ({previous})")
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+        os.fsync(fd)
+        self._lock_fd = fd
+        fault("lock")
+
+    def release(self) -> None:
+        if self._lock_fd is None:
+            return
+        self.lock_file.unlink(missing_ok=True)  # before unlocking: a waiter then sees a new inode
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # -- start ------------------------------------------------------------------------
+    def clean(self) -> None:
+        """Remove what a killed run left half-written (temp files and folders); a
+        ``X.old`` whose ``X`` is missing (a kill inside a folder swap) goes back to ``X``."""
+        for folder in (self.out, self.ckpts):
+            if not folder.is_dir():
+                continue
+            for p in sorted(folder.iterdir()):
+                if LEFTOVER.fullmatch(p.name):
+                    _remove(p)
+                elif p.name.endswith(".old"):
+                    live = p.with_name(p.name[:-4])
+                    _remove(p) if live.exists() else p.rename(live)
+
+    def holds_checkpoints(self) -> bool:
+        return self.ckpts.is_dir() and any(p.name == "latest" or STEP.fullmatch(p.name)
+                                           for p in self.ckpts.iterdir())
+
+    def start(self, cfg) -> None:
+        """A fresh run: the folder is locked and cleaned; a folder that holds a
+        checkpoint is refused, one where a run stopped before its first is reused."""
+        self.lock()
+        self.clean()
+        if self.holds_checkpoints():
+            raise MezoError(f"out_dir {self.out} already holds a run: pass --resume to continue it, "
+                            f"or choose another out_dir=...")
+        self.write_config(cfg)
+        (self.out / "metrics.jsonl").write_text("")
+
+    def write_config(self, cfg) -> None:
+        tmp = self.out / f"config.yaml.tmp{os.getpid()}"
+        tmp.write_text(OmegaConf.to_yaml(cfg))
+        os.replace(tmp, self.out / "config.yaml")
+
+    def saved_config(self):
+        path = self.out / "config.yaml"
+        try:
+            return OmegaConf.load(path)
+        except Exception as exc:
+            raise MezoError(f"--resume: cannot read the run's config {path}: {exc}") from None
+
+    def keep_metrics_until(self, step: int) -> None:
+        """Drop metric rows written after the checkpoint (the resumed run writes them
+        again) and a row cut short by a kill."""
+        path = self.out / "metrics.jsonl"
+        kept = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(r + "\n" for r in kept))
+        os.replace(tmp, path)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def write_checkpoint(self, backend, state: dict, keep: int, extra: dict | None = None) -> Path:
+        """Adapter, ``extra`` tensors (name -> {tensor name: tensor}, as
+        ``<name>.safetensors``), state.json and a manifest into a temp folder;
+        renamed into place, then ``latest``; then older checkpoints beyond ``keep``
+        are deleted."""
+        from safetensors.torch import save_file
+        name = step_name(state["step"])
+        tmp = self.ckpts / f".{name}.tmp"
+        _remove(tmp)
+        self.ckpts.mkdir(parents=True, exist_ok=True)
+        backend.save_adapter(tmp)
+        fault("ckpt-tmp")
+        for key, tensors in (extra or {}).items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", key) or key in RESERVED:
+                raise ValueError(f"checkpoint extra {key!r}: not a plain name, or a reserved one")
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{key}.safetensors")
+        try:
+            check_finite_folder(tmp, f"checkpoint {name} (not written; the last one stays)")
+        except MezoError:
+            _remove(tmp)
+            raise
+        fault("ckpt-files")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
+        _sync_tree(tmp)
+        replace_dir(tmp, self.ckpts / name)
+        _sync_tree(self.ckpts)
+        fault("ckpt-renamed")
+        self._point_latest(name)
+        fault("ckpt-latest")
+        older = sorted(p for p in self.ckpts.iterdir() if STEP.fullmatch(p.name) and p.name < name)
+        for old in older[:max(0, len(older) - (max(1, keep) - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.ckpts / name
+
+    def _point_latest(self, name: str) -> None:
+        tmp = self.ckpts / "latest.tmp"
+        with tmp.open("w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.ckpts / "latest")
+
+    def verify(self, folder: Path) -> dict:
+        """The state of an intact checkpoint; _Damaged(reason) otherwise."""
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())["files"]
+        except FileNotFoundError:
+            raise _Damaged("no manifest.json") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Damaged(f"manifest.json is not valid ({exc.__class__.__name__})") from None
+        if "state.json" not in manifest or not any(f in manifest for f in TENSOR_FILES):
+            raise _Damaged("manifest.json does not list state.json and the adapter")
+        for fname, want in manifest.items():
+            f = folder / fname
+            if "/" in fname or not f.is_file():
+                raise _Damaged(f"{fname} is missing")
+            if f.stat().st_size != want.get("size"):
+                raise _Damaged(f"{fname} has {f.stat().st_size} bytes, the manifest says {want.get('size')}")
+            if _sha256(f) != want.get("sha256"):
+                raise _Damaged(f"{fname} does not match its sha256 in the manifest")
+            if fname.endswith(".json"):
+                try:
+                    json.loads(f.read_text())
+                except ValueError:
+                    raise _Damaged(f"{fname} is not valid JSON") from None
+        state = json.loads((folder / "state.json").read_text())
+        if not isinstance(state, dict) or state.get("step") != int(STEP.fullmatch(folder.name)[1]):
+            raise _Damaged("state.json does not hold this checkpoint's step")
+        try:
+            check_finite_folder(folder, folder.name)
+        except MezoError as exc:
+            raise _Damaged(str(exc)) from None
+        return state
+
+    def _latest(self) -> tuple[str | None, str | None]:
+        """(the checkpoint ``latest`` names, or None; what is wrong with it, or None)."""
+        path = self.ckpts / "latest"
+        if not path.exists():
+            return None, None
+        try:
+            name = path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None, "checkpoints/latest is unreadable"
+        if not STEP.fullmatch(name):
+            return None, f"checkpoints/latest holds {name[:40]!r}, not a checkpoint name"
+        if not (self.ckpts / name).is_dir():
+            return name, f"checkpoints/latest names {name}, which is missing"
+        return name, None
+
+    def find(self, repair: bool) -> tuple[Path, dict] | None:
+        """The newest intact checkpoint and its state (None: no checkpoint was ever
+        completed). Damage is reported on stderr (``repair``: and ``latest`` is
+        pointed at the checkpoint found); nothing intact is a MezoError."""
+        if not self.ckpts.is_dir():
+            return None
+        latest, problem = self._latest()
+        problems = [problem] if problem else []
+        folders = sorted((p for p in self.ckpts.iterdir() if p.is_dir() and STEP.fullmatch(p.name)), reverse=True)
+        for folder in folders:
+            try:
+                state = self.verify(folder)
+            except _Damaged as exc:
+                problems.append(f"{folder.name}: {exc}")
+                continue
+            if repair:
+                if problems:
+                    warn(f"checkpoint damage in {self.ckpts} ({'; '.join(problems)}): "
+                         f"resuming from the newest intact checkpoint, {folder.name}")
+                elif latest != folder.name:
+                    warn(f"{folder.name} was completed after checkpoints/latest was last moved "
+                         f"(a run stopped in between): resuming from it")
+                if latest != folder.name:
+                    self._point_latest(folder.name)
+            return folder, state
+        if folders or (self.ckpts / "latest").exists():
+            raise MezoError(f"--resume: no intact checkpoint in {self.ckpts} ({'; '.join(problems)}): "
+                            f"start a new run in another out_dir, or delete this one")
+        return None
