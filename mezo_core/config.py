@@ -71,6 +71,7 @@ class MezoConfig:
     # fold restore + update + the next step's +eps*z into one pass over the weights
     # (2 passes per step instead of 3), except before an evaluation or checkpoint
     fuse_steps: bool = True
+    z: str = "gaussian"                    # distribution of z: gaussian (MeZO) or rademacher (+-1, SPSA)
 
 
 @dataclass
@@ -166,6 +167,8 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
     key = key.strip()
     if not eq or not key:
         raise MezoError(f"override {item!r}: expected key=value")
+    if not re.fullmatch(r"\w+(\.\w+)*", key):
+        raise MezoError(f"override {item!r}: {key!r} is not a dotted field name like mezo.lr")
     node = _schema_node(cfg, key)
     try:
         if isinstance(node, StringNode):
@@ -231,6 +234,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.mezo.q >= 1, "mezo.q", "must be >= 1")
     need(math.isfinite(cfg.mezo.eps) and cfg.mezo.eps > 0, "mezo.eps", "must be a finite number > 0")
     need(math.isfinite(cfg.mezo.lr) and cfg.mezo.lr >= 0, "mezo.lr", "must be a finite number >= 0")
+    need(cfg.mezo.z in ("gaussian", "rademacher"), "mezo.z", "must be 'gaussian' or 'rademacher'")
     need(cfg.lora.r > 0, "lora.r", "must be > 0")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
     need(cfg.task.kind in ("classification", "completion"), "task.kind",

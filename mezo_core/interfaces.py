@@ -148,11 +148,13 @@ class Backend(abc.ABC):
 
 class LocalTensorsBackend(Backend):
     """A Backend whose trainable tensors live in this process: set ``_names``
-    (sorted canonical names) and ``_tensors`` (same order) and the perturbation
-    plumbing is done."""
+    (sorted canonical names) and ``_tensors`` (same order), and ``z_dist`` from
+    the config (``perturb.configured_dist(cfg)``), and the perturbation plumbing
+    is done."""
 
     _names: list[str]
     _tensors: list[torch.Tensor]
+    z_dist: str = "gaussian"   # the distribution of z (``mezo.z``)
 
     def trainable_names(self) -> list[str]:
         return list(self._names)
@@ -162,7 +164,7 @@ class LocalTensorsBackend(Backend):
 
     def perturb(self, terms: Terms, decay: float = 1.0) -> None:
         from .perturb import apply_z
-        apply_z(self._tensors, terms, decay)
+        apply_z(self._tensors, terms, decay, dist=self.z_dist)
 
 
 class EvictionPolicy(abc.ABC):

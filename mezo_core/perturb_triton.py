@@ -1,8 +1,14 @@
-"""The fused perturbation kernel: theta <- decay*theta + sum_k coef_k z(seed_k) in
+"""The fused perturbation kernels: theta <- decay*theta + sum_k coef_k z(seed_k) in
 one read and one write of every weight, z drawn in registers (Philox4x32-10,
-the definition in ``perturb``). Tensors of one dtype and similar size share a
-launch through a table of pointers, so a LoRA adapter of many small factors
-costs one launch per call rather than one per tensor.
+the definition in ``philox``): one kernel per distribution. Tensors of one dtype
+and similar size share a launch through a table of pointers, so a LoRA adapter
+of many small factors costs one launch per call rather than one per tensor.
+
+The Rademacher kernel evaluates Philox once per column of a 32768-element tile
+(128 lanes x 256 columns) and term, then walks the 128 lanes, 256 contiguous
+elements at a time: z * coef is +-coef exactly (the sign bit of coef flipped by
+the element's bit), so the result is the torch path's bit for bit on any device
+(FP contraction is off for it: x * decay is rounded before the add, as in torch).
 """
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .perturb import PHILOX_M, PHILOX_W, TILE, z_key
+from .philox import PHILOX_M, PHILOX_W, RTILE, TILE, check_dist, z_key
 
 #: launch shape (tiles of 1024 elements per program, warps) and whether to use
 #: the GPU's approximate sin/cos/log2/sqrt (z then agrees with the torch path
-#: to ~1e-6 instead of bit for bit; Triton's CPU interpreter cannot run them)
+#: to ~1e-6 instead of bit for bit; Triton's CPU interpreter cannot run them);
+#: rademacher_*: the Rademacher kernel's launch shape (tiles of 32768 elements)
 CONFIG = dict(tiles=2, num_warps=4, fast=os.environ.get("TRITON_INTERPRET") != "1",
-              offsets64=False)  # 64-bit offsets for every tensor, not just those of >= 2^31 elements
+              offsets64=False,  # 64-bit offsets for every tensor, not just those of >= 2^31 elements
+              rademacher_tiles=1, rademacher_warps=4)
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -105,28 +113,91 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
     tl.store(base + e0 + 768, x3.to(DTYPE), mask=m3)
 
 
+@triton.jit
+def _rademacher_rows(base, e, n, words, signs, decay, NTERMS: tl.constexpr, DTYPE: tl.constexpr,
+                     MASKED: tl.constexpr):
+    """The 16 rows of a block of tiles (row B at e + 2048 B); without MASKED (every
+    element in bounds) loads and stores are unmasked, so they vectorise."""
+    bit = tl.arange(0, 8)[:, None].to(tl.uint32)                      # [8, 1]
+    for row in tl.static_range(16):
+        off = e + row * 2048
+        if MASKED:
+            x = tl.load(base + off, mask=off < n)
+        else:
+            x = tl.load(base + off)
+        x = x.to(tl.float32) * decay
+        for k in tl.static_range(NTERMS):   # bit r of byte `row` set: -coef, else +coef
+            flip = (words[4 * k + row // 4] << (31 - 8 * (row % 4) - bit)) & 0x80000000
+            x += (signs[k] ^ flip).to(tl.float32, bitcast=True)
+        if MASKED:
+            tl.store(base + off, x.to(DTYPE), mask=off < n)
+        else:
+            tl.store(base + off, x.to(DTYPE))
+
+
+@triton.jit
+def _rademacher_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
+                       DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
+                       W0: tl.constexpr, W1: tl.constexpr, BIG: tl.constexpr, ALIGNED: tl.constexpr):
+    """Blocks of [8, TILES x 256]: dim 1 the counters (columns of TILES tiles), dim 0
+    the 8 adjacent elements of a column's byte -- one thread holds all 8 (one vector),
+    so the Philox words need no exchange between threads."""
+    t = tl.program_id(1)                                  # which tensor of the table
+    n = tl.load(numels + t)
+    base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # every tensor of the table starts on 16 bytes: 16-byte vector loads and stores
+        base = tl.multiple_of(base, 16)
+    cc = tl.arange(0, TILES * 256)[None, :]               # [1, TILES x 256]
+    first = tl.program_id(0) * TILES
+    if BIG:  # a tensor of 2^31 elements or more: 64-bit offsets and counters
+        first = first.to(tl.int64)
+        cc = cc.to(tl.int64)
+    counter = first * 256 + cc
+    if BIG:
+        c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (counter >> 32).to(tl.uint32)
+    else:
+        c0 = counter.to(tl.uint32)
+        c1 = tl.zeros_like(c0)
+    zero = tl.zeros_like(c0)
+    words = ()                                            # 4 Philox words per term
+    signs = ()                                            # the bits of each coef
+    for k in tl.static_range(NTERMS):
+        k0 = tl.load(keys + (t * NTERMS + k) * 2).to(tl.uint32)
+        k1 = tl.load(keys + (t * NTERMS + k) * 2 + 1).to(tl.uint32)
+        r0, r1, r2, r3 = _philox(c0, c1, zero + 1, zero, k0, k1, M0, M1, W0, W1)   # stream 1
+        words = words + (r0, r1, r2, r3)
+        signs = signs + (tl.load(coefs + k).to(tl.uint32, bitcast=True),)
+    # row 0 of each element: tile * 32768 + column * 8 + bit
+    e = (first + cc // 256) * 32768 + (cc % 256) * 8 + tl.arange(0, 8)[:, None]    # [8, TILES x 256]
+    if (first + TILES) * 32768 <= n:
+        _rademacher_rows(base, e, n, words, signs, decay, NTERMS, DTYPE, False)
+    else:
+        _rademacher_rows(base, e, n, words, signs, decay, NTERMS, DTYPE, True)
+
+
 _TABLES: dict = {}  # layout -> launch groups with their device tables
 
 
-def _launch_groups(pairs):
-    """[(device, dtype, programs, big, indices, pointer table, size table)]: tensors
-    grouped by (device, dtype, programs needed rounded up to a power of two), one
-    launch per group, at most half of its programs idle. The tables live on the
-    device and are kept per layout (addresses and sizes), so a training run
-    uploads them once."""
-    layout = (CONFIG["tiles"], CONFIG["offsets64"]) + tuple(
+def _launch_groups(pairs, per_program):
+    """[(device, dtype, programs, big, aligned, indices, pointer table, size table)]:
+    tensors grouped by (device, dtype, programs needed rounded up to a power of two,
+    64-bit offsets, start on 16 bytes), one launch per group, at most half of its
+    programs idle. The tables live on the device and are kept per layout (addresses
+    and sizes), so a training run uploads them once."""
+    layout = (per_program, CONFIG["offsets64"]) + tuple(
         (index, t.data_ptr(), t.numel(), t.dtype, t.device) for index, t in pairs)
     groups = _TABLES.get(layout)
     if groups is not None:
         return groups
     by_key: dict = {}
-    per_program = CONFIG["tiles"] * TILE
     for index, tensor in pairs:
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"trainable tensor {index}: dtype {tensor.dtype} is not supported")
         programs = max(1, -(-tensor.numel() // per_program))
         key = (tensor.device, tensor.dtype, 1 << (programs - 1).bit_length(),
-               CONFIG["offsets64"] or tensor.numel() >= 2**31 - 4096)
+               CONFIG["offsets64"] or tensor.numel() >= 2**31 - max(4096, per_program),
+               tensor.data_ptr() % 16 == 0)
         by_key.setdefault(key, []).append((index, tensor))
     groups = [(*key, [i for i, _ in group],
                torch.tensor([t.data_ptr() for _, t in group], dtype=torch.int64).to(key[0]),
@@ -138,17 +209,26 @@ def _launch_groups(pairs):
     return groups
 
 
-def apply_z_triton(pairs, terms, decay: float) -> None:
+def apply_z_triton(pairs, terms, decay: float, dist: str = "gaussian") -> None:
     """``perturb.apply_z`` for (index, tensor) pairs, every tensor on one pass."""
     if not pairs:
         return
+    gaussian = check_dist(dist) == "gaussian"
     terms = terms or [(0, 0.0)]  # decay alone: one zero term keeps one kernel
-    for device, dtype, programs, big, indices, ptrs, numels in _launch_groups(pairs):
+    tiles = CONFIG["tiles"] if gaussian else CONFIG["rademacher_tiles"]
+    per_program = tiles * (TILE if gaussian else RTILE)
+    for device, dtype, programs, big, aligned, indices, ptrs, numels in _launch_groups(pairs, per_program):
         keys = torch.tensor([[z_key(seed, index) for seed, _ in terms] for index in indices], dtype=torch.int64)
         coefs = torch.tensor([coef for _, coef in terms], dtype=torch.float32)
         keys, coefs = (x.to(device, non_blocking=True) for x in (keys, coefs))
+        args = dict(NTERMS=len(terms), TILES=tiles, DTYPE=_DTYPES[dtype], M0=PHILOX_M[0], M1=PHILOX_M[1],
+                    W0=PHILOX_W[0], W1=PHILOX_W[1], BIG=big)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            _perturb_kernel[(programs, len(indices))](
-                ptrs, numels, keys, coefs, float(decay), NTERMS=len(terms), TILES=CONFIG["tiles"],
-                DTYPE=_DTYPES[dtype], M0=PHILOX_M[0], M1=PHILOX_M[1], W0=PHILOX_W[0], W1=PHILOX_W[1],
-                FAST=CONFIG["fast"] and device.type == "cuda", BIG=big, num_warps=CONFIG["num_warps"])
+            if gaussian:
+                _perturb_kernel[(programs, len(indices))](
+                    ptrs, numels, keys, coefs, float(decay), **args,
+                    FAST=CONFIG["fast"] and device.type == "cuda", num_warps=CONFIG["num_warps"])
+            else:
+                _rademacher_kernel[(programs, len(indices))](
+                    ptrs, numels, keys, coefs, float(decay), **args,
+                    ALIGNED=aligned, num_warps=CONFIG["rademacher_warps"], enable_fp_fusion=False)

@@ -16,7 +16,7 @@ from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (canonical_name, initial_adapter, peft_lora_config, read_peft_adapter,
                                read_tensors, write_peft_adapter, write_tensors)
 from mezo_core.models import resolve_model_dir, torch_dtype
-from mezo_core.perturb import apply_z
+from mezo_core.perturb import apply_z, configured_dist
 
 from .trunk import common_prefix
 
@@ -97,6 +97,7 @@ class HFBackend(LocalTensorsBackend):
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.model.dtype))
         base.to(self.device).eval()
         self.model_dir, self.lora = model_dir, cfg.lora
+        self.z_dist = configured_dist(cfg)
         opts = backend_options(cfg.hf, OPTIONS, "hf")
         self.full_params = opts["full_params"]
         if opts["lora_dtype"] not in ("float32", "model"):
@@ -214,7 +215,7 @@ class HFBackend(LocalTensorsBackend):
                 side = self._side_adapter(name)
                 for dst, src in zip(side, self._tensors):
                     dst.copy_(src)
-                apply_z(side, [(seed, sign * eps)])
+                apply_z(side, [(seed, sign * eps)], dist=self.z_dist)
                 names.append(name)
         self._row_adapters = [name for name in names for _ in batch]
         try:

@@ -41,6 +41,7 @@ from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
+from mezo_core.perturb import configured_dist
 
 
 #: mezo-run EvictionPolicy names -> SGLang's --radix-eviction-policy.
@@ -160,6 +161,7 @@ class SGLangBackend(LocalTensorsBackend):
         ``sglang.Engine`` (tests pass a stand-in)."""
         self.cfg = cfg
         self.lora = cfg.lora
+        self.z_dist = configured_dist(cfg)
         options = _plain(cfg.get("sglang") if hasattr(cfg, "get") else getattr(cfg, "sglang", None))
         self.transport = str(options.pop("adapter_transport", "auto"))
         if self.transport not in ("auto", "bucket", "tensors", "disk"):

@@ -6,8 +6,8 @@ Trainable state. The initial adapter is mezo's seeded one
 temporary PEFT folder and registered with vLLM as a LoRARequest. From then on
 the vLLM *worker* owns the trainable state (``worker.MezoWorkerExtension``, mixed
 into vLLM's worker class): an fp32 PEFT-layout copy on the worker's device. A
-perturbation travels as ``collective_rpc("mezo_perturb", (terms, decay))`` --
-seeds and coefficients only -- and the worker regenerates z(seed, i) for tensor
+perturbation travels as ``collective_rpc("mezo_perturb", (terms, decay, dist))`` --
+seeds, coefficients and the distribution of z (``mezo.z``) only -- and the worker regenerates z(seed, i) for tensor
 i of the sorted canonical PEFT names with ``mezo_core.perturb.apply_z`` (the
 same z as the hf backend on that device type), then converts the state to
 vLLM's layout with vLLM's own adapter code and copies it into the adapter's
@@ -72,6 +72,7 @@ import torch
 from mezo_core import Backend, Example, MezoError
 from mezo_core.adapter import adapter_shapes, initial_adapter, read_peft_adapter, write_peft_adapter
 from mezo_core.models import dtype_name, resolve_model_dir
+from mezo_core.perturb import configured_dist
 
 #: ranks vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -139,6 +140,7 @@ class VLLMBackend(Backend):
         self._workdir = None
         model_dir = resolve_model_dir(cfg.model.path)
         self.model_dir, self.lora = model_dir, cfg.lora
+        self.z_dist = configured_dist(cfg)
         dtype = dtype_name(cfg.model.dtype)
         on_cpu = current_platform.is_cpu()
         wants_cuda = str(cfg.model.device).startswith("cuda")
@@ -231,7 +233,7 @@ class VLLMBackend(Backend):
         terms = [(int(s), float(c)) for s, c in terms]
         if not any(c != 0.0 for _, c in terms) and decay == 1.0:
             return
-        self._rpc("mezo_perturb", terms, float(decay))
+        self._rpc("mezo_perturb", terms, float(decay), self.z_dist)
         self._changed()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -254,7 +256,7 @@ class VLLMBackend(Backend):
             return super().plus_minus_losses(batch, seed, eps, applied)
         if eps != applied:
             self.perturb([(seed, eps - applied)])
-        self._rpc("mezo_fill", MINUS_ID, [(int(seed), -2.0 * float(eps))])
+        self._rpc("mezo_fill", MINUS_ID, [(int(seed), -2.0 * float(eps))], self.z_dist)
         self._minus_version += 1
         self._row_slots = [0] * len(batch) + [1] * len(batch)
         try:

@@ -4,8 +4,8 @@ The worker holds the trainable state: an fp32 copy of the LoRA tensors in PEFT
 layout (canonical PEFT names, sorted: the z-index order of every mezo backend),
 on the worker's device. ``mezo_perturb`` regenerates z there from
 ``(seed, index)`` with ``mezo_core.perturb.apply_z`` -- the same call and the
-same z as the hf backend on that device type -- so the driver only sends seeds
-and coefficients, never tensors, and nothing touches the disk.
+same z as the hf backend on that device type -- so the driver only sends seeds,
+coefficients and the distribution of z, never tensors, and nothing touches the disk.
 
 After every change the PEFT tensors are converted to vLLM's layout by vLLM's own
 adapter code (``LoRAModel.from_lora_tensors``: PEFT names to vLLM modules;
@@ -70,18 +70,19 @@ class MezoWorkerExtension:
         return {n: (list(t.shape), t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
                 for n, t in zip(self._mezo_names, self._mezo_tensors)}
 
-    def mezo_perturb(self, terms, decay: float = 1.0) -> None:
-        """theta <- decay*theta + sum coef*z(seed, i), then into vLLM's slot."""
-        apply_z(self._mezo_tensors, [(int(s), float(c)) for s, c in terms], float(decay))
+    def mezo_perturb(self, terms, decay: float = 1.0, dist: str = "gaussian") -> None:
+        """theta <- decay*theta + sum coef*z(seed, i) (z of distribution ``dist``), then
+        into vLLM's slot."""
+        apply_z(self._mezo_tensors, [(int(s), float(c)) for s, c in terms], float(decay), dist=str(dist))
         self._mezo_push()
 
-    def mezo_fill(self, lora_int_id: int, terms) -> None:
+    def mezo_fill(self, lora_int_id: int, terms, dist: str = "gaussian") -> None:
         """Adapter ``lora_int_id`` (not the trained one) <- theta + sum coef*z(seed, i),
         computed on copies: the minus side of a side-by-side +/- evaluation."""
         if int(lora_int_id) == self._mezo_lora_id:
             raise ValueError("mezo_fill: that is the trained adapter")
         tensors = [t.clone() for t in self._mezo_tensors]
-        apply_z(tensors, [(int(s), float(c)) for s, c in terms])
+        apply_z(tensors, [(int(s), float(c)) for s, c in terms], dist=str(dist))
         self._mezo_push(int(lora_int_id), tensors)
 
     def mezo_slot_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
