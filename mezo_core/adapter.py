@@ -80,12 +80,19 @@ def write_tensors(state: dict[str, torch.Tensor], out: str | Path, filename: str
 
 def read_tensors(path: str | Path, filename: str, what: str = "a mezo-run adapter folder") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
+    from .checkpoints import check_finite
+    from .errors import MezoError
     path = Path(path)
     f = path / filename
     if not f.exists():
-        from .errors import MezoError
         raise MezoError(f"{path}: not {what} (no {filename})")
-    return load_file(str(f))
+    try:
+        state = load_file(str(f))
+    except Exception as exc:  # safetensors' own error types: a truncated or foreign file
+        raise MezoError(f"{f}: not a readable safetensors file ({exc})") from None
+    check_finite(state, f"{f} (refused)")   # never resume or evaluate a NaN/inf adapter
+    return state
 
 
 def replace_dir(src: Path, dst: Path) -> None:

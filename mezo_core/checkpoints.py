@@ -97,7 +97,7 @@ def check_finite_folder(folder: Path, what: str) -> None:
         try:
             with safe_open(str(f), framework="pt") as reader:
                 for key in reader.keys():
-                    check_finite({key: reader.get_tensor(key)}, f"{what} ({f.name})")
+                    check_finite({key: reader.get_tensor(key)}, f"{what}, {f.name}")
         except MezoError:
             raise
         except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -112,10 +112,10 @@ def write_adapter(backend, path: str | Path) -> Path:
     _remove(tmp)
     backend.save_adapter(tmp)
     try:
-        check_finite_folder(tmp, f"adapter {path} (not written)")
-    except MezoError:
+        check_finite_folder(tmp, f"adapter {path}")
+    except MezoError as exc:
         _remove(tmp)
-        raise
+        raise MezoError(f"{exc}: not written (the training diverged)") from None
     _sync_tree(tmp)
     fault("adapter-written")
     replace_dir(tmp, path)
@@ -359,10 +359,10 @@ class RunFolder:
                 raise ValueError(f"checkpoint extra {key!r}: not a plain name, or a reserved one")
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{key}.safetensors")
         try:
-            check_finite_folder(tmp, f"checkpoint {name} (not written; the last one stays)")
-        except MezoError:
+            check_finite_folder(tmp, f"checkpoint {name}")
+        except MezoError as exc:
             _remove(tmp)
-            raise
+            raise MezoError(f"{exc}: not written (the training diverged; the last checkpoint stays)") from None
         fault("ckpt-files")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}

@@ -146,11 +146,13 @@ class Trainer:
         """The newest intact checkpoint (falling back past damaged ones), after checking
         that the config, data and model continue its trajectory."""
         self.folder = RunFolder(self.out)
-        if not (self.out / "config.yaml").exists():
+        if not self.out.is_dir():
             raise MezoError(f"--resume: no checkpoint in {self.ckpt_dir}")
         if self.writes:
             self.folder.lock()
             self.folder.clean()
+        if not (self.out / "config.yaml").exists():
+            raise MezoError(f"--resume: no checkpoint in {self.ckpt_dir}")
         self._barrier()  # rank 0 has cleaned and repaired ``latest``: every rank finds the same
         found = self.folder.find(repair=self.writes)
         if found is None:  # stopped before its first checkpoint: the run starts over
