@@ -47,31 +47,68 @@ def _left_padded(rows, pad_id, device):
     return ids.to(device), (column >= start).long().to(device), (column - start).clamp(min=0).to(device)
 
 
-def _last_logits(backend, rows, keep):
+class FrozenBelow:
+    """The hidden states entering the first adapted layer, per row. The layers
+    below hold no adapter weight, so their outputs never change while the
+    adapter trains: each training row's are computed once (as the hf
+    backend's trunk cache does for MeZO) and the forward that backprop runs
+    through starts at the first adapted layer. On SmolLM2 with the top 4 of
+    30 layers adapted that skips most of the forward."""
+
+    def __init__(self, backend, params):
+        from mezo_backend_hf.trunk import LayerStack
+        self.stack = LayerStack(backend.model)
+        layer_of = {id(p): i for i, layer in enumerate(self.stack.layers) for p in layer.parameters()}
+        where = [layer_of.get(id(p)) for p in params]
+        self.k0 = 0 if None in where else min(where)  # 0: an adapter weight outside the layers
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def hidden(self, rows, ids, mask, positions):
+        """The rows' states entering layer k0, left-padded like ``ids`` (zeros
+        under the padding, which the mask hides)."""
+        width = ids.shape[1]
+        missing = [i for i, r in enumerate(rows) if tuple(r) not in self.states]
+        if missing:
+            h = self.stack.run(None, 0, self.k0, input_ids=ids[missing], attention_mask=mask[missing],
+                               position_ids=positions[missing], use_cache=False)
+            for j, i in enumerate(missing):
+                self.states[tuple(rows[i])] = h[j, width - len(rows[i]):]
+        states = [self.states[tuple(r)] for r in rows]
+        out = states[0].new_zeros((len(rows), width, states[0].shape[-1]))
+        for i, state in enumerate(states):
+            out[i, width - len(state):] = state
+        return out
+
+
+def _last_logits(backend, rows, keep, below=None):
     pad = backend.tokenizer.pad_token_id
     pad = pad if pad is not None else (backend.tokenizer.eos_token_id or 0)
     ids, mask, positions = _left_padded(rows, pad, backend.device)
-    out = backend.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                        use_cache=False, logits_to_keep=keep)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
+    if below is None or below.k0 == 0:
+        out = backend.model(**inputs)
+    else:
+        out = below.stack.run(below.hidden(rows, ids, mask, positions), below.k0, None, **inputs)
     return out.logits.to(torch.promote_types(out.logits.dtype, torch.float32)), ids
 
 
-def objective(backend, batch) -> torch.Tensor:
+def objective(backend, batch, below: FrozenBelow | None = None) -> torch.Tensor:
     """``Backend.objective`` as a differentiable function of the adapter: per
     example, the cross-entropy of the gold choice among the choices, each
-    scored by its mean token loss; a plain forward of the whole peft model
-    (autograd records only from the first adapted layer up)."""
+    scored by its mean token loss. A forward of the peft model, from the
+    states of ``below`` when given."""
     choices = batch[0].choices
     if choices is None or any(e.choices != choices for e in batch):
         raise ValueError("backprop_reference needs classification examples sharing their choices")
     prompts = [e.prompt_ids for e in batch]
     if all(len(c) == 1 for c in choices):  # one pass over the prompts scores every choice
-        logits, _ = _last_logits(backend, prompts, 1)
+        logits, _ = _last_logits(backend, prompts, 1, below)
         scores = -torch.log_softmax(logits[:, -1], -1)[:, [c[0] for c in choices]]
     else:  # a row per (prompt, choice); targets end at the last position
         rows = [p + c for p in prompts for c in choices]
         k = max(map(len, choices))
-        logits, ids = _last_logits(backend, rows, k + 1)
+        logits, ids = _last_logits(backend, rows, k + 1, below)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, -k:], reduction="none")
         lengths = torch.tensor([len(c) for c in choices] * len(prompts), device=nll.device)
         is_target = torch.arange(k, device=nll.device)[None, :] >= (k - lengths)[:, None]
@@ -91,7 +128,9 @@ def backprop_reference(cfg, steps: int, lr: float = 1e-3, eval_every: int = 0, b
     Adam moves the fp32 masters (``trainable_tensors()``); with
     ``hf.lora_dtype=model`` the gradients come from the model-dtype copies
     and the copies are refreshed after each step. The frozen-trunk cache stays
-    valid throughout: training never touches a trunk weight.
+    valid throughout: training never touches a trunk weight; the training
+    forwards keep their own states below the first adapted layer
+    (``FrozenBelow``).
 
     Returns ``steps``, ``lr``, ``batch_size``, ``curve`` (one row per
     evaluation: ``step``, ``train_loss`` = mean training loss of the steps
@@ -107,6 +146,7 @@ def backprop_reference(cfg, steps: int, lr: float = 1e-3, eval_every: int = 0, b
     task = Task(cfg.task, backend.tokenizer)
     masters, params = backend.trainable_tensors(), adapter_params(backend)
     initial = [t.detach().clone() for t in masters]
+    below = FrozenBelow(backend, params)
     curve, losses, train_seconds = [], [], 0.0
 
     def evaluate(step):
@@ -125,7 +165,7 @@ def backprop_reference(cfg, steps: int, lr: float = 1e-3, eval_every: int = 0, b
         for step in range(steps):
             t0 = time.perf_counter()
             with torch.enable_grad():
-                loss = objective(backend, task.train_batch(cfg.seed, step, batch_size)).mean()
+                loss = objective(backend, task.train_batch(cfg.seed, step, batch_size), below).mean()
                 grads = torch.autograd.grad(loss, params)
             for m, g in zip(masters, grads):
                 m.grad = g.to(m.dtype)

@@ -17,7 +17,7 @@ from mezo_backend_hf.backend import HFBackend
 from tiny import write_run_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.backprop import adapter_params, backprop_reference, objective  # noqa: E402
+from benchmarks.backprop import FrozenBelow, adapter_params, backprop_reference, objective  # noqa: E402
 
 SEED = 0  # the config's seed: the initial adapter; examples drawn from SEED + 1
 
@@ -38,16 +38,23 @@ def random_batch(vocab, choices, n=5, seed=SEED + 1):
     return out
 
 
+@pytest.mark.parametrize("frozen_below", [False, True], ids=["whole-model", "from-layer-2"])
 @pytest.mark.parametrize("choices", [((20,), (31,)), ((20,), (31, 42), (50, 7, 9))], ids=["single", "multi"])
-def test_loss_is_the_backends_objective(tmp_path, tiny_llama, choices):
+def test_loss_is_the_backends_objective(tmp_path, tiny_llama, choices, frozen_below):
     print("seed", SEED)
     cfg, backend = make_backend(tmp_path, tiny_llama)
+    below = FrozenBelow(backend, adapter_params(backend)) if frozen_below else None
+    assert below is None or below.k0 == 2
     batch = random_batch(len(backend.tokenizer), choices)
     for _ in range(2):  # at the initial adapter (LoRA B = 0), then moved away from it
         with torch.no_grad():
-            ours = objective(backend, batch).double()
+            ours = objective(backend, batch, below).double()
         torch.testing.assert_close(ours, backend.objective(batch), rtol=1e-5, atol=1e-5)
         backend.perturb([(SEED + 7, 0.5)])
+    if below is not None:  # reordered, in other batches: the stored states of each row serve
+        with torch.no_grad():
+            ours = torch.cat([objective(backend, batch[::-1][:2], below), objective(backend, batch[::-1][2:], below)])
+        torch.testing.assert_close(ours.double(), backend.objective(batch[::-1]), rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_matches_finite_differences(tmp_path, tiny_llama):
@@ -62,7 +69,8 @@ def test_gradient_matches_finite_differences(tmp_path, tiny_llama):
     assert params[0].dtype == torch.float64
     for p in params:
         p.requires_grad_(True)
-    grads = torch.autograd.grad(objective(backend, batch).mean(), params)
+    below = FrozenBelow(backend, params)  # the training forward: from the states entering layer 2
+    grads = torch.autograd.grad(objective(backend, batch, below).mean(), params)
     names = backend.trainable_names()
     h = 1e-3
     checked = 0
@@ -72,9 +80,9 @@ def test_gradient_matches_finite_differences(tmp_path, tiny_llama):
             with torch.no_grad():
                 old = float(flat[j])
                 flat[j] = old + h
-                up = float(objective(backend, batch).mean())
+                up = float(objective(backend, batch, below).mean())
                 flat[j] = old - h
-                down = float(objective(backend, batch).mean())
+                down = float(objective(backend, batch, below).mean())
                 flat[j] = old
             fd = (up - down) / (2 * h)
             assert abs(fd - float(g[j])) <= 1e-5 + 1e-2 * abs(fd), (names[i], j, fd, float(g[j]))
