@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import DEFAULT_CONFIG, default_config, load_config, validate
-from .distributed import init_from_env
+from .distributed import init_from_env, rank_and_world
 from .errors import MezoError
 from .registry import get_registry
 
@@ -32,14 +32,22 @@ def make_backend(cfg, registry):
 
 
 def check_out_dir(path) -> None:
-    """Create the run folder and write into it now, not after minutes of model loading."""
+    """Create the run folder and write into it now, not after minutes of model
+    loading; folders made for the test are removed (a failed run writes nothing)."""
     out = Path(path)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
         raise MezoError(f"config field 'out_dir': cannot create or write the folder {out}: {exc.strerror}") from None
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def adapter_lora(cfg, adapter) -> None:
@@ -69,7 +77,8 @@ def adapter_lora(cfg, adapter) -> None:
 
 def cmd_train(args, cfg, registry):
     from .trainer import Trainer
-    check_out_dir(cfg.out_dir)
+    if rank_and_world()[0] == 0:  # rank 0 alone writes the run folder
+        check_out_dir(cfg.out_dir)
     backend = make_backend(cfg, registry)
     try:
         summary = Trainer(cfg, backend, registry).train(resume=args.resume)

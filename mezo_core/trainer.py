@@ -54,7 +54,7 @@ class Trainer:
         m = cfg.mezo
         self.eps = make_schedule(registry, "mezo.eps_schedule", m.eps_schedule, m.eps, m.eps_end, 0)
         self.lr = make_schedule(registry, "mezo.lr_schedule", m.lr_schedule, m.lr, m.lr_end, m.warmup_steps)
-        self.task = Task(cfg.task, backend.tokenizer)
+        self.task = Task(cfg.task, backend.tokenizer, batch_size=cfg.mezo.batch_size)
         self.hook = registry.hook()
         # data parallel: every rank steps alike on its shard; rank 0 alone writes files
         self.rank, self.world = rank_and_world()
