@@ -6,6 +6,7 @@ line: ``{"text": ..., "label": 0}`` or ``{"prompt": ..., "completion": ...}``.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -58,11 +59,13 @@ def _read_text(path: Path, field: str) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise MezoError(f"{field}: cannot read {path}: {exc.strerror}") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8-sig")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise MezoError(f"{path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 "
+        start = bom + exc.start
+        line = data[:start].count(b"\n") + 1
+        raise MezoError(f"{path}, line {line}: byte 0x{data[start]:02x} is not UTF-8 "
                         "(save the file as UTF-8)") from None
 
 

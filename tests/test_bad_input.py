@@ -70,6 +70,8 @@ def _jsonl(rows):
 GOOD = [{"text": "the movie was great", "label": 1}, {"text": "dull and boring", "label": 0}]
 DATA_CASES = {   # name: (file name, bytes, needles after the file name)
     "non-UTF-8 byte in TSV": ("t.tsv", b"sentence\tlabel\nfine\t1\ncaf\xe9\t0\n", ["line 3", "UTF-8"]),
+    "non-UTF-8 byte after a BOM": ("t.tsv", b"\xef\xbb\xbfsentence\tlabel\nfine\t1\n\xfe\t0\n",
+                                   ["line 3", "byte 0xfe is not UTF-8"]),
     "non-UTF-8 byte in JSONL": ("t.jsonl", _jsonl(GOOD).encode() + b'{"text": "\xff", "label": 0}\n',
                                 ["line 3", "UTF-8"]),
     "JSONL label 1.7": ("t.jsonl", _jsonl(GOOD + [{"text": "ok", "label": 1.7}]).encode(),
