@@ -1,9 +1,9 @@
 """The perturbation engine (mezo_core.perturb): z regenerated from (seed, index),
-in-place fused updates, chunking, dtypes."""
+in-place fused updates, chunking, dtypes; both distributions of z (Gaussian,
+Rademacher), each against a pure-Python reference of its definition."""
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest
@@ -13,6 +13,13 @@ from mezo_core import perturb
 from mezo_core.perturb import apply_z, merge_terms, mix, z_like
 
 U = 2.0 ** -24  # fp32 unit roundoff (half an ulp, relative)
+SEED = 20261202  # every random draw below derives from it; the seed in use is printed
+
+
+def _seed(offset: int = 0) -> int:
+    seed = SEED + offset
+    print(f"seed {seed}")
+    return seed
 
 
 def _tensors(seed=0, shapes=((5, 7), (64,), (3, 4, 5)), scale=1.0):
@@ -152,7 +159,7 @@ def _philox_py(c, k):
 def test_numpy_philox_equals_the_torch_ops():
     """The CPU's uint64 Philox against the int64 torch ops, on random counters
     (beyond 2^32 too) and per-row keys."""
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    gen = torch.Generator().manual_seed(_seed())
     counters = torch.randint(0, 2 ** 40, (64, 1), generator=gen) + torch.arange(256)
     k0, k1 = (torch.randint(0, 2 ** 32, (64, 1), generator=gen) for _ in range(2))
     zero = torch.zeros_like(counters)
@@ -166,7 +173,7 @@ def test_numpy_philox_equals_the_torch_ops():
 
 
 def test_z_follows_its_documented_definition_element_by_element():
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    rng = random.Random(_seed())
     seed, index = rng.randrange(2 ** 62), rng.randrange(500)
     n = rng.randint(3000, 9000)
     z = z_like(torch.empty(n), seed, index).double()
@@ -219,6 +226,140 @@ def test_apply_z_scratch_is_bounded_by_one_chunk(monkeypatch):
     assert seen[-1] == 2
 
 
+
+def test_gaussian_z_is_pinned():
+    """Known values of today's Gaussian z (the MeZO default): any change of its bits
+    changes every trajectory ever recorded."""
+    expect = torch.tensor([-0.124009483, -0.292589396, -0.522241175, -1.37742829, 0.855295241, 0.503059387])
+    assert torch.equal(z_like(torch.empty(6), 0, 0), expect)
+    expect = torch.tensor([-0.5122010707855225, -0.07914300262928009, -1.855347752571106, 0.1855296492576599])
+    assert torch.equal(perturb.z_range(123, 7, 2 ** 33, 4), expect)   # counters beyond 2^32
+
+
+# -- rademacher ----------------------------------------------------------------------
+def _mix_py(*values):
+    """SplitMix64 (Steele et al. 2014) on Python ints, the key's reference."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h ^= v % 2 ** 64
+        h = (h + 0x9E3779B97F4A7C15) % 2 ** 64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+        h ^= h >> 31
+    return h % 2 ** 63
+
+
+def _rademacher_py(seed, index, j):
+    """Element j of the Rademacher z(seed, index), from its definition in mezo_core.philox."""
+    key = _mix_py(seed, index)
+    tile, q = divmod(j, 32768)
+    row, col, bit = q // 2048, (q % 2048) // 8, j % 8
+    n = tile * 256 + col
+    x = _philox_py((n & 0xFFFFFFFF, n >> 32, 1, 0), (key & 0xFFFFFFFF, key >> 32))
+    return -1.0 if (x[row // 4] >> (8 * (row % 4) + bit)) & 1 else 1.0
+
+
+def _signs(text):
+    return torch.tensor([1.0 if c == "+" else -1.0 for c in text])
+
+
+def test_rademacher_z_is_pinned_and_follows_its_definition():
+    # known answers (from _rademacher_py), beyond 2^32 counters too
+    assert torch.equal(z_like(torch.empty(32), 0, 0, "rademacher"), _signs("+-+-++--++++++---------+++++--++"))
+    assert torch.equal(perturb.z_range(123, 7, 2 ** 40 + 2048 * 5, 32, dist="rademacher"),
+                       _signs("-+-++---+++++++++++---++-+---+--"))
+    rng = random.Random(_seed())
+    for _ in range(3):
+        seed, index, n = rng.randrange(2 ** 62), rng.randrange(500), rng.randint(33000, 90000)
+        z = z_like(torch.empty(n), seed, index, "rademacher")
+        picks = rng.sample(range(n), 60) + [0, 7, 8, 2047, 2048, 32767, 32768, n - 1]
+        for j in picks:
+            assert float(z[j]) == _rademacher_py(seed, index, j), (seed, index, j)
+
+
+def test_rademacher_moments_and_independence():
+    """Values exactly +-1, balanced signs, no correlation between neighbours (within a
+    byte, across columns, rows and tiles), between tensor indices, between seeds, or
+    with the Gaussian z of the same (seed, index): each statistic of n independent
+    fair signs has standard deviation 1/sqrt(n); the bound is 6 of them."""
+    rng = random.Random(_seed())
+    for _ in range(4):
+        n, seed, index = rng.randint(100_000, 300_000), rng.randrange(2 ** 62), rng.randrange(1000)
+        z = z_like(torch.empty(n), seed, index, "rademacher").double()
+        bound, msg = 6 / math.sqrt(n), f"n={n}, seed={seed}, index={index}"
+        assert set(z.unique().tolist()) == {-1.0, 1.0}, msg
+        assert abs(float(z.mean())) < bound, msg                       # sign balance (var = 1 - mean^2)
+        for lag in (1, 2, 7, 8, 9, 2048, 32768):                      # bits, bytes, columns, rows, tiles
+            assert abs(float((z[lag:] * z[:-lag]).mean())) < 6 / math.sqrt(n - lag), (msg, lag)
+        for bit in range(8):                                           # each bit position of a byte
+            part = z[bit::8]
+            assert abs(float(part.mean())) < 6 / math.sqrt(len(part)), (msg, bit)
+        others = [z_like(torch.empty(n), seed, index + 1, "rademacher"),
+                  z_like(torch.empty(n), seed + 1, index, "rademacher"),
+                  z_like(torch.empty(n), seed, index, "gaussian")]
+        for other in others:
+            assert abs(float((z * other.double()).mean() / other.double().std())) < bound, msg
+
+
+def test_rademacher_fused_update_equals_sequential_terms_bit_for_bit():
+    """z * coef is +-coef exactly, so the fused call rounds exactly like decay, then
+    one term after another (fp32 tensors)."""
+    rng = random.Random(_seed())
+    terms = [(rng.randrange(2 ** 62), rng.uniform(-1, 1)) for _ in range(3)] + [(5, 0.25)]
+    fused = _tensors(seed=4, shapes=((5, 7), (40_000,), (3000,), (2, 300_000)))
+    plain = [t.clone() for t in fused]
+    apply_z(fused, terms, decay=0.97, dist="rademacher")
+    apply_z(plain, [], decay=0.97, dist="rademacher")
+    for term in terms:
+        apply_z(plain, [term], dist="rademacher")
+    for i, (a, b) in enumerate(zip(fused, plain)):
+        assert torch.equal(a, b), i
+    # and both are theta*decay +- coef, element by element, with the signs of z_like
+    t = _tensors(seed=4, shapes=((40_000,),))[0]
+    expect = t * 0.97
+    for seed, coef in terms:
+        expect = expect + coef * z_like(t, seed, 0, "rademacher")
+    apply_z([t], terms, decay=0.97, dist="rademacher")
+    assert torch.equal(t, expect)
+
+
+def test_rademacher_z_is_random_access_and_split_free(monkeypatch):
+    n = 3 * 32768 + 5000
+    expect = z_like(torch.empty(n), 77, 4, "rademacher")
+    for start in (0, 2048, 32768 + 4096):
+        assert torch.equal(perturb.z_range(77, 4, start, 40_000, dist="rademacher"), expect[start:start + 40_000])
+    for chunk in (4096, 32768, 1 << 18):
+        monkeypatch.setattr(perturb, "CHUNK", chunk)
+        big, small, tiny = torch.zeros(n, 1), torch.zeros(3000), torch.zeros(10)
+        apply_z([small, big, tiny], [(77, 1.0)], indices=[0, 4, 9], dist="rademacher")
+        assert torch.equal(big.view(-1), expect), chunk
+        assert torch.equal(small, z_like(small, 77, 0, "rademacher"))
+        assert torch.equal(tiny, z_like(tiny, 77, 9, "rademacher"))
+
+
+def test_rademacher_bf16_is_rounded_once_from_fp32():
+    t = torch.randn(5000, generator=torch.Generator().manual_seed(_seed())).to(torch.bfloat16)
+    got, acc = t.clone(), t.float()
+    apply_z([got], [(3, 0.1), (4, -0.02)], decay=0.99, dist="rademacher")
+    apply_z([acc], [(3, 0.1), (4, -0.02)], decay=0.99, dist="rademacher")
+    assert torch.equal(got, acc.to(torch.bfloat16))
+
+
+def test_unknown_distribution_is_refused():
+    with pytest.raises(ValueError, match="unknown z distribution 'uniform'"):
+        apply_z([torch.zeros(3)], [(1, 1.0)], dist="uniform")
+
+
+def test_the_kernel_module_does_not_import_the_torch_path():
+    """philox.py holds the definition both implementations import: no cycle."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    code = "import sys, mezo_core.perturb_triton; print('mezo_core.perturb' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
 TRITON_CHECK = r"""
 import os, sys, random
 os.environ["TRITON_INTERPRET"] = "1"       # Triton's CPU interpreter runs the CUDA kernel's code
@@ -226,40 +367,53 @@ import torch
 from mezo_core.perturb import apply_z, z_like
 from mezo_core import perturb_triton
 from mezo_core.perturb_triton import apply_z_triton
-rng = random.Random(int(sys.argv[1]))
-g = torch.Generator().manual_seed(int(sys.argv[1]))
+seed, dist = int(sys.argv[1]), sys.argv[2]
+rng = random.Random(seed)
+g = torch.Generator().manual_seed(seed)
 shapes = [(rng.randint(1, 40), rng.randint(1, 300)) for _ in range(4)] + [(rng.randint(4097, 20000),)]
 dtypes = [torch.float32] * 3 + [torch.bfloat16, torch.float16]
+if dist == "rademacher":   # whole blocks (unmasked, vectorised) and tails (masked), in every dtype
+    perturb_triton.CONFIG["rademacher_tiles"] = rng.choice([1, 2])
+    shapes += [(32768 * 2,), (rng.randint(65537, 140000),), (rng.randint(65537, 140000),)]
+    dtypes += [torch.float32, torch.bfloat16, torch.float16]
 ts = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
 terms = [(rng.randrange(2 ** 62), rng.uniform(-1, 1)) for _ in range(rng.randint(1, 3))]
 decay = rng.choice([1.0, 0.99])
 fused, plain = [t.clone() for t in ts], [t.clone() for t in ts]
-perturb_triton.CONFIG["offsets64"] = bool(int(sys.argv[1]) % 2)   # the 64-bit path on half of the runs
-apply_z_triton(list(enumerate(fused)), terms, decay)
-apply_z(plain, terms, decay, kernel="torch")
+perturb_triton.CONFIG["offsets64"] = bool(seed % 2)   # the 64-bit path on half of the runs
+apply_z_triton(list(enumerate(fused)), terms, decay, dist)
+apply_z(plain, terms, decay, kernel="torch", dist=dist)
 for i, (a, b, t) in enumerate(zip(fused, plain, ts)):
     assert not torch.equal(a, t)
-    if a.dtype == torch.float32:
+    if dist == "rademacher":   # bit for bit: the fp32 arithmetic is the same
+        if a.dtype == torch.bfloat16:   # the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest
+            acc = t.float()
+            apply_z([acc], terms, decay, indices=[i], kernel="torch", dist=dist)
+            assert torch.equal(b, acc.to(torch.bfloat16)), i
+            b = (acc.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+        assert torch.equal(a, b), (i, a.dtype)
+    elif a.dtype == torch.float32:
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
     else:   # rounded once from fp32 values that agree to ~1e-7: at most one ulp apart
         ulp = b.float().abs().clamp_min(1e-3) * (2 ** -7 if a.dtype == torch.bfloat16 else 2 ** -10)
         assert bool(((a.float() - b.float()).abs() <= ulp).all()), i
 z = torch.zeros(5000)
-apply_z_triton([(7, z)], [(terms[0][0], 1.0)], 1.0)
-torch.testing.assert_close(z, z_like(z, terms[0][0], 7), rtol=0, atol=2e-6)
+apply_z_triton([(7, z)], [(terms[0][0], 1.0)], 1.0, dist)
+torch.testing.assert_close(z, z_like(z, terms[0][0], 7, dist), rtol=0, atol=2e-6)
 print("ok")
 """
 
 
-def test_triton_kernel_matches_the_torch_path():
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_triton_kernel_matches_the_torch_path(dist):
     """The CUDA kernel's code, run by Triton's interpreter on the CPU, against the
     torch implementation on fresh random tensors, terms and decay."""
     pytest.importorskip("triton")
     import subprocess
     import sys
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = _seed()
     for s in (seed, seed + 1):   # 32- and 64-bit offsets
-        proc = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(s)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(s), dist], capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0 and "ok" in proc.stdout, f"seed {s}:\n{proc.stderr[-3000:]}"
 
@@ -292,7 +446,7 @@ def test_fp16_tensor_updated():
 
 # -- statistics ---------------------------------------------------------------------
 def test_z_is_roughly_standard_normal_on_random_sizes():
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = _seed()
     rng = random.Random(seed)
     for _ in range(6):
         n = rng.randint(1000, 200_000)
@@ -314,21 +468,26 @@ def test_merge_terms():
     assert out == [(5, 3.0)] and isinstance(out[0][0], int) and isinstance(out[0][1], float)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_kernel_matches_the_torch_path_and_the_cpu(dtype):
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_cuda_kernel_matches_the_torch_path_and_the_cpu(dtype, dist):
+    gen = torch.Generator().manual_seed(_seed())
     shapes = [(3, 5), (4096, 257), (70000,), (16, 2048), (2048, 16)]
     ts = [torch.randn(s, generator=gen).to(dtype).cuda() for s in shapes]
     terms, decay = [(11, 0.3), (22, -0.05), (33, 1e-3)], 0.99
     fused, plain = [t.clone() for t in ts], [t.clone() for t in ts]
-    apply_z(fused, terms, decay)                       # the Triton kernel
-    apply_z(plain, terms, decay, kernel="torch")
+    apply_z(fused, terms, decay, dist=dist)                       # the Triton kernel
+    apply_z(plain, terms, decay, kernel="torch", dist=dist)
     for a, b in zip(fused, plain):
-        if dtype == torch.float32:   # the kernel's approximate sin/cos/log: z within ~2e-5
+        if dist == "rademacher":     # +-coef exactly, no contraction: bit for bit
+            assert torch.equal(a, b)
+        elif dtype == torch.float32:   # the kernel's approximate sin/cos/log: z within ~2e-5
             torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
         else:
             assert bool(((a.float() - b.float()).abs() <= b.float().abs().clamp_min(1e-3) * 2 ** -7).all())
     z = torch.zeros(70000, device="cuda")
-    apply_z([z], [(22, 1.0)], indices=[2])
-    torch.testing.assert_close(z.cpu(), z_like(torch.empty(70000), 22, 2), rtol=0, atol=5e-5)
+    apply_z([z], [(22, 1.0)], indices=[2], dist=dist)
+    torch.testing.assert_close(z.cpu(), z_like(torch.empty(70000), 22, 2, dist), rtol=0,
+                               atol=0 if dist == "rademacher" else 5e-5)
