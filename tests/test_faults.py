@@ -49,24 +49,19 @@ def train(cfg, *args):
         get_registry.cache_clear()
 
 
-def run_killed(cfg, fault=None, *args, code=None, sig="SIGKILL", wait=True):
-    """``mezo-run train`` in a child process that dies at ``fault`` (MEZO_FAULT)
-    or, with ``code``, runs that Python first (a hook of its own)."""
+def start_child(cfg, fault=None, code=None, sig="SIGKILL"):
+    """``mezo-run train`` in a child process that stops itself at ``fault`` (the
+    MEZO_FAULT hook, with signal ``sig``) or, with ``code``, runs that Python first."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "MEZO_FAULT_SIGNAL": sig}
     env.pop("MEZO_FAULT", None)
     if fault:
         env["MEZO_FAULT"] = fault
-    argv = ["train", "-c", str(cfg), *args]
+    argv = ["train", "-c", str(cfg)]
     cmd = ([sys.executable, "-c", f"{code}\nimport sys\nfrom mezo_core.cli import main\nsys.exit(main({argv!r}))"]
            if code else [sys.executable, "-m", "mezo_core.cli", *argv])
-    proc = subprocess.Popen(cmd, env=env, cwd=Path(cfg).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err[-2000:])
-    return proc
+    return subprocess.Popen(cmd, env=env, cwd=Path(cfg).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def error_text(stderr):
@@ -135,7 +130,7 @@ def reference(tmp_path_factory, tiny_llama):
 
 
 # -- kill -9 at chosen points, then resume ------------------------------------------
-# point -> what the killed run must have left on disk (checkpoints/ listing; None: no checkpoints/ check)
+# point -> what the killed run must have left in checkpoints/
 KILLS = {
     "ckpt-tmp@1": [".step-0000000.tmp"],                       # inside the very first checkpoint write
     "ckpt-files@3": [".step-0000004.tmp", "latest", "step-0000000", "step-0000002"],  # tensors written, no state
@@ -143,13 +138,39 @@ KILLS = {
     "ckpt-latest@3": ["latest", "step-0000000", "step-0000002", "step-0000004"],   # latest moved, not rotated
     "adapter-written@1": ["latest", "step-0000004", "step-0000006"],   # final adapter beside, not renamed
 }
+# SIGKILL between the +eps and -eps passes of step 4: the 9th weight move of the fused
+# schedule (steps 1 and 3 move 3 times: +eps, -2eps, update with the next +eps; steps 2
+# and 4, after a carried +eps and before a pause, twice)
+MID_STEP = ("import os, signal\nfrom mezo_core.interfaces import LocalTensorsBackend\n"
+            "real = LocalTensorsBackend.perturb\nmoves = []\n"
+            "def perturb(self, terms, decay=1.0):\n"
+            "    real(self, terms, decay)\n    moves.append(terms)\n"
+            "    if len(moves) == 9:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "LocalTensorsBackend.perturb = perturb")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, tiny_llama):
+    """Every kill point's run, in child processes (one per CPU at a time): point -> config."""
+    points, running, done = [*KILLS, "mid-step"], {}, {}
+    while points or running:
+        while points and len(running) < (os.cpu_count() or 2):
+            point = points.pop(0)
+            cfg = config(tmp_path_factory.mktemp(point.replace("@", "-")), tiny_llama)
+            running[point] = cfg, start_child(cfg, **({"code": MID_STEP} if point == "mid-step" else
+                                                       {"fault": point}))
+        point = next(iter(running))
+        cfg, proc = running.pop(point)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, err[-2000:])
+        done[point] = cfg
+    return done
 
 
 @pytest.mark.parametrize("point", list(KILLS))
-def test_kill_at_a_checkpoint_point_then_resume_is_bitwise(point, reference, tmp_path, tiny_llama, capsys):
-    cfg = config(tmp_path, tiny_llama)
-    run = tmp_path / "run"
-    run_killed(cfg, point)
+def test_kill_at_a_checkpoint_point_then_resume_is_bitwise(point, killed, reference, capsys):
+    cfg = killed[point]
+    run = cfg.parent / "run"
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == KILLS[point]
     if point == "ckpt-renamed@2":
@@ -159,7 +180,7 @@ def test_kill_at_a_checkpoint_point_then_resume_is_bitwise(point, reference, tmp
     assert (run / "run.lock").exists()                           # left by the killed run
     if point == "ckpt-tmp@1":
         # nothing completed: a fresh start must not be blocked (in a copy), nor a --resume
-        copy = tmp_path / "copy"
+        copy = cfg.parent / "copy"
         shutil.copytree(run, copy)
         assert train(cfg, f"out_dir={copy}") == 0
         assert_same_run(copy, reference)
@@ -171,21 +192,11 @@ def test_kill_at_a_checkpoint_point_then_resume_is_bitwise(point, reference, tmp
     assert_same_run(run, reference)
 
 
-def test_kill_mid_step_then_resume_is_bitwise(reference, tmp_path, tiny_llama, capsys):
-    """SIGKILL between the +eps and -eps passes of step 4: the 9th weight move of the
-    fused schedule (steps 1 and 3 move 3 times: +eps, -2eps, update with the next +eps;
-    steps 2 and 4, after a carried +eps and before a pause, twice)."""
-    cfg = config(tmp_path, tiny_llama)
-    hook = ("import os, signal\nfrom mezo_core.interfaces import LocalTensorsBackend\n"
-            "real = LocalTensorsBackend.perturb\nmoves = []\n"
-            "def perturb(self, terms, decay=1.0):\n"
-            "    real(self, terms, decay)\n    moves.append(terms)\n"
-            "    if len(moves) == 9:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "LocalTensorsBackend.perturb = perturb")
-    run_killed(cfg, code=hook)
-    run = tmp_path / "run"
+def test_kill_mid_step_then_resume_is_bitwise(killed, reference, capsys):
+    cfg = killed["mid-step"]
+    run = cfg.parent / "run"
     done = [r["step"] for r in rows(run)]
-    assert 2 <= len(done) < STEPS, done                 # it died mid-run, after a checkpoint
+    assert done == [1, 2, 3]                           # died in step 4, after step 2's checkpoint
     assert train(cfg, "--resume") == 0
     assert_same_run(run, reference)
 
@@ -193,7 +204,7 @@ def test_kill_mid_step_then_resume_is_bitwise(reference, tmp_path, tiny_llama, c
 def test_second_run_is_refused_and_a_killed_holder_lock_is_taken_over(reference, tmp_path, tiny_llama, capsys):
     cfg = config(tmp_path, tiny_llama)
     run = tmp_path / "run"
-    holder = run_killed(cfg, "lock", sig="SIGSTOP", wait=False)   # holds the lock, stopped
+    holder = start_child(cfg, "lock", sig="SIGSTOP")   # holds the lock, stopped
     try:
         deadline = time.monotonic() + 120
         while not (run / "run.lock").exists() or f"pid {holder.pid} " not in (run / "run.lock").read_text():
@@ -440,3 +451,60 @@ def test_eval_refuses_a_non_finite_adapter(reference, tiny_llama, tmp_path, caps
     err = error_text(capsys.readouterr().err)
     assert f"{bad / ADAPTER} (refused): tensor {name!r} holds 1 non-finite value(s)" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+# -- the checkpoint writer on its own: extra tensors, rotation, refusal -------------------
+class FolderBackend:
+    """Just enough of a backend for RunFolder: its adapter is a dict of tensors."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def save_adapter(self, path):
+        from mezo_core.adapter import write_tensors
+        write_tensors(self.tensors, path, ADAPTER)
+
+
+def test_extra_tensors_rotation_and_a_non_finite_refusal(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mezo_core.checkpoints import RunFolder
+    from mezo_core.errors import MezoError
+    from mezo_core.trainer import Trainer
+    seed = 1234
+    print("seed", seed)
+    gen = torch.Generator().manual_seed(seed)
+    adapter = {"a": torch.randn(3, 4, generator=gen)}
+    anchor = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(2, generator=gen)}
+    folder = RunFolder(tmp_path / "run")
+    folder.lock()
+    try:
+        for step in (1, 2, 3):
+            folder.write_checkpoint(FolderBackend(adapter), {"step": step, "guard": {"bad": step}}, keep=2,
+                                    extra={"anchor": anchor})
+        names = sorted(p.name for p in folder.ckpts.iterdir())
+        assert names == ["latest", "step-0000002", "step-0000003"]            # keep=2
+        path, state = folder.find(repair=True)
+        assert path.name == "step-0000003" and state == {"step": 3, "guard": {"bad": 3}}
+        manifest = json.loads((path / "manifest.json").read_text())["files"]
+        assert set(manifest) == {ADAPTER, "anchor.safetensors", "state.json"}
+        got = Trainer.load_extra(SimpleNamespace(_resumed_from=path), "anchor")
+        assert got.keys() == anchor.keys() and all(got[k].equal(anchor[k]) for k in anchor)
+        assert Trainer.load_extra(SimpleNamespace(_resumed_from=path), "other") is None
+        # a NaN anywhere (here in the extra tensors) is refused, and nothing changes on disk
+        spoiled = {**anchor, "b": torch.tensor([1.0, float("nan")])}
+        with pytest.raises(MezoError, match=r"checkpoint step-0000004, anchor.safetensors: tensor 'b' holds 1 "
+                                            r"non-finite value\(s\).*not written"):
+            folder.write_checkpoint(FolderBackend(adapter), {"step": 4}, keep=1, extra={"anchor": spoiled})
+        assert sorted(p.name for p in folder.ckpts.iterdir()) == names
+        assert (folder.ckpts / "latest").read_text() == "step-0000003"
+        # the newest checkpoint damaged: rotation after the next write keeps the intact one it wrote
+        _truncate(folder.ckpts / "step-0000003" / "anchor.safetensors")
+        path, state = folder.find(repair=True)
+        assert path.name == "step-0000002" and "anchor.safetensors" in capsys.readouterr().err
+        folder.write_checkpoint(FolderBackend(adapter), {"step": 3}, keep=1)   # replaces the damaged one
+        assert sorted(p.name for p in folder.ckpts.iterdir()) == ["latest", "step-0000003"]
+        assert folder.find(repair=True)[1] == {"step": 3}
+    finally:
+        folder.release()
+    assert not (tmp_path / "run" / "run.lock").exists()
