@@ -34,10 +34,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .adapter import replace_dir, write_json_atomic
+from .adapter import replace_dir
 from .errors import MezoError
 
-STEP = re.compile(r"step-(\d{7})")
+STEP = re.compile(r"step-(\d{7,})")
 LEFTOVER = re.compile(r".+\.tmp\d*")          # .step-N.tmp, latest.tmp, adapter.tmp<pid>, x.json.tmp<pid>
 TENSOR_FILES = ("adapter_model.safetensors", "mezo_params.safetensors")  # what backends write
 RESERVED = {"adapter_model", "mezo_params", "state", "manifest", "adapter_config"}
@@ -52,6 +52,10 @@ SAMPLE = 16 << 20   # a file above 2 x SAMPLE bytes is fingerprinted by size + i
 
 def step_name(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP.fullmatch(path.name)[1])
 
 
 def warn(message: str) -> None:
@@ -251,9 +255,13 @@ class RunFolder:
         """Hold ``run.lock`` (flock) for the life of the run. The kernel drops the
         flock when its process dies, so a lock left by a killed run is simply taken
         over; a live holder is named in the refusal."""
-        self.out.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise MezoError(f"out_dir {self.out}: cannot create the run folder or its lock "
+                                f"({exc.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -290,14 +298,17 @@ class RunFolder:
         """Remove what a killed run left half-written (temp files and folders); a
         ``X.old`` whose ``X`` is missing (a kill inside a folder swap) goes back to ``X``."""
         for folder in (self.out, self.ckpts):
-            if not folder.is_dir():
-                continue
+            if not folder.is_dir() or not (self.out / "config.yaml").exists():
+                continue  # not a run folder (yet): nothing of ours to clean
             for p in sorted(folder.iterdir()):
                 if LEFTOVER.fullmatch(p.name):
                     _remove(p)
                 elif p.name.endswith(".old"):
                     live = p.with_name(p.name[:-4])
-                    _remove(p) if live.exists() else p.rename(live)
+                    if live.exists():
+                        _remove(p)
+                    else:
+                        p.rename(live)
 
     def holds_checkpoints(self) -> bool:
         return self.ckpts.is_dir() and any(p.name == "latest" or STEP.fullmatch(p.name)
@@ -373,7 +384,8 @@ class RunFolder:
         fault("ckpt-renamed")
         self._point_latest(name)
         fault("ckpt-latest")
-        older = sorted(p for p in self.ckpts.iterdir() if STEP.fullmatch(p.name) and p.name < name)
+        older = sorted((p for p in self.ckpts.iterdir() if STEP.fullmatch(p.name) and _step_of(p) < state["step"]),
+                       key=_step_of)
         for old in older[:max(0, len(older) - (max(1, keep) - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return self.ckpts / name
@@ -410,7 +422,7 @@ class RunFolder:
                 except ValueError:
                     raise _Damaged(f"{fname} is not valid JSON") from None
         state = json.loads((folder / "state.json").read_text())
-        if not isinstance(state, dict) or state.get("step") != int(STEP.fullmatch(folder.name)[1]):
+        if not isinstance(state, dict) or state.get("step") != _step_of(folder):
             raise _Damaged("state.json does not hold this checkpoint's step")
         try:
             check_finite_folder(folder, folder.name)
@@ -441,7 +453,8 @@ class RunFolder:
             return None
         latest, problem = self._latest()
         problems = [problem] if problem else []
-        folders = sorted((p for p in self.ckpts.iterdir() if p.is_dir() and STEP.fullmatch(p.name)), reverse=True)
+        folders = sorted((p for p in self.ckpts.iterdir() if p.is_dir() and STEP.fullmatch(p.name)),
+                         key=_step_of, reverse=True)
         for folder in folders:
             try:
                 state = self.verify(folder)
