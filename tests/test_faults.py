@@ -324,6 +324,8 @@ def test_kill_inside_a_folder_swap_keeps_the_checkpoint(stopped_run, reference, 
     shutil.copytree(stopped, run)
     (run / STEP4).rename(run / (STEP4 + ".old"))
     shutil.copytree(run / (STEP4 + ".old"), run / "checkpoints/.step-0000004.tmp")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss": 0.6')                # a row cut short by the kill
     assert train(cfg, "--resume", f"out_dir={run}", "keep_checkpoints=1") == 0
     assert "damage" not in capsys.readouterr().err       # step-4 came back whole
     assert_same_run(run, reference)
@@ -347,6 +349,13 @@ def test_changed_data_is_refused_on_resume(stopped_run, tmp_path, capsys):
         err = error_text(capsys.readouterr().err)
         assert f"{key} {f} is not the file this run started with (same size, other sha256" in err, err
         assert len(err.strip().splitlines()) == 1
+    model = tmp_path / "model"                           # the model: a copy with one byte changed
+    shutil.copytree(json.loads((stopped / STEP4 / "state.json").read_text())["fingerprints"]["model.path"]["path"],
+                    model)
+    _flip_byte(model / "model.safetensors")
+    assert train(cfg, "--resume", f"out_dir={run}", f"model.path={model}") == 2
+    err = error_text(capsys.readouterr().err)
+    assert f"model.path {model} is not the file this run started with (same size, other sha256" in err, err
     before = (run / "metrics.jsonl").read_text()
     assert before == (stopped / "metrics.jsonl").read_text()   # the refusals changed nothing
 
