@@ -1,8 +1,8 @@
 """Full-parameter perturbation cost per MeZO step, side by side in one run, for
 both distributions of z (``mezo.z``: gaussian, rademacher).
 
-    python -m benchmarks.bench_perturb --device cuda --shape llama-6.7b --sweep \
-        --out benchmarks/results/perturb-6.7b-<date>-<gpu>.json   # the GPU measurement, ~5 min
+    python -m benchmarks.bench_perturb --device cuda --shape llama-6.7b --sweep --out benchmarks/results/perturb-6.7b-DATE-GPU.json
+        # the GPU measurement (one H200: ~5 min)
     python -m benchmarks.bench_perturb --shape tiny                # CPU smoke check, seconds
 
 Rows (all over the same weight tensors, bf16 on CUDA, timed round-robin):
