@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import DEFAULT_CONFIG, default_config, load_config, validate
 from .distributed import init_from_env, rank_and_world
-from .errors import MezoError
+from .errors import DivergedError, MezoError
 from .registry import get_registry
 
 
@@ -172,6 +172,9 @@ def main(argv=None) -> int:
         registry.get("backends", cfg.backend) if args.command != "backends" else None
         {"train": cmd_train, "eval": cmd_eval, "backends": cmd_backends,
          "config": cmd_config}[args.command](args, cfg, registry)
+    except DivergedError as exc:  # the guard could not recover the run: not a bad input
+        print(f"mezo-run: error: {exc}", file=sys.stderr)
+        return 3
     except MezoError as exc:
         print(f"mezo-run: error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,9 @@ class TaskConfig:
     k_per_class: Optional[int] = 16        # MeZO-paper sampling: k train examples per class ...
     n_train: Optional[int] = None          # ... or n examples (when k_per_class is null)
     n_dev: Optional[int] = None            # first n dev examples (null: all)
+    # validation examples drawn from the train file, disjoint from the training sample: what
+    # periodic evaluations select the best adapter and early-stop on (0: select on dev)
+    n_val: int = 0
     sample_seed: int = 42
     # classification loss: "choices" = cross-entropy among the verbalizer words
     # (MeZO's train_as_classification); "target" = LM loss of the gold word
@@ -72,6 +75,24 @@ class MezoConfig:
     # (2 passes per step instead of 3), except before an evaluation or checkpoint
     fuse_steps: bool = True
     z: str = "gaussian"                    # distribution of z: gaussian (MeZO) or rademacher (+-1, SPSA)
+    lr_schedule_options: Dict[str, Any] = field(default_factory=dict)   # the schedule's own settings
+    eps_schedule_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GuardConfig:
+    """The convergence guard (mezo_core/guard.py): roll back and cut the step size
+    when losses go non-finite or the smoothed training loss keeps rising."""
+    enabled: bool = True
+    window: int = 50                       # EMA span of the training loss and of g^2
+    warmup: int = 20                       # steps before the guard judges
+    rise: float = 0.2                      # tolerated rise of the smoothed loss over its best (relative) ...
+    rise_abs: float = 0.05                 # ... plus this much (absolute)
+    patience: int = 50                     # steps above that before a roll-back
+    cut: float = 0.5                       # step-size factor after a roll-back for a rise
+    nonfinite_cut: float = 0.1             # ... after a non-finite step
+    clip: float = 10.0                     # clip |g| to clip x its running RMS (0: off)
+    max_recoveries: int = 8                # roll-backs before the run stops (exit 3)
 
 
 @dataclass
@@ -84,6 +105,9 @@ class RunConfig:
     eval_batch_size: int = 32
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    early_stop_patience: int = 0           # stop after this many evaluations without a new best (0: never)
+    load_best_at_end: bool = True          # with eval_every: the run ends on the best adapter (best/), as
+                                           # selected on task.n_val's validation set (or dev without one)
     zero_shot: bool = True
     plot: bool = True
     progress: bool = True
@@ -91,6 +115,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     mezo: MezoConfig = field(default_factory=MezoConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     # backend-specific options, read by the backend plugin of that name
     hf: Dict[str, Any] = field(default_factory=dict)
     vllm: Dict[str, Any] = field(default_factory=dict)
@@ -251,6 +276,16 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
     need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: only zero-shot and final)")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    need(cfg.early_stop_patience >= 0, "early_stop_patience", "must be >= 0")
+    need(cfg.task.n_val >= 0, "task.n_val", "must be >= 0")
+    g = cfg.guard
+    need(g.window >= 1, "guard.window", "must be >= 1")
+    need(g.patience >= 1, "guard.patience", "must be >= 1")
+    need(0 < g.cut <= 1, "guard.cut", "must be in (0, 1]")
+    need(0 < g.nonfinite_cut <= 1, "guard.nonfinite_cut", "must be in (0, 1]")
+    need(g.rise >= 0 and g.rise_abs >= 0, "guard.rise", "must be >= 0")
+    need(g.clip >= 0, "guard.clip", "must be >= 0")
+    need(g.max_recoveries >= 0, "guard.max_recoveries", "must be >= 0")
     need(cfg.mezo.weight_decay >= 0, "mezo.weight_decay", "must be >= 0")
     need(re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.model.device) is not None, "model.device",
          "must be cpu, cuda, cuda:N or mps")

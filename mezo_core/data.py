@@ -173,6 +173,14 @@ class Task:
                             f"training set ({len(self.train)} examples sampled from {cfg.train})")
         dev = read_records(cfg.dev, cfg.kind, labels, "task.dev")
         self.dev = dev[:cfg.n_dev] if cfg.n_dev else dev
+        self.val = []  # held out from the train file: selection data that is not the reported dev set
+        if cfg.n_val:
+            chosen = {id(r) for r in self.train}
+            pool = [r for r in train if id(r) not in chosen]
+            if len(pool) < cfg.n_val:
+                raise MezoError(f"config field 'task.n_val': {cfg.n_val} validation examples asked, but "
+                                f"{cfg.train} has only {len(pool)} beyond the training sample")
+            self.val = random.Random(mix(cfg.sample_seed, 0x7A1)).sample(pool, cfg.n_val)
         if self.kind == "classification":
             self.choices = [tuple(self._ids(w, special=False)) for w in cfg.verbalizer]
             self._check_choices()
@@ -223,12 +231,14 @@ class Task:
             self._perm_cache = ((run_seed, epoch), torch.randperm(n, generator=gen).tolist())
         return self._perm_cache[1]
 
-    def evaluate(self, backend, batch_size: int, progress=None) -> dict:
+    def evaluate(self, backend, batch_size: int, progress=None, split: str = "dev") -> dict:
         """Classification: accuracy (lowest-loss choice wins) and mean loss of the
-        gold choice; completion: mean loss."""
+        gold choice; completion: mean loss. ``split``: "dev" or "val" (the keys
+        are prefixed with it)."""
+        records = self.val if split == "val" else self.dev
         losses, correct = [], 0
-        for start in range(0, len(self.dev), batch_size):
-            chunk = self.dev[start:start + batch_size]
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
             if self.kind == "classification":
                 scores = backend.choice_losses([self.prompt(r) for r in chunk], self.choices)
                 gold = torch.tensor([r.label for r in chunk])
@@ -238,7 +248,7 @@ class Task:
                 losses += backend.losses([self.example(r) for r in chunk]).tolist()
             if progress:
                 progress.update(len(chunk))
-        out = {"dev_loss": sum(losses) / len(losses), "dev_examples": len(self.dev)}
+        out = {f"{split}_loss": sum(losses) / len(losses), f"{split}_examples": len(records)}
         if self.kind == "classification":
-            out["dev_accuracy"] = correct / len(self.dev)
+            out[f"{split}_accuracy"] = correct / len(records)
         return out

@@ -4,3 +4,7 @@ message and exits non-zero, without a traceback."""
 
 class MezoError(Exception):
     """A user-facing error: the message names the file, line or field at fault."""
+
+
+class DivergedError(MezoError):
+    """Training diverged and the convergence guard could not recover it (exit 3)."""

@@ -8,7 +8,9 @@ its trainable tensors in place (see ``mezo_core.perturb``).
 from __future__ import annotations
 
 import abc
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -145,6 +147,26 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release engines, processes and device memory."""
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """fp32 CPU copies of the trainable tensors by canonical name: the state the
+        convergence guard rolls back to. The default goes through ``save_adapter``,
+        so any backend has it; backends holding the tensors locally copy them."""
+        from safetensors.torch import load_file
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_adapter(tmp)
+            return {n: t.clone() for f in sorted(Path(tmp).glob("*.safetensors"))
+                    for n, t in load_file(str(f)).items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Set the trainable tensors to a ``snapshot`` (through ``load_adapter`` by default:
+        a folder of this backend's own layout, its tensors replaced)."""
+        from safetensors.torch import load_file, save_file
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_adapter(tmp)
+            for f in Path(tmp).glob("*.safetensors"):
+                save_file({n: snapshot[n].contiguous() for n in load_file(str(f))}, str(f))
+            self.load_adapter(tmp)
+
 
 class LocalTensorsBackend(Backend):
     """A Backend whose trainable tensors live in this process: set ``_names``
@@ -166,6 +188,14 @@ class LocalTensorsBackend(Backend):
         from .perturb import apply_z
         apply_z(self._tensors, terms, decay, dist=self.z_dist)
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in zip(self._names, self._tensors)}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        for name, tensor in zip(self._names, self._tensors):
+            tensor.copy_(snapshot[name])
+
 
 class EvictionPolicy(abc.ABC):
     """Chooses which cache entry to drop when a cache is over its byte budget.
@@ -185,16 +215,52 @@ class EvictionPolicy(abc.ABC):
         """The key to evict next (must be a key currently held)."""
 
 
+@dataclass(frozen=True)
+class Signals:
+    """What a step measured, shown to every schedule before its values for the
+    update (lr of this step, eps of the next) are read."""
+
+    step: int                    # 0-based index of the step just measured
+    total_steps: int
+    eps: float                   # the eps this step's forwards used
+    losses_plus: tuple[float, ...]   # per direction, mean over the batch
+    losses_minus: tuple[float, ...]
+    grads: tuple[float, ...]     # projected gradients (L+ - L-) / (2 eps)
+    noise: float | None = None   # forward noise of the loss (Schedule.needs_noise)
+
+
 class Schedule(abc.ABC):
     """A value over training steps (used for epsilon and for the learning rate).
 
     ``start`` is the peak value, ``end`` the final one (where the shape has one),
-    ``warmup_steps`` ramps linearly from 0 to ``start`` first."""
+    ``warmup_steps`` ramps linearly from 0 to ``start`` first. ``options`` are the
+    schedule's own settings (``mezo.lr_schedule_options`` / ``eps_schedule_options``).
 
-    def __init__(self, start: float, end: float | None = None, warmup_steps: int = 0):
+    Adaptive schedules read the run's signals: the trainer calls ``observe`` after
+    the forwards of every step, then reads the lr of that step and the eps of the
+    next one. Their state must survive a resume: ``state_dict``/``load_state_dict``
+    (JSON values)."""
+
+    #: the trainer measures the loss's forward noise once and passes it in Signals
+    needs_noise: bool = False
+    #: SPSA directions per step the schedule needs (mezo.q)
+    min_directions: int = 1
+
+    def __init__(self, start: float, end: float | None = None, warmup_steps: int = 0, **options):
         self.start = float(start)
         self.end = float(start if end is None else end)
         self.warmup_steps = int(warmup_steps)
+        if options:
+            raise ValueError(f"unknown option {sorted(options)[0]!r} (this schedule takes none)")
+
+    def observe(self, signals: Signals) -> None:
+        """See one step's measurements (fixed schedules ignore them)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __call__(self, step: int, total_steps: int) -> float:
         if step < self.warmup_steps:

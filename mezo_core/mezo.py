@@ -11,6 +11,7 @@ so a step with q = 1 reads and writes the weights twice instead of four times.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,26 +27,40 @@ def direction_seeds(run_seed: int, step: int, q: int) -> list[int]:
 
 @dataclass
 class StepResult:
+    """What one step measured. ``offset`` is the multiple of z(seeds[-1]) still on
+    the weights after the forwards (the update folds its restore in); ``applied``
+    the multiple of z(next seed) left on them after the update (fused schedule)."""
     seeds: list[int]
     grads: list[float]         # projected gradients g_i
-    loss_plus: float           # mean over directions and examples
-    loss_minus: float
-    applied: float = 0.0       # multiple of z(next seed) left on the weights (fused schedule)
+    losses_plus: list[float]   # per direction, mean over examples
+    losses_minus: list[float]
+    offset: float = 0.0
+    applied: float = 0.0
+
+    @property
+    def loss_plus(self) -> float:
+        return sum(self.losses_plus) / len(self.losses_plus)
+
+    @property
+    def loss_minus(self) -> float:
+        return sum(self.losses_minus) / len(self.losses_minus)
 
     @property
     def loss(self) -> float:
         return 0.5 * (self.loss_plus + self.loss_minus)
 
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in (*self.grads, *self.losses_plus, *self.losses_minus))
 
-def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
-              eps: float, lr: float, weight_decay: float = 0.0, reduce=None,
-              applied: float = 0.0, next_direction: tuple[int, float] | None = None) -> StepResult:
-    """One MeZO update of the backend's trainable tensors; returns what was measured.
+
+def probe(backend: Backend, batch: Sequence[Example], seeds: Sequence[int], eps: float,
+          reduce=None, applied: float = 0.0) -> StepResult:
+    """The forwards of a step: L+ and L- of every direction and the projected gradients.
 
     ``reduce`` sums [sum L+, sum L-, count] over data-parallel ranks
-    (``distributed.sum_over_ranks``), so every rank takes the same step.
-    ``next_direction = (seed, eps)`` of the next step's first direction folds its
-    +eps*z into this step's last pass; pass the returned ``applied`` to that step.
+    (``distributed.sum_over_ranks``), so every rank measures the same gradient.
+    ``applied``: the multiple of z(seeds[0]) already on the weights.
     """
     grads, plus, minus = [], [], []
     pairs, offset = backend.population_losses(batch, seeds, eps, applied)
@@ -57,12 +72,34 @@ def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
         grads.append((lp - lm) / (2.0 * eps))
         plus.append(lp)
         minus.append(lm)
+    return StepResult(list(seeds), grads, plus, minus, offset=offset)
+
+
+def update(backend: Backend, result: StepResult, lr: float, weight_decay: float = 0.0,
+           next_direction: tuple[int, float] | None = None) -> float:
+    """theta <- decay*(theta + offset*z_q) - lr/q * sum g_i z_i [+ eps'*z'] in one pass.
+
+    ``lr = 0`` (a step the trainer rejects) only restores theta: no gradient term,
+    no decay, so a non-finite g never touches the weights.
+    ``next_direction = (seed, eps)`` of the next step's first direction folds its
+    +eps*z into this pass; returns the multiple of it left applied.
+    """
     decay = 1.0 - lr * weight_decay
-    terms = [(seed, -lr * g / len(seeds)) for seed, g in zip(seeds, grads)]
-    if offset:
-        terms.append((seeds[-1], -decay * offset))
+    terms = [(seed, -lr * g / len(result.seeds)) for seed, g in zip(result.seeds, result.grads)] if lr else []
+    if result.offset:
+        terms.append((result.seeds[-1], -decay * result.offset))
     if next_direction is not None:
         terms.append(next_direction)
     backend.perturb(terms, decay=decay)
-    return StepResult(list(seeds), grads, sum(plus) / len(plus), sum(minus) / len(minus),
-                      applied=0.0 if next_direction is None else float(next_direction[1]))
+    result.applied = 0.0 if next_direction is None else float(next_direction[1])
+    return result.applied
+
+
+def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
+              eps: float, lr: float, weight_decay: float = 0.0, reduce=None,
+              applied: float = 0.0, next_direction: tuple[int, float] | None = None) -> StepResult:
+    """One MeZO update of the backend's trainable tensors (``probe`` then ``update``);
+    returns what was measured. Pass the returned ``applied`` to the next step."""
+    result = probe(backend, batch, seeds, eps, reduce, applied)
+    update(backend, result, lr, weight_decay, next_direction)
+    return result

@@ -1,10 +1,12 @@
 """The training loop, read top to bottom: evaluate zero-shot, then MeZO steps
-with metrics, periodic evaluation and atomic checkpoints, then a final
-evaluation, the adapter and a plot.
+(forwards, the guard's verdict, the schedules, the update) with metrics,
+periodic evaluation that keeps the best adapter, and atomic checkpoints, then
+a final evaluation, the adapter and a plot.
 
-Everything random is a pure function of (seed, step): the batch, the z seeds.
-A checkpoint therefore needs only the adapter and the step to resume the
-uninterrupted trajectory exactly.
+Everything random is a pure function of (seed, step): the batch, the z seeds;
+everything adaptive (guard, schedules) a pure function of the run's own
+measurements. A checkpoint holds the adapter, that state and the guard's
+anchor, so a resume continues the uninterrupted trajectory exactly.
 """
 from __future__ import annotations
 
@@ -21,16 +23,21 @@ from .checkpoints import (RunFolder, check_resume, config_diff, fingerprints, wa
 from .data import Task
 from .distributed import rank_and_world, shard, sum_over_ranks
 from .errors import MezoError
-from .mezo import direction_seeds, mezo_step
+from .guard import Guard
+from .interfaces import Signals
+from .mezo import direction_seeds, probe, update
 
 
-def make_schedule(registry, field, name, start, end, warmup):
-    """A schedule plugin, tried at both ends before anything is written."""
-    schedule = registry.get("epsilon_schedules", name)(start, end, warmup)
+def make_schedule(registry, field, name, start, end, warmup, options, q):
+    """A schedule plugin with its options, tried at both ends before anything is written."""
+    cls = registry.get("epsilon_schedules", name)
+    if q < cls.min_directions:
+        raise MezoError(f"config field {field!r}: schedule {name!r} needs mezo.q >= {cls.min_directions}")
     try:
+        schedule = cls(start, end, warmup, **dict(options))
         schedule(0, 1)
         schedule.value(1.0)
-    except (ValueError, ZeroDivisionError) as exc:
+    except (ValueError, TypeError, ZeroDivisionError) as exc:
         raise MezoError(f"config field {field!r}: schedule {name!r} cannot run: {exc}") from None
     return schedule
 
@@ -52,8 +59,11 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         m = cfg.mezo
-        self.eps = make_schedule(registry, "mezo.eps_schedule", m.eps_schedule, m.eps, m.eps_end, 0)
-        self.lr = make_schedule(registry, "mezo.lr_schedule", m.lr_schedule, m.lr, m.lr_end, m.warmup_steps)
+        self.eps = make_schedule(registry, "mezo.eps_schedule", m.eps_schedule, m.eps, m.eps_end, 0,
+                                 m.eps_schedule_options, m.q)
+        self.lr = make_schedule(registry, "mezo.lr_schedule", m.lr_schedule, m.lr, m.lr_end, m.warmup_steps,
+                                m.lr_schedule_options, m.q)
+        self.guard = Guard(cfg.guard)
         self.task = Task(cfg.task, backend.tokenizer, batch_size=cfg.mezo.batch_size)
         self.hook = registry.hook()
         # data parallel: every rank steps alike on its shard; rank 0 alone writes files
@@ -65,50 +75,95 @@ class Trainer:
     def train(self, resume: bool = False) -> dict:
         cfg, m = self.cfg, self.cfg.mezo
         state = self._resume() if resume else self._fresh()
+        self._restore_run_state(state)
         if cfg.zero_shot and "zero_shot" not in state:
             state["zero_shot"] = self.evaluate("zero-shot")
-            self._checkpoint(state)
+            self._save(state)
+        if self.guard.anchor is None:
+            self._take_anchor(state["step"])  # the guard can always roll back to the start
+        if "noise" not in state:
+            state["noise"] = self._forward_noise(state["step"])
         metrics_file = (self.out / "metrics.jsonl").open("a") if self.writes else None
         bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
                    disable=not (cfg.progress and self.writes))
         applied = 0.0  # multiple of this step's first z already on the weights
         for step in range(state["step"], m.steps):
             batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
-            eps, lr = self.eps(step, m.steps), self.lr(step, m.steps)
-            seeds = direction_seeds(cfg.seed, step, m.q)
-            next_direction = None
-            if m.fuse_steps and not self._pauses_after(step + 1):  # the next step's +eps z rides along
-                next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
+            eps = self.eps(step, m.steps)
             start = time.perf_counter()
-            result = mezo_step(self.backend, batch, seeds, eps, lr, m.weight_decay, reduce=sum_over_ranks,
-                               applied=applied, next_direction=next_direction)
+            # 1. the forwards: L+/L- and the projected gradients
+            result = probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
+                           reduce=sum_over_ranks, applied=applied)
+            # 2. the guard judges them before anything moves; the schedules see them
+            event = self.guard.check(result)
+            new_best = False
+            if result.finite:
+                self.lr.observe(Signals(step, m.steps, eps, tuple(result.losses_plus),
+                                        tuple(result.losses_minus), tuple(result.grads), state["noise"]))
+                self.eps.observe(Signals(step, m.steps, eps, tuple(result.losses_plus),
+                                         tuple(result.losses_minus), tuple(result.grads), state["noise"]))
+                new_best, rise = self.guard.observe_loss(step + 1, result.loss)
+                event = rise or event
+            rejected = bool(event) and event["event"] in ("nonfinite", "rise")
+            # 3. the update (restore + decay + step + the next step's +eps z in one pass)
+            lr = 0.0 if rejected else self.guard.lr_scale * self.lr(step, m.steps)
+            next_direction = None
+            if m.fuse_steps and not (rejected or self._pauses_after(step + 1) or self._anchors(step + 1, new_best)):
+                next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
+            applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction)
+            if rejected:  # back to the best state seen, with a smaller step
+                cut = cfg.guard.nonfinite_cut if event["event"] == "nonfinite" else cfg.guard.cut
+                event = self.guard.roll_back(step + 1, event, cut)
+                self.backend.restore(self.guard.anchor)
+                state.setdefault("guard_events", []).append(event)
+            elif self._anchors(step + 1, new_best):
+                self._take_anchor(step + 1)
+            if event:
+                self.guard.events += 1
             seconds = time.perf_counter() - start
-            applied = result.applied
             tokens = 2 * m.q * sum(e.num_tokens for e in batch)
             row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
                    "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
                    "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
                    **self.backend.get_stats()}  # backend counters count since process start
+            if event:
+                row["guard"] = event
             state["step"] = step + 1
+            stop = False
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < m.steps:
-                row.update(self.evaluate(f"step {state['step']}"))
-                state.setdefault("evals", []).append({"step": state["step"], **row})
+                evaluation = self.evaluate_all(f"step {state['step']}")
+                row.update(evaluation)
+                state.setdefault("evals", []).append({"step": state["step"], **evaluation})
+                stop = self._consider_best(state, evaluation)
             if self.writes:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 self.hook.on_step_end(step=state["step"], metrics=row)
-            bar.set_postfix(loss=f"{result.loss:.4f}", eps=f"{eps:.1e}", lr=f"{lr:.1e}",
-                            tok_s=f"{tokens / seconds:.0f}")
+            postfix = dict(loss=f"{result.loss:.4f}", eps=f"{eps:.1e}", lr=f"{lr:.1e}", tok_s=f"{tokens / seconds:.0f}")
+            if self.guard.events:
+                postfix["guard"] = self.guard.events
+            bar.set_postfix(**postfix)
             bar.update(1)
+            if stop:  # early stopping: evaluations stopped improving
+                state["stopped_early"] = state["step"]
+                break
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                self._checkpoint(state)
+                self._save(state)
         bar.close()
         if metrics_file:
             metrics_file.close()
         if "final" not in state:
-            state["final"] = self.evaluate("fine-tuned")
-            self._checkpoint(state)
-        summary = {k: state.get(k) for k in ("zero_shot", "final", "step")}
+            state["final"] = self.evaluate_all("fine-tuned")
+            if cfg.eval_every:
+                self._consider_best(state, state["final"])
+                if cfg.load_best_at_end and state["best"]["step"] != state["step"]:
+                    self.backend.load_adapter(self.out / "best")  # the final adapter is the best one
+                    evaluation = {k: v for k, v in state["best"].items() if k.startswith(("dev_", "val_"))}
+                    state["final"] = {**evaluation, "adapter_step": state["best"]["step"]}
+            self._save(state)
+        summary = {k: state.get(k) for k in ("zero_shot", "final", "best", "step", "stopped_early")}
+        summary["guard"] = {"events": self.guard.events, "roll_backs": self.guard.recoveries,
+                            "lr_scale": self.guard.lr_scale, "roll_back_log": state.get("guard_events", [])}
         if not self.writes:
             return summary
         write_adapter(self.backend, self.out / "adapter")  # checked finite, atomic
@@ -118,6 +173,66 @@ class Trainer:
             plot_run(self.out / "metrics.jsonl", state, self.out / "training.png")
         return summary
 
+    def _anchors(self, step: int, new_best: bool) -> bool:
+        """Whether the guard takes an anchor after ``step`` steps: at a new best of the
+        smoothed loss, at most every ``window // 5`` steps (the weights must then be
+        clean: that step's update carries no next +eps z)."""
+        return new_best and step - self.guard.anchor_step >= max(1, self.cfg.guard.window // 5)
+
+    def _take_anchor(self, step: int) -> None:
+        self.guard.anchor, self.guard.anchor_step = self.backend.snapshot(), step
+
+    def _forward_noise(self, step: int) -> float | None:
+        """The noise of a batch's mean loss, for schedules that need it: the same batch
+        twice, rows in the opposite order (kernels, padding and rounding differ)."""
+        if not (self.lr.needs_noise or self.eps.needs_noise):
+            return None
+        m = self.cfg.mezo
+        batch = shard(self.task.train_batch(self.cfg.seed, step, m.batch_size), self.rank, self.world)
+        a = self.backend.objective(batch).double()
+        b = self.backend.objective(batch[::-1]).double().flip(0)
+        return float(max((a.mean() - b.mean()).abs(), (a - b).std() / len(batch) ** 0.5 if len(batch) > 1 else 0))
+
+    def evaluate_all(self, label: str) -> dict:
+        """The dev set, and the validation set when there is one."""
+        result = self.evaluate(label)
+        if self.task.val:
+            result.update(self.evaluate(label, split="val"))
+        return result
+
+    def _consider_best(self, state: dict, evaluation: dict) -> bool:
+        """Keep the adapter of the best evaluation in ``best/`` (selected on the
+        validation set when there is one, else on dev); True when early stopping
+        should stop the run."""
+        split = "val" if self.task.val else "dev"
+        key, sign = (f"{split}_accuracy", 1.0) if f"{split}_accuracy" in evaluation else (f"{split}_loss", -1.0)
+        score = sign * evaluation[key]
+        best = state.get("best")
+        if best is None or score > best["score"]:
+            state["best"] = {"step": state["step"], "score": score, "selected_on": key, **evaluation,
+                             "evals_since": 0}
+            if self.writes:
+                write_adapter(self.backend, self.out / "best")
+                write_json_atomic(self.out / "best" / "best.json", state["best"])
+            return False
+        best["evals_since"] += 1
+        return bool(self.cfg.early_stop_patience) and best["evals_since"] >= self.cfg.early_stop_patience
+
+    def _save(self, state: dict) -> None:
+        """A checkpoint with everything a bitwise resume needs: schedules' and the
+        guard's state, and the guard's anchor tensors."""
+        state["schedules"] = {"lr": self.lr.state_dict(), "eps": self.eps.state_dict()}
+        state["guard"] = self.guard.state_dict()
+        self._checkpoint(state, extra={"guard_anchor": self.guard.anchor} if self.guard.anchor else None)
+
+    def _restore_run_state(self, state: dict) -> None:
+        if "schedules" in state:
+            self.lr.load_state_dict(state["schedules"]["lr"])
+            self.eps.load_state_dict(state["schedules"]["eps"])
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
+            self.guard.anchor = self.load_extra("guard_anchor")
+
     def _pauses_after(self, step: int) -> bool:
         """Whether the weights must be clean (theta itself) after ``step`` steps: the
         run ends, evaluates or checkpoints there."""
@@ -125,10 +240,11 @@ class Trainer:
         return (step >= cfg.mezo.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
                 or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
 
-    def evaluate(self, label: str) -> dict:
-        bar = tqdm(total=len(self.task.dev), desc=f"eval {label}", leave=False,
+    def evaluate(self, label: str, split: str = "dev") -> dict:
+        records = self.task.val if split == "val" else self.task.dev
+        bar = tqdm(total=len(records), desc=f"eval {label} ({split})", leave=False,
                    disable=not (self.cfg.progress and self.writes), dynamic_ncols=True)
-        result = self.task.evaluate(self.backend, self.cfg.eval_batch_size, bar)
+        result = self.task.evaluate(self.backend, self.cfg.eval_batch_size, bar, split=split)
         bar.close()
         return result
 

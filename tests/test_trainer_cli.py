@@ -224,14 +224,14 @@ def test_fused_schedule_matches_the_unfused_run(tmp_path, tiny_llama, capsys, fr
     before an evaluation, a checkpoint or the end: the trajectory, the mid-run evaluation and
     checkpoint, and the final adapter match fuse_steps=false up to fp32 rounding."""
     import mezo_core.trainer as trainer_mod
-    real_step = trainer_mod.mezo_step
+    real_update = trainer_mod.update
     carried = {True: [], False: []}                  # per step: did it take the next step's +eps z?
 
     def spy(*args, next_direction=None, **kwargs):
         carried[fuse].append(next_direction is not None)
-        return real_step(*args, next_direction=next_direction, **kwargs)
+        return real_update(*args, next_direction=next_direction, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "mezo_step", spy)
+    monkeypatch.setattr(trainer_mod, "update", spy)
     runs = {}
     for fuse in (True, False):
         folder = tmp_path / f"fuse-{fuse}"

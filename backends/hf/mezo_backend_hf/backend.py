@@ -467,6 +467,9 @@ class HFBackend(LocalTensorsBackend):
         else:
             self._load_state(read_tensors(path, FULL_PARAMS_FILE), source=path)
 
+    def restore(self, snapshot):
+        self._load_state(snapshot, source="snapshot")
+
     @torch.no_grad()
     def _load_state(self, state, source="initial adapter"):
         missing = set(self._names) - set(state)

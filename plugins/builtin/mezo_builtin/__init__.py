@@ -3,7 +3,7 @@ through the ``mezo`` entry point exactly as a third-party package would."""
 from mezo_core import hookimpl
 
 from .eviction import FIFO, LFU, LRU, SizeAware
-from .schedules import Constant, Cosine, Exponential, Linear
+from .schedules import FZOO, RMS, Constant, Cosine, Exponential, Linear, NoiseFloor, Spall, SpallEps
 
 
 @hookimpl
@@ -12,6 +12,12 @@ def register_epsilon_schedules(register):
     register("linear", Linear)
     register("cosine", Cosine)
     register("exponential", Exponential)
+    # adaptive: they read the run's signals (losses, projected gradients, noise)
+    register("spall", Spall)
+    register("spall_eps", SpallEps)
+    register("noise_floor", NoiseFloor)
+    register("fzoo", FZOO)
+    register("rms", RMS)
 
 
 @hookimpl

@@ -26,3 +26,159 @@ class Exponential(Schedule):
         if self.start <= 0 or self.end <= 0:
             raise ValueError("exponential schedule needs start > 0 and end > 0")
         return self.start * (self.end / self.start) ** progress
+
+
+# -- adaptive schedules: they read the run's signals (Schedule.observe) -----------------
+class _Adaptive(Schedule):
+    """Options are keyword arguments with defaults (``OPTIONS``); state is JSON."""
+
+    OPTIONS: dict = {}
+
+    def __init__(self, start, end=None, warmup_steps=0, **options):
+        super().__init__(start, end, warmup_steps)
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(self.OPTIONS))})")
+        for name, default in self.OPTIONS.items():
+            setattr(self, name, type(default)(options.get(name, default)) if default is not None
+                    else options.get(name))
+
+    def state_dict(self):
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+    def value(self, progress):  # the adaptive ones override __call__
+        return self.start
+
+
+class Spall(_Adaptive):
+    """SPSA gain sequences (Spall 1998, "Implementation of the simultaneous
+    perturbation algorithm for stochastic optimization", IEEE TAES 34(3)):
+
+        a_k = a / (k + 1 + A)^alpha      (step size, alpha = 0.602)
+        c_k = c / (k + 1)^gamma          (perturbation, gamma = 0.101)
+
+    with A = ``stability`` x the run's steps (Spall: ~10 %). As an lr schedule,
+    a_0 = ``start`` unless ``target_step`` is given: then ``a`` is calibrated from
+    the median |g| of the first ``probe_steps`` steps so that a_0 * |g| =
+    target_step (Spall's rule: the first steps should move theta by a chosen
+    amount); the probe steps use the uncalibrated a. As an eps schedule, c =
+    ``start`` and the decay is c_k."""
+
+    OPTIONS = {"alpha": 0.602, "gamma": 0.101, "stability": 0.1, "target_step": None, "probe_steps": 10}
+
+    def __init__(self, start, end=None, warmup_steps=0, **options):
+        super().__init__(start, end, warmup_steps, **options)
+        self.gains = []      # |g| of the probe steps
+        self.a = None        # calibrated numerator (None: a_0 = start)
+
+    def observe(self, signals):
+        if self.target_step is not None and self.a is None:
+            self.gains.append(sum(abs(g) for g in signals.grads) / len(signals.grads))
+            if len(self.gains) >= self.probe_steps:
+                median = sorted(self.gains)[len(self.gains) // 2]
+                self.a = float(self.target_step) / max(median, 1e-12)  # a_0 in units of the start
+
+    def __call__(self, step, total_steps):
+        big_a = self.stability * total_steps
+        a0 = self.start if self.a is None else self.a
+        return a0 * ((1 + big_a) / (step + 1 + big_a)) ** self.alpha
+
+    def eps_at(self, step):
+        return self.start / (step + 1) ** self.gamma
+
+
+class SpallEps(Spall):
+    """``spall`` for eps: c_k = c / (k + 1)^gamma (see Spall)."""
+
+    def __call__(self, step, total_steps):
+        return self.eps_at(step)
+
+
+class NoiseFloor(_Adaptive):
+    """eps kept where |L+ - L-| stands clearly above the noise of the forward.
+
+    The trainer measures the noise sigma of the loss once (the same batch twice,
+    rows in another order: in bf16 the kernels round differently); the projected
+    gradient g = (L+ - L-) / (2 eps) says how the difference scales with eps, so
+
+        eps_k = clip(max(start, ratio * sigma / (2 * median|g|)), start, max_eps)
+
+    over the last ``window`` steps: |L+ - L-| ~ 2 eps |g| >= ratio * sigma. In fp32
+    sigma is ~0 and eps stays at ``start``; in bf16 it rises as the gradient
+    shrinks late in training, where a fixed eps would measure rounding noise
+    (MeZO's appendix discusses the eps floor; cf. Spall's c_k >= noise advice)."""
+
+    needs_noise = True
+    OPTIONS = {"ratio": 10.0, "window": 20, "max_eps": 0.1}
+
+    def __init__(self, start, end=None, warmup_steps=0, **options):
+        super().__init__(start, end, warmup_steps, **options)
+        self.recent = []
+        self.eps = self.start
+
+    def observe(self, signals):
+        self.recent = (self.recent + [sum(abs(g) for g in signals.grads) / len(signals.grads)])[-self.window:]
+        median = sorted(self.recent)[len(self.recent) // 2]
+        sigma = signals.noise or 0.0
+        wanted = self.ratio * sigma / (2.0 * max(median, 1e-12))
+        self.eps = min(max(self.start, wanted), self.max_eps)
+
+    def __call__(self, step, total_steps):
+        return self.eps
+
+
+class FZOO(_Adaptive):
+    """Step normalised by the spread of the q projected gradients (FZOO: Dang et
+    al. 2025, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large Language
+    Models towards Adam-Scale Speed", arXiv:2506.09034, which divides the update
+    by the standard deviation of the perturbed losses):
+
+        lr_k = start / (std_i(g_i) + delta)
+
+    so the move per direction is ~start whatever the loss scale. Needs mezo.q >= 2."""
+
+    min_directions = 2
+    OPTIONS = {"delta": 1e-8}
+
+    def __init__(self, start, end=None, warmup_steps=0, **options):
+        super().__init__(start, end, warmup_steps, **options)
+        self.scale = 1.0
+
+    def observe(self, signals):
+        g = signals.grads
+        mean = sum(g) / len(g)
+        std = (sum((x - mean) ** 2 for x in g) / (len(g) - 1)) ** 0.5
+        self.scale = 1.0 / (std + self.delta)
+
+    def __call__(self, step, total_steps):
+        return Schedule.__call__(self, step, total_steps) * self.scale
+
+
+class RMS(_Adaptive):
+    """A memory-free adaptive step: one running scalar second moment of the
+    projected gradient (Adam's v for a single number; cf. ZO-AdaMU / the scalar
+    "ZO-RMSprop" of Jiang et al. 2024, "ZO-AdaMU Optimizer", AAAI):
+
+        v_k = beta v_{k-1} + (1 - beta) mean_i g_i^2,   lr_k = start / (sqrt(v_k / (1 - beta^(k+1))) + delta)
+
+    A projected gradient that grows (a run heading for a sharper region) shrinks
+    the step in proportion; no per-parameter state, so MeZO keeps its memory."""
+
+    OPTIONS = {"beta": 0.99, "delta": 1e-8}
+
+    def __init__(self, start, end=None, warmup_steps=0, **options):
+        super().__init__(start, end, warmup_steps, **options)
+        self.v, self.seen = 0.0, 0
+
+    def observe(self, signals):
+        self.v = self.beta * self.v + (1 - self.beta) * sum(g * g for g in signals.grads) / len(signals.grads)
+        self.seen += 1
+
+    def __call__(self, step, total_steps):
+        base = Schedule.__call__(self, step, total_steps)
+        if not self.seen:
+            return 0.0
+        return base / ((self.v / (1 - self.beta ** self.seen)) ** 0.5 + self.delta)

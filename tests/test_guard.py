@@ -1,0 +1,285 @@
+"""The convergence guard and the adaptive schedules.
+
+Oracles: hand-computed gain sequences and EMA thresholds; a quadratic toy backend
+whose weights we can read exactly; real `mezo-run train` runs on the tiny Llama
+scanned for non-finite tensors on disk."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from mezo_core.cli import main
+from mezo_core.config import GuardConfig
+from mezo_core.errors import DivergedError
+from mezo_core.guard import Guard
+from mezo_core.interfaces import Signals
+from mezo_core.mezo import StepResult
+from mezo_core.registry import get_registry
+from tiny import write_run_config
+
+SEED = 1234
+
+
+@pytest.fixture
+def fresh_registry():
+    get_registry.cache_clear()
+    yield get_registry()
+    get_registry.cache_clear()
+
+
+def guard(**kw):
+    return Guard(OmegaConf.structured(GuardConfig(**kw)))
+
+
+def result(loss, g=1.0):
+    return StepResult([1], [g], [loss], [loss])
+
+
+# -- the guard on synthetic signals ----------------------------------------------------
+def test_nonfinite_step_is_an_event():
+    g = guard()
+    assert g.check(result(float("nan")))["event"] == "nonfinite"
+    assert g.check(StepResult([1], [float("inf")], [1.0], [0.0]))["event"] == "nonfinite"
+    assert g.check(result(0.5)) is None
+
+
+def test_clip_limits_g_to_its_running_scale():
+    g = guard(clip=10.0, warmup=3, window=3)
+    for _ in range(3):
+        assert g.check(result(0.5, g=2.0)) is None          # running RMS of g: 2
+    r = result(0.5, g=-1000.0)
+    event = g.check(r)
+    assert event["event"] == "clip" and event["limit"] == pytest.approx(20.0)
+    assert r.grads == [-20.0]                                # sign kept, magnitude = clip x RMS
+
+
+def test_sustained_rise_triggers_after_patience():
+    """EMA span 1 (alpha = 1) makes the smoothed loss the loss itself: a hand-checkable rule."""
+    g = guard(window=1, warmup=0, rise=0.2, rise_abs=0.0, patience=3)
+    g.seen = 1
+    assert g.observe_loss(1, 1.0) == (True, None)           # first best
+    assert g.observe_loss(2, 0.5) == (True, None)           # new best 0.5: threshold 0.6
+    assert g.observe_loss(3, 0.59) == (False, None)         # inside the tolerance
+    assert g.observe_loss(4, 0.7)[1] is None                # above: 1 of 3
+    assert g.observe_loss(5, 0.7)[1] is None                # 2 of 3
+    new_best, event = g.observe_loss(6, 0.7)                # 3 of 3
+    assert event["event"] == "rise" and event["best_step"] == 2 and event["best_smoothed_loss"] == 0.5
+    g.roll_back(6, event, cut=0.5)
+    assert g.lr_scale == 0.5 and g.recoveries == 1 and g.ema == 0.5
+
+
+def test_roll_backs_past_the_limit_raise():
+    g = guard(max_recoveries=2)
+    for i in range(2):
+        g.roll_back(i, {"event": "nonfinite"}, cut=0.1)
+    with pytest.raises(DivergedError, match="diverged"):
+        g.roll_back(3, {"event": "nonfinite"}, cut=0.1)
+
+
+def test_guard_state_round_trips_through_json():
+    g = guard(window=1, warmup=0)
+    g.seen = 1
+    g.observe_loss(1, 0.3)
+    g.roll_back(1, {"event": "rise"}, 0.5)
+    h = guard(window=1, warmup=0)
+    h.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    assert h.state_dict() == g.state_dict()
+    fresh = guard()
+    fresh.load_state_dict(json.loads(json.dumps(guard().state_dict())))  # best = inf survives JSON
+    assert fresh.best == math.inf
+
+
+# -- adaptive schedules ------------------------------------------------------------------
+def schedule(name, start, **options):
+    return get_registry().get("epsilon_schedules", name)(start, None, 0, **options)
+
+
+def signals(step, grads, noise=None):
+    return Signals(step, 100, 1e-3, tuple(0.0 for _ in grads), tuple(0.0 for _ in grads), tuple(grads), noise)
+
+
+def test_spall_gain_sequences(fresh_registry):
+    s = schedule("spall", 0.1)                              # A = 0.1 * 100 = 10
+    for k in (0, 1, 50, 99):
+        assert s(k, 100) == pytest.approx(0.1 * (11 / (k + 11)) ** 0.602)
+    e = schedule("spall_eps", 1e-2)
+    for k in (0, 9, 99):
+        assert e(k, 100) == pytest.approx(1e-2 / (k + 1) ** 0.101)
+
+
+def test_spall_calibrates_a_from_the_probe_steps(fresh_registry):
+    s = schedule("spall", 0.1, target_step=0.02, probe_steps=3)
+    for step, g in enumerate([4.0, -1.0, 2.0]):             # |g|: 4, 1, 2 -> median 2
+        s.observe(signals(step, [g]))
+    assert s(0, 100) == pytest.approx(0.01)                 # a_0 * 2 = 0.02
+    assert s(5, 100) == pytest.approx(0.01 * (11 / 16) ** 0.602)
+
+
+def test_rms_divides_by_the_running_rms_of_g(fresh_registry):
+    s = schedule("rms", 1e-2, beta=0.5)
+    s.observe(signals(0, [2.0]))                             # v = 0.5*4 = 2, bias-corrected 4 -> rms 2
+    assert s(0, 100) == pytest.approx(1e-2 / 2.0)
+    s.observe(signals(1, [4.0]))                             # v = 0.5*2 + 0.5*16 = 9; /(1-0.25) = 12
+    assert s(1, 100) == pytest.approx(1e-2 / math.sqrt(12.0))
+
+
+def test_fzoo_normalises_by_the_spread_of_the_directions(fresh_registry):
+    s = schedule("fzoo", 1e-2)
+    s.observe(signals(0, [1.0, 3.0, 5.0]))                   # sample std 2
+    assert s(0, 100) == pytest.approx(1e-2 / 2.0)
+
+
+def test_noise_floor_raises_eps_above_the_noise(fresh_registry):
+    s = schedule("noise_floor", 1e-3, ratio=10.0, window=3)
+    s.observe(signals(0, [0.5], noise=0.0))
+    assert s(1, 100) == 1e-3                                 # no noise: eps stays
+    s.observe(signals(1, [0.5], noise=1e-3))                # 10 * 1e-3 / (2 * 0.5) = 1e-2
+    assert s(2, 100) == pytest.approx(1e-2)
+    s.observe(signals(2, [0.5], noise=1.0))                 # capped at max_eps
+    assert s(3, 100) == pytest.approx(0.1)
+
+
+def test_schedule_state_round_trips(fresh_registry):
+    a = schedule("rms", 1e-2)
+    for step, g in enumerate([1.0, 2.0, 3.0]):
+        a.observe(signals(step, [g]))
+    b = schedule("rms", 1e-2)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b(3, 100) == a(3, 100)
+
+
+def test_bad_schedule_options_are_one_line(tmp_path, tiny_llama, capsys, fresh_registry):
+    cfg = write_run_config(tmp_path, tiny_llama)
+    assert main(["train", "-c", str(cfg), "mezo.lr_schedule=rms", "mezo.lr_schedule_options={betta: 0.9}"]) == 2
+    err = capsys.readouterr().err
+    assert "mezo.lr_schedule" in err and "betta" in err and "Traceback" not in err
+    assert main(["train", "-c", str(cfg), "mezo.lr_schedule=fzoo"]) == 2     # q = 1
+    assert "mezo.q >= 2" in capsys.readouterr().err
+    assert main(["backends"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("spall", "noise_floor", "fzoo", "rms"))
+
+
+# -- whole runs ------------------------------------------------------------------------
+def safetensors_under(folder: Path):
+    return sorted(folder.rglob("*.safetensors"))
+
+
+def assert_all_finite(folder: Path):
+    files = safetensors_under(folder)
+    for f in files:
+        for name, t in load_file(str(f)).items():
+            assert torch.isfinite(t).all(), (f, name)
+    return len(files)
+
+
+def test_absurd_lr_is_refused_and_no_nan_reaches_disk(tmp_path, tiny_llama, capsys, fresh_registry):
+    print("seed", SEED)
+    cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 30, "checkpoint_every": 5,
+                                                  "guard.max_recoveries": 3, "seed": SEED})
+    code = main(["train", "-c", str(cfg), "mezo.lr=1e30"])
+    err = capsys.readouterr().err
+    assert code == 3 and "diverged" in err and "Traceback" not in err
+    run = tmp_path / "run"
+    assert assert_all_finite(run) >= 1                      # the checkpoints kept are finite
+    assert not (run / "adapter").exists()                    # no result written for a diverged run
+    events = [json.loads(l).get("guard") for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e] == ["nonfinite"] * 3
+
+
+def test_guard_recovers_a_run_and_is_reproducible(tmp_path, tiny_llama, capsys, fresh_registry):
+    """An lr that blows up once: the guard rolls back and the run finishes with a finite
+    adapter; the same seed gives the same events and the same adapter, bit for bit."""
+    print("seed", SEED)
+    runs = []
+    for i in range(2):
+        folder = tmp_path / f"r{i}"
+        cfg = write_run_config(folder, tiny_llama, {"mezo.steps": 25, "checkpoint_every": 10, "seed": SEED,
+                                                   "guard.warmup": 2, "guard.nonfinite_cut": 1e-6})
+        get_registry.cache_clear()
+        assert main(["train", "-c", str(cfg), "mezo.lr=1e30"]) == 0, capsys.readouterr().err
+        runs.append(folder / "run")
+    capsys.readouterr()
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    assert summaries[0]["guard"]["roll_backs"] >= 1
+    assert summaries[0]["guard"] == summaries[1]["guard"]
+    assert assert_all_finite(runs[0]) >= 2
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in runs)
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_roll_back_restores_the_anchor_exactly(tiny_llama, fresh_registry):
+    """After a roll-back the weights equal the anchor snapshot bit for bit."""
+    from mezo_core.config import load_config
+    from mezo_core.trainer import Trainer
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(write_run_config(Path(tmp), tiny_llama), ["mezo.steps=0", "zero_shot=false"])
+        backend = get_registry().get("backends", "hf")(cfg)
+        anchor = backend.snapshot()
+        backend.perturb([(7, 0.5)])
+        assert any(not backend.snapshot()[k].equal(anchor[k]) for k in anchor)
+        backend.restore(anchor)
+        now = backend.snapshot()
+        assert all(now[k].equal(anchor[k]) for k in anchor)
+
+
+def test_best_adapter_is_kept_and_early_stopping(tmp_path, tiny_llama, capsys, fresh_registry):
+    print("seed", SEED)
+    cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 12, "seed": SEED, "eval_every": 2,
+                                                  "checkpoint_every": 4, "task.n_val": 0,
+                                                  "load_best_at_end": False})
+    assert main(["train", "-c", str(cfg)]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    evals = [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
+    evals.append((12, summary["final"]["dev_accuracy"]))
+    best_acc = max(a for _, a in evals)
+    first_best = next(s for s, a in evals if a == best_acc)  # ties keep the earliest
+    assert summary["best"]["step"] == first_best and summary["best"]["dev_accuracy"] == best_acc
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == first_best
+    assert (run / "best" / "adapter_model.safetensors").exists()
+
+
+def test_resume_after_roll_backs_is_bitwise(tmp_path, tiny_llama, capsys, fresh_registry):
+    """Guard state, schedule state and the anchor travel in the checkpoint: a run
+    interrupted after its roll-backs resumes to the uninterrupted adapter."""
+    from mezo_core import hookimpl
+
+    class InterruptAt:
+        @hookimpl
+        def on_step_end(self, step, metrics):
+            if step == 13:
+                raise KeyboardInterrupt
+
+    print("seed", SEED)
+    over = {"mezo.steps": 20, "checkpoint_every": 10, "seed": SEED, "guard.warmup": 2,
+            "guard.nonfinite_cut": 1e-6, "mezo.lr_schedule": "rms"}
+    runs = []
+    for i, interrupt in enumerate((False, True)):
+        folder = tmp_path / f"r{i}"
+        cfg = write_run_config(folder, tiny_llama, over)
+        get_registry.cache_clear()
+        reg = get_registry()
+        if interrupt:
+            stopper = InterruptAt()
+            reg.pm.register(stopper)
+            assert main(["train", "-c", str(cfg), "mezo.lr=1e30"]) == 130
+            reg.pm.unregister(stopper)
+            assert main(["train", "-c", str(cfg), "mezo.lr=1e30", "--resume"]) == 0
+        else:
+            assert main(["train", "-c", str(cfg), "mezo.lr=1e30"]) == 0
+        runs.append(folder / "run")
+    capsys.readouterr()
+    s0, s1 = (json.loads((r / "summary.json").read_text()) for r in runs)
+    assert s0["guard"]["roll_backs"] >= 1 and s0["guard"] == s1["guard"]
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in runs)
+    assert all(a[k].equal(b[k]) for k in a)
