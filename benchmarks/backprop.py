@@ -205,10 +205,15 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--out", default=None, help="also write the result (JSON) here")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     result = backprop_reference(cfg, args.steps, args.lr, args.eval_every, args.batch_size)
-    print(json.dumps({k: v for k, v in result.items() if k != "train_losses"}, indent=1))
+    text = json.dumps({k: v for k, v in result.items() if k != "train_losses"}, indent=1)
+    if args.out:
+        from pathlib import Path
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

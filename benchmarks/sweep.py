@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,14 +25,19 @@ from pathlib import Path
 EVAL_KEYS = ("step", "dev_accuracy", "dev_loss", "val_accuracy", "val_loss", "loss", "lr", "eps")
 
 
-def run_all(runs, common, root: Path, parallel: int, timeout: float, env=None) -> list[dict]:
-    """Start the runs ``parallel`` at a time; returns one record per run."""
+def run_all(runs, common, root: Path, parallel: int, timeout: float, env=None,
+            deadline: float | None = None) -> list[dict]:
+    """Start the runs ``parallel`` at a time; a run is stopped after ``timeout``
+    seconds, every run at the ``deadline`` (a time.time() value). Returns one record
+    per run; a stopped run keeps the curve it had written."""
+    deadline = deadline or float("inf")
     pending, active, done = list(runs), [], []
     root.mkdir(parents=True, exist_ok=True)
-    while pending or active:
-        while pending and len(active) < parallel:
+    while (pending and time.time() < deadline) or active:
+        while pending and len(active) < parallel and time.time() < deadline:
             run = pending.pop(0)
             out = root / run["name"]
+            shutil.rmtree(out, ignore_errors=True)  # the sweep owns its root: a run starts fresh
             log = (root / f"{run['name']}.log").open("w")
             cmd = [sys.executable, "-m", "mezo_core.cli", "train", f"out_dir={out}", "progress=false",
                    "plot=false", *common, *run["overrides"]]
@@ -40,7 +46,7 @@ def run_all(runs, common, root: Path, parallel: int, timeout: float, env=None) -
         time.sleep(1.0)
         for item in list(active):
             run, proc, start, out, cmd = item
-            if proc.poll() is None and time.time() - start < timeout:
+            if proc.poll() is None and time.time() - start < timeout and time.time() < deadline:
                 continue
             if proc.poll() is None:
                 proc.kill()

@@ -1,0 +1,224 @@
+"""The accuracy benchmark: SST-2 with the bundled SmolLM2-135M, MeZO recipes side
+by side with a first-order reference (the same LoRA, the same examples and
+batches, backprop + Adam through peft: ``benchmarks.backprop``), zero-shot, and
+a robustness grid of MeZO runs (lr x k_per_class) under the default guard and
+schedules.
+
+Every MeZO run is a ``mezo-run train`` process (``benchmarks.sweep``), all of a
+suite at once. Each run selects its adapter on a validation split drawn from
+the train file (``task.n_val``) and reports SST-2 dev (872 sentences), which
+nothing is tuned on.
+
+    python -m benchmarks.accuracy --suite cpu --out benchmarks/results/accuracy-cpu-DATE.json
+    python -m benchmarks.accuracy --suite gpu --out ... -- model.path=... task.train=...   # GPU host
+
+``--summarize RESULT.json`` rebuilds the JSON fields and the PNG from a result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOP4 = ["lora.layers=[26,27,28,29]", "lora.r=4", "lora.alpha=8"]
+TOP8 = ["lora.layers=[22,23,24,25,26,27,28,29]", "lora.r=8", "lora.alpha=16"]
+ALL8 = ["lora.layers=null", "lora.r=8", "lora.alpha=16"]
+OLD_PROMPT = ["task.template={text} It was", "task.verbalizer=[' terrible',' great']"]
+
+SUITES = {
+    "gpu": dict(
+        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=250",
+                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
+        grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=TOP4),
+        recipes=[
+            ("all-r8-k1024-lr1e-3", ALL8 + ["task.k_per_class=1024", "mezo.lr=1e-3", "mezo.steps=3500",
+                                            "eval_every=500"]),
+            ("all-r8-k1024-rms", ALL8 + ["task.k_per_class=1024", "mezo.lr_schedule=rms", "mezo.lr=3e-3",
+                                         "mezo.steps=3500", "eval_every=500"]),
+            ("top8-r8-k1024-lr3e-3", TOP8 + ["task.k_per_class=1024", "mezo.lr=3e-3", "mezo.steps=6000",
+                                              "eval_every=500"]),
+            ("old-prompt-top4-k16-lr1e-2", OLD_PROMPT + TOP4 + ["task.k_per_class=16", "mezo.lr=1e-2",
+                                                                 "mezo.steps=3000"]),
+            ("old-prompt-top4-k16-lr1e-2-no-guard", OLD_PROMPT + TOP4 + [
+                "task.k_per_class=16", "mezo.lr=1e-2", "mezo.steps=3000", "guard.enabled=false",
+                "load_best_at_end=false"]),
+        ],
+        # the CPU demo's candidates, in fp32 as on the CPU (selected on validation)
+        cpu_candidates=[
+            ("cpu-top4-k16-lr1e-2-300", TOP4 + ["task.k_per_class=16", "mezo.lr=1e-2", "mezo.steps=300"]),
+            ("cpu-top4-k16-lr3e-3-300", TOP4 + ["task.k_per_class=16", "mezo.lr=3e-3", "mezo.steps=300"]),
+            ("cpu-top4-k64-lr1e-2-400", TOP4 + ["task.k_per_class=64", "mezo.lr=1e-2", "mezo.steps=400"]),
+        ],
+        backprop=[("backprop-top4-k16", TOP4 + ["task.k_per_class=16"], 150, 1e-3),
+                  ("backprop-all-r8-k1024", ALL8 + ["task.k_per_class=1024"], 300, 5e-4)],
+        parallel=16, timeout=500),
+    "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
+        common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
+                "mezo.batch_size=4"],
+        grid=dict(lr=[1e-2], k_per_class=[4], steps=4, base=TOP4),
+        recipes=[("top4-k4", TOP4 + ["task.k_per_class=4", "mezo.steps=4", "mezo.batch_size=4"])],
+        backprop=[("backprop-top4-k4", TOP4 + ["task.k_per_class=4", "task.n_dev=16"], 2, 1e-3)],
+        parallel=2, timeout=600),
+    "cpu": dict(
+        common=["eval_every=100", "task.n_val=200", "checkpoint_every=0", "task.n_dev=300"],
+        grid=dict(lr=[3e-3, 1e-2, 3e-2], k_per_class=[16], steps=300, base=TOP4),
+        recipes=[("top4-k16-lr1e-2", TOP4 + ["task.k_per_class=16", "mezo.lr=1e-2", "mezo.steps=300"])],
+        backprop=[("backprop-top4-k16", TOP4 + ["task.k_per_class=16", "task.n_dev=300"], 40, 1e-3)],
+        parallel=2, timeout=1800),
+}
+
+
+def grid_runs(grid):
+    return [(f"grid-lr{lr:g}-k{k}", grid["base"] + [f"mezo.lr={lr}", f"task.k_per_class={k}",
+                                                     f"mezo.steps={grid['steps']}"])
+            for k in grid["k_per_class"] for lr in grid["lr"]]
+
+
+def run_suite(suite: dict, common: list[str], root: Path) -> dict:
+    from .sweep import run_all
+    fp32 = ["model.dtype=float32", "hf.lora_dtype=float32"]
+    runs = [{"name": n, "overrides": o} for n, o in suite["recipes"] + grid_runs(suite["grid"])]
+    runs += [{"name": n, "overrides": o + fp32} for n, o in suite.get("cpu_candidates", [])]
+    root.mkdir(parents=True, exist_ok=True)
+    backprops = []
+    for name, overrides, steps, lr in suite["backprop"]:  # first-order references, beside the MeZO runs
+        out = root / f"{name}.json"
+        cmd = [sys.executable, "-m", "benchmarks.backprop", *suite["common"], *common, *overrides,
+               "eval_every=0", "--steps", str(steps), "--lr", str(lr), "--eval-every", str(max(1, steps // 6)),
+               "--out", str(out)]
+        cmd = [c for c in cmd if not c.startswith(("eval_every=", "task.n_val=", "checkpoint_every="))]
+        log = (root / f"{name}.log").open("w")
+        backprops.append((name, overrides, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out, cmd))
+    records = run_all(runs, [*suite["common"], *common], root, suite["parallel"] - len(backprops),
+                      suite["timeout"], deadline=time.time() + suite["timeout"])
+    refs = []
+    for name, overrides, proc, out, cmd in backprops:
+        try:
+            proc.wait(timeout=max(1.0, suite["timeout"] - 60))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        result = json.loads(out.read_text()) if out.exists() else None
+        refs.append({"name": name, "overrides": overrides, "exit_code": proc.returncode, "result": result,
+                     "command": " ".join(cmd)})
+    return {"runs": records, "backprop": refs}
+
+
+def _dev_curve(record):
+    return [(r["step"], r["dev_accuracy"]) for r in record["curve"] if "dev_accuracy" in r]
+
+
+def _final_dev(record):
+    """The run's final dev accuracy: its summary's (the adapter it ends on: the best
+    on validation when it evaluates), or -- a run stopped by the time limit -- the
+    dev accuracy of its best validation evaluation so far."""
+    if record.get("summary"):
+        return record["summary"]["final"]["dev_accuracy"], record["summary"]["step"], False
+    rows = [r for r in record["curve"] if "val_accuracy" in r]
+    if not rows:
+        return None, None, True
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    return best["dev_accuracy"], best["step"], True
+
+
+def summarize(result: dict) -> dict:
+    """The issue's fields from the runs: zero-shot, best MeZO, backprop, robustness."""
+    runs = {r["name"]: r for r in result["runs"]}
+    zero = next((r["summary"]["zero_shot"]["dev_accuracy"] for r in result["runs"]
+                 if r.get("summary") and r["summary"].get("zero_shot") and r["name"].startswith("grid")), None)
+    robustness = []
+    for r in result["runs"]:
+        if not r["name"].startswith("grid"):
+            continue
+        o = dict(x.split("=", 1) for x in r["overrides"])
+        curve = [a for _, a in _dev_curve(r)]
+        final, _, killed = _final_dev(r)
+        guard = (r.get("summary") or {}).get("guard") or {}
+        robustness.append({"lr": float(o["mezo.lr"]), "k_per_class": int(o["task.k_per_class"]),
+                           "steps": int(o["mezo.steps"]), "best_dev_accuracy": max(curve + [final or 0]),
+                           "final_dev_accuracy": final, "stopped_by_time_limit": killed,
+                           "guard_roll_backs": guard.get("roll_backs")})
+    recipes = []
+    for r in result["runs"]:
+        if r["name"].startswith("grid"):
+            continue
+        final, step, killed = _final_dev(r)
+        vals = [x["val_accuracy"] for x in r["curve"] if "val_accuracy" in x]
+        recipes.append({"name": r["name"], "overrides": r["overrides"], "final_dev_accuracy": final,
+                        "adapter_step": step, "best_val_accuracy": max(vals) if vals else None,
+                        "stopped_by_time_limit": killed,
+                        "zero_shot_dev_accuracy": ((r.get("summary") or {}).get("zero_shot") or {}).get("dev_accuracy"),
+                        "guard": (r.get("summary") or {}).get("guard", {}).get("roll_backs")})
+    mezo = [x for x in recipes if x["final_dev_accuracy"] is not None and not x["name"].startswith("cpu-")]
+    chosen = max((x for x in mezo if x["best_val_accuracy"] is not None), key=lambda x: x["best_val_accuracy"],
+                 default=None)  # selected on validation, reported on dev
+    refs = [{"name": b["name"], "final_dev_accuracy": (b["result"] or {}).get("final_dev_accuracy"),
+             "best_dev_accuracy": (b["result"] or {}).get("best_dev_accuracy"),
+             "steps": (b["result"] or {}).get("steps"), "lr": (b["result"] or {}).get("lr")}
+            for b in result["backprop"]]
+    return {"zero_shot_dev_accuracy": zero,
+            "best_mezo_dev_accuracy": chosen and chosen["final_dev_accuracy"],
+            "best_mezo_recipe": chosen and chosen["name"],
+            "backprop_dev_accuracy": max((b["final_dev_accuracy"] for b in refs if b["final_dev_accuracy"]),
+                                         default=None),
+            "backprop_reference": refs, "recipes": recipes, "robustness": robustness}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r in result["runs"]:
+        pts = _dev_curve(r)
+        if pts:
+            (b if r["name"].startswith("grid") else a).plot(*zip(*pts), label=r["name"], lw=1.2)
+    for ref in result["backprop"]:
+        curve = (ref["result"] or {}).get("curve") or []
+        pts = [(c["step"], c["dev_accuracy"]) for c in curve if c.get("dev_accuracy") is not None]
+        if pts:
+            a.plot(*zip(*pts), "--", label=ref["name"] + " (steps)", lw=1.2)
+    for ax, title in ((a, "recipes and backprop reference"), (b, "robustness grid (default guard)")):
+        ax.set_xlabel("step")
+        ax.set_ylabel("SST-2 dev accuracy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    common = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), default="cpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--root", default=None, help="run folders (default: /tmp/mezo-accuracy-SUITE)")
+    p.add_argument("--summarize", action="store_true", help="only rebuild fields + PNG from --out")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.summarize:
+        result = json.loads(out.read_text())
+    else:
+        start = time.time()
+        suite = SUITES[args.suite]
+        result = run_suite(suite, common, Path(args.root or f"/tmp/mezo-accuracy-{args.suite}"))
+        from .common import environment
+        result = {**environment("cuda" if args.suite == "gpu" else "cpu"), "suite": args.suite,
+                  "common": suite["common"] + common, "seconds": time.time() - start, **result}
+    result.update(summarize(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("zero_shot_dev_accuracy", "best_mezo_dev_accuracy",
+                                             "best_mezo_recipe", "backprop_dev_accuracy", "robustness")},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
