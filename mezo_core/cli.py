@@ -104,12 +104,19 @@ def cmd_eval(args, cfg, registry):
 def _print_summary(summary, cfg):
     zero, final = summary.get("zero_shot") or {}, summary.get("final") or {}
     key = "dev_accuracy" if "dev_accuracy" in final else "dev_loss"
-    print(f"\nSST-2-style dev {key.replace('dev_', '')} on {final.get('dev_examples')} examples "
+    print(f"\nDev {key.replace('dev_', '')} ({final.get('dev_examples')} examples of {cfg.task.dev}) "
           f"after {summary['step']} MeZO steps ({cfg.backend} backend):")
     if zero:
         print(f"  zero-shot : {zero[key]:.4f}")
-    print(f"  fine-tuned: {final[key]:.4f}")
-    print(f"  run folder: {cfg.out_dir} (metrics.jsonl, training.png, adapter/)")
+    adapter = f"  (the adapter of step {final['adapter_step']}, best on validation)" if "adapter_step" in final else ""
+    print(f"  fine-tuned: {final[key]:.4f}{adapter}")
+    guard = summary.get("guard") or {}
+    if guard.get("events"):
+        print(f"  guard     : {guard['events']} event(s), {guard['roll_backs']} roll-back(s), "
+              f"step size x{guard['lr_scale']:.3g} (metrics.jsonl rows with 'guard')")
+    if summary.get("stopped_early"):
+        print(f"  stopped early at step {summary['stopped_early']} (early_stop_patience)")
+    print(f"  run folder: {cfg.out_dir} (metrics.jsonl, training.png, adapter/{', best/' if summary.get('best') else ''})")
 
 
 def cmd_backends(args, cfg, registry):

@@ -77,7 +77,9 @@ class Trainer:
         state = self._resume() if resume else self._fresh()
         self._restore_run_state(state)
         if cfg.zero_shot and "zero_shot" not in state:
-            state["zero_shot"] = self.evaluate("zero-shot")
+            state["zero_shot"] = self.evaluate_all("zero-shot")
+            if cfg.eval_every:  # the starting adapter is a candidate too: a run never ends below it
+                self._consider_best(state, state["zero_shot"])
             self._save(state)
         if self.guard.anchor is None:
             self._take_anchor(state["step"])  # the guard can always roll back to the start

@@ -283,3 +283,21 @@ def test_resume_after_roll_backs_is_bitwise(tmp_path, tiny_llama, capsys, fresh_
     assert s0["guard"]["roll_backs"] >= 1 and s0["guard"] == s1["guard"]
     a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in runs)
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_run_ends_on_the_best_adapter_zero_shot_included(tmp_path, tiny_llama, capsys, fresh_registry):
+    """load_best_at_end: the saved adapter is best/'s, and the zero-shot adapter is a
+    candidate: the final validation score is the maximum of all evaluations."""
+    print("seed", SEED)
+    cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 8, "seed": SEED, "eval_every": 2,
+                                                  "checkpoint_every": 4, "task.n_val": 0})
+    assert main(["train", "-c", str(cfg), "mezo.lr=0.5"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    scores = [summary["zero_shot"]["dev_accuracy"]] + [r["dev_accuracy"] for r in rows if "dev_accuracy" in r]
+    assert summary["final"]["dev_accuracy"] == summary["best"]["dev_accuracy"] >= max(scores)
+    a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "best" / "adapter_model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)

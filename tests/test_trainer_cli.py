@@ -50,8 +50,8 @@ def fresh_registry():
 def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registry):
     cfg = write_config(tmp_path, tiny_llama, steps=5, plot=True)
     run = tmp_path / "run"
-    assert main(["train", "-c", str(cfg), "mezo.lr_schedule=cosine",
-                 "mezo.lr_end=1e-3", "mezo.warmup_steps=1", "eval_every=2"]) == 0
+    assert main(["train", "-c", str(cfg), "mezo.lr_schedule=cosine", "mezo.lr_end=1e-3",
+                 "mezo.warmup_steps=1", "eval_every=2", "load_best_at_end=false"]) == 0
     out = capsys.readouterr().out
     assert "zero-shot" in out and "fine-tuned" in out
     metrics = rows(run)
