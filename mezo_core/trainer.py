@@ -207,8 +207,9 @@ class Trainer:
         validation set when there is one, else on dev); True when early stopping
         should stop the run."""
         split = "val" if self.task.val else "dev"
-        key, sign = (f"{split}_accuracy", 1.0) if f"{split}_accuracy" in evaluation else (f"{split}_loss", -1.0)
-        score = sign * evaluation[key]
+        key = f"{split}_accuracy" if f"{split}_accuracy" in evaluation else f"{split}_loss"
+        # higher accuracy, ties broken by the lower loss (a few hundred examples tie often)
+        score = [evaluation[key], -evaluation[f"{split}_loss"]] if key.endswith("accuracy") else [-evaluation[key]]
         best = state.get("best")
         if best is None or score > best["score"]:
             state["best"] = {"step": state["step"], "score": score, "selected_on": key, **evaluation,

@@ -240,11 +240,11 @@ def test_best_adapter_is_kept_and_early_stopping(tmp_path, tiny_llama, capsys, f
     run = tmp_path / "run"
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
-    evals = [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
-    evals.append((12, summary["final"]["dev_accuracy"]))
-    best_acc = max(a for _, a in evals)
-    first_best = next(s for s, a in evals if a == best_acc)  # ties keep the earliest
-    assert summary["best"]["step"] == first_best and summary["best"]["dev_accuracy"] == best_acc
+    evals = [(0, summary["zero_shot"])] + [(r["step"], r) for r in rows if "dev_accuracy" in r]
+    evals.append((12, summary["final"]))
+    # the oracle: highest accuracy, ties to the lowest loss, exact ties to the earliest
+    first_best = max(evals, key=lambda e: (e[1]["dev_accuracy"], -e[1]["dev_loss"], -e[0]))[0]
+    assert summary["best"]["step"] == first_best
     assert json.loads((run / "best" / "best.json").read_text())["step"] == first_best
     assert (run / "best" / "adapter_model.safetensors").exists()
 
