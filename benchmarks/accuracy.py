@@ -55,6 +55,12 @@ SUITES = {
         backprop=[("backprop-top4-k16", TOP4 + ["task.k_per_class=16"], 150, 1e-3),
                   ("backprop-all-r8-k1024", ALL8 + ["task.k_per_class=1024"], 300, 5e-4)],
         parallel=16, timeout=500),
+    # the robustness grid alone, as a short call on the GPU host can afford
+    "gpu-grid": dict(
+        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=250",
+                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
+        grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=TOP4),
+        recipes=[], backprop=[], parallel=8, timeout=175),
     "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
         common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
                 "mezo.batch_size=4"],
@@ -209,7 +215,7 @@ def main(argv=None):
         suite = SUITES[args.suite]
         result = run_suite(suite, common, Path(args.root or f"/tmp/mezo-accuracy-{args.suite}"))
         from .common import environment
-        result = {**environment("cuda" if args.suite == "gpu" else "cpu"), "suite": args.suite,
+        result = {**environment("cuda" if args.suite.startswith("gpu") else "cpu"), "suite": args.suite,
                   "common": suite["common"] + common, "seconds": time.time() - start, **result}
     result.update(summarize(result))
     out.parent.mkdir(parents=True, exist_ok=True)
