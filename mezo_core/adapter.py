@@ -54,7 +54,10 @@ def initial_adapter(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch
 
 
 def write_peft_adapter(state: dict[str, torch.Tensor], lora, base_model: str, out: str | Path) -> Path:
-    """Write a PEFT adapter folder atomically (temp folder, then rename)."""
+    """Write a PEFT adapter folder atomically (temp folder, then rename).
+    ``base_model`` is written as ``base_model_name_or_path``: pass the model the
+    user named (model.path: a folder, hub id or .gguf), not a converted copy in a
+    cache, so that the adapter still says what it adapts on another machine."""
     return write_tensors(state, out, "adapter_model.safetensors",
                          lambda tmp: peft_lora_config(lora, str(base_model)).save_pretrained(tmp))
 

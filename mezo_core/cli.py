@@ -4,12 +4,15 @@
     mezo-run eval  [-c ...] [--adapter DIR] [key=value ...]
     mezo-run backends
     mezo-run config [-c ...] [key=value ...]
+    mezo-run init [RECIPE] [PATH] | init --list   (an editable copy of a packaged recipe)
+    mezo-run export --merge OUT [-c ...] [--adapter DIR] [key=value ...]
     mezo-run bench [--device cuda --rows hf,vllm ...]   (benchmarks.compare, from a checkout)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import DEFAULT_CONFIG, default_config, load_config, validate
+from .config import DEFAULT_CONFIG, DEFAULT_RECIPE, default_config, load_config, recipes, validate
 from .distributed import init_from_env, rank_and_world
 from .errors import DivergedError, MezoError
 from .registry import get_registry
@@ -138,6 +141,70 @@ def cmd_config(args, cfg, registry):
     print(OmegaConf.to_yaml(cfg))
 
 
+def cmd_init(args) -> None:
+    """Copy a packaged recipe to an editable file (like torchtune's ``tune cp``)."""
+    known = recipes()
+    if args.list:
+        for name, path in known.items():
+            first = (path.read_text(encoding="utf-8").splitlines() or [""])[0].lstrip("# ")
+            print(f"{name:12} {first}")
+        return
+    if args.recipe not in known:
+        raise MezoError(f"init: unknown recipe {args.recipe!r} (packaged: {', '.join(known) or 'none'})")
+    out = Path(args.path or f"{args.recipe}.yaml")
+    if out.is_dir() or (args.path or "").endswith(("/", os.sep)):
+        out = out / f"{args.recipe}.yaml"
+    if out.exists() and not args.force:
+        raise MezoError(f"init: {out} exists (pass --force to overwrite it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(known[args.recipe].read_text(encoding="utf-8"), encoding="utf-8")
+    print(f"wrote {out}; edit it, then: mezo-run train -c {out}")
+
+
+def cmd_export(args, cfg, registry):
+    """A standalone model folder: the base model with the adapter merged in
+    (peft's merge_and_unload) and its tokenizer, loadable by plain transformers
+    (or vLLM) with no adapter and no mezo-run."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .adapter import read_peft_adapter, read_tensors, replace_dir
+    from .models import resolve_model_dir, torch_dtype
+    out = Path(args.merge)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MezoError(f"export: {out} exists and is not an empty folder")
+    adapter = Path(args.adapter or Path(cfg.out_dir) / "adapter")
+    full = adapter / "mezo_params.safetensors"   # hf.full_params runs: trained base weights by name
+    # a missing, damaged or non-finite adapter is refused before the model is read
+    state = read_tensors(adapter, full.name) if full.exists() else read_peft_adapter(adapter)
+    if not full.exists():
+        adapter_lora(cfg, adapter)  # a malformed adapter_config.json, in one line
+    model_dir = resolve_model_dir(cfg.model.path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.model.dtype))
+    if full.exists():
+        params = dict(model.named_parameters())
+        bad = sorted(n for n in state if n not in params or params[n].shape != state[n].shape)
+        if bad:
+            raise MezoError(f"export: {full} holds {bad[0]!r}, not a weight of that shape in {cfg.model.path}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+    else:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise MezoError(f"export: cannot apply {adapter} to {cfg.model.path}: "
+                            f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    replace_dir(tmp, out)
+    print(f"wrote {out}: {cfg.model.path} with {adapter} merged in (AutoModelForCausalLM.from_pretrained)")
+
+
 def cmd_bench(argv) -> int:
     """Forward to benchmarks.compare (the repository's benchmarks package, not installed)."""
     from pathlib import Path
@@ -169,16 +236,29 @@ def main(argv=None) -> int:
             p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
         if name == "eval":
             p.add_argument("--adapter", help="a PEFT adapter folder to evaluate")
+    p = sub.add_parser("export", help="write a standalone model with the adapter merged in")
+    p.add_argument("-c", "--config", default=None, help=f"YAML file (default {DEFAULT_CONFIG}): model.path")
+    p.add_argument("--merge", required=True, metavar="OUT", help="the model folder to write")
+    p.add_argument("--adapter", help="the adapter folder (default: OUT_DIR/adapter of the config)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.path=...")
+    p = sub.add_parser("init", help="copy a packaged recipe to an editable YAML file")
+    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe name (default {DEFAULT_RECIPE})")
+    p.add_argument("path", nargs="?", help="file or folder to write (default ./RECIPE.yaml)")
+    p.add_argument("--list", action="store_true", help="list the packaged recipes")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
     sub.add_parser("bench", help="compare the backends on one workload (see: mezo-run bench --help)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "init":
+            cmd_init(args)
+            return 0
         init_from_env()  # torchrun: join the data-parallel group
         registry = get_registry()
         config_file = None if args.command == "backends" else (args.config or default_config())
         cfg = load_config(config_file, args.overrides)
         registry.get("backends", cfg.backend) if args.command != "backends" else None
         {"train": cmd_train, "eval": cmd_eval, "backends": cmd_backends,
-         "config": cmd_config}[args.command](args, cfg, registry)
+         "config": cmd_config, "export": cmd_export}[args.command](args, cfg, registry)
     except DivergedError as exc:  # the guard could not recover the run: not a bad input
         print(f"mezo-run: error: {exc}", file=sys.stderr)
         return 3

@@ -16,12 +16,31 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MezoError
 
-DEFAULT_CONFIG = "conf/sst2.yaml"  # relative to the working directory, else to the checkout
+DEFAULT_RECIPE = "sst2"
+DEFAULT_CONFIG = f"conf/{DEFAULT_RECIPE}.yaml"  # in the working directory, else the packaged recipe
+
+
+def recipes_dir() -> Path:
+    """The recipes shipped with mezo-run: ``mezo_core.recipes`` in a wheel or an
+    editable install (mapped to conf/), else the checkout's conf/ (an editable
+    install made before the recipes were packaged)."""
+    from importlib.resources import files
+    try:
+        return Path(str(files("mezo_core.recipes")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "conf"
+
+
+def recipes() -> dict[str, Path]:
+    """Recipe name -> its YAML file."""
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"), key=lambda p: p.stem)}
 
 
 def default_config() -> Path:
+    """conf/sst2.yaml of the working directory when there is one (a checkout, or a
+    copy made by ``mezo-run init``), else the packaged recipe: train runs anywhere."""
     here = Path(DEFAULT_CONFIG)
-    return here if here.exists() else Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+    return here if here.exists() else recipes_dir() / f"{DEFAULT_RECIPE}.yaml"
 
 
 @dataclass

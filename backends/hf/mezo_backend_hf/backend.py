@@ -97,6 +97,7 @@ class HFBackend(LocalTensorsBackend):
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.model.dtype))
         base.to(self.device).eval()
         self.model_dir, self.lora = model_dir, cfg.lora
+        self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
         self.z_dist = configured_dist(cfg)
         opts = backend_options(cfg.hf, OPTIONS, "hf")
         self.full_params = opts["full_params"]
@@ -457,7 +458,7 @@ class HFBackend(LocalTensorsBackend):
     def save_adapter(self, path):
         state = dict(zip(self._names, self._tensors))
         if self.full_params is None:
-            write_peft_adapter(state, self.lora, self.model_dir, path)
+            write_peft_adapter(state, self.lora, self.model_name, path)
         else:  # trained base weights, by their transformers names
             write_tensors(state, path, FULL_PARAMS_FILE)
 
