@@ -142,3 +142,25 @@ def test_export_refuses_bad_input_in_one_line(case, trained, tmp_path, capsys, t
         assert (out / "x").read_text() == "keep me"
     else:
         assert not out.exists()
+
+
+def test_export_merge_of_full_parameter_weights(tmp_path, tiny_llama, capsys):
+    """hf.full_params runs save trained base weights by name: export writes them into the model."""
+    from mezo_backend_hf.backend import HFBackend
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    overrides = {"hf": {"full_params": [r"model\.layers\.3\.mlp\.down_proj\.weight"]}}
+    cfg_file = write_run_config(tmp_path, tiny_llama, overrides)
+    cfg = load_config(cfg_file, [])
+    backend = HFBackend(cfg)
+    backend.perturb([(SEED, 0.5)])
+    backend.save_adapter(tmp_path / "weights")
+    expected = choice_scores(backend, cfg)
+    backend.close()
+    out = tmp_path / "merged"
+    assert main(["export", "--merge", str(out), "-c", str(cfg_file), "--adapter", str(tmp_path / "weights")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    got = plain_scores(model, tokenizer, cfg)
+    assert (got - plain_scores(base, tokenizer, cfg)).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
