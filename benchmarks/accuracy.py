@@ -197,9 +197,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    common = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    from .sweep import split_overrides
+    argv, common = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="cpu")

@@ -74,10 +74,16 @@ def collect(run, code, seconds, out: Path, cmd) -> dict:
             "summary": summary, "curve": rows, "command": " ".join(cmd), "log_tail": tail if code else ""}
 
 
-def main(argv=None):
+def split_overrides(argv=None) -> tuple[list[str], list[str]]:
+    """(the script's own arguments, the key=value overrides after ``--``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    common = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def main(argv=None):
+    argv, common = split_overrides(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", help="JSON file: a list of {name, overrides}")

@@ -25,10 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mezo_core import hookimpl
 from mezo_core.cli import main
 from mezo_core.registry import get_registry
-from tiny import write_run_config
+from tiny import InterruptAt, write_run_config
 
 STEPS = 6
 TRAJECTORY = ("step", "loss", "loss_plus", "loss_minus", "grads", "seeds", "eps", "lr")
@@ -68,18 +67,6 @@ def error_text(stderr):
     """The CLI's one-line error (transformers may draw a progress bar before it)."""
     assert "Traceback" not in stderr and "mezo-run: error: " in stderr, stderr
     return stderr[stderr.index("mezo-run: error: "):]
-
-
-class InterruptAt:
-    """A plugin that stops the run (as Ctrl-C would) at the end of a given step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, step, metrics):
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 def rows(run):

@@ -21,7 +21,7 @@ from mezo_core.guard import Guard
 from mezo_core.interfaces import Signals
 from mezo_core.mezo import StepResult
 from mezo_core.registry import get_registry
-from tiny import write_run_config
+from tiny import InterruptAt, write_run_config
 
 SEED = 1234
 
@@ -252,14 +252,6 @@ def test_best_adapter_is_kept_and_early_stopping(tmp_path, tiny_llama, capsys, f
 def test_resume_after_roll_backs_is_bitwise(tmp_path, tiny_llama, capsys, fresh_registry):
     """Guard state, schedule state and the anchor travel in the checkpoint: a run
     interrupted after its roll-backs resumes to the uninterrupted adapter."""
-    from mezo_core import hookimpl
-
-    class InterruptAt:
-        @hookimpl
-        def on_step_end(self, step, metrics):
-            if step == 13:
-                raise KeyboardInterrupt
-
     print("seed", SEED)
     over = {"mezo.steps": 20, "checkpoint_every": 10, "seed": SEED, "guard.warmup": 2,
             "guard.nonfinite_cut": 1e-6, "mezo.lr_schedule": "rms"}
@@ -270,7 +262,7 @@ def test_resume_after_roll_backs_is_bitwise(tmp_path, tiny_llama, capsys, fresh_
         get_registry.cache_clear()
         reg = get_registry()
         if interrupt:
-            stopper = InterruptAt()
+            stopper = InterruptAt(13)
             reg.pm.register(stopper)
             assert main(["train", "-c", str(cfg), "mezo.lr=1e30"]) == 130
             reg.pm.unregister(stopper)

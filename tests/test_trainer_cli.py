@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mezo_core import hookimpl
 from mezo_core.cli import main
 from mezo_core.registry import get_registry
-from tiny import write_run_config
+from tiny import InterruptAt, write_run_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
 TIMING = {"step_seconds", "tokens_per_second"}
@@ -156,18 +155,6 @@ def test_bad_key_in_the_config_file(tmp_path, tiny_llama, capsys, fresh_registry
 
 
 # -- resume ---------------------------------------------------------------------------
-class InterruptAt:
-    """A plugin that stops the run (as Ctrl-C would) at the end of a given step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, step, metrics):
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("uninterrupted")

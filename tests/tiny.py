@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from mezo_core import hookimpl
+
 WORDS = ("the a movie film story plot actor scene music ending was is great terrible good bad "
          "fine awful boring fun long short very quite not it was really so dull lovely").split()
 
@@ -92,3 +94,15 @@ def write_run_config(tmp_path, model, overrides=None):
     out = Path(tmp_path) / "run.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out
+
+
+class InterruptAt:
+    """A plugin that stops a run (as Ctrl-C would) at the end of a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            raise KeyboardInterrupt
