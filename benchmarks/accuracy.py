@@ -131,7 +131,6 @@ def _final_dev(record):
 
 def summarize(result: dict) -> dict:
     """The issue's fields from the runs: zero-shot, best MeZO, backprop, robustness."""
-    runs = {r["name"]: r for r in result["runs"]}
     zero = next((r["summary"]["zero_shot"]["dev_accuracy"] for r in result["runs"]
                  if r.get("summary") and r["summary"].get("zero_shot") and r["name"].startswith("grid")), None)
     robustness = []

@@ -214,10 +214,9 @@ def test_guard_recovers_a_run_and_is_reproducible(tmp_path, tiny_llama, capsys, 
     assert all(a[k].equal(b[k]) for k in a)
 
 
-def test_roll_back_restores_the_anchor_exactly(tiny_llama, fresh_registry):
-    """After a roll-back the weights equal the anchor snapshot bit for bit."""
+def test_snapshot_restore_is_exact(tiny_llama, fresh_registry):
+    """What a roll-back does to the weights: restore(snapshot) gives them back bit for bit."""
     from mezo_core.config import load_config
-    from mezo_core.trainer import Trainer
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(write_run_config(Path(tmp), tiny_llama), ["mezo.steps=0", "zero_shot=false"])
