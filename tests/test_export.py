@@ -5,6 +5,7 @@ one unpadded prompt at a time, scored by hand -- never the backend's own code.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,19 @@ def test_export_merge_of_full_parameter_weights(tmp_path, tiny_llama, capsys):
     got = plain_scores(model, tokenizer, cfg)
     assert (got - plain_scores(base, tokenizer, cfg)).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+GGUF = (Path(__file__).resolve().parents[2] / "shared" / "assets" / "models" / "smollm2-135m-instruct"
+        / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.skipif(not GGUF.exists(), reason=f"needs the shared assets ({GGUF})")
+def test_an_adapter_of_a_gguf_model_names_the_gguf_not_the_cache(tmp_path):
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_core.models import cache_root
+    cfg = load_config(None, [f"model.path={GGUF}", "lora.r=2", "lora.layers=[29]", "hf.trunk_cache=false"])
+    backend = HFBackend(cfg)
+    backend.save_adapter(tmp_path / "adapter")
+    backend.close()
+    named = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(GGUF) and str(cache_root()) not in named
