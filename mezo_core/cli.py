@@ -98,7 +98,13 @@ def cmd_eval(args, cfg, registry):
     try:
         if args.adapter:
             backend.load_adapter(args.adapter)
-        result = Task(cfg.task, backend.tokenizer).evaluate(backend, cfg.eval_batch_size)
+        task = Task(cfg.task, backend.tokenizer)
+        from tqdm.auto import tqdm
+        with tqdm(total=len(task.dev), desc="eval (dev)", dynamic_ncols=True, disable=not cfg.progress,
+                  file=sys.stderr) as bar:
+            result = task.evaluate(backend, cfg.eval_batch_size, bar)
+        if cfg.task.max_tokens:
+            result["truncated_examples"] = task.truncated
     finally:
         backend.close()
     print(json.dumps(result, indent=1))
@@ -122,6 +128,33 @@ def _print_summary(summary, cfg):
     print(f"  run folder: {cfg.out_dir} (metrics.jsonl, training.png, adapter/{', best/' if summary.get('best') else ''})")
 
 
+def set_threads(cfg) -> None:
+    """torch's intra-op threads: ``threads`` when set; else, unless OMP_NUM_THREADS
+    is, at most the cores this process may run on (CPU affinity and cgroup quota --
+    torch counts the machine's cores, and more threads than cores is far slower).
+    On a machine shared with other busy jobs, ``threads=1`` can be several times faster."""
+    import torch
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores())))
+
+
+def usable_cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # cgroup v2 quota: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def _unavailable(obj):
+    return getattr(obj, "unavailable_reason", lambda: None)()
+
+
 def cmd_backends(args, cfg, registry):
     print(f"{'backend':10} {'status':12} {'distribution':22} {'version':8} capabilities")
     for name, entry in sorted(registry.items["backends"].items()):
@@ -131,10 +164,14 @@ def cmd_backends(args, cfg, registry):
               f"{', '.join(entry.obj.capabilities)}")
         if reason:
             print(f"{'':10} -> {reason}")
-    for kind in ("epsilon_schedules", "eviction_policies"):
+    for kind in ("epsilon_schedules", "eviction_policies", "loggers"):
         items = registry.items[kind]
         print(f"{kind.replace('_', ' ')}: " + ", ".join(
-            f"{n} ({e.distribution})" for n, e in sorted(items.items())))
+            f"{n} ({e.distribution}{', unavailable' if _unavailable(e.obj) else ''})"
+            for n, e in sorted(items.items())))
+    print("plugins (every one loaded, hook-only ones too):")
+    for name, plugin, dist, hooks in registry.plugins():
+        print(f"  {name:22} {dist:30} {', '.join(hooks)}")
 
 
 def cmd_config(args, cfg, registry):
@@ -256,6 +293,7 @@ def main(argv=None) -> int:
         registry = get_registry()
         config_file = None if args.command == "backends" else (args.config or default_config())
         cfg = load_config(config_file, args.overrides)
+        set_threads(cfg)
         registry.get("backends", cfg.backend) if args.command != "backends" else None
         {"train": cmd_train, "eval": cmd_eval, "backends": cmd_backends,
          "config": cmd_config, "export": cmd_export}[args.command](args, cfg, registry)

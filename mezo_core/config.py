@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf, StringNode
+from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MezoError
@@ -64,10 +64,11 @@ class TaskConfig:
     train: str = "${assets}/data/sst2/train.tsv"
     dev: str = "${assets}/data/sst2/dev.tsv"
     template: str = "{text} It was"        # classification prompt; {text} is the input
-    verbalizer: List[str] = field(default_factory=lambda: [" terrible", " great"])  # word of label i
+    # word of label i, or {label name: word} (the data's labels may then be the names)
+    verbalizer: Any = field(default_factory=lambda: [" terrible", " great"])
     k_per_class: Optional[int] = 16        # MeZO-paper sampling: k train examples per class ...
     n_train: Optional[int] = None          # ... or n examples (when k_per_class is null)
-    n_dev: Optional[int] = None            # first n dev examples (null: all)
+    n_dev: Optional[int] = None            # a seeded random sample of n dev examples (null: all)
     # validation examples drawn from the train file, disjoint from the training sample: what
     # periodic evaluations select the best adapter and early-stop on (0: select on dev)
     n_val: int = 0
@@ -75,6 +76,10 @@ class TaskConfig:
     # classification loss: "choices" = cross-entropy among the verbalizer words
     # (MeZO's train_as_classification); "target" = LM loss of the gold word
     train_loss: str = "choices"
+    # longest sequence (prompt + answer) in tokens: longer texts are cut, never the template's
+    # answer slot (null: no limit)
+    max_tokens: Optional[int] = None
+    group_by_length: bool = False          # training batches of rows of similar length (less padding)
 
 
 @dataclass
@@ -130,6 +135,8 @@ class RunConfig:
     zero_shot: bool = True
     plot: bool = True
     progress: bool = True
+    report_to: List[str] = field(default_factory=lambda: ["jsonl"])  # loggers: jsonl, csv, tensorboard, ...
+    threads: Optional[int] = None          # torch intra-op threads (null: OMP_NUM_THREADS, else the usable cores)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -283,12 +290,20 @@ def validate(cfg: DictConfig) -> None:
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
     need(cfg.task.kind in ("classification", "completion"), "task.kind",
          "must be 'classification' or 'completion'")
+    verbalizer = cfg.task.verbalizer
+    mapping = isinstance(verbalizer, DictConfig)
+    need(mapping or isinstance(verbalizer, ListConfig), "task.verbalizer",
+         "must be a list of words or a mapping {label name: word}")
+    words = list(verbalizer.values()) if mapping else list(verbalizer)
+    need(all(isinstance(w, str) for w in words), "task.verbalizer", "must hold words (strings)")
+    need(cfg.task.max_tokens is None or cfg.task.max_tokens > 0, "task.max_tokens", "must be > 0 or null")
+    need(cfg.threads is None or cfg.threads > 0, "threads", "must be > 0 or null")
+    need(len(set(cfg.report_to)) == len(cfg.report_to), "report_to", "names a logger twice")
     if cfg.task.kind == "classification":
-        need(len(cfg.task.verbalizer) >= 2, "task.verbalizer", "needs a word for each of >= 2 labels")
+        need(len(words) >= 2, "task.verbalizer", "needs a word for each of >= 2 labels")
         need(cfg.task.train_loss in ("choices", "target"), "task.train_loss", "must be 'choices' or 'target'")
         problem = _template_problem(cfg.task.template)
         need(problem is None, "task.template", problem)
-        words = list(cfg.task.verbalizer)
         need(all(words), "task.verbalizer", "holds an empty word")
         need(len(set(words)) == len(words), "task.verbalizer", "holds a word twice")
     need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")

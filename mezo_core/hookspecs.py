@@ -39,6 +39,18 @@ def register_epsilon_schedules(register):
 
 
 @hookspec
+def register_loggers(register):
+    """Register metric loggers: ``register(name, LoggerClass)``; ``report_to: [name]`` picks them.
+
+    ``LoggerClass(out_dir, cfg, start_step)`` is made on the writing rank when a run
+    starts (``start_step`` > 0 on ``--resume``: drop rows written after it, the run
+    writes them again); ``log(step, metrics)`` gets every training step's row and
+    every evaluation's rows (``"event": "eval"``); ``close()`` ends the run. An
+    optional classmethod ``unavailable_reason()`` returns why it cannot run here.
+    """
+
+
+@hookspec
 def on_step_end(step, metrics):
     """Called after every optimisation step with the metrics dict that is also
     written to ``metrics.jsonl``. Loggers (W&B, TensorBoard, ...) hook in here.

@@ -26,9 +26,10 @@ class Registry:
 
     KINDS = {"backends": "register_backends",
              "eviction_policies": "register_eviction_policies",
-             "epsilon_schedules": "register_epsilon_schedules"}
+             "epsilon_schedules": "register_epsilon_schedules",
+             "loggers": "register_loggers"}
     SINGULAR = {"backends": "backend", "eviction_policies": "eviction policy",
-                "epsilon_schedules": "epsilon schedule"}
+                "epsilon_schedules": "epsilon schedule", "loggers": "logger"}
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
@@ -55,6 +56,18 @@ class Registry:
 
     def hook(self):
         return self.pm.hook
+
+    def plugins(self) -> list[tuple[str, str, str, list[str]]]:
+        """Every loaded plugin -- those that only implement hooks (``on_step_end``)
+        too: (name, distribution and version, hooks it implements)."""
+        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
+        out = []
+        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: str(item[0])):
+            dist = dists.get(id(plugin))
+            where = f"{dist.project_name} {dist.version}" if dist else "(not from a distribution)"
+            hooks = sorted(h.name for h in (self.pm.get_hookcallers(plugin) or []))
+            out.append((str(name), plugin, where, hooks))
+        return out
 
 
 def make_plugin_manager(extra_plugins=()) -> pluggy.PluginManager:

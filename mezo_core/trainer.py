@@ -11,7 +11,6 @@ anchor, so a resume continues the uninterrupted trajectory exactly.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -42,6 +41,29 @@ def make_schedule(registry, field, name, start, end, warmup, options, q):
     return schedule
 
 
+#: backend stats that are not counters: no per-step ``_step`` value
+GAUGES = ("bytes", "layers_skipped", "adapter_version", "hit_rate", "token_reuse")
+
+
+def per_step(stats: dict, before: dict) -> dict:
+    """The backend's counters (cumulative since the process started, as named) and,
+    beside each, ``<name>_step``: what this step alone counted."""
+    out = dict(stats)
+    for k, v in stats.items():
+        if k not in GAUGES and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{k}_step"] = v - before.get(k, 0)
+    return out
+
+
+def logger_class(registry, name: str):
+    """The logger plugin ``name`` of ``report_to``, refused (one line) when it cannot run here."""
+    cls = registry.get("loggers", name)
+    reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
+    if reason:
+        raise MezoError(f"config field 'report_to': logger {name!r} is unavailable: {reason}")
+    return cls
+
+
 def _releases_the_lock(train):
     """However the run ends (finished, error, Ctrl-C), out_dir's lock is released."""
     @functools.wraps(train)
@@ -65,6 +87,8 @@ class Trainer:
                                 m.lr_schedule_options, m.q)
         self.guard = Guard(cfg.guard)
         self.task = Task(cfg.task, backend.tokenizer, batch_size=cfg.mezo.batch_size)
+        self.logger_classes = [logger_class(registry, name) for name in cfg.report_to]  # checked before any file
+        self.loggers = []
         self.hook = registry.hook()
         # data parallel: every rank steps alike on its shard; rank 0 alone writes files
         self.rank, self.world = rank_and_world()
@@ -76,8 +100,10 @@ class Trainer:
         cfg, m = self.cfg, self.cfg.mezo
         state = self._resume() if resume else self._fresh()
         self._restore_run_state(state)
+        if self.writes:
+            self.loggers = [cls(self.out, cfg, state["step"]) for cls in self.logger_classes]
         if cfg.zero_shot and "zero_shot" not in state:
-            state["zero_shot"] = self.evaluate_all("zero-shot")
+            state["zero_shot"] = self.evaluate_all("zero-shot", state["step"])
             if cfg.eval_every:  # the starting adapter is a candidate too: a run never ends below it
                 self._consider_best(state, state["zero_shot"])
             self._save(state)
@@ -85,13 +111,13 @@ class Trainer:
             self._take_anchor(state["step"])  # the guard can always roll back to the start
         if "noise" not in state:
             state["noise"] = self._forward_noise(state["step"])
-        metrics_file = (self.out / "metrics.jsonl").open("a") if self.writes else None
         bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
                    disable=not (cfg.progress and self.writes))
         applied = 0.0  # multiple of this step's first z already on the weights
         for step in range(state["step"], m.steps):
             batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
             eps = self.eps(step, m.steps)
+            stats_before = self.backend.get_stats()
             start = time.perf_counter()
             # 1. the forwards: L+/L- and the projected gradients
             result = probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
@@ -127,7 +153,7 @@ class Trainer:
             row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
                    "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
                    "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
-                   **self.backend.get_stats()}  # backend counters count since process start
+                   **per_step(self.backend.get_stats(), stats_before)}
             if event:
                 row["guard"] = event
             state["step"] = step + 1
@@ -138,8 +164,7 @@ class Trainer:
                 state.setdefault("evals", []).append({"step": state["step"], **evaluation})
                 stop = self._consider_best(state, evaluation)
             if self.writes:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                self._log(state["step"], row)
                 self.hook.on_step_end(step=state["step"], metrics=row)
             postfix = dict(loss=f"{result.loss:.4f}", eps=f"{eps:.1e}", lr=f"{lr:.1e}", tok_s=f"{tokens / seconds:.0f}")
             if self.guard.events:
@@ -152,20 +177,22 @@ class Trainer:
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 self._save(state)
         bar.close()
-        if metrics_file:
-            metrics_file.close()
         if "final" not in state:
-            state["final"] = self.evaluate_all("fine-tuned")
+            state["final"] = self.evaluate_all("fine-tuned", state["step"])
             if cfg.eval_every:
                 self._consider_best(state, state["final"])
                 if cfg.load_best_at_end and state["best"]["step"] != state["step"]:
                     self.backend.load_adapter(self.out / "best")  # the final adapter is the best one
                     evaluation = {k: v for k, v in state["best"].items() if k.startswith(("dev_", "val_"))}
                     state["final"] = {**evaluation, "adapter_step": state["best"]["step"]}
+                    self._log_eval(state["step"], "best", evaluation, adapter_step=state["best"]["step"])
             self._save(state)
         summary = {k: state.get(k) for k in ("zero_shot", "final", "best", "step", "stopped_early")}
+        if self.cfg.task.max_tokens:
+            summary["truncated_examples"] = self.task.truncated
         summary["guard"] = {"events": self.guard.events, "roll_backs": self.guard.recoveries,
                             "lr_scale": self.guard.lr_scale, "roll_back_log": state.get("guard_events", [])}
+        self._close_loggers()
         if not self.writes:
             return summary
         write_adapter(self.backend, self.out / "adapter")  # checked finite, atomic
@@ -195,12 +222,31 @@ class Trainer:
         b = self.backend.objective(batch[::-1]).double().flip(0)
         return float(max((a.mean() - b.mean()).abs(), (a - b).std() / len(batch) ** 0.5 if len(batch) > 1 else 0))
 
-    def evaluate_all(self, label: str) -> dict:
-        """The dev set, and the validation set when there is one."""
+    def evaluate_all(self, label: str, step: int | None = None) -> dict:
+        """The dev set, and the validation set when there is one; logged as eval rows."""
         result = self.evaluate(label)
         if self.task.val:
             result.update(self.evaluate(label, split="val"))
+        kind = "zero-shot" if label == "zero-shot" else "final" if label == "fine-tuned" else "periodic"
+        self._log_eval(step if step is not None else int(label.split()[-1]), kind, result)
         return result
+
+    # -- loggers (report_to: jsonl, csv, tensorboard, plugins) -----------------------
+    def _log(self, step: int, row: dict) -> None:
+        for logger in self.loggers:
+            logger.log(step, row)
+
+    def _log_eval(self, step: int, label: str, evaluation: dict, **extra) -> None:
+        """One row per split: ``{"step", "event": "eval", "label", "split", "accuracy", "loss", ...}``."""
+        for split in ("dev", "val"):
+            values = {k[len(split) + 1:]: v for k, v in evaluation.items() if k.startswith(split + "_")}
+            if values:
+                self._log(step, {"step": step, "event": "eval", "label": label, "split": split, **values, **extra})
+
+    def _close_loggers(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
     def _consider_best(self, state: dict, evaluation: dict) -> bool:
         """Keep the adapter of the best evaluation in ``best/`` (selected on the
@@ -310,6 +356,7 @@ class Trainer:
         return load_file(str(path / f"{name}.safetensors"))
 
     def _release(self) -> None:
+        self._close_loggers()
         folder = getattr(self, "folder", None)
         if folder is not None:
             folder.release()

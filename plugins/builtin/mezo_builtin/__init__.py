@@ -1,8 +1,9 @@
-"""mezo-run's built-in plugin: schedules and eviction policies, registered
+"""mezo-run's built-in plugin: schedules, eviction policies and loggers, registered
 through the ``mezo`` entry point exactly as a third-party package would."""
 from mezo_core import hookimpl
 
 from .eviction import FIFO, LFU, LRU, SizeAware
+from .loggers import CsvLogger, JsonlLogger, TensorBoardLogger
 from .schedules import FZOO, RMS, Constant, Cosine, Exponential, Linear, NoiseFloor, Spall, SpallEps
 
 
@@ -26,3 +27,10 @@ def register_eviction_policies(register):
     register("lfu", LFU)
     register("fifo", FIFO)
     register("size", SizeAware)
+
+
+@hookimpl
+def register_loggers(register):
+    register("jsonl", JsonlLogger)
+    register("csv", CsvLogger)
+    register("tensorboard", TensorBoardLogger)

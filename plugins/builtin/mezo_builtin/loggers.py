@@ -1,0 +1,150 @@
+"""Metric loggers (``report_to: [jsonl, csv, tensorboard]``): each gets every
+training step's row and every evaluation's rows (``"event": "eval"``).
+
+Training rows and evaluation rows have different fields, so the file loggers keep
+them apart: ``metrics.jsonl`` / ``metrics.csv`` hold the steps (the same rows as
+before: ``--resume`` trims them, ``training.png`` reads them), ``evals.jsonl`` /
+``evals.csv`` one row per evaluation and split. On ``--resume`` a logger drops the
+rows written after the checkpoint (the resumed run writes them again).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+
+def _is_eval(metrics: dict) -> bool:
+    return metrics.get("event") == "eval"
+
+
+def _rows_until(path: Path, step: int, parse) -> list:
+    """The rows of ``path`` up to ``step`` (a row cut short by a kill is dropped)."""
+    kept = []
+    for row in parse(path) if path.exists() else []:
+        try:
+            if int(row["step"]) <= step:
+                kept.append(row)
+        except (KeyError, TypeError, ValueError):
+            pass
+    return kept
+
+
+class _Line(dict):
+    """A parsed JSONL row that keeps its text (rows are kept byte for byte)."""
+
+
+def _jsonl_rows(path: Path) -> list:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = _Line(json.loads(line))
+        except (ValueError, TypeError):
+            continue
+        row.text = line
+        rows.append(row)
+    return rows
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class JsonlLogger:
+    """``metrics.jsonl`` (one JSON object per step) and ``evals.jsonl`` (per evaluation)."""
+
+    def __init__(self, out_dir, cfg, start_step: int = 0):
+        self.files = {}
+        for kind in ("metrics", "evals"):
+            path = Path(out_dir) / f"{kind}.jsonl"
+            if path.exists():  # a resumed run: rows after its checkpoint are written again
+                _replace(path, "".join(r.text + "\n" for r in _rows_until(path, start_step, _jsonl_rows)))
+            self.files[kind] = path.open("a")
+
+    def log(self, step, metrics):
+        f = self.files["evals" if _is_eval(metrics) else "metrics"]
+        f.write(json.dumps(metrics) + "\n")
+        f.flush()
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+
+def _cell(value):
+    """Lists and dicts as JSON text: a CSV cell is one value."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+class CsvLogger:
+    """``metrics.csv`` and ``evals.csv``: one column per field. A field that first
+    appears later (a periodic evaluation, a guard event) widens the header, and the
+    file is rewritten with the wider header (small files: once per new field)."""
+
+    def __init__(self, out_dir, cfg, start_step: int = 0):
+        self.paths = {kind: Path(out_dir) / f"{kind}.csv" for kind in ("metrics", "evals")}
+        self.rows = {kind: [] for kind in self.paths}
+        self.fields = {kind: [] for kind in self.paths}
+        for kind, path in self.paths.items():
+            if path.exists():
+                rows = _rows_until(path, start_step, lambda p: list(csv.DictReader(p.open(newline=""))))
+                self.rows[kind] = rows
+                with path.open(newline="") as f:
+                    self.fields[kind] = next(csv.reader(f), [])
+                self._rewrite(kind)
+
+    def log(self, step, metrics):
+        kind = "evals" if _is_eval(metrics) else "metrics"
+        row = {k: _cell(v) for k, v in metrics.items()}
+        self.rows[kind].append(row)
+        new = [k for k in row if k not in self.fields[kind]]
+        if new or not self.paths[kind].exists():
+            self.fields[kind] += new
+            self._rewrite(kind)
+        else:
+            with self.paths[kind].open("a", newline="") as f:
+                csv.DictWriter(f, self.fields[kind]).writerow(row)
+
+    def _rewrite(self, kind):
+        path = self.paths[kind]
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields[kind])
+            writer.writeheader()
+            writer.writerows(self.rows[kind])
+        os.replace(tmp, path)
+
+    def close(self):
+        pass
+
+
+class TensorBoardLogger:
+    """Scalars under ``out_dir/tensorboard``: ``train/<field>`` per step,
+    ``eval/<split>/<field>`` per evaluation (``tensorboard --logdir runs``)."""
+
+    @classmethod
+    def unavailable_reason(cls):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as exc:
+            return f"{exc} (pip install tensorboard)"
+        return None
+
+    def __init__(self, out_dir, cfg, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step: on --resume, events after the checkpoint are hidden (written again)
+        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start_step or None)
+
+    def log(self, step, metrics):
+        prefix = f"eval/{metrics.get('split', 'dev')}/" if _is_eval(metrics) else "train/"
+        for k, v in metrics.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(prefix + k, v, step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
