@@ -96,16 +96,16 @@ def write_config(tmp_path, model):
 def test_builtins_are_registered_with_their_distributions():
     reg = Registry(make_plugin_manager())
     hf = reg.items["backends"]["hf"]
-    assert (hf.distribution, hf.version, hf.plugin) == ("mezo-backend-hf", "0.1.0", "hf")
+    assert (hf.distribution, hf.version, hf.plugin) == ("mezo-run", "0.1.0", "hf")
     from mezo_backend_hf.backend import HFBackend
     assert reg.get("backends", "hf") is HFBackend
     for name in ("constant", "linear", "cosine", "exponential"):
         entry = reg.items["epsilon_schedules"][name]
-        assert entry.distribution == "mezo-builtin" and entry.plugin == "builtin"
+        assert entry.distribution == "mezo-run" and entry.plugin == "builtin"
         assert issubclass(entry.obj, Schedule)
     for name in ("lru", "lfu", "fifo", "size"):
         entry = reg.items["eviction_policies"][name]
-        assert entry.distribution == "mezo-builtin"
+        assert entry.distribution == "mezo-run"
         assert issubclass(entry.obj, EvictionPolicy)
 
 
@@ -151,9 +151,9 @@ def test_backends_command_lists_the_outside_plugin(toy_plugin, capsys):
     assert "unavailable" in off_line
     assert "-> needs the frobnicator engine" in out
     hf_line = next(line for line in out.splitlines() if line.startswith("hf "))
-    assert "mezo-backend-hf" in hf_line and "0.1.0" in hf_line
+    assert "mezo-run" in hf_line and "0.1.0" in hf_line
     assert f"toy-half ({TOY_DIST})" in out
-    assert "constant (mezo-builtin)" in out and "lru (mezo-builtin)" in out
+    assert "constant (mezo-run)" in out and "lru (mezo-run)" in out
 
 
 def test_training_uses_the_outside_backend_and_schedule(toy_plugin, tmp_path, tiny_llama, capsys):
