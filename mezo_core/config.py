@@ -195,7 +195,7 @@ def load_config(path: str | Path | None = None, overrides: List[str] = ()) -> Di
         if not isinstance(data, dict):
             raise MezoError(f"{path}: the top level must be a mapping of keys")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+            cfg = OmegaConf.merge(_replaceable(cfg, data), OmegaConf.create(data))
         except OmegaConfBaseException as exc:
             key, msg = _describe(exc)
             raise MezoError(f"{path}{_line_of(text, key)}: field {key!r}: {msg}") from None
@@ -227,7 +227,7 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
             OmegaConf.update(patch, key, None if raw == "null" and node._is_optional() else _unquote(raw))
         else:
             patch = OmegaConf.from_dotlist([f"{key}={raw}"])
-        return OmegaConf.merge(cfg, patch)
+        return OmegaConf.merge(_replaceable(cfg, patch), patch)
     except yaml.YAMLError as exc:
         raise MezoError(f"override {item!r}: field {key!r}: cannot parse {raw!r}: "
                         f"{getattr(exc, 'problem', None) or 'invalid YAML'}") from None
@@ -236,6 +236,23 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
         raise MezoError(f"override {item!r}: field {found or key!r}: {msg}") from None
     except (TypeError, ValueError) as exc:  # OmegaConf's own, for shapes it cannot merge
         raise MezoError(f"override {item!r}: field {key!r}: {exc}") from None
+
+
+#: fields that may be a list or a mapping: a new value replaces the old one, never merges into it
+REPLACED = ("task.verbalizer",)
+
+
+def _replaceable(cfg: DictConfig, incoming) -> DictConfig:
+    """``cfg`` with the REPLACED fields that ``incoming`` sets emptied, so that a
+    mapping can replace a list (OmegaConf cannot merge one into the other)."""
+    for key in REPLACED:
+        node = incoming
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is not None:
+            cfg = cfg.copy()
+            OmegaConf.update(cfg, key, None, merge=False)
+    return cfg
 
 
 def _schema_node(cfg: DictConfig, key: str):

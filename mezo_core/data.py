@@ -101,13 +101,19 @@ def _read_tsv(path: Path, text: str, labels) -> list[Record]:
     first = _looks_quoted(text)
     try:
         return _parse_tsv(path, text, labels, first)
-    except MezoError as exc:  # the other reading, where it may apply; else the first error
-        if '"' not in text:
+    except _TableError as exc:  # the other reading, where it may apply; else the error of
+        if '"' not in text:     # the reading that got further into the file
             raise
         try:
             return _parse_tsv(path, text, labels, not first)
-        except MezoError:
-            raise exc from None
+        except _TableError as other:
+            raise (other if other.line > exc.line else exc) from None
+
+
+class _TableError(MezoError):
+    def __init__(self, path, line, message):
+        super().__init__(f"{path}, line {line}: {message}")
+        self.line = line
 
 
 def _looks_quoted(text: str) -> bool:
@@ -122,7 +128,7 @@ def _parse_tsv(path, text, labels, quoted) -> list[Record]:
     try:
         header = next(reader, None)
         if not header or "sentence" not in header or "label" not in header:
-            raise MezoError(f"{path}, line 1: expected a header with 'sentence' and 'label'")
+            raise _TableError(path, 1, "expected a header with 'sentence' and 'label'")
         si, li = header.index("sentence"), header.index("label")
         line = reader.line_num + 1
         for row in reader:
@@ -130,12 +136,15 @@ def _parse_tsv(path, text, labels, quoted) -> list[Record]:
             if len(row) != len(header):
                 hint = ("read with standard quoting: check the quotes of this row" if quoted else
                         "a sentence holding a tab or a newline must be quoted: \"...\", a quote inside doubled")
-                raise MezoError(f"{where}: expected {len(header)} tab-separated fields, got {len(row)} ({hint})")
-            records.append(Record(_check_text(row[si], "sentence", where), _check_label(row[li], labels, where)))
+                raise _TableError(path, line, f"expected {len(header)} tab-separated fields, got {len(row)} ({hint})")
+            try:
+                records.append(Record(_check_text(row[si], "sentence", where), _check_label(row[li], labels, where)))
+            except MezoError as exc:
+                raise _TableError(path, line, str(exc).removeprefix(f"{where}: ")) from None
             line = reader.line_num + 1
     except csv.Error as exc:
-        raise MezoError(f"{path}, line {line}: {exc} (read with standard quoting: a quoted field ends with "
-                        "a quote before the next tab; a quote inside it is doubled)") from None
+        raise _TableError(path, line, f"{exc} (read with standard quoting: a quoted field ends with "
+                          "a quote before the next tab; a quote inside it is doubled)") from None
     return records
 
 

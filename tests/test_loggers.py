@@ -1,0 +1,146 @@
+"""Logging like the ecosystem (#15 item 5): logger plugins picked by report_to,
+evaluation rows, per-step backend counters, resume, and every plugin listed."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from mezo_core import hookimpl
+from mezo_core.cli import main
+from mezo_core.registry import get_registry
+from tiny import write_run_config
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def fresh_registry():
+    get_registry.cache_clear()
+    yield get_registry()
+    get_registry.cache_clear()
+
+
+def train(tmp_path, model, *overrides, steps=5):
+    cfg = write_run_config(tmp_path, model, {"mezo.steps": steps, "checkpoint_every": 2, "eval_every": 2,
+                                             "load_best_at_end": False})
+    return cfg, main(["train", "-c", str(cfg), *overrides])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_llama):
+    get_registry.cache_clear()
+    tmp = tmp_path_factory.mktemp("logged")
+    _, code = train(tmp, tiny_llama, "report_to=[jsonl,csv]")
+    assert code == 0
+    return tmp / "run"
+
+
+def test_evaluations_are_rows_of_their_own(run):
+    summary = json.loads((run / "summary.json").read_text())
+    evals = jsonl(run / "evals.jsonl")
+    assert [(r["step"], r["label"], r["split"]) for r in evals] == [
+        (0, "zero-shot", "dev"), (2, "periodic", "dev"), (4, "periodic", "dev"), (5, "final", "dev")]
+    assert all(r["event"] == "eval" for r in evals)
+    # the oracle: the summary and the step rows the trainer wrote
+    for row, want in ((evals[0], summary["zero_shot"]), (evals[-1], summary["final"])):
+        assert (row["accuracy"], row["loss"], row["examples"]) == (
+            want["dev_accuracy"], want["dev_loss"], want["dev_examples"])
+    steps = {r["step"]: r for r in jsonl(run / "metrics.jsonl")}
+    assert list(steps) == [1, 2, 3, 4, 5]                     # metrics.jsonl: the steps, as before
+    for row in evals[1:3]:
+        assert row["accuracy"] == steps[row["step"]]["dev_accuracy"]
+
+
+def test_per_step_counters_beside_the_cumulative_ones(run):
+    rows = jsonl(run / "metrics.jsonl")
+    assert all(r["forward_tokens_step"] > 0 for r in rows)
+    # between steps 1->2 and 3->4 nothing else ran a forward: the cumulative count moved by the step's own
+    for a, b in ((0, 1), (2, 3)):
+        assert rows[b]["forward_tokens"] - rows[a]["forward_tokens"] == rows[b]["forward_tokens_step"]
+    # an evaluation ran after step 2: the cumulative count moved by more than step 3's own
+    assert rows[2]["forward_tokens"] - rows[1]["forward_tokens"] > rows[2]["forward_tokens_step"]
+
+
+def test_csv_holds_the_same_rows(run):
+    rows = jsonl(run / "metrics.jsonl")
+    with (run / "metrics.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in table] == [r["step"] for r in rows]
+    for got, want in zip(table, rows):
+        assert float(got["loss"]) == want["loss"] and json.loads(got["grads"]) == want["grads"]
+        assert (got.get("dev_accuracy") or None) == (str(want["dev_accuracy"]) if "dev_accuracy" in want else None)
+    with (run / "evals.csv").open(newline="") as f:
+        assert [(int(r["step"]), r["label"]) for r in csv.DictReader(f)] == [
+            (r["step"], r["label"]) for r in jsonl(run / "evals.jsonl")]
+
+
+class InterruptAt:
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_leaves_the_logs_of_the_uninterrupted_run(run, tmp_path, tiny_llama, fresh_registry):
+    stopper = InterruptAt(3)   # after step 3's eval-free row; the last checkpoint is step 2
+    fresh_registry.pm.register(stopper)
+    try:
+        cfg, code = train(tmp_path, tiny_llama, "report_to=[jsonl,csv]")
+    finally:
+        fresh_registry.pm.unregister(stopper)
+    assert code == 130
+    assert main(["train", "-c", str(cfg), "--resume", "report_to=[jsonl,csv]"]) == 0
+    resumed = tmp_path / "run"
+    assert jsonl(resumed / "evals.jsonl") == jsonl(run / "evals.jsonl")
+    for name in ("metrics.csv", "evals.csv"):
+        with (resumed / name).open(newline="") as a, (run / name).open(newline="") as b:
+            got, want = list(csv.DictReader(a)), list(csv.DictReader(b))
+        timing = ("step_seconds", "tokens_per_second", "forward_tokens")  # the process's own
+        assert [{k: v for k, v in r.items() if k not in timing} for r in got] == \
+               [{k: v for k, v in r.items() if k not in timing} for r in want]
+
+
+def test_unknown_or_unavailable_logger_is_one_line(tmp_path, tiny_llama, capsys, fresh_registry):
+    _, code = train(tmp_path, tiny_llama, "report_to=[jsonl,wandb2]")
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown logger 'wandb2'" in err and "csv, jsonl, tensorboard" in err
+    assert not (tmp_path / "run").exists()                     # refused before anything was written
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        _, code = train(tmp_path, tiny_llama, "report_to=[tensorboard]")
+        err = capsys.readouterr().err
+        assert code == 2 and "report_to" in err and "pip install tensorboard" in err
+
+
+def test_tensorboard_scalars(tmp_path, tiny_llama, fresh_registry):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, code = train(tmp_path, tiny_llama, "report_to=[tensorboard]", steps=2)
+    assert code == 0
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in acc.Scalars("eval/dev/accuracy")] == [0, 2]
+
+
+class HookOnly:
+    @hookimpl
+    def on_step_end(self, step, metrics):
+        pass
+
+
+def test_backends_lists_hook_only_plugins(capsys, fresh_registry):
+    fresh_registry.pm.register(HookOnly(), name="my-hook-only-plugin")
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "my-hook-only-plugin" in l)
+    assert "on_step_end" in line
+    assert "loggers: csv" in out and "register_loggers" in out
