@@ -179,8 +179,9 @@ def read_records(path: str | Path, kind: str, labels=2, field: str = "task.train
     """The examples of a data file. ``labels``: the number of labels, or their names."""
     path = Path(path)
     if not path.exists():
-        raise MezoError(f"{field}: data file not found: {path}\n  (SST-2 is GLUE's; with network: "
-                        "datasets.load_dataset('glue', 'sst2'), then write sentence<TAB>label TSV)")
+        hint = ("\n  (SST-2 is GLUE's; with network: datasets.load_dataset('glue', 'sst2'), then write "
+                "sentence<TAB>label TSV)") if "sst2" in str(path).lower() else ""
+        raise MezoError(f"{field}: data file not found: {path}{hint}")
     if path.suffix not in (".tsv", ".jsonl", ".json"):
         raise MezoError(f"{field}: {path}: unknown data format {path.suffix or '(no suffix)'!r} "
                         "(supported: .tsv with a sentence/label header, .jsonl or .json with one object a line)")
