@@ -175,6 +175,10 @@ def cmd_backends(args, cfg, registry):
 
 
 def cmd_config(args, cfg, registry):
+    if args.reference:  # every field, its default and meaning (the README's table)
+        from .config_reference import markdown
+        print(markdown())
+        return
     print(OmegaConf.to_yaml(cfg))
 
 
@@ -273,6 +277,8 @@ def main(argv=None) -> int:
             p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
         if name == "eval":
             p.add_argument("--adapter", help="a PEFT adapter folder to evaluate")
+        if name == "config":
+            p.add_argument("--reference", action="store_true", help="print every field as a Markdown table")
     p = sub.add_parser("export", help="write a standalone model with the adapter merged in")
     p.add_argument("-c", "--config", default=None, help=f"YAML file (default {DEFAULT_CONFIG}): model.path")
     p.add_argument("--merge", required=True, metavar="OUT", help="the model folder to write")

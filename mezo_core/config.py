@@ -45,24 +45,25 @@ def default_config() -> Path:
 
 @dataclass
 class ModelConfig:
+    # a Hugging Face model folder or a .gguf file (converted once into ~/.cache/mezo-run)
     path: str = "${assets}/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "float32"                 # float32 | bfloat16 | float16
+    device: str = "cpu"                    # cpu | cuda | cuda:N | mps
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    r: int = 8                             # LoRA rank
+    alpha: float = 16.0                    # LoRA scaling numerator (scale = alpha / r)
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names to adapt
     layers: Optional[List[int]] = None     # None: every layer
 
 
 @dataclass
 class TaskConfig:
     kind: str = "classification"           # classification | completion
-    train: str = "${assets}/data/sst2/train.tsv"
-    dev: str = "${assets}/data/sst2/dev.tsv"
+    train: str = "${assets}/data/sst2/train.tsv"  # .tsv (sentence, label) or .jsonl
+    dev: str = "${assets}/data/sst2/dev.tsv"      # the reported evaluation set
     template: str = "{text} It was"        # classification prompt; {text} is the input
     # word of label i, or {label name: word} (the data's labels may then be the names)
     verbalizer: Any = field(default_factory=lambda: [" terrible", " great"])
@@ -72,7 +73,7 @@ class TaskConfig:
     # validation examples drawn from the train file, disjoint from the training sample: what
     # periodic evaluations select the best adapter and early-stop on (0: select on dev)
     n_val: int = 0
-    sample_seed: int = 42
+    sample_seed: int = 42                  # seed of the train/dev/validation sampling
     # classification loss: "choices" = cross-entropy among the verbalizer words
     # (MeZO's train_as_classification); "target" = LM loss of the gold word
     train_loss: str = "choices"
@@ -84,30 +85,30 @@ class TaskConfig:
 
 @dataclass
 class MezoConfig:
-    steps: int = 200
-    batch_size: int = 16
+    steps: int = 200                       # optimisation steps (2 q forward passes each)
+    batch_size: int = 16                   # examples per step
     q: int = 1                             # directions per step
-    lr: float = 1e-4
-    lr_schedule: str = "constant"
-    lr_end: Optional[float] = None
-    warmup_steps: int = 0
-    eps: float = 1e-3
-    eps_schedule: str = "constant"
-    eps_end: Optional[float] = None
-    weight_decay: float = 0.0
+    lr: float = 1e-4                       # step size (the peak, for shaped schedules)
+    lr_schedule: str = "constant"          # a schedule plugin: constant, linear, cosine, exponential, spall, fzoo, rms
+    lr_end: Optional[float] = None         # final lr of linear/cosine/exponential (null: lr)
+    warmup_steps: int = 0                  # linear lr warm-up from 0
+    eps: float = 1e-3                      # perturbation size
+    eps_schedule: str = "constant"         # a schedule plugin: constant, ..., spall_eps, noise_floor
+    eps_end: Optional[float] = None        # final eps of shaped schedules (null: eps)
+    weight_decay: float = 0.0              # decoupled decay, theta <- (1 - lr*wd) theta
     # fold restore + update + the next step's +eps*z into one pass over the weights
     # (2 passes per step instead of 3), except before an evaluation or checkpoint
     fuse_steps: bool = True
     z: str = "gaussian"                    # distribution of z: gaussian (MeZO) or rademacher (+-1, SPSA)
     lr_schedule_options: Dict[str, Any] = field(default_factory=dict)   # the schedule's own settings
-    eps_schedule_options: Dict[str, Any] = field(default_factory=dict)
+    eps_schedule_options: Dict[str, Any] = field(default_factory=dict)   # the eps schedule's settings
 
 
 @dataclass
 class GuardConfig:
     """The convergence guard (mezo_core/guard.py): roll back and cut the step size
     when losses go non-finite or the smoothed training loss keeps rising."""
-    enabled: bool = True
+    enabled: bool = True                   # off: a run may collapse or go NaN unnoticed
     window: int = 50                       # EMA span of the training loss and of g^2
     warmup: int = 20                       # steps before the guard judges
     rise: float = 0.2                      # tolerated rise of the smoothed loss over its best (relative) ...
@@ -121,20 +122,20 @@ class GuardConfig:
 
 @dataclass
 class RunConfig:
-    backend: str = "hf"
-    seed: int = 0
-    assets: str = "${oc.env:MEZO_ASSETS,../shared/assets}"
-    out_dir: str = "runs/sst2"
+    backend: str = "hf"                    # a backend plugin: hf, vllm, sglang, ... (mezo-run backends)
+    seed: int = 0                          # the batches and z directions are functions of (seed, step)
+    assets: str = "${oc.env:MEZO_ASSETS,../shared/assets}"  # folder with models/ and data/
+    out_dir: str = "runs/sst2"             # the run folder (locked while a run uses it)
     eval_every: int = 0                    # 0: only zero-shot and final
-    eval_batch_size: int = 32
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    eval_batch_size: int = 32              # rows per evaluation forward
+    checkpoint_every: int = 50             # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2              # newest checkpoints kept
     early_stop_patience: int = 0           # stop after this many evaluations without a new best (0: never)
     load_best_at_end: bool = True          # with eval_every: the run ends on the best adapter (best/), as
                                            # selected on task.n_val's validation set (or dev without one)
-    zero_shot: bool = True
-    plot: bool = True
-    progress: bool = True
+    zero_shot: bool = True                 # evaluate before the first step
+    plot: bool = True                      # write training.png at the end
+    progress: bool = True                  # progress bars
     report_to: List[str] = field(default_factory=lambda: ["jsonl"])  # loggers: jsonl, csv, tensorboard, ...
     threads: Optional[int] = None          # torch intra-op threads (null: OMP_NUM_THREADS, else the usable cores)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,0 +1,92 @@
+"""The reference table of every config field, generated from the schema itself
+(``mezo_core/config.py``: the dataclasses, their defaults and the comment on
+each field's line), so the README's table cannot drift: a test compares them.
+
+    mezo-run config --reference      # prints the Markdown table
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import tokenize
+import typing
+from pathlib import Path
+
+from . import config
+
+BEGIN, END = "<!-- config-reference: begin -->", "<!-- config-reference: end -->"
+
+
+def _comments() -> dict[int, str]:
+    """Line number of a field -> its comment in config.py: the comment at the end
+    of its line (with comment lines below it aligned to it: a continuation), or the
+    comment lines right above it."""
+    source = Path(config.__file__).read_text()
+    out, above, trailing = {}, [], None   # trailing: (field line, comment column)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text, line, col = tok.string.lstrip("#").strip(), tok.start[0], tok.start[1]
+            if not tok.line.strip().startswith("#"):
+                out[line], trailing = text, (line, col)
+            elif trailing and col == trailing[1]:
+                out[trailing[0]] += " " + text
+            else:
+                above.append(text)
+                trailing = None
+        elif tok.type == tokenize.NAME and above and tok.start[1] == 4:
+            out[tok.start[0]] = " ".join(above)
+            above = []
+        elif tok.type == tokenize.NAME and tok.start[1] == 4:
+            trailing = None if trailing and tok.start[0] != trailing[0] else trailing
+    return out
+
+
+def _field_lines(cls) -> dict[str, int]:
+    import inspect
+    lines, start = inspect.getsourcelines(cls)
+    found = {}
+    for offset, text in enumerate(lines):
+        name = text.strip().split(":", 1)[0]
+        if name.isidentifier() and ":" in text and not text.strip().startswith(("def ", "class ", "@")):
+            found.setdefault(name, start + offset)
+    return found
+
+
+def _default(field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return ""
+    if dataclasses.is_dataclass(value):
+        return ""
+    return "`null`" if value is None else f"`{value!r}`".replace("|", "\\|")
+
+
+def rows(cls=config.RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    comments, lines = _comments(), _field_lines(cls)
+    hints = typing.get_type_hints(cls)
+    out = []
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        name = prefix + field.name
+        if dataclasses.is_dataclass(kind):
+            out += rows(kind, name + ".")
+            continue
+        note = comments.get(lines.get(field.name, -1), "")
+        if name in ("hf", "vllm", "sglang"):
+            note = note or f"options of the {name} backend (see Backends)"
+        out.append((name, _default(field), note.replace("|", "\\|")))
+    return out
+
+
+def markdown() -> str:
+    lines = ["| field | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{name}` | {default} | {note} |" for name, default, note in rows()]
+    return "\n".join(lines)
+
+
+def readme_section(text: str) -> str:
+    """The table between the markers of a README."""
+    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
