@@ -126,10 +126,10 @@ class Trainer:
             event = self.guard.check(result)
             new_best = False
             if result.finite:
-                self.lr.observe(Signals(step, m.steps, eps, tuple(result.losses_plus),
-                                        tuple(result.losses_minus), tuple(result.grads), state["noise"]))
-                self.eps.observe(Signals(step, m.steps, eps, tuple(result.losses_plus),
-                                         tuple(result.losses_minus), tuple(result.grads), state["noise"]))
+                signals = Signals(step, m.steps, eps, tuple(result.losses_plus), tuple(result.losses_minus),
+                                  tuple(result.grads), state["noise"])
+                self.lr.observe(signals)
+                self.eps.observe(signals)
                 new_best, rise = self.guard.observe_loss(step + 1, result.loss)
                 event = rise or event
             rejected = bool(event) and event["event"] in ("nonfinite", "rise")
