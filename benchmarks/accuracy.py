@@ -68,6 +68,11 @@ SUITES = {
         recipes=[("top4-k4", TOP4 + ["task.k_per_class=4", "mezo.steps=4", "mezo.batch_size=4"])],
         backprop=[("backprop-top4-k4", TOP4 + ["task.k_per_class=4", "task.n_dev=16"], 2, 1e-3)],
         parallel=2, timeout=600),
+    # the CPU suite's grid alone (the 2-core machine runs two at a time)
+    "cpu-grid": dict(
+        common=["eval_every=100", "task.n_val=200", "checkpoint_every=0", "task.n_dev=300"],
+        grid=dict(lr=[1e-2, 3e-2], k_per_class=[16], steps=300, base=TOP4),
+        recipes=[], backprop=[], parallel=2, timeout=2400),
     "cpu": dict(
         common=["eval_every=100", "task.n_val=200", "checkpoint_every=0", "task.n_dev=300"],
         grid=dict(lr=[3e-3, 1e-2, 3e-2], k_per_class=[16], steps=300, base=TOP4),
@@ -132,7 +137,8 @@ def _final_dev(record):
 def summarize(result: dict) -> dict:
     """The issue's fields from the runs: zero-shot, best MeZO, backprop, robustness."""
     zero = next((r["summary"]["zero_shot"]["dev_accuracy"] for r in result["runs"]
-                 if r.get("summary") and r["summary"].get("zero_shot") and r["name"].startswith("grid")), None)
+                 if r.get("summary") and r["summary"].get("zero_shot") and not r["name"].startswith("old-prompt")),
+                None)
     robustness = []
     for r in result["runs"]:
         if not r["name"].startswith("grid"):
@@ -141,8 +147,9 @@ def summarize(result: dict) -> dict:
         curve = [a for _, a in _dev_curve(r)]
         final, _, killed = _final_dev(r)
         guard = (r.get("summary") or {}).get("guard") or {}
+        points = curve + ([final] if final is not None else [])
         robustness.append({"lr": float(o["mezo.lr"]), "k_per_class": int(o["task.k_per_class"]),
-                           "steps": int(o["mezo.steps"]), "best_dev_accuracy": max(curve + [final or 0]),
+                           "steps": int(o["mezo.steps"]), "best_dev_accuracy": max(points, default=None),
                            "final_dev_accuracy": final, "stopped_by_time_limit": killed,
                            "guard_roll_backs": guard.get("roll_backs")})
     recipes = []
