@@ -44,7 +44,8 @@ RESERVED = {"adapter_model", "mezo_params", "state", "manifest", "adapter_config
 
 #: Config fields that cannot change the trajectory: a --resume may change them freely.
 #: (the data and model paths are compared by content instead: FINGERPRINTED)
-TRAJECTORY_NEUTRAL = ("out_dir", "assets", "progress", "plot", "eval_batch_size", "keep_checkpoints")
+TRAJECTORY_NEUTRAL = ("out_dir", "assets", "progress", "plot", "eval_batch_size", "keep_checkpoints",
+                      "report_to", "threads")
 #: Files whose size + sha256 a run records and a --resume checks, by config field.
 FINGERPRINTED = ("task.train", "task.dev", "model.path")
 SAMPLE = 16 << 20   # a file above 2 x SAMPLE bytes is fingerprinted by size + its first and last SAMPLE bytes

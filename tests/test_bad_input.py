@@ -85,7 +85,7 @@ DATA_CASES = {   # name: (file name, bytes, needles after the file name)
                          ["line 1", "'text' is empty"]),
     "TSV empty sentence": ("t.tsv", b"sentence\tlabel\nfine\t1\n  \t0\n", ["line 3", "'sentence' is empty"]),
     "TSV label 1.0": ("t.tsv", b"sentence\tlabel\nfine\t1.0\n", ["line 2", "label '1.0' is not an integer"]),
-    "TSV field count": ("t.tsv", b'sentence\tlabel\n"a\tquoted tab"\t1\n', ["line 2", "got 3", "quoted"]),
+    "TSV field count": ("t.tsv", b'sentence\tlabel\nfine\t1\nan extra\tfield\t1\n', ["line 3", "got 3"]),
     "CSV file": ("t.csv", b"sentence,label\nfine,1\n", ["task.train", ".tsv", ".jsonl"]),
 }
 

@@ -274,7 +274,12 @@ def test_completion_task(tmp_path):
 def test_task_k_per_class_and_n_dev(tmp_path):
     task = make_task(tmp_path, overrides=["task.k_per_class=3", "task.n_dev=4"])
     assert Counter(r.label for r in task.train) == {0: 3, 1: 3}
-    assert len(task.dev) == 4 and task.dev[0].text == "dev 0"
+    every = make_task(tmp_path / "all").dev
+    order = [r.text for r in every]
+    picked = [r.text for r in task.dev]          # a seeded sample of 4, kept in file order
+    assert len(picked) == 4 and set(picked) <= set(order)
+    assert [order.index(t) for t in picked] == sorted(order.index(t) for t in picked)
+    assert picked == [r.text for r in make_task(tmp_path / "again", overrides=["task.n_dev=4"]).dev]
 
 
 def test_train_batch_is_a_pure_function_of_seed_and_step(tmp_path):
