@@ -10,7 +10,7 @@ import pytest
 from mezo_core import hookimpl
 from mezo_core.cli import main
 from mezo_core.registry import get_registry
-from tiny import write_run_config
+from tiny import InterruptAt, write_run_config
 
 
 def jsonl(path):
@@ -76,16 +76,6 @@ def test_csv_holds_the_same_rows(run):
     with (run / "evals.csv").open(newline="") as f:
         assert [(int(r["step"]), r["label"]) for r in csv.DictReader(f)] == [
             (r["step"], r["label"]) for r in jsonl(run / "evals.jsonl")]
-
-
-class InterruptAt:
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, step, metrics):
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_leaves_the_logs_of_the_uninterrupted_run(run, tmp_path, tiny_llama, fresh_registry):
