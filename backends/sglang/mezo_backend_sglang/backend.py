@@ -161,6 +161,7 @@ class SGLangBackend(LocalTensorsBackend):
         ``sglang.Engine`` (tests pass a stand-in)."""
         self.cfg = cfg
         self.lora = cfg.lora
+        self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
         self.z_dist = configured_dist(cfg)
         options = _plain(cfg.get("sglang") if hasattr(cfg, "get") else getattr(cfg, "sglang", None))
         self.transport = str(options.pop("adapter_transport", "auto"))
@@ -397,7 +398,7 @@ class SGLangBackend(LocalTensorsBackend):
 
     # -- adapter files ----------------------------------------------------------
     def save_adapter(self, path):
-        write_peft_adapter(self.state_dict(), self.lora, self.model_dir, path)
+        write_peft_adapter(self.state_dict(), self.lora, self.model_name, path)
 
     def load_adapter(self, path):
         state = read_peft_adapter(path)

@@ -140,6 +140,7 @@ class VLLMBackend(Backend):
         self._workdir = None
         model_dir = resolve_model_dir(cfg.model.path)
         self.model_dir, self.lora = model_dir, cfg.lora
+        self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
         self.z_dist = configured_dist(cfg)
         dtype = dtype_name(cfg.model.dtype)
         on_cpu = current_platform.is_cpu()
@@ -390,7 +391,7 @@ class VLLMBackend(Backend):
 
     # -- adapter files -------------------------------------------------------------
     def save_adapter(self, path):
-        write_peft_adapter(self.state_dict(), self.lora, self.model_dir, path)
+        write_peft_adapter(self.state_dict(), self.lora, self.model_name, path)
 
     def load_adapter(self, path):
         state = read_peft_adapter(path)  # validates the folder here, with a MezoError
