@@ -321,3 +321,21 @@ def test_lora_dtype_model_moves_fp32_masters_and_forwards_in_bf16(tiny_llama, tm
     again.load_adapter(tmp_path / "a")
     for a, b, inside in zip(again.trainable_tensors(), fast.trainable_tensors(), again._model_tensors):
         assert torch.equal(a, b) and torch.equal(inside, b.to(torch.bfloat16))
+
+
+def test_one_layer_model_without_trunk_cache(tmp_path):
+    """A model with a single decoder layer has nothing below its last layer: the trimmed
+    path is skipped and the losses equal those of the untrimmed forward."""
+    from tiny import build_model, write_run_config
+    from mezo_core.config import load_config
+    from mezo_core.registry import get_registry
+    from mezo_core.data import Task
+    model = build_model(tmp_path / "one", "llama", layers=1)
+    losses = []
+    for trim in ("true", "false"):
+        cfg = load_config(write_run_config(tmp_path / trim, model),
+                          ["hf.trunk_cache=false", f"hf.trim_last_layer={trim}"])
+        backend = get_registry().get("backends", "hf")(cfg)
+        task = Task(cfg.task, backend.tokenizer)
+        losses.append(backend.objective(task.train_examples[:4]))
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)

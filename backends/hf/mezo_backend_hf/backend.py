@@ -309,7 +309,8 @@ class HFBackend(LocalTensorsBackend):
         only when a forward returns, and trimming stops one early."""
         keep = inputs.get("logits_to_keep")
         if (self.trim_last_layer and inputs.get("use_cache") is False and "adapter_names" not in inputs
-                and isinstance(keep, int) and 0 < keep < inputs["input_ids"].shape[1]):
+                and isinstance(keep, int) and 0 < keep < inputs["input_ids"].shape[1]
+                and (hidden is not None or len(self.stack.layers) > 1)):  # a 1-layer model: nothing below
             from .trunk import NoKeysAndValues
             try:
                 return self.stack.last_positions(hidden, 0 if hidden is None else self.trunk.k0, **inputs)
