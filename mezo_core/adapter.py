@@ -53,6 +53,17 @@ def initial_adapter(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch
     return state
 
 
+def check_finite(tensors, what: str) -> None:
+    """Refuse NaN/inf (``tensors``: name -> tensor): a non-finite adapter is never
+    written, nor loaded to resume or evaluate from."""
+    from .errors import MezoError
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise MezoError(f"{what}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) "
+                            f"of {tensor.numel()}")
+
+
 def write_peft_adapter(state: dict[str, torch.Tensor], lora, base_model: str, out: str | Path) -> Path:
     """Write a PEFT adapter folder atomically (temp folder, then rename).
     ``base_model`` is written as ``base_model_name_or_path``: pass the model the
@@ -84,7 +95,6 @@ def write_tensors(state: dict[str, torch.Tensor], out: str | Path, filename: str
 def read_tensors(path: str | Path, filename: str, what: str = "a mezo-run adapter folder") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from .checkpoints import check_finite
     from .errors import MezoError
     path = Path(path)
     f = path / filename

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .adapter import replace_dir
+from .adapter import check_finite, replace_dir
 from .errors import MezoError
 
 STEP = re.compile(r"step-(\d{7,})")
@@ -84,17 +84,6 @@ def fault(point: str) -> None:
 
 
 # -- finite tensors -------------------------------------------------------------------
-def check_finite(tensors, what: str) -> None:
-    """Refuse NaN/inf (``tensors``: name -> tensor): a non-finite adapter is never
-    written, nor loaded to resume or evaluate from."""
-    import torch
-    for name, tensor in tensors.items():
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise MezoError(f"{what}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) "
-                            f"of {tensor.numel()}")
-
-
 def check_finite_folder(folder: Path, what: str) -> None:
     """Every tensor of every ``*.safetensors`` in ``folder``, one tensor in memory at a time."""
     from safetensors import safe_open
