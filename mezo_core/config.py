@@ -73,6 +73,9 @@ class TaskConfig:
     # validation examples drawn from the train file, disjoint from the training sample: what
     # periodic evaluations select the best adapter and early-stop on (0: select on dev)
     n_val: int = 0
+    # a validation file of its own (e.g. held-out data distributed like dev) instead of the
+    # train file; n_val then samples it (0: all of it)
+    val: Optional[str] = None
     sample_seed: int = 42                  # seed of the train/dev/validation sampling
     # classification loss: "choices" = cross-entropy among the verbalizer words
     # (MeZO's train_as_classification); "target" = LM loss of the gold word

@@ -243,8 +243,14 @@ class Task:
             keep = sorted(random.Random(mix(cfg.sample_seed, 0xDE7)).sample(range(len(dev)), cfg.n_dev))
             dev = [dev[i] for i in keep]
         self.dev = dev
-        self.val = []  # held out from the train file: selection data that is not the reported dev set
-        if cfg.n_val:
+        # selection data that is not the reported dev set: a file of its own (task.val), else
+        # examples held out from the train file
+        self.val = []
+        if cfg.get("val"):
+            pool = read_records(cfg.val, cfg.kind, labels, "task.val")
+            self.val = pool if not cfg.n_val or cfg.n_val >= len(pool) else \
+                random.Random(mix(cfg.sample_seed, 0x7A1)).sample(pool, cfg.n_val)
+        elif cfg.n_val:
             chosen = {id(r) for r in self.train}
             pool = [r for r in train if id(r) not in chosen]
             if len(pool) < cfg.n_val:

@@ -348,3 +348,15 @@ def test_empty_prompt_is_a_clear_error(tmp_path, tiny_llama):
     cfg = load_config(None, ["task.kind=completion", f"task.train={data}", f"task.dev={data}"])
     with pytest.raises(MezoError, match="non-empty prompt"):
         Task(cfg.task, AutoTokenizer.from_pretrained(tiny_llama))
+
+
+def test_validation_from_a_file_of_its_own(tmp_path):
+    """task.val: the selection set comes from that file (all of it, or a seeded sample of
+    n_val), not from the train file."""
+    val = jsonl(tmp_path / "val.jsonl", [{"text": f"val {i}", "label": i % 2} for i in range(5)])
+    task = make_task(tmp_path / "a", overrides=[f"task.val={val}"])
+    assert [r.text for r in task.val] == [f"val {i}" for i in range(5)]
+    some = make_task(tmp_path / "b", overrides=[f"task.val={val}", "task.n_val=2"]).val
+    again = make_task(tmp_path / "c", overrides=[f"task.val={val}", "task.n_val=2"]).val
+    assert len(some) == 2 and {r.text for r in some} <= {f"val {i}" for i in range(5)}
+    assert [r.text for r in some] == [r.text for r in again]
