@@ -33,6 +33,18 @@ _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16
 
 
 @triton.jit
+def _counter_words(counter, BIG: tl.constexpr):
+    """The low and high 32-bit words of a Philox counter (high is 0 below 2^32)."""
+    if BIG:
+        c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (counter >> 32).to(tl.uint32)
+    else:
+        c0 = counter.to(tl.uint32)
+        c1 = tl.zeros_like(c0)
+    return c0, c1
+
+
+@triton.jit
 def _philox(c0, c1, c2, c3, k0, k1, M0: tl.constexpr, M1: tl.constexpr,
             W0: tl.constexpr, W1: tl.constexpr):
     for r in tl.static_range(10):
@@ -83,12 +95,7 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
         tile = tile.to(tl.int64)
         col = col.to(tl.int64)
     counter = tile * 256 + col                            # [TILES, 256]
-    if BIG:
-        c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-        c1 = (counter >> 32).to(tl.uint32)
-    else:
-        c0 = counter.to(tl.uint32)
-        c1 = tl.zeros_like(c0)
+    c0, c1 = _counter_words(counter, BIG)
     zero = tl.zeros_like(c0)
     e0 = tile * 1024 + col                                # lane 0; lanes 1..3 at +256, +512, +768
     m0, m1, m2, m3 = e0 < n, e0 + 256 < n, e0 + 512 < n, e0 + 768 < n
@@ -153,12 +160,7 @@ def _rademacher_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, T
         first = first.to(tl.int64)
         cc = cc.to(tl.int64)
     counter = first * 256 + cc
-    if BIG:
-        c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-        c1 = (counter >> 32).to(tl.uint32)
-    else:
-        c0 = counter.to(tl.uint32)
-        c1 = tl.zeros_like(c0)
+    c0, c1 = _counter_words(counter, BIG)
     zero = tl.zeros_like(c0)
     words = ()                                            # 4 Philox words per term
     signs = ()                                            # the bits of each coef
