@@ -159,6 +159,8 @@ def main(argv=None):
     write_result({"benchmark": "full-parameter perturbation per step", **environment(args.device),
                   "shape": args.shape, "dtype": str(dtype), "params": n_params, "weight_bytes": nbytes,
                   "achieved_bandwidth_gbs_floor_pass": 2 * nbytes / floor_pass / 1e6, "floor_pass_ms": floor_pass,
+                  "gaussian_z": "Philox4x32-10, each 32-bit word -> two 16-bit uniforms -> one Box-Muller "
+                                "pair: 8 elements per Philox evaluation (mezo_core.philox)",
                   "fused_gaussian_over_floor": med[FUSED.format("gaussian")] / (2 * floor_pass),
                   "fused_rademacher_over_floor": med[FUSED.format("rademacher")] / (2 * floor_pass),
                   **checks, "rounds": args.rounds, "rows": table, "kernel_config": kernel_config(args.device),

@@ -6,7 +6,7 @@
 site=/tmp/site
 if [ ! -f $site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation \
-    --target $site .whl/*.whl . ./plugins/builtin ./backends/hf || return 1
+    --target $site .whl/*.whl . || return 1
   touch $site/.done
 fi
 export PYTHONPATH=$site PYTHONUNBUFFERED=1 PATH=$site/bin:$PATH

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .philox import (LANE, MASK32 as _MASK32, PHILOX_M, PHILOX_ROUNDS, PHILOX_W, RROW, RROWS,  # noqa: F401
-                     RTILE, STREAM, TILE, UNIFORM_SCALE, UNIFORM_SHIFT, check_dist, mix, z_key)
+                     RTILE, STREAM, TILE, UNIFORM_BITS, UNIFORM_SCALE, check_dist, mix, z_key)
 
 CHUNK = 1 << 18              # torch path: elements per piece of work (a multiple of TILE)
 
@@ -47,8 +47,10 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     return c0, c1, c2, c3
 
 
-def _uniform(x: torch.Tensor) -> torch.Tensor:
-    return ((x >> UNIFORM_SHIFT) * 2 + 1).to(torch.float32) * UNIFORM_SCALE
+def _uniform_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 16-bit uniforms of a Philox word (int64 holding 32 bits): low half, high half."""
+    half = (1 << UNIFORM_BITS) - 1
+    return tuple(((h * 2 + 1).to(torch.float32) * UNIFORM_SCALE) for h in (x & half, x >> UNIFORM_BITS))
 
 
 def _philox_words_numpy(counters: torch.Tensor, k0, k1, stream: int = 0) -> list[np.ndarray]:
@@ -72,13 +74,6 @@ def _philox_words_numpy(counters: torch.Tensor, k0, k1, stream: int = 0) -> list
     return [c0, c1, c2, c3]
 
 
-def _philox_uniforms_numpy(counters: torch.Tensor, k0, k1) -> list[torch.Tensor]:
-    """The four uniform lanes of the Gaussian on the CPU (see ``_philox_words_numpy``)."""
-    scale = np.float32(UNIFORM_SCALE)
-    return [torch.from_numpy(((x >> np.uint64(UNIFORM_SHIFT)) * np.uint64(2) + np.uint64(1)).astype(np.float32)
-                             * scale) for x in _philox_words_numpy(counters, k0, k1)]
-
-
 def _counters(tiles: torch.Tensor, k0, k1):
     """The counters [T, LANE] of whole tiles, and the keys shaped to match."""
     counters = tiles[:, None] * LANE + torch.arange(LANE, device=tiles.device)
@@ -92,15 +87,17 @@ def tile_normals(tiles: torch.Tensor, k0, k1) -> torch.Tensor:
     """Gaussian z of whole tiles: ``tiles`` holds tile numbers [T] (int64), the keys are
     ints or per-tile int64 tensors [T]; returns fp32 [T, TILE]."""
     counters, k0, k1 = _counters(tiles, k0, k1)
-    if counters.device.type == "cpu":
-        u = _philox_uniforms_numpy(counters, k0, k1)
+    if counters.device.type == "cpu":   # values < 2^32: the uint64 bits read as int64 are the same numbers
+        words = [torch.from_numpy(w.view(np.int64)) for w in _philox_words_numpy(counters, k0, k1)]
     else:
         zero = torch.zeros_like(counters)
-        u = [_uniform(x) for x in philox4x32(counters & _MASK32, counters >> 32, zero, zero, k0, k1)]
-    r0 = torch.sqrt(-2.0 * torch.log(u[0]))
-    r2 = torch.sqrt(-2.0 * torch.log(u[2]))
-    t1, t3 = (2 * math.pi) * u[1], (2 * math.pi) * u[3]
-    lanes = torch.stack([r0 * torch.cos(t1), r0 * torch.sin(t1), r2 * torch.cos(t3), r2 * torch.sin(t3)], 1)
+        words = philox4x32(counters & _MASK32, counters >> 32, zero, zero, k0, k1)
+    lanes = []
+    for word in words:   # one Box-Muller pair per word: r from its low half, t from its high half
+        u_low, u_high = _uniform_pair(word)
+        r, t = torch.sqrt(-2.0 * torch.log(u_low)), (2 * math.pi) * u_high
+        lanes += [r * torch.cos(t), r * torch.sin(t)]
+    lanes = torch.stack(lanes, 1)
     return lanes.view(len(tiles), TILE)
 
 

@@ -1,6 +1,7 @@
 """The fused perturbation kernels: theta <- decay*theta + sum_k coef_k z(seed_k) in
 one read and one write of every weight, z drawn in registers (Philox4x32-10,
-the definition in ``philox``): one kernel per distribution. Tensors of one dtype
+the definition in ``philox``; the Gaussian kernel turns each Philox word into a
+Box-Muller pair, 8 elements per evaluation): one kernel per distribution. Tensors of one dtype
 and similar size share a launch through a table of pointers, so a LoRA adapter
 of many small factors costs one launch per call rather than one per tensor.
 
@@ -21,11 +22,11 @@ import triton.language as tl
 
 from .philox import PHILOX_M, PHILOX_W, RTILE, TILE, check_dist, z_key
 
-#: launch shape (tiles of 1024 elements per program, warps) and whether to use
+#: launch shape (Gaussian tiles of 2048 elements per program, warps) and whether to use
 #: the GPU's approximate sin/cos/log2/sqrt (z then agrees with the torch path
 #: to ~1e-6 instead of bit for bit; Triton's CPU interpreter cannot run them);
 #: rademacher_*: the Rademacher kernel's launch shape (tiles of 32768 elements)
-CONFIG = dict(tiles=2, num_warps=4, fast=os.environ.get("TRITON_INTERPRET") != "1",
+CONFIG = dict(tiles=1, num_warps=4, fast=os.environ.get("TRITON_INTERPRET") != "1",
               offsets64=False,  # 64-bit offsets for every tensor, not just those of >= 2^31 elements
               rademacher_tiles=1, rademacher_warps=4)
 
@@ -60,8 +61,9 @@ def _philox(c0, c1, c2, c3, k0, k1, M0: tl.constexpr, M1: tl.constexpr,
 
 
 @triton.jit
-def _uniform(x):
-    return ((x >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+def _uniform16(h):
+    """(2 h + 1) * 2^-17 for a 16-bit value h (uint32): exact in fp32."""
+    return (h * 2 + 1).to(tl.float32) * 7.62939453125e-06  # 2^-17
 
 
 @triton.jit
@@ -71,8 +73,11 @@ def _approx(x, op: tl.constexpr):
 
 
 @triton.jit
-def _box_muller(ua, ub, FAST: tl.constexpr):
-    """(r cos t, r sin t) with r = sqrt(-2 ln ua), t = 2 pi ub."""
+def _box_muller(word, FAST: tl.constexpr):
+    """(r cos t, r sin t) of one Philox word: r = sqrt(-2 ln u_low), t = 2 pi u_high
+    from its 16-bit halves."""
+    ua = _uniform16(word & 0xFFFF)
+    ub = _uniform16(word >> 16)
     if FAST:  # sin/cos.approx are accurate on [-pi, pi]: use t - pi and flip both signs
         r = _approx(-1.3862943611198906 * _approx(ua, "lg2"), "sqrt")   # -2 ln(u) = -2 ln2 log2(u)
         t = 6.283185307179586 * ub - 3.141592653589793
@@ -83,9 +88,16 @@ def _box_muller(ua, ub, FAST: tl.constexpr):
 
 
 @triton.jit
+def _lane(base, e, n, decay, DTYPE: tl.constexpr):
+    return tl.load(base + e, mask=e < n).to(tl.float32) * decay
+
+
+@triton.jit
 def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
                     DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
                     W0: tl.constexpr, W1: tl.constexpr, FAST: tl.constexpr, BIG: tl.constexpr):
+    """Tiles of 2048 = 8 lanes x 256 columns: one Philox per column and term feeds
+    the column's 8 elements (two per word)."""
     t = tl.program_id(1)                                  # which tensor of the table
     n = tl.load(numels + t)
     base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
@@ -97,27 +109,40 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
     counter = tile * 256 + col                            # [TILES, 256]
     c0, c1 = _counter_words(counter, BIG)
     zero = tl.zeros_like(c0)
-    e0 = tile * 1024 + col                                # lane 0; lanes 1..3 at +256, +512, +768
-    m0, m1, m2, m3 = e0 < n, e0 + 256 < n, e0 + 512 < n, e0 + 768 < n
-    x0 = tl.load(base + e0, mask=m0).to(tl.float32) * decay
-    x1 = tl.load(base + e0 + 256, mask=m1).to(tl.float32) * decay
-    x2 = tl.load(base + e0 + 512, mask=m2).to(tl.float32) * decay
-    x3 = tl.load(base + e0 + 768, mask=m3).to(tl.float32) * decay
+    e0 = tile * 2048 + col                                # lane L at e0 + 256 L
+    x0 = _lane(base, e0, n, decay, DTYPE)
+    x1 = _lane(base, e0 + 256, n, decay, DTYPE)
+    x2 = _lane(base, e0 + 512, n, decay, DTYPE)
+    x3 = _lane(base, e0 + 768, n, decay, DTYPE)
+    x4 = _lane(base, e0 + 1024, n, decay, DTYPE)
+    x5 = _lane(base, e0 + 1280, n, decay, DTYPE)
+    x6 = _lane(base, e0 + 1536, n, decay, DTYPE)
+    x7 = _lane(base, e0 + 1792, n, decay, DTYPE)
     for k in tl.static_range(NTERMS):
         k0 = tl.load(keys + (t * NTERMS + k) * 2).to(tl.uint32)
         k1 = tl.load(keys + (t * NTERMS + k) * 2 + 1).to(tl.uint32)
         coef = tl.load(coefs + k)
         r0, r1, r2, r3 = _philox(c0, c1, zero, zero, k0, k1, M0, M1, W0, W1)
-        z0, z1 = _box_muller(_uniform(r0), _uniform(r1), FAST)
-        z2, z3 = _box_muller(_uniform(r2), _uniform(r3), FAST)
+        z0, z1 = _box_muller(r0, FAST)
+        z2, z3 = _box_muller(r1, FAST)
+        z4, z5 = _box_muller(r2, FAST)
+        z6, z7 = _box_muller(r3, FAST)
         x0 += coef * z0
         x1 += coef * z1
         x2 += coef * z2
         x3 += coef * z3
-    tl.store(base + e0, x0.to(DTYPE), mask=m0)
-    tl.store(base + e0 + 256, x1.to(DTYPE), mask=m1)
-    tl.store(base + e0 + 512, x2.to(DTYPE), mask=m2)
-    tl.store(base + e0 + 768, x3.to(DTYPE), mask=m3)
+        x4 += coef * z4
+        x5 += coef * z5
+        x6 += coef * z6
+        x7 += coef * z7
+    tl.store(base + e0, x0.to(DTYPE), mask=e0 < n)
+    tl.store(base + e0 + 256, x1.to(DTYPE), mask=e0 + 256 < n)
+    tl.store(base + e0 + 512, x2.to(DTYPE), mask=e0 + 512 < n)
+    tl.store(base + e0 + 768, x3.to(DTYPE), mask=e0 + 768 < n)
+    tl.store(base + e0 + 1024, x4.to(DTYPE), mask=e0 + 1024 < n)
+    tl.store(base + e0 + 1280, x5.to(DTYPE), mask=e0 + 1280 < n)
+    tl.store(base + e0 + 1536, x6.to(DTYPE), mask=e0 + 1536 < n)
+    tl.store(base + e0 + 1792, x7.to(DTYPE), mask=e0 + 1792 < n)
 
 
 @triton.jit

@@ -163,13 +163,10 @@ def test_numpy_philox_equals_the_torch_ops():
     counters = torch.randint(0, 2 ** 40, (64, 1), generator=gen) + torch.arange(256)
     k0, k1 = (torch.randint(0, 2 ** 32, (64, 1), generator=gen) for _ in range(2))
     zero = torch.zeros_like(counters)
-    want = [perturb._uniform(x) for x in perturb.philox4x32(counters & 0xFFFFFFFF, counters >> 32, zero, zero, k0, k1)]
-    got = perturb._philox_uniforms_numpy(counters, k0, k1)
-    assert all(torch.equal(w, g) for w, g in zip(want, got))
-    got = perturb._philox_uniforms_numpy(counters, int(k0[0]), int(k1[0]))   # one key for all
-    want = [perturb._uniform(x) for x in perturb.philox4x32(counters & 0xFFFFFFFF, counters >> 32, zero, zero,
-                                                            int(k0[0]), int(k1[0]))]
-    assert all(torch.equal(w, g) for w, g in zip(want, got))
+    for keys in ((k0, k1), (int(k0[0]), int(k1[0]))):   # per-row keys, one key for all
+        want = perturb.philox4x32(counters & 0xFFFFFFFF, counters >> 32, zero, zero, *keys)
+        got = perturb._philox_words_numpy(counters, *keys)
+        assert all(torch.equal(w, torch.from_numpy(g.astype("int64"))) for w, g in zip(want, got))
 
 
 def test_z_follows_its_documented_definition_element_by_element():
@@ -179,26 +176,26 @@ def test_z_follows_its_documented_definition_element_by_element():
     z = z_like(torch.empty(n), seed, index).double()
     key = mix(seed, index)
     k = (key & 0xFFFFFFFF, key >> 32)
-    for j in rng.sample(range(n), 40) + [0, 255, 256, 1023, 1024, n - 1]:
-        tile, lane, col = j // 1024, (j % 1024) // 256, j % 256
+    for j in rng.sample(range(n), 40) + [0, 255, 256, 1023, 1024, 2047, 2048, n - 1]:
+        tile, lane, col = j // 2048, (j % 2048) // 256, j % 256
         x = _philox_py(((tile * 256 + col) & 0xFFFFFFFF, (tile * 256 + col) >> 32, 0, 0), k)
-        u = [(2 * (w >> 9) + 1) * 2.0 ** -24 for w in x]
-        r, t = (math.sqrt(-2 * math.log(u[0])), 2 * math.pi * u[1]) if lane < 2 else \
-               (math.sqrt(-2 * math.log(u[2])), 2 * math.pi * u[3])
+        word = x[lane // 2]                        # two lanes per word: its 16-bit halves
+        u_low, u_high = ((2 * h + 1) * 2.0 ** -17 for h in (word & 0xFFFF, word >> 16))
+        r, t = math.sqrt(-2 * math.log(u_low)), 2 * math.pi * u_high
         expect = r * (math.cos(t) if lane % 2 == 0 else math.sin(t))
         assert abs(float(z[j]) - expect) < 1e-5 * max(1.0, abs(expect)), (j, float(z[j]), expect)
 
 
 def test_z_range_is_random_access():
-    z = z_like(torch.empty(5 * 1024 + 17), 77, 4)
-    for start in (0, 1024, 3 * 1024):
+    z = z_like(torch.empty(5 * 2048 + 17), 77, 4)
+    for start in (0, 2048, 3 * 2048):
         assert torch.equal(perturb.z_range(77, 4, start, 1500), z[start:start + 1500])
 
 
 def test_z_does_not_depend_on_how_the_work_is_split(monkeypatch):
     n = 5 * 4096 + 3
     expect = z_like(torch.empty(n), 77, 4)
-    for chunk in (1024, 4096, 1 << 18):
+    for chunk in (2048, 4096, 1 << 18):
         monkeypatch.setattr(perturb, "CHUNK", chunk)
         big, small = torch.zeros(n, 1), torch.zeros(10)           # another shape: views only
         apply_z([small, big], [(77, 1.0)], indices=[0, 4])
@@ -207,7 +204,7 @@ def test_z_does_not_depend_on_how_the_work_is_split(monkeypatch):
 
 
 def test_apply_z_scratch_is_bounded_by_one_chunk(monkeypatch):
-    chunk = 2048
+    chunk = 2 * perturb.TILE
     monkeypatch.setattr(perturb, "CHUNK", chunk)
     seen = []
     real = perturb.tile_normals
@@ -221,7 +218,7 @@ def test_apply_z_scratch_is_bounded_by_one_chunk(monkeypatch):
     apply_z([big, small, tiny], [(1, 1.0), (2, 0.5)])
     # the big tensor in 11 pieces per term; the small ones one tile each, both terms at once,
     # so one per call (two tiles of z = one chunk)
-    assert len(seen) == 2 * 11 + 2 and max(seen) * 1024 <= chunk
+    assert len(seen) == 2 * 11 + 2
     assert all(tiles * perturb.TILE <= chunk for tiles in seen)
     assert seen[-1] == 2
 
@@ -230,9 +227,10 @@ def test_apply_z_scratch_is_bounded_by_one_chunk(monkeypatch):
 def test_gaussian_z_is_pinned():
     """Known values of today's Gaussian z (the MeZO default): any change of its bits
     changes every trajectory ever recorded."""
-    expect = torch.tensor([-0.124009483, -0.292589396, -0.522241175, -1.37742829, 0.855295241, 0.503059387])
+    expect = torch.tensor([0.5769749879837036, 2.6318094730377197, -1.5967395305633545, 0.7412432432174683,
+                           -0.790284276008606, -0.8796616196632385])
     assert torch.equal(z_like(torch.empty(6), 0, 0), expect)
-    expect = torch.tensor([-0.5122010707855225, -0.07914300262928009, -1.855347752571106, 0.1855296492576599])
+    expect = torch.tensor([-0.06741026788949966, -0.028689634054899216, -0.08622223138809204, -0.3954932391643524])
     assert torch.equal(perturb.z_range(123, 7, 2 ** 33, 4), expect)   # counters beyond 2^32
 
 
@@ -456,7 +454,20 @@ def test_z_is_roughly_standard_normal_on_random_sizes():
         assert abs(float(z.mean())) < 6 / math.sqrt(n), msg
         assert abs(float(z.var()) - 1) < 6 * math.sqrt(2 / n), msg
         assert abs(float((z.abs() < 1).double().mean()) - 0.6827) < 6 * 0.466 / math.sqrt(n), msg
-        assert float(z.abs().max()) < 7, msg
+        assert abs(float((z ** 4).mean()) - 3) < 6 * math.sqrt(96 / n), msg   # var(z^4) = 105 - 9
+        assert float(z.abs().max()) <= 4.8546, msg   # r_max = sqrt(-2 ln 2^-17): 16-bit uniforms
+
+
+def test_z_radius_and_angle_grids_reach_their_extremes():
+    """The 16-bit uniforms' extremes, hit through the definition: r_max at the
+    smallest u and angles spread over the whole circle (every octant reached)."""
+    z = z_like(torch.empty(2048 * 400), 3, 1).view(400, 8, 256)   # tiles x lanes x columns
+    pairs = z.view(400, 4, 2, 256)
+    r = pairs.pow(2).sum(2).sqrt()
+    assert float(r.max()) <= math.sqrt(-2 * math.log(2.0 ** -17)) + 1e-5
+    angle = torch.atan2(pairs[:, :, 1], pairs[:, :, 0])
+    counts = torch.histc(angle, bins=8, min=-math.pi, max=math.pi)
+    assert bool((counts > 0.9 * counts.mean()).all()), counts
 
 
 # -- merge_terms -------------------------------------------------------------------
