@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .philox import (LANE, MASK32 as _MASK32, PHILOX_M, PHILOX_ROUNDS, PHILOX_W, RROW, RROWS,  # noqa: F401
+from .philox import (LANE, MASK32 as _MASK32, PHILOX_M, PHILOX_ROUNDS, PHILOX_W, ROUNDS, RROW, RROWS,  # noqa: F401
                      RTILE, STREAM, TILE, UNIFORM_BITS, UNIFORM_SCALE, check_dist, mix, z_key)
 
 CHUNK = 1 << 18              # torch path: elements per piece of work (a multiple of TILE)
@@ -53,8 +53,9 @@ def _uniform_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(((h * 2 + 1).to(torch.float32) * UNIFORM_SCALE) for h in (x & half, x >> UNIFORM_BITS))
 
 
-def _philox_words_numpy(counters: torch.Tensor, k0, k1, stream: int = 0) -> list[np.ndarray]:
-    """Philox4x32-10 of counters (n mod 2^32, n >> 32, stream, 0) on the CPU, the
+def _philox_words_numpy(counters: torch.Tensor, k0, k1, stream: int = 0,
+                        rounds: int = PHILOX_ROUNDS) -> list[np.ndarray]:
+    """Philox4x32-``rounds`` of counters (n mod 2^32, n >> 32, stream, 0) on the CPU, the
     integer work in numpy's uint64: a 32x32-bit product fits, so each multiply is
     one operation instead of the int64 splitting above (and numpy's per-call cost
     is a fraction of torch's on the small tensors of a LoRA adapter). Returns the
@@ -66,7 +67,7 @@ def _philox_words_numpy(counters: torch.Tensor, k0, k1, stream: int = 0) -> list
     c2 = c3 if stream == 0 else np.full_like(c0, stream)
     k0, k1 = (np.asarray(k.numpy() if isinstance(k, torch.Tensor) else k, dtype=np.uint64) for k in (k0, k1))
     m0, m1 = np.uint64(PHILOX_M[0]), np.uint64(PHILOX_M[1])
-    for r in range(PHILOX_ROUNDS):
+    for r in range(rounds):
         if r:
             k0, k1 = (k0 + np.uint64(PHILOX_W[0])) & mask, (k1 + np.uint64(PHILOX_W[1])) & mask
         p0, p1 = c0 * m0, c2 * m1
@@ -88,10 +89,11 @@ def tile_normals(tiles: torch.Tensor, k0, k1) -> torch.Tensor:
     ints or per-tile int64 tensors [T]; returns fp32 [T, TILE]."""
     counters, k0, k1 = _counters(tiles, k0, k1)
     if counters.device.type == "cpu":   # values < 2^32: the uint64 bits read as int64 are the same numbers
-        words = [torch.from_numpy(w.view(np.int64)) for w in _philox_words_numpy(counters, k0, k1)]
+        words = [torch.from_numpy(w.view(np.int64))
+                 for w in _philox_words_numpy(counters, k0, k1, rounds=ROUNDS["gaussian"])]
     else:
         zero = torch.zeros_like(counters)
-        words = philox4x32(counters & _MASK32, counters >> 32, zero, zero, k0, k1)
+        words = philox4x32(counters & _MASK32, counters >> 32, zero, zero, k0, k1, ROUNDS["gaussian"])
     lanes = []
     for word in words:   # one Box-Muller pair per word: r from its low half, t from its high half
         u_low, u_high = _uniform_pair(word)
@@ -108,10 +110,11 @@ def tile_words(tiles: torch.Tensor, k0, k1) -> torch.Tensor:
     counters, k0, k1 = _counters(tiles, k0, k1)
     stream = STREAM["rademacher"]
     if counters.device.type == "cpu":   # values < 2^32: the uint64 bits read as int64 are the same numbers
-        words = [torch.from_numpy(w.view(np.int64)) for w in _philox_words_numpy(counters, k0, k1, stream)]
+        words = [torch.from_numpy(w.view(np.int64))
+                 for w in _philox_words_numpy(counters, k0, k1, stream, ROUNDS["rademacher"])]
     else:
         zero = torch.zeros_like(counters)
-        words = philox4x32(counters & _MASK32, counters >> 32, zero + stream, zero, k0, k1)
+        words = philox4x32(counters & _MASK32, counters >> 32, zero + stream, zero, k0, k1, ROUNDS["rademacher"])
     return torch.stack(words, 1)
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import PHILOX_M, PHILOX_W, RTILE, TILE, check_dist, z_key
+from .philox import PHILOX_M, PHILOX_W, ROUNDS, RTILE, TILE, check_dist, z_key
 
 #: launch shape (Gaussian tiles of 2048 elements per program, warps) and whether to use
 #: the GPU's approximate sin/cos/log2/sqrt (z then agrees with the torch path
@@ -47,8 +47,8 @@ def _counter_words(counter, BIG: tl.constexpr):
 
 @triton.jit
 def _philox(c0, c1, c2, c3, k0, k1, M0: tl.constexpr, M1: tl.constexpr,
-            W0: tl.constexpr, W1: tl.constexpr):
-    for r in tl.static_range(10):
+            W0: tl.constexpr, W1: tl.constexpr, ROUNDS: tl.constexpr):
+    for r in tl.static_range(ROUNDS):
         if r > 0:
             k0 = k0 + W0
             k1 = k1 + W1
@@ -61,9 +61,12 @@ def _philox(c0, c1, c2, c3, k0, k1, M0: tl.constexpr, M1: tl.constexpr,
 
 
 @triton.jit
-def _uniform16(h):
-    """(2 h + 1) * 2^-17 for a 16-bit value h (uint32): exact in fp32."""
-    return (h * 2 + 1).to(tl.float32) * 7.62939453125e-06  # 2^-17
+def _uniform16(bits):
+    """(2 h + 1) * 2^-17 for the 16-bit value h held in bits 7..22 of ``bits``, exactly:
+    the float 1 + h 2^-16 is built from its bits (no int-to-float conversion, which
+    runs at a quarter of the FP32 rate) and 1 - 2^-17 subtracted (exact: Sterbenz)."""
+    one_plus = ((bits & 0x7FFF80) | 0x3F800000).to(tl.float32, bitcast=True)
+    return one_plus - 0.999992370605468750   # 1 - 2^-17
 
 
 @triton.jit
@@ -76,8 +79,8 @@ def _approx(x, op: tl.constexpr):
 def _box_muller(word, FAST: tl.constexpr):
     """(r cos t, r sin t) of one Philox word: r = sqrt(-2 ln u_low), t = 2 pi u_high
     from its 16-bit halves."""
-    ua = _uniform16(word & 0xFFFF)
-    ub = _uniform16(word >> 16)
+    ua = _uniform16(word << 7)     # low half
+    ub = _uniform16(word >> 9)     # high half
     if FAST:  # sin/cos.approx are accurate on [-pi, pi]: use t - pi and flip both signs
         r = _approx(-1.3862943611198906 * _approx(ua, "lg2"), "sqrt")   # -2 ln(u) = -2 ln2 log2(u)
         t = 6.283185307179586 * ub - 3.141592653589793
@@ -88,41 +91,42 @@ def _box_muller(word, FAST: tl.constexpr):
 
 
 @triton.jit
-def _lane(base, e, n, decay, DTYPE: tl.constexpr):
-    return tl.load(base + e, mask=e < n).to(tl.float32) * decay
+def _load(base, e, n, decay, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(base + e, mask=e < n)
+    else:
+        x = tl.load(base + e)
+    return x.to(tl.float32) * decay
 
 
 @triton.jit
-def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
-                    DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
-                    W0: tl.constexpr, W1: tl.constexpr, FAST: tl.constexpr, BIG: tl.constexpr):
-    """Tiles of 2048 = 8 lanes x 256 columns: one Philox per column and term feeds
-    the column's 8 elements (two per word)."""
-    t = tl.program_id(1)                                  # which tensor of the table
-    n = tl.load(numels + t)
-    base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    tile = (tl.program_id(0) * TILES + tl.arange(0, TILES))[:, None]
-    col = tl.arange(0, 256)[None, :]
-    if BIG:  # a tensor of 2^31 elements or more: 64-bit offsets and counters
-        tile = tile.to(tl.int64)
-        col = col.to(tl.int64)
-    counter = tile * 256 + col                            # [TILES, 256]
-    c0, c1 = _counter_words(counter, BIG)
+def _store(base, e, n, x, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(base + e, x.to(DTYPE), mask=e < n)
+    else:
+        tl.store(base + e, x.to(DTYPE))
+
+
+@triton.jit
+def _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS: tl.constexpr, DTYPE: tl.constexpr,
+                    M0: tl.constexpr, M1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                    ROUNDS: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr):
+    """The 8 lanes of a block of tiles (lane L at e0 + 256 L); without MASKED (every
+    element in bounds) loads and stores are unmasked."""
     zero = tl.zeros_like(c0)
-    e0 = tile * 2048 + col                                # lane L at e0 + 256 L
-    x0 = _lane(base, e0, n, decay, DTYPE)
-    x1 = _lane(base, e0 + 256, n, decay, DTYPE)
-    x2 = _lane(base, e0 + 512, n, decay, DTYPE)
-    x3 = _lane(base, e0 + 768, n, decay, DTYPE)
-    x4 = _lane(base, e0 + 1024, n, decay, DTYPE)
-    x5 = _lane(base, e0 + 1280, n, decay, DTYPE)
-    x6 = _lane(base, e0 + 1536, n, decay, DTYPE)
-    x7 = _lane(base, e0 + 1792, n, decay, DTYPE)
+    x0 = _load(base, e0, n, decay, MASKED)
+    x1 = _load(base, e0 + 256, n, decay, MASKED)
+    x2 = _load(base, e0 + 512, n, decay, MASKED)
+    x3 = _load(base, e0 + 768, n, decay, MASKED)
+    x4 = _load(base, e0 + 1024, n, decay, MASKED)
+    x5 = _load(base, e0 + 1280, n, decay, MASKED)
+    x6 = _load(base, e0 + 1536, n, decay, MASKED)
+    x7 = _load(base, e0 + 1792, n, decay, MASKED)
     for k in tl.static_range(NTERMS):
         k0 = tl.load(keys + (t * NTERMS + k) * 2).to(tl.uint32)
         k1 = tl.load(keys + (t * NTERMS + k) * 2 + 1).to(tl.uint32)
         coef = tl.load(coefs + k)
-        r0, r1, r2, r3 = _philox(c0, c1, zero, zero, k0, k1, M0, M1, W0, W1)
+        r0, r1, r2, r3 = _philox(c0, c1, zero, zero, k0, k1, M0, M1, W0, W1, ROUNDS)
         z0, z1 = _box_muller(r0, FAST)
         z2, z3 = _box_muller(r1, FAST)
         z4, z5 = _box_muller(r2, FAST)
@@ -135,14 +139,41 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
         x5 += coef * z5
         x6 += coef * z6
         x7 += coef * z7
-    tl.store(base + e0, x0.to(DTYPE), mask=e0 < n)
-    tl.store(base + e0 + 256, x1.to(DTYPE), mask=e0 + 256 < n)
-    tl.store(base + e0 + 512, x2.to(DTYPE), mask=e0 + 512 < n)
-    tl.store(base + e0 + 768, x3.to(DTYPE), mask=e0 + 768 < n)
-    tl.store(base + e0 + 1024, x4.to(DTYPE), mask=e0 + 1024 < n)
-    tl.store(base + e0 + 1280, x5.to(DTYPE), mask=e0 + 1280 < n)
-    tl.store(base + e0 + 1536, x6.to(DTYPE), mask=e0 + 1536 < n)
-    tl.store(base + e0 + 1792, x7.to(DTYPE), mask=e0 + 1792 < n)
+    _store(base, e0, n, x0, DTYPE, MASKED)
+    _store(base, e0 + 256, n, x1, DTYPE, MASKED)
+    _store(base, e0 + 512, n, x2, DTYPE, MASKED)
+    _store(base, e0 + 768, n, x3, DTYPE, MASKED)
+    _store(base, e0 + 1024, n, x4, DTYPE, MASKED)
+    _store(base, e0 + 1280, n, x5, DTYPE, MASKED)
+    _store(base, e0 + 1536, n, x6, DTYPE, MASKED)
+    _store(base, e0 + 1792, n, x7, DTYPE, MASKED)
+
+
+@triton.jit
+def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
+                    DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
+                    W0: tl.constexpr, W1: tl.constexpr, FAST: tl.constexpr, BIG: tl.constexpr,
+                    ROUNDS: tl.constexpr):
+    """Tiles of 2048 = 8 lanes x 256 columns: one Philox per column and term feeds
+    the column's 8 elements (two per word)."""
+    t = tl.program_id(1)                                  # which tensor of the table
+    n = tl.load(numels + t)
+    base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    first = tl.program_id(0) * TILES
+    col = tl.arange(0, 256)[None, :]
+    if BIG:  # a tensor of 2^31 elements or more: 64-bit offsets and counters
+        first = first.to(tl.int64)
+        col = col.to(tl.int64)
+    tile = (first + tl.arange(0, TILES))[:, None]
+    counter = tile * 256 + col                            # [TILES, 256]
+    c0, c1 = _counter_words(counter, BIG)
+    e0 = tile * 2048 + col                                # lane L at e0 + 256 L
+    if (first + TILES) * 2048 <= n:
+        _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS, DTYPE, M0, M1, W0, W1, ROUNDS, FAST,
+                        False)
+    else:
+        _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS, DTYPE, M0, M1, W0, W1, ROUNDS, FAST,
+                        True)
 
 
 @triton.jit
@@ -170,7 +201,8 @@ def _rademacher_rows(base, e, n, words, signs, decay, NTERMS: tl.constexpr, DTYP
 @triton.jit
 def _rademacher_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
                        DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
-                       W0: tl.constexpr, W1: tl.constexpr, BIG: tl.constexpr, ALIGNED: tl.constexpr):
+                       W0: tl.constexpr, W1: tl.constexpr, BIG: tl.constexpr, ALIGNED: tl.constexpr,
+                       ROUNDS: tl.constexpr):
     """Blocks of [8, TILES x 256]: dim 1 the counters (columns of TILES tiles), dim 0
     the 8 adjacent elements of a column's byte -- one thread holds all 8 (one vector),
     so the Philox words need no exchange between threads."""
@@ -192,7 +224,7 @@ def _rademacher_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, T
     for k in tl.static_range(NTERMS):
         k0 = tl.load(keys + (t * NTERMS + k) * 2).to(tl.uint32)
         k1 = tl.load(keys + (t * NTERMS + k) * 2 + 1).to(tl.uint32)
-        r0, r1, r2, r3 = _philox(c0, c1, zero + 1, zero, k0, k1, M0, M1, W0, W1)   # stream 1
+        r0, r1, r2, r3 = _philox(c0, c1, zero + 1, zero, k0, k1, M0, M1, W0, W1, ROUNDS)   # stream 1
         words = words + (r0, r1, r2, r3)
         signs = signs + (tl.load(coefs + k).to(tl.uint32, bitcast=True),)
     # row 0 of each element: tile * 32768 + column * 8 + bit
@@ -249,7 +281,7 @@ def apply_z_triton(pairs, terms, decay: float, dist: str = "gaussian") -> None:
         coefs = torch.tensor([coef for _, coef in terms], dtype=torch.float32)
         keys, coefs = (x.to(device, non_blocking=True) for x in (keys, coefs))
         args = dict(NTERMS=len(terms), TILES=tiles, DTYPE=_DTYPES[dtype], M0=PHILOX_M[0], M1=PHILOX_M[1],
-                    W0=PHILOX_W[0], W1=PHILOX_W[1], BIG=big)
+                    W0=PHILOX_W[0], W1=PHILOX_W[1], BIG=big, ROUNDS=ROUNDS[dist])
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             if gaussian:
                 _perturb_kernel[(programs, len(indices))](
