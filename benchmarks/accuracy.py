@@ -60,7 +60,7 @@ SUITES = {
         common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=250",
                 "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
         grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=TOP4),
-        recipes=[], backprop=[], parallel=8, timeout=175),
+        recipes=[], backprop=[], parallel=8, timeout=330),
     "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
         common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
                 "mezo.batch_size=4"],

@@ -103,6 +103,7 @@ def cmd_eval(args, cfg, registry):
         with tqdm(total=len(task.dev), desc="eval (dev)", dynamic_ncols=True, disable=not cfg.progress,
                   file=sys.stderr) as bar:
             result = task.evaluate(backend, cfg.eval_batch_size, bar)
+            result.pop("dev_outcomes", None)
         if cfg.task.max_tokens:
             result["truncated_examples"] = task.truncated
     finally:

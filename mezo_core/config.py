@@ -134,6 +134,8 @@ class RunConfig:
     checkpoint_every: int = 50             # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2              # newest checkpoints kept
     early_stop_patience: int = 0           # stop after this many evaluations without a new best (0: never)
+    best_significance: float = 0.05        # best/ changes only for an adapter right on significantly more examples
+                                           # (one-sided paired sign test at this level; 0: any gain)
     load_best_at_end: bool = True          # with eval_every: the run ends on the best adapter (best/), as
                                            # selected on task.n_val's validation set (or dev without one)
     zero_shot: bool = True                 # evaluate before the first step
@@ -332,6 +334,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: only zero-shot and final)")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
     need(cfg.early_stop_patience >= 0, "early_stop_patience", "must be >= 0")
+    need(0 <= cfg.best_significance < 1, "best_significance", "must be in [0, 1)")
     need(cfg.task.n_val >= 0, "task.n_val", "must be >= 0")
     g = cfg.guard
     need(g.window >= 1, "guard.window", "must be >= 1")

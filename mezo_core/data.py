@@ -385,21 +385,22 @@ class Task:
         return out
 
     def evaluate(self, backend, batch_size: int, progress=None, split: str = "dev") -> dict:
-        """Classification: accuracy (lowest-loss choice wins) and mean loss of the
-        gold choice; completion: mean loss. ``split``: "dev" or "val" (the keys
+        """Classification: accuracy (lowest-loss choice wins), mean loss of the
+        gold choice and ``outcomes`` (a "1"/"0" string: each example right or not,
+        in file order); completion: mean loss. ``split``: "dev" or "val" (the keys
         are prefixed with it)."""
         records = self.val if split == "val" else self.dev
         # shortest first: a batch is padded to its longest row, so rows of similar length
         # waste little (SST-2 dev: ~40% fewer padded tokens); the metrics are sums, order-free
         prompts = {id(r): self.prompt(r) for r in records} if self.kind == "classification" else {}
         order = sorted(records, key=lambda r: len(prompts[id(r)]) if prompts else len(r.text))
-        losses, correct = [], 0
+        losses, right = [], {}
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             if self.kind == "classification":
                 scores = backend.choice_losses([prompts[id(r)] for r in chunk], self.choices)
                 gold = torch.tensor([r.label for r in chunk])
-                correct += int((scores.argmin(1) == gold).sum())
+                right.update(zip(map(id, chunk), (scores.argmin(1) == gold).tolist()))
                 losses += scores[torch.arange(len(chunk)), gold].tolist()
             else:
                 losses += backend.losses([self.example(r) for r in chunk]).tolist()
@@ -407,5 +408,7 @@ class Task:
                 progress.update(len(chunk))
         out = {f"{split}_loss": sum(losses) / len(losses), f"{split}_examples": len(records)}
         if self.kind == "classification":
-            out[f"{split}_accuracy"] = correct / len(records)
+            out[f"{split}_accuracy"] = sum(right.values()) / len(records)
+            # which examples were right, in file order: best/ selection compares two adapters pairwise
+            out[f"{split}_outcomes"] = "".join("1" if right[id(r)] else "0" for r in records)
         return out

@@ -335,6 +335,7 @@ def test_evaluate_classification(tmp_path):
     assert out["dev_accuracy"] == pytest.approx(2 / 6)
     assert out["dev_loss"] == pytest.approx((2 * 0.5 + 4 * 2.0) / 6)
     assert out["dev_examples"] == 6
+    assert out["dev_outcomes"] == "110000"        # each example right or not, in file order
 
 
 def test_empty_prompt_is_a_clear_error(tmp_path, tiny_llama):

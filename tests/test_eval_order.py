@@ -26,4 +26,5 @@ def test_length_sorted_evaluation_equals_file_order(tmp_path, tiny_llama):
     want_acc = float((scores.argmin(1) == gold).double().mean())
     want_loss = float(scores[torch.arange(len(gold)), gold].mean())
     assert got["dev_accuracy"] == want_acc
+    assert got["dev_outcomes"] == "".join("1" if ok else "0" for ok in (scores.argmin(1) == gold).tolist())
     assert abs(got["dev_loss"] - want_loss) < 1e-6
