@@ -1,6 +1,6 @@
 """The perturbation engine: z is regenerated, never stored.
 
-What z is -- the key, the counters, Philox4x32-10 and how its words become a
+What z is -- the key, the counters, Philox4x32 and how its words become a
 Gaussian or a Rademacher (+-1) element -- is pinned in ``mezo_core.philox``;
 ``z_like`` computes it and the tests check it element by element. The
 distribution is chosen per run (``mezo.z``, default ``gaussian``) and passed as

@@ -1,5 +1,5 @@
 """The fused perturbation kernels: theta <- decay*theta + sum_k coef_k z(seed_k) in
-one read and one write of every weight, z drawn in registers (Philox4x32-10,
+one read and one write of every weight, z drawn in registers (Philox4x32,
 the definition in ``philox``; the Gaussian kernel turns each Philox word into a
 Box-Muller pair, 8 elements per evaluation): one kernel per distribution. Tensors of one dtype
 and similar size share a launch through a table of pointers, so a LoRA adapter
