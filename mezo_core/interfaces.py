@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import abc
 import tempfile
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
+
+from .errors import MezoError
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,91 @@ class Example:
         return len(self.prompt_ids) + len(self.target_ids)
 
 
+@dataclass(frozen=True)
+class BackendStats:
+    """What a backend counted since it was built or since ``reset_stats``, in
+    one vocabulary for every backend (None: this backend does not measure it).
+    The reuse cache is the hf backend's frozen-trunk cache or an engine's prefix
+    (radix) KV cache. ``bytes``, ``layers_skipped`` and ``adapter_version`` are
+    gauges (a value now); every other number is a counter."""
+
+    # -- the forwards
+    forward_tokens: int | None = None       # tokens the model's forwards ran over (hf)
+    prefix_tokens_saved: int | None = None  # prompt tokens not recomputed thanks to hf.prefix_sharing (hf)
+    requests: int | None = None             # requests sent to the engine (vllm, sglang)
+    computed_tokens: int | None = None      # tokens the engine computed: uncached prompt tokens + decode steps (vllm)
+    target_tokens: int | None = None        # target tokens scored (sglang)
+    generate_calls: int | None = None       # engine generate() calls (sglang)
+    generate_s: float | None = None         # seconds spent in them (sglang)
+    primed_batches: int | None = None       # batches whose shared prefix was sent ahead (sglang.prime_min_tokens)
+    # -- the reuse cache
+    lookups: int | None = None              # rows (hf) or requests (engines) looked up in the cache
+    hits: int | None = None                 # lookups served from it (hf: the whole row; engines: any prefix)
+    tokens_looked_up: int | None = None     # tokens of those lookups (engines: prompt tokens)
+    tokens_reused: int | None = None        # of which served from the cache (engines: cached prompt tokens)
+    evictions: int | None = None            # entries dropped for the byte budget (hf)
+    invalidations: int | None = None        # cache emptied because a frozen weight changed (hf)
+    bytes: int | None = None                # gauge: bytes the cache holds (hf)
+    layers_skipped: int | None = None       # gauge: decoder layers a cached row skips (hf: k0)
+    # -- the adapter inside an engine
+    adapter_version: int | None = None      # gauge: versions of the adapter the engine has seen (vllm, sglang)
+    adapter_loads: int | None = None        # adapter versions loaded into the engine (sglang)
+    adapter_unloads: int | None = None      # and unloaded from it (sglang)
+    adapter_load_s: float | None = None     # seconds spent loading and unloading (sglang)
+
+    @property
+    def hit_rate(self) -> float | None:
+        """hits / lookups (0.0 before any lookup; None without a cache)."""
+        return None if self.lookups is None else self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def token_reuse(self) -> float | None:
+        """tokens_reused / tokens_looked_up (0.0 before any lookup; None without a cache)."""
+        if self.tokens_looked_up is None:
+            return None
+        return self.tokens_reused / self.tokens_looked_up if self.tokens_looked_up else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The measured values, hit_rate and token_reuse included: the metrics log's columns."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if self.lookups is not None:
+            out.update(hit_rate=self.hit_rate, token_reuse=self.token_reuse)
+        return out
+
+
+def check_option_types(options, prefix: str) -> None:
+    """Every field of an options dataclass of the type of its default (``x=maybe``
+    for a bool would otherwise count as true; an int is a float). A None default
+    leaves the check to the options' own ``__post_init__``."""
+    for f in fields(options):
+        value, default = getattr(options, f.name), f.default
+        if default is None or default is MISSING:
+            continue
+        want = type(default)
+        ok = (want is float and type(value) is int
+              or isinstance(value, want) and (want is bool or not isinstance(value, bool)))
+        if not ok:
+            raise MezoError(f"config field '{prefix}.{f.name}': expected a {want.__name__} "
+                            f"(like the default {default!r}), got {value!r}")
+
+
+def section_options(cls, section, prefix: str):
+    """``cls(**section)`` for a plugin's config section: None, a mapping, an
+    OmegaConf node or already a ``cls``; unknown keys are errors that name the
+    field and list the known ones."""
+    if isinstance(section, cls):
+        return section
+    values = {}
+    if section is not None:
+        from omegaconf import OmegaConf
+        values = dict(OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section)
+    known = sorted(f.name for f in fields(cls))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise MezoError(f"config field '{prefix}.{unknown[0]}': unknown option (known: {', '.join(known)})")
+    return cls(**values)
+
+
 # A perturbation: theta <- decay * theta + sum(coef * z(seed)) over the terms.
 Terms = Sequence[tuple[int, float]]
 
@@ -46,14 +133,18 @@ class Backend(abc.ABC):
     """Supplies per-example losses under the current adapter, and moves the
     adapter along seeded random directions.
 
-    Subclasses set ``name`` and ``capabilities`` and are constructed with the
-    whole run config (an OmegaConf node: ``model``, ``lora`` and the section
-    named after the backend, e.g. ``cfg.hf``).
+    Subclasses set ``name`` and ``capabilities`` and are constructed as
+    ``cls(cfg, registry)``: the whole run config (an OmegaConf node: ``model``,
+    ``lora`` and the section named after the backend, e.g. ``cfg.hf``) and the
+    ``mezo_core.registry.Registry`` of the run (eviction policies and other
+    plugins come from there, never from a global lookup).
     """
 
     name: ClassVar[str]
     #: free-form tags shown by ``mezo-run backends`` (e.g. "cuda", "prefix-cache")
     capabilities: ClassVar[tuple[str, ...]] = ()
+    #: the dataclass of the backend's config section (``cfg.<name>``), or None
+    options: ClassVar[type | None] = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -132,9 +223,25 @@ class Backend(abc.ABC):
         batch = [Example(p, c) for p in prompts for c in choices]
         return self.losses(batch).view(len(prompts), len(choices))
 
+    def stats(self) -> BackendStats:
+        """What this backend counted (see BackendStats); nothing by default."""
+        return BackendStats()
+
     def get_stats(self) -> dict[str, float]:
-        """Cache counters (lookups, hits, hit_rate, token_reuse, bytes, evictions...)."""
-        return {}
+        """``stats()`` as a flat dict of the measured values (the metrics log's columns)."""
+        return self.stats().as_dict()
+
+    def reset_stats(self) -> None:
+        """Start the counters of ``stats()`` from zero (gauges keep their values)."""
+
+    def reset_cache(self) -> None:
+        """Drop every reusable entry (trunk states, KV prefixes): for
+        measurements only, as a cache is never stale."""
+
+    def base_losses(self, batch: Sequence[Example]) -> torch.Tensor:
+        """``losses`` of the model without its trained adapter, by a plain forward
+        that uses no cache: the baseline a benchmark compares a step with."""
+        raise NotImplementedError(f"backend {self.name!r} does not evaluate the base model alone")
 
     @abc.abstractmethod
     def save_adapter(self, path: str) -> None:
@@ -166,6 +273,33 @@ class Backend(abc.ABC):
             for f in Path(tmp).glob("*.safetensors"):
                 save_file({n: snapshot[n].contiguous() for n in load_file(str(f))}, str(f))
             self.load_adapter(tmp)
+
+
+def plugin_registry(registry=None):
+    """The run's registry, or -- for a backend built outside a run (tests,
+    notebooks) -- the one of this process's installed plugins."""
+    if registry is not None:
+        return registry
+    from .registry import get_registry
+    return get_registry()
+
+
+class BoundForwards:
+    """A backend's ``losses``/``choice_losses`` with keyword arguments bound
+    (e.g. per-example ``adapters`` of a side-by-side batch), so that
+    ``Backend.objective``, which knows nothing of them, runs over that batch:
+    the routing travels as arguments, never as state on the backend."""
+
+    objective = Backend.objective
+
+    def __init__(self, backend: Backend, **kwargs):
+        self.backend, self.kwargs = backend, kwargs
+
+    def losses(self, batch):
+        return self.backend.losses(batch, **self.kwargs)
+
+    def choice_losses(self, prompts, choices):
+        return self.backend.choice_losses(prompts, choices, **self.kwargs)
 
 
 class LocalTensorsBackend(Backend):

@@ -1,5 +1,6 @@
 """The frozen-trunk cache against the plain computation, on fresh random inputs."""
 import gc
+import os
 
 import pytest
 import torch
@@ -11,6 +12,19 @@ from mezo_backend_hf.backend import HFBackend
 from mezo_backend_hf.trunk import RadixCache
 
 TOL = 1e-5  # fp32 on CPU: batched layouts differ only in reduction order
+
+
+def seeded(default):
+    """A generator seeded by MEZO_TEST_SEED or ``default``; the seed is printed
+    (pytest shows it with a failure), so a failing draw can be replayed."""
+    seed = int(os.environ.get("MEZO_TEST_SEED", default))
+    print(f"seed {seed} (replay: MEZO_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
+
+
+def plain_backend(model_dir, arch, extra=()):
+    """The oracle: no trunk cache, no trimmed last layer, no prefix sharing."""
+    return backend(model_dir, arch, False, extra=["hf.trim_last_layer=false", *extra])
 
 
 def backend(model_dir, arch, cache, layers="[2,3]", extra=()):
@@ -32,7 +46,7 @@ def random_batch(gen, n=6, shared_prefix=4):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_cached_losses_equal_uncached(arch, tiny_llama, tiny_gpt2):
     model_dir = tiny_llama if arch == "llama" else tiny_gpt2
-    plain, cached = backend(model_dir, arch, False), backend(model_dir, arch, True)
+    plain, cached = plain_backend(model_dir, arch), backend(model_dir, arch, True)
     assert plain.trunk is None and cached.trunk.k0 == 2
     gen = torch.Generator().manual_seed(7)
     batches = [random_batch(gen) for _ in range(2)]
@@ -50,7 +64,7 @@ def test_cached_losses_equal_uncached(arch, tiny_llama, tiny_gpt2):
 
 
 def test_no_stale_hit_after_trunk_weights_change(tiny_llama):
-    plain, cached = backend(tiny_llama, "llama", False), backend(tiny_llama, "llama", True)
+    plain, cached = plain_backend(tiny_llama, "llama"), backend(tiny_llama, "llama", True)
     batch = random_batch(torch.Generator().manual_seed(3))
     cached.losses(batch)  # fill the cache
     assert cached.losses(batch).shape == (len(batch),) and cached.get_stats()["hits"] == len(batch)
@@ -142,7 +156,7 @@ def test_prefix_sharing_equals_plain(arch, pm, trunk, tiny_llama, tiny_gpt2):
     with the trunk cache, prefix and suffixes start at layer k0 from cached states."""
     model_dir = tiny_llama if arch == "llama" else tiny_gpt2
     extra = ["hf.pm_batch=true"] if pm else []
-    plain = backend(model_dir, arch, False, extra=extra)
+    plain = plain_backend(model_dir, arch, extra=extra)
     shared = backend(model_dir, arch, trunk, extra=extra + ["hf.prefix_sharing=true", "hf.prefix_min_tokens=4"])
     assert (shared.trunk is not None and shared.trunk.k0 == 2) == trunk
     gen = torch.Generator().manual_seed(21)
@@ -173,7 +187,7 @@ def test_prefix_sharing_equals_plain(arch, pm, trunk, tiny_llama, tiny_gpt2):
 
 
 def test_prefix_groups():
-    from mezo_backend_hf.backend import prefix_groups
+    from mezo_backend_hf.prefix import prefix_groups
     rows = [(1, 2, 3, 4, 5, 9), (7, 7, 7), (1, 2, 3, 4, 5, 8, 8), (1, 2, 3, 4, 6), (1, 2, 3, 4, 5, 9)]
     groups = {frozenset(m): p for p, m in prefix_groups(rows, [None] * 5, min_tokens=4, keep=1)}
     assert groups == {frozenset({0, 2, 3, 4}): (1, 2, 3, 4), frozenset({1}): (7, 7, 7)}
@@ -205,9 +219,9 @@ class EagerGraphs:
 @pytest.mark.parametrize("trunk", [False, True])
 def test_graph_inputs_give_the_plain_losses(arch, trunk, tiny_llama, tiny_gpt2):
     model_dir = tiny_llama if arch == "llama" else tiny_gpt2
-    plain, graphed = backend(model_dir, arch, False), backend(model_dir, arch, trunk)
-    graphed.graphs = EagerGraphs(graphed._graph_forward)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    plain, graphed = plain_backend(model_dir, arch), backend(model_dir, arch, trunk)
+    graphed.forwards.graphs = EagerGraphs(graphed.forwards.graph_forward)
+    gen = seeded(101)
     batch = random_batch(gen, n=5)
     for step in range(2):
         for b in (plain, graphed):
@@ -216,7 +230,7 @@ def test_graph_inputs_give_the_plain_losses(arch, trunk, tiny_llama, tiny_gpt2):
         prompts = [e.prompt_ids for e in batch]
         assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
                               graphed.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
-    assert graphed.graphs.calls == 4
+    assert graphed.forwards.graphs.calls == 4
     assert (graphed.get_stats().get("hits", 0) > 0) == trunk
 
 
@@ -225,13 +239,13 @@ def test_second_pass_reuses_the_first_pass_inputs(trunk, graphs, tiny_llama, mon
     """Both passes of a step build the batch's inputs once; the losses still
     follow the adapter (plain computation on fresh random batches of one shape,
     so a stale reuse across batches would show)."""
-    plain, reusing = backend(tiny_llama, "llama", False), backend(tiny_llama, "llama", trunk)
+    plain, reusing = plain_backend(tiny_llama, "llama"), backend(tiny_llama, "llama", trunk)
     if graphs:
-        reusing.graphs = EagerGraphs(reusing._graph_forward)
+        reusing.forwards.graphs = EagerGraphs(reusing.forwards.graph_forward)
     built = []
-    build = reusing._forward_inputs
-    monkeypatch.setattr(reusing, "_forward_inputs", lambda *a: built.append(1) or build(*a))
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    build = reusing.forwards.forward_inputs
+    monkeypatch.setattr(reusing.forwards, "forward_inputs", lambda *a: built.append(1) or build(*a))
+    gen = seeded(102)
     shape = random_batch(gen, n=4)
     for step in range(3):
         batch = [Example(tuple(torch.randint(4, 250, (len(e.prompt_ids),), generator=gen).tolist()),
@@ -252,12 +266,12 @@ def test_second_pass_reuses_the_first_pass_inputs(trunk, graphs, tiny_llama, mon
 def test_compiled_layers_give_the_plain_losses(trunk, tiny_llama):
     """hf.compile: the compiled layers (inductor's fused kernels) against eager
     ones, with the graph inputs too, while the adapter moves."""
-    plain = backend(tiny_llama, "llama", False)
+    plain = plain_backend(tiny_llama, "llama")
     compiled = backend(tiny_llama, "llama", trunk, extra=["hf.compile=true"])
-    compiled.graphs = EagerGraphs(compiled._graph_forward)
+    compiled.forwards.graphs = EagerGraphs(compiled.forwards.graph_forward)
     layers = compiled.trunk.top if trunk else compiled.model.base_model.model.model.layers
     assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in layers)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    gen = seeded(103)
     batch = random_batch(gen, n=5)
     for step in range(2):
         want = plain.plus_minus_losses(batch, 30 + step, 0.05)
@@ -272,13 +286,13 @@ def test_trimmed_last_layer_gives_the_plain_losses(arch, trunk, graphs, tiny_lla
     """hf.trim_last_layer: the last layer's MLP sees only the kept positions, the
     losses are the plain ones -- rows shorter than the kept window included."""
     model_dir = tiny_llama if arch == "llama" else tiny_gpt2
-    plain = backend(model_dir, arch, False, extra=["hf.trim_last_layer=false"])
+    plain = plain_backend(model_dir, arch)
     trim = backend(model_dir, arch, trunk)  # on by default
     if graphs:
-        trim.graphs = EagerGraphs(trim._graph_forward)
+        trim.forwards.graphs = EagerGraphs(trim.forwards.graph_forward)
     widths = []  # of what the last layer's MLP sees
-    trim.stack.layers[-1].mlp.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    trim.forwards.stack.layers[-1].mlp.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    gen = seeded(104)
     batch = random_batch(gen, n=5) + [Example((7,), (9,)), Example((5, 6), (9, 10, 11))]  # keep = 4 > 2 tokens
     for step in range(2):
         want, got = plain.plus_minus_losses(batch, 40 + step, 0.05), trim.plus_minus_losses(batch, 40 + step, 0.05)
@@ -308,6 +322,7 @@ def test_cuda_graphs_need_cuda(tiny_llama):
         backend(tiny_llama, "llama", True, extra=["hf.cuda_graphs=true"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("trunk,compiled,trim", [(False, False, False), (True, False, False), (True, True, True)])
 def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, trim, tiny_llama):
@@ -315,7 +330,7 @@ def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, trim, tiny_llama
     eager = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.trim_last_layer=false"])
     graphed = backend(tiny_llama, "llama", trunk, extra=cuda + ["hf.cuda_graphs=true", f"hf.compile={compiled}",
                                                                 f"hf.trim_last_layer={trim}"])
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    gen = seeded(105)
     batches = [random_batch(gen, n=6) for _ in range(2)]
     previous = None
     gc.collect()
@@ -336,5 +351,5 @@ def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, trim, tiny_llama
         gc.garbage.clear()
         gc.set_debug(0)
         gc.enable()
-    assert graphed.graphs.captures >= 1 and graphed.graphs.replays == 6
+    assert graphed.forwards.graphs.captures >= 1 and graphed.forwards.graphs.replays == 6
     assert not left   # device memory held by uncollected cycles (torch.compile's first call makes some)

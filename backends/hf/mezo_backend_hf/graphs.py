@@ -67,3 +67,11 @@ class GraphedForward:
             output = self.fn(static, **inputs)
         self.captures += 1
         return inputs, output, graph
+
+
+def compile_layers(layers):
+    """``hf.compile``: torch.compile each decoder layer that a pass runs. Only
+    ``forward`` is compiled, so the trunk's hooks stay outside; the layers share
+    one compiled graph (same code, same shapes)."""
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)

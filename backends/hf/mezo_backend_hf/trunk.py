@@ -311,3 +311,17 @@ class FrozenTrunk(LayerStack):
         """The model's forward with layers below k0 skipped and ``hidden`` fed to layer k0.
         ``past_key_values`` may come from an earlier call with ``use_cache=True``."""
         return self.run(hidden, self.k0, None, **inputs)
+
+    def states(self, rows, tensors):
+        """Per row, the hidden states entering layer k0: cached, or computed once
+        (``tensors(rows)``: their padded ids, mask and positions). The caller has
+        checked the trunk's weights (``check_fresh``)."""
+        states = [self.cache.lookup(r) for r in rows]
+        missing = [i for i, s in enumerate(states) if s is None]
+        if missing:
+            ids, mask, positions = tensors([rows[i] for i in missing])
+            hidden = self.capture(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            for j, i in enumerate(missing):
+                states[i] = hidden[j, hidden.shape[1] - len(rows[i]):]
+                self.cache.insert(rows[i], states[i])
+        return states
