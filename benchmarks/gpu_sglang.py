@@ -159,7 +159,7 @@ def prefix_cache(sg):
     sg.losses(batch[:1])  # make sure the adapter is loaded
     keep_prime, sg.prime_min_tokens = sg.prime_min_tokens, 0
     try:
-        sg.flush_cache()
+        sg.reset_cache()
         sg.reset_stats()
         plain = sg.losses(batch)
         first = sg.get_stats()
@@ -170,13 +170,13 @@ def prefix_cache(sg):
         sg.prime_min_tokens = keep_prime
     sg.prime_min_tokens = 32
     try:
-        sg.flush_cache()
+        sg.reset_cache()
         sg.reset_stats()
         primed = sg.losses(batch)
         third = sg.get_stats()
     finally:
         sg.prime_min_tokens = keep_prime
-    keep = ("lookups", "hits", "hit_rate", "cached_tokens", "prompt_tokens", "token_reuse",
+    keep = ("lookups", "hits", "hit_rate", "tokens_reused", "tokens_looked_up", "token_reuse",
             "generate_calls", "primed_batches")
     return {"prefix_tokens": len(prefix), "batch": len(batch), "tokens_per_example": batch[0].num_tokens,
             "one_call_after_flush": {k: first[k] for k in keep},
@@ -194,7 +194,7 @@ def stale(sg, tmp):
     sg.perturb([(79, 1.0)])
     sg.reset_stats()
     after = sg.losses(batch)
-    cached_after = sg.get_stats()["cached_tokens"]
+    cached_after = sg.stats().tokens_reused
     v_after = sg.adapter_name
     sg.save_adapter(Path(tmp) / "fresh")
     from mezo_backend_sglang.backend import losses_under_folder

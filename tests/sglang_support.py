@@ -184,3 +184,72 @@ class FakeEngine:
         for lora_id, ids in inserts:
             self.cache.setdefault(lora_id, []).append(ids)
         return outs
+
+
+def scripted_logprob(token, position, weight):
+    """What ``ScriptedEngine`` answers for ``token`` at ``position`` under an
+    adapter whose tensors sum to ``weight``: any change of the adapter moves it."""
+    import math
+    return -(0.5 + ((7 * int(token) + 3 * int(position)) % 11) / 4 + 0.1 * math.sin(weight))
+
+
+class ScriptedEngine:
+    """A stand-in for ``sglang.Engine`` with no model: the log-probability of a
+    token is ``scripted_logprob`` of the token, its position and the adapter the
+    request names (as loaded: the sum of its tensors). It records every call and
+    request, so tests check what the backend itself does -- the input ids,
+    ``logprob_start_len``, adapter names and versions, loads, unloads, flushes --
+    and that it turns the engine's answers into the right losses. Requests under
+    an adapter that is not loaded fail, as in SGLang."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.adapters = {}      # name -> sum of its tensors
+        self.loaded = {}        # name -> the tensors as loaded
+        self.calls = []         # ("load", name) / ("unload", name) / ("flush",) / ("generate", n requests)
+        self.requests = []      # one dict per request
+        self.shut = False
+
+    def load_lora_adapter_from_tensors(self, lora_name, tensors, config_dict, load_format=None):
+        self.calls.append(("load", lora_name))
+        if lora_name in self.adapters:
+            return {"success": False, "error_message": f"{lora_name} is already loaded"}
+        self.loaded[lora_name] = {k: v.clone() for k, v in tensors.items()}
+        self.adapters[lora_name] = float(sum(v.double().sum() for v in tensors.values()))
+        return {"success": True}
+
+    def load_lora_adapter(self, lora_name, lora_path, pinned=False):
+        from mezo_core.adapter import read_peft_adapter
+        return self.load_lora_adapter_from_tensors(lora_name, read_peft_adapter(lora_path), {})
+
+    def unload_lora_adapter(self, lora_name):
+        self.calls.append(("unload", lora_name))
+        if self.adapters.pop(lora_name, None) is None:
+            return {"success": False, "error_message": f"{lora_name} is not loaded"}
+        return {"success": True}
+
+    def flush_cache(self):
+        self.calls.append(("flush",))
+        return True
+
+    def shutdown(self):
+        self.shut = True
+
+    def generate(self, input_ids, sampling_params=None, return_logprob=False, logprob_start_len=None,
+                 lora_path=None, token_ids_logprob=None, **unused):
+        self.calls.append(("generate", len(input_ids)))
+        outs = []
+        for i, ids in enumerate(input_ids):
+            start, name = logprob_start_len[i], lora_path[i]
+            weight = self.adapters[name]
+            self.requests.append({"input_ids": list(ids), "logprob_start_len": start, "lora_path": name,
+                                  "sampling_params": dict(sampling_params), "return_logprob": return_logprob,
+                                  "token_ids_logprob": None if token_ids_logprob is None else token_ids_logprob[i]})
+            entries = [(None, ids[start], None)]
+            entries += [(scripted_logprob(ids[p], p, weight), ids[p], None) for p in range(start + 1, len(ids))]
+            meta = {"prompt_tokens": len(ids), "cached_tokens": 0, "input_token_logprobs": entries}
+            if token_ids_logprob is not None:
+                meta["output_token_ids_logprobs"] = [[(scripted_logprob(t, len(ids), weight), t, None)
+                                                      for t in token_ids_logprob[i]]]
+            outs.append({"text": "", "meta_info": meta})
+        return outs

@@ -2,9 +2,11 @@
 
 Two groups:
 - everywhere (CPU CI): the plugin loads without SGLang, says why it cannot run,
-  maps eviction policies, and -- over ``FakeEngine``, a CPU stand-in that keeps
-  SGLang's call shapes and logprob conventions -- computes the hf backend's
-  losses, versions the adapter on every change, counts cached tokens;
+  maps eviction policies, and -- over ``ScriptedEngine``, a stand-in with no
+  model that records every request -- sends the right requests (input ids,
+  logprob_start_len, adapter versions, loads, unloads, flushes) and turns the
+  answers into the right losses; one end-to-end run over ``FakeEngine``
+  (transformers + peft behind SGLang's call shapes) lowers the loss;
 - on a CUDA machine with SGLang (``requires_sglang``): the same checks against a
   real ``sglang.Engine`` and the hf backend on the GPU, a short MeZO run, the
   radix cache's cached tokens and the stale-version test. Elsewhere they are
@@ -13,15 +15,16 @@ Two groups:
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-from mezo_core import Backend, MezoError
+from mezo_core import Backend, Example, MezoError
 from mezo_core.mezo import direction_seeds, mezo_step
-from sglang_support import FakeEngine, build_llama, examples, make_config
+from sglang_support import FakeEngine, ScriptedEngine, build_llama, examples, make_config, scripted_logprob
 
-from mezo_backend_sglang.backend import (RADIX_EVICTION, UNSUPPORTED_EVICTION, SGLangBackend,
+from mezo_backend_sglang.backend import (RADIX_EVICTION, UNSUPPORTED_EVICTION, SGLangBackend, SGLangOptions,
                                          radix_eviction_policy)
 
 
@@ -33,7 +36,10 @@ def _gpu_skip_reason():
     return None
 
 
-requires_sglang = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
+def requires_sglang(test):
+    """A test of a real sglang.Engine: marked ``gpu``, skipped (with the reason) elsewhere."""
+    skip = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
+    return pytest.mark.gpu(skip(test))
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +75,25 @@ def test_eviction_policy_mapping():
 
 def test_engine_options_from_config(llama):
     cfg = make_config(llama, sglang={"eviction_policy": "fifo", "mem_fraction_static": 0.3,
-                                     "max_loras_per_batch": 3})
-    b = SGLangBackend(cfg, engine_factory=FakeEngine)
+                                     "engine": {"max_loras_per_batch": 3}})
+    b = SGLangBackend(cfg, engine_factory=ScriptedEngine)
     kw = b.engine_kwargs
     assert kw["radix_eviction_policy"] == "fifo" and "eviction_policy" not in kw
-    assert kw["mem_fraction_static"] == 0.3 and kw["max_loras_per_batch"] == 3
+    assert kw["mem_fraction_static"] == 0.3 and kw["max_loras_per_batch"] == 3  # top-level keys are engine keys too
     assert kw["enable_lora"] and kw["attention_backend"] == "triton"
     assert kw["max_lora_rank"] == 8 and kw["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert b.engine.kwargs == {k: v for k, v in kw.items()}
     b.close()
     assert b.engine is None
     with pytest.raises(MezoError, match="size"):
-        SGLangBackend(make_config(llama, sglang={"eviction_policy": "size"}), engine_factory=FakeEngine)
+        SGLangBackend(make_config(llama, sglang={"eviction_policy": "size"}), engine_factory=ScriptedEngine)
     with pytest.raises(MezoError, match="also set"):
         SGLangBackend(make_config(llama, sglang={"eviction_policy": "lfu", "radix_eviction_policy": "lru"}),
-                      engine_factory=FakeEngine)
+                      engine_factory=ScriptedEngine)
+    with pytest.raises(MezoError, match="adapter_transport"):
+        SGLangOptions(adapter_transport="pigeon")
+    with pytest.raises(MezoError, match="sglang.prime_min_tokens"):
+        SGLangOptions(prime_min_tokens="many")
 
 
 @pytest.mark.skipif(_gpu_skip_reason() is None, reason="checks the message shown where SGLang is absent")
@@ -92,102 +103,119 @@ def test_real_engine_refused_here(llama):
 
 
 @pytest.fixture
-def fake_pair(llama):
-    from mezo_backend_hf.backend import HFBackend
-    cfg = make_config(llama)
-    hf, sg = HFBackend(cfg), SGLangBackend(cfg, engine_factory=FakeEngine)
-    yield hf, sg
-    hf.close()
+def scripted(llama):
+    sg = SGLangBackend(make_config(llama), engine_factory=ScriptedEngine)
+    yield sg
+    engine = sg.engine
     sg.close()
+    assert engine.shut
 
 
-def test_fake_engine_losses_match_hf_and_versions(fake_pair):
-    hf, sg = fake_pair
-    assert sg.trainable_names() == hf.trainable_names()
-    for a, b in zip(sg.trainable_tensors(), hf.trainable_tensors()):
-        assert torch.equal(a, b.detach().float())
+def weight(sg):
+    """The sum of the backend's adapter tensors: what ScriptedEngine's answers depend on."""
+    return float(sum(t.double().sum() for t in sg.state_dict().values()))
+
+
+def expected_losses(sg, batch):
+    """Mean -log p of each example's targets, from the engine's script (not from its answers)."""
+    w = weight(sg)
+    return torch.tensor([-sum(scripted_logprob(t, len(e.prompt_ids) + j, w) for j, t in enumerate(e.target_ids))
+                         / len(e.target_ids) for e in batch], dtype=torch.float64)
+
+
+def test_requests_losses_and_adapter_versions(scripted):
+    sg, engine = scripted, scripted.engine
     batch = examples(4, 6, 3, seed=1)
-    torch.testing.assert_close(sg.losses(batch), hf.losses(batch), rtol=0, atol=1e-5)
-    assert sg.get_stats()["adapter_loads"] == 1
+    torch.testing.assert_close(sg.losses(batch), expected_losses(sg, batch), rtol=0, atol=1e-12)
+    assert engine.calls == [("load", "mezo-v0"), ("generate", 4)]
+    for req, e in zip(engine.requests, batch):   # the whole sequence, logprobs from the last prompt token
+        assert req["input_ids"] == list(e.prompt_ids + e.target_ids)
+        assert req["logprob_start_len"] == len(e.prompt_ids) - 1 and req["lora_path"] == "mezo-v0"
+        assert req["sampling_params"] == {"max_new_tokens": 1, "temperature": 0.0} and req["return_logprob"]
+    loaded = engine.loaded["mezo-v0"]   # the engine got the backend's state itself
+    assert sorted(loaded) == sg.trainable_names()
+    assert all(torch.equal(loaded[n], t.cpu()) for n, t in sg.state_dict().items())
     sg.losses(batch)  # unchanged state: no new version
-    assert sg.get_stats()["adapter_loads"] == 1
-    for terms in ([(11, 0.5)], [(12, -0.3), (13, 0.2)]):
+    assert engine.calls[-2:] == [("generate", 4), ("generate", 4)] and len(engine.calls) == 3
+    for version, terms in enumerate(([(11, 0.5)], [(12, -0.3), (13, 0.2)]), start=1):
         sg.perturb(terms)
-        hf.perturb(terms)
-        torch.testing.assert_close(sg.losses(batch), hf.losses(batch), rtol=0, atol=1e-5)
-    stats = sg.get_stats()
-    assert stats["adapter_loads"] == 3 and stats["adapter_unloads"] == 2
-    assert list(sg.engine.adapters) == [sg.adapter_name] == ["mezo-v2"]
+        n = len(engine.calls)
+        torch.testing.assert_close(sg.losses(batch), expected_losses(sg, batch), rtol=0, atol=1e-12)
+        # the new version is loaded before the old one goes; every request names the new one
+        assert engine.calls[n:] == [("load", f"mezo-v{version}"), ("unload", f"mezo-v{version - 1}"),
+                                    ("generate", 4)]
+        assert {r["lora_path"] for r in engine.requests[-4:]} == {f"mezo-v{version}"}
+    assert list(engine.adapters) == [sg.adapter_name] == ["mezo-v2"]
+    stats = sg.stats()
+    assert (stats.adapter_loads, stats.adapter_unloads, stats.adapter_version) == (3, 2, 2)
+    assert stats.requests == stats.lookups == 16 and stats.generate_calls == 4
+    assert stats.tokens_looked_up == 4 * sum(e.num_tokens for e in batch) and stats.target_tokens == 4 * 12
 
 
-def test_fake_engine_choice_losses(fake_pair):
-    hf, sg = fake_pair
+def test_choice_requests(scripted):
+    sg, engine = scripted, scripted.engine
     sg.perturb([(5, 0.5)])
-    hf.perturb([(5, 0.5)])
     prompts = [e.prompt_ids for e in examples(3, 5, 1, seed=2)]
     single = [(7,), (9,), (40,)]
-    torch.testing.assert_close(sg.choice_losses(prompts, single), hf.choice_losses(prompts, single),
-                               rtol=0, atol=1e-5)
+    w = weight(sg)
+    want = torch.tensor([[-scripted_logprob(c[0], len(p), w) for c in single] for p in prompts], dtype=torch.float64)
+    torch.testing.assert_close(sg.choice_losses(prompts, single), want, rtol=0, atol=1e-12)
+    # single-token choices: one request per prompt, the choices' logprobs at its first output position
+    assert [r["input_ids"] for r in engine.requests] == [list(p) for p in prompts]
+    assert [r["logprob_start_len"] for r in engine.requests] == [len(p) - 1 for p in prompts]
+    assert all(r["token_ids_logprob"] == [7, 9, 40] for r in engine.requests)
+    # multi-token choices: one request per (prompt, choice)
     multi = [(7, 8), (9,)]
-    torch.testing.assert_close(sg.choice_losses(prompts, multi), hf.choice_losses(prompts, multi),
-                               rtol=0, atol=1e-5)
+    engine.requests.clear()
+    got = sg.choice_losses(prompts, multi)
+    assert [r["input_ids"] for r in engine.requests] == [list(p + c) for p in prompts for c in multi]
+    batch = [Example(p, c) for p in prompts for c in multi]
+    torch.testing.assert_close(got, expected_losses(sg, batch).view(3, 2), rtol=0, atol=1e-12)
 
 
-def test_fake_engine_no_stale_prefix(fake_pair):
-    """After a change, the engine must be asked under a new adapter: no prefix
-    cached under the old state can serve it, and the losses are the new state's."""
-    _, sg = fake_pair
-    prefix = tuple(range(10, 30))
-    batch = examples(3, 4, 2, seed=3, shared_prefix=prefix)
-    before = sg.losses(batch)
-    sg.reset_stats()
-    again = sg.losses(batch)
-    assert torch.equal(before, again)
-    assert sg.get_stats()["cached_tokens"] >= 3 * len(prefix)  # same version: prefix reused
-    sg.perturb([(21, 1.0)])
-    sg.reset_stats()
-    after = sg.losses(batch)
-    stats = sg.get_stats()
-    assert (after - before).abs().max() > 1e-3
-    assert stats["cached_tokens"] == 0 and stats["adapter_loads"] == 1
-
-
-def test_fake_engine_primes_shared_prefix(fake_pair):
-    """A batch with a long common prefix sends one request first, so the rest
-    find the prefix in the cache under the current version; same losses."""
-    hf, sg = fake_pair
+def test_primes_shared_prefix(scripted):
+    """A batch with a long common prefix sends one request first, so that the
+    rest find the prefix in the radix cache; same losses."""
+    sg, engine = scripted, scripted.engine
     prefix = tuple(range(10, 50))
     batch = examples(4, 5, 2, seed=6, shared_prefix=prefix)
     assert sg.prime_min_tokens == 0   # off by default
-    sg.prime_min_tokens = 32
     assert SGLangBackend.shared_prefix_len([list(e.prompt_ids + e.target_ids) for e in batch],
                                            [len(e.prompt_ids) - 1 for e in batch]) >= len(prefix)
-    sg.perturb([(22, 0.5)])
-    hf.perturb([(22, 0.5)])
-    sg.reset_stats()
+    sg.prime_min_tokens = 32
     primed = sg.losses(batch)
-    stats = sg.get_stats()
-    assert stats["primed_batches"] == 1 and stats["generate_calls"] == 2
-    assert stats["cached_tokens"] >= 3 * len(prefix)
-    torch.testing.assert_close(primed, hf.losses(batch), rtol=0, atol=1e-5)
+    assert [c for c in engine.calls if c[0] == "generate"] == [("generate", 1), ("generate", 3)]
+    assert sg.stats().primed_batches == 1 and sg.stats().generate_calls == 2
+    torch.testing.assert_close(primed, expected_losses(sg, batch), rtol=0, atol=1e-12)
     sg.prime_min_tokens = 0
-    sg.flush_cache()
     sg.reset_stats()
-    torch.testing.assert_close(sg.losses(batch), primed, rtol=0, atol=1e-6)
-    assert sg.get_stats()["cached_tokens"] == 0 and sg.get_stats()["generate_calls"] == 1
+    torch.testing.assert_close(sg.losses(batch), primed, rtol=0, atol=0)
+    assert engine.calls[-1] == ("generate", 4) and sg.stats().generate_calls == 1
 
 
-def test_fake_engine_save_load_and_disk_transport(llama, tmp_path):
+def test_reset_cache_flushes_and_reset_stats_zeroes(scripted):
+    sg, engine = scripted, scripted.engine
+    sg.losses(examples(2, 5, 1, seed=8))
+    sg.reset_cache()
+    assert engine.calls[-1] == ("flush",)
+    sg.reset_stats()
+    stats = sg.stats()
+    assert stats.requests == stats.lookups == stats.adapter_loads == 0 and stats.generate_s == 0.0
+    assert stats.adapter_version == 0 and stats.hit_rate == 0.0   # a gauge keeps its value
+
+
+def test_save_load_and_disk_transport(llama, tmp_path):
     cfg = make_config(llama, sglang={"adapter_transport": "disk"})
-    sg = SGLangBackend(cfg, engine_factory=FakeEngine)
+    sg = SGLangBackend(cfg, engine_factory=ScriptedEngine)
     batch = examples(2, 5, 2, seed=4)
     sg.perturb([(3, 0.7)])
     saved = sg.losses(batch)
     sg.save_adapter(tmp_path / "a")
     sg.perturb([(4, 0.7)])
     assert (sg.losses(batch) - saved).abs().max() > 1e-4
+    assert sorted(p.name for p in Path(sg._tmp).iterdir()) == ["mezo-v1"]  # the unloaded version's folder is gone
     sg.load_adapter(tmp_path / "a")
-    torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=1e-12)
     sg.close()
 
 
@@ -200,6 +228,7 @@ def loss_before_and_after_mezo(sg, batch, steps, run_seed, eps, lr):
 
 
 def test_fake_engine_mezo_lowers_loss(llama):
+    """End to end over FakeEngine (transformers + peft under SGLang's call shapes)."""
     sg = SGLangBackend(make_config(llama), engine_factory=FakeEngine)
     first, last = loss_before_and_after_mezo(sg, examples(4, 6, 2, seed=5), 12, 0, 1e-3, 5e-3)
     assert last < first - 0.2, (first, last)
@@ -283,22 +312,22 @@ def test_gpu_shared_prefix_is_cached(gpu):
     sg.prime_min_tokens = 0                # one call per batch
     try:
         sg.losses(batch)                   # loads the state if needed
-        sg.flush_cache()
+        sg.reset_cache()
         sg.reset_stats()
         plain = sg.losses(batch)
         sg.reset_stats()
         sg.losses(batch)                   # same adapter version: the prefix is in the radix tree
         stats = sg.get_stats()
-        assert stats["cached_tokens"] >= 8 * len(prefix), stats
+        assert stats["tokens_reused"] >= 8 * len(prefix), stats
         assert stats["hit_rate"] == 1.0 and stats["token_reuse"] > 0.8
     finally:
         sg.prime_min_tokens = 32
     # priming: after a flush, one request goes first and the other 7 reuse its prefix
-    sg.flush_cache()
+    sg.reset_cache()
     sg.reset_stats()
     primed = sg.losses(batch)
     stats = sg.get_stats()
-    assert stats["primed_batches"] == 1 and stats["cached_tokens"] >= 7 * len(prefix), stats
+    assert stats["primed_batches"] == 1 and stats["tokens_reused"] >= 7 * len(prefix), stats
     torch.testing.assert_close(primed, plain, rtol=0, atol=0.03)
     sg.prime_min_tokens = 0
 
@@ -315,7 +344,7 @@ def test_gpu_no_stale_prefix_after_change(gpu, tmp_path):
     sg.perturb([(79, 1.0)])
     sg.reset_stats()
     after = sg.losses(batch)
-    first_cached = sg.get_stats()["cached_tokens"]
+    first_cached = sg.stats().tokens_reused
     assert (after - before).abs().max() > 0.05
     sg.save_adapter(tmp_path / "fresh")
     from mezo_backend_sglang.backend import losses_under_folder

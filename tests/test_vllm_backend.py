@@ -168,7 +168,7 @@ def test_choice_losses_agree_with_hf(pair):
     # single-token choices: one request per distinct prompt
     vb.reset_stats()
     vb.choice_losses(prompts, single)
-    assert vb.get_stats()["requests"] == len(set(prompts))
+    assert vb.stats().requests == len(set(prompts))
 
 
 @needs_vllm
@@ -253,11 +253,11 @@ def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
     eps = 1e-2
     vb.reset_stats()
     vb.objective(batch)
-    single_requests = vb.get_stats()["requests"]
+    single_requests = vb.stats().requests
     vb.reset_stats()
     lp, lm, offset = vb.plus_minus_losses(batch, 77, eps)
     assert offset == eps
-    assert vb.get_stats()["requests"] == 2 * single_requests
+    assert vb.stats().requests == 2 * single_requests
     # hf, the plain sequence
     hb.perturb([(77, eps)])
     hp = hb.objective(batch)
@@ -328,14 +328,14 @@ def test_no_stale_prefix_after_weight_change(pair):
     vb.reset_stats()
     fresh = vb.losses(batch)
     assert torch.allclose(fresh, hb.losses(batch), atol=ATOL, rtol=0)
-    assert vb.get_stats()["hits"] > 0                  # the batch still shares its own prefix
+    assert vb.stats().hits > 0                  # the batch still shares its own prefix
     # control: a request keyed like the old version is served the stale KV blocks
     # (cached under the old weights), so its losses are wrong -- the test above can fail
     new_version, vb._version = vb._version, old_version
     try:
         vb.reset_stats()
         stale = vb.losses(batch)
-        assert vb.get_stats()["hits"] > 0
+        assert vb.stats().hits > 0
     finally:
         vb._version = new_version
     assert (stale - fresh).abs().max().item() > 100 * ATOL

