@@ -22,7 +22,7 @@ def batch():
 
 def test_subset_trains_only_matching_weights_above_a_frozen_trunk(tiny_llama):
     cached = backend(tiny_llama, f"hf.full_params={LAYER3}")
-    plain = backend(tiny_llama, f"hf.full_params={LAYER3}", "hf.trunk_cache=false")
+    plain = backend(tiny_llama, f"hf.full_params={LAYER3}", "hf.trunk_cache=false", "hf.trim_last_layer=false")
     names = cached.trainable_names()
     assert names == sorted(names) and names and all(".layers.3." in n for n in names)
     assert not any("lora" in n for n in names) and cached.trunk.k0 == 3
