@@ -17,19 +17,23 @@ import torch
 from benchmarks.bench_reuse import make_backend, pool
 from benchmarks.common import Stepper, build_random_model, synchronize, timed
 
-REGIONS = ("perturb", "_forward_inputs", "_batch_tensors", "_trunk_states", "_causal_mask", "_left_padded",
-           "losses", "choice_losses")
+#: (attribute of the backend holding the part, or "" for the backend itself, method)
+REGIONS = (("", "perturb"), ("forwards", "forward_inputs"), ("forwards", "tensors"), ("trunk", "states"),
+           ("forwards", "padded"), ("", "losses"), ("", "choice_losses"))
 
 
 def label_regions(backend):
-    """Wrap the backend's parts in profiler labels (on this instance only)."""
-    for name in REGIONS:
-        fn = getattr(backend, name)
+    """Wrap the backend's parts in profiler labels (on these instances only)."""
+    for owner_name, name in REGIONS:
+        owner = getattr(backend, owner_name) if owner_name else backend
+        if owner is None:  # e.g. no trunk cache
+            continue
+        fn = getattr(owner, name)
 
         def labelled(*a, _fn=fn, _name=name, **k):
             with torch.profiler.record_function(f"## {_name}"):
                 return _fn(*a, **k)
-        setattr(backend, name, labelled)
+        setattr(owner, name, labelled)
 
 
 def busy_time(prof) -> tuple[float, float]:

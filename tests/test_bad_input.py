@@ -394,11 +394,12 @@ VALUES = st.one_of(st.text(max_size=20), st.sampled_from(
 @given(key=st.one_of(*[st.sampled_from(KEYS)] * 3, st.text(max_size=10)), value=VALUES,
        eq=st.sampled_from(["=", "=", " = ", ""]))
 def test_fuzz_overrides(key, value, eq):
-    from mezo_backend_hf.backend import OPTIONS, backend_options
+    from mezo_backend_hf.options import HFOptions
+    from mezo_core.interfaces import section_options
     item = f"{key}{eq}{value}"
     try:
         cfg = load_config(None, [item])
-        backend_options(cfg.hf, OPTIONS, "hf")
+        section_options(HFOptions, cfg.hf, "hf")
     except MezoError as exc:
         assert "\n" not in str(exc), str(exc)
         event("refused")

@@ -33,10 +33,11 @@ class HFOptions:
 
     def __post_init__(self):
         check_option_types(self, "hf")
-        if self.full_params is not None:
-            self.full_params = list(self.full_params)
-            if not all(isinstance(p, str) for p in self.full_params):
-                raise MezoError(f"config field 'hf.full_params': expected a list of regexes, got {self.full_params!r}")
+        if self.full_params is not None and (not isinstance(self.full_params, (list, tuple))
+                                             or not all(isinstance(p, str) for p in self.full_params)):
+            raise MezoError(f"config field 'hf.full_params': expected a list of regexes, got {self.full_params!r}")
+        if self.cache_device is not None and not isinstance(self.cache_device, str):
+            raise MezoError(f"config field 'hf.cache_device': expected a device name, got {self.cache_device!r}")
         if self.lora_dtype not in LORA_DTYPES:
             raise MezoError(f"config field 'hf.lora_dtype': {self.lora_dtype!r} is neither 'float32' nor 'model'")
         if self.cache_budget_mb < 0:
