@@ -34,9 +34,9 @@ class ToyBackend(HFBackend):
         CALLS["init"] += 1
         super().__init__(cfg)
 
-    def losses(self, batch):
+    def losses(self, batch, *args, **kwargs):
         CALLS["losses"] += 1
-        return super().losses(batch)
+        return super().losses(batch, *args, **kwargs)
 
     def get_stats(self):
         return {**super().get_stats(), "toy_losses_calls": CALLS["losses"]}
