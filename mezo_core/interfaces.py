@@ -98,6 +98,8 @@ def check_option_types(options, prefix: str) -> None:
     leaves the check to the options' own ``__post_init__``."""
     for f in fields(options):
         value, default = getattr(options, f.name), f.default
+        if default is MISSING and f.default_factory is not MISSING:
+            default = f.default_factory()   # e.g. a dict of pass-through engine arguments
         if default is None or default is MISSING:
             continue
         want = type(default)
