@@ -373,3 +373,31 @@ def test_hf_options_are_validated_in_one_place():
     for section, message in cases:
         with pytest.raises(MezoError, match=message):
             section_options(HFOptions, section, "hf")
+
+
+def test_backend_stats_record(tiny_llama):
+    import dataclasses
+    from mezo_core.interfaces import BackendStats
+    assert BackendStats().as_dict() == {} and BackendStats().hit_rate is None   # nothing measured
+    s = BackendStats(lookups=4, hits=1, tokens_looked_up=10, tokens_reused=5, bytes=64)
+    assert s.as_dict() == {"lookups": 4, "hits": 1, "tokens_looked_up": 10, "tokens_reused": 5, "bytes": 64,
+                           "hit_rate": 0.25, "token_reuse": 0.5}
+    assert BackendStats(lookups=0, tokens_looked_up=0).hit_rate == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.hits = 2
+    # the hf backend: counters, a reset, and a cache reset that the next lookups miss
+    backend = make_backend(tiny_llama, "llama", "lora.layers=[2,3]")
+    batch = random_examples(len(backend.tokenizer), n=3, seed=12)
+    backend.losses(batch)
+    backend.losses(batch)
+    assert backend.stats().hits == 3 and backend.stats().layers_skipped == 2 and backend.stats().bytes > 0
+    backend.reset_stats()
+    assert backend.stats().lookups == backend.stats().forward_tokens == 0 and backend.stats().bytes > 0
+    backend.reset_cache()
+    backend.losses(batch)
+    assert backend.stats().hits == 0 and backend.stats().lookups == 3
+    nudge(backend)   # base_losses leaves the adapter out
+    base = reference_losses(load_base(tiny_llama), batch)
+    torch.testing.assert_close(backend.base_losses(batch), base, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(backend.losses(batch), base, atol=1e-4)
+    assert not any(t.requires_grad for t in backend.trainable_tensors())
