@@ -6,7 +6,8 @@
     mezo-run config [-c ...] [key=value ...]
     mezo-run init [RECIPE] [PATH] | init --list   (an editable copy of a packaged recipe)
     mezo-run export --merge OUT [-c ...] [--adapter DIR] [key=value ...]
-    mezo-run bench [--device cuda --rows hf,vllm ...]   (benchmarks.compare, from a checkout)
+
+Benchmarks live in the repository, not in the package: ``python -m benchmarks list``.
 """
 from __future__ import annotations
 
@@ -23,15 +24,16 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import DEFAULT_CONFIG, DEFAULT_RECIPE, default_config, load_config, recipes, validate
 from .distributed import init_from_env, rank_and_world
 from .errors import DivergedError, MezoError
-from .registry import get_registry
+from .registry import Registry, make_plugin_manager
 
 
 def make_backend(cfg, registry):
+    """The configured backend, built with what it needs: the config and the registry."""
     cls = registry.get("backends", cfg.backend)
     reason = cls.unavailable_reason()
     if reason:
         raise MezoError(f"backend {cfg.backend!r} is unavailable: {reason}")
-    return cls(cfg)
+    return cls(cfg, registry)
 
 
 def check_out_dir(path) -> None:
@@ -178,7 +180,7 @@ def cmd_backends(args, cfg, registry):
 def cmd_config(args, cfg, registry):
     if args.reference:  # every field, its default and meaning (the README's table)
         from .config_reference import markdown
-        print(markdown())
+        print(markdown(registry))
         return
     print(OmegaConf.to_yaml(cfg))
 
@@ -247,25 +249,8 @@ def cmd_export(args, cfg, registry):
     print(f"wrote {out}: {cfg.model.path} with {adapter} merged in (AutoModelForCausalLM.from_pretrained)")
 
 
-def cmd_bench(argv) -> int:
-    """Forward to benchmarks.compare (the repository's benchmarks package, not installed)."""
-    from pathlib import Path
-    root = str(Path(__file__).resolve().parent.parent)
-    if (Path(root) / "benchmarks" / "compare.py").exists() and root not in sys.path:
-        sys.path.append(root)  # an editable install: the checkout holds benchmarks/
-    try:
-        from benchmarks.compare import main as bench_main
-    except ImportError as exc:
-        print(f"mezo-run: error: 'bench' needs the benchmarks package of the mezo-run repository "
-              f"(not installed with mezo-run): run it from a checkout ({exc})", file=sys.stderr)
-        return 2
-    return bench_main(argv, prog="mezo-run bench")
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        return cmd_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="mezo-run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,16 +275,15 @@ def main(argv=None) -> int:
     p.add_argument("path", nargs="?", help="file or folder to write (default ./RECIPE.yaml)")
     p.add_argument("--list", action="store_true", help="list the packaged recipes")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    sub.add_parser("bench", help="compare the backends on one workload (see: mezo-run bench --help)")
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
             cmd_init(args)
             return 0
         init_from_env()  # torchrun: join the data-parallel group
-        registry = get_registry()
+        registry = Registry(make_plugin_manager())
         config_file = None if args.command == "backends" else (args.config or default_config())
-        cfg = load_config(config_file, args.overrides)
+        cfg = load_config(config_file, args.overrides, registry)
         set_threads(cfg)
         registry.get("backends", cfg.backend) if args.command != "backends" else None
         {"train": cmd_train, "eval": cmd_eval, "backends": cmd_backends,

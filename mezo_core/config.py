@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -148,10 +148,59 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     mezo: MezoConfig = field(default_factory=MezoConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
-    # backend-specific options, read by the backend plugin of that name
-    hf: Dict[str, Any] = field(default_factory=dict)
-    vllm: Dict[str, Any] = field(default_factory=dict)
-    sglang: Dict[str, Any] = field(default_factory=dict)
+    # + one section per plugin with options (hf, vllm, ...): plugin_sections()
+
+
+def plugin_sections(registry) -> Dict[str, Any]:
+    """Section name -> the options dataclass of the plugin of that name, or
+    ``Dict[str, Any]`` for a backend without one (free-form: the backend checks its
+    keys; none where its name is not an identifier). Plugins own their settings;
+    the core only merges them in, by name."""
+    core = {f.name for f in fields(RunConfig)}
+    sections: Dict[str, Any] = {}
+    owners: Dict[str, str] = {}
+    for kind, items in registry.items.items():
+        for name, entry in sorted(items.items()):
+            options = getattr(entry.obj, "options", None)
+            if options is None and (kind != "backends" or not name.isidentifier()):
+                continue
+            what = f"{registry.SINGULAR[kind]} {name!r} (plugin {entry.plugin!r})"
+            if not name.isidentifier():
+                raise MezoError(f"{what}: a plugin with options needs a name that can head a config "
+                                f"section (letters, digits, _)")
+            if options is not None and not (isinstance(options, type) and is_dataclass(options)):
+                raise MezoError(f"{what}: its `options` must be a dataclass, not {options!r}")
+            if name in core or name in owners:
+                raise MezoError(f"{what}: its options section {name!r} is taken by "
+                                f"{owners.get(name, 'the core config')}")
+            owners[name] = what
+            sections[name] = options or Dict[str, Any]
+    return sections
+
+
+def schema(registry) -> type:
+    """RunConfig with every plugin section: the structure a run config is checked against."""
+    extra = [(name, kind, field(default_factory=kind if is_dataclass(kind) else dict))
+             for name, kind in plugin_sections(registry).items()]
+    return make_dataclass("RunConfig", extra, bases=(RunConfig,))
+
+
+def plugin_options(cfg: DictConfig, cls) -> Any:
+    """A plugin's settings: an instance of ``cls.options`` (its defaults where the
+    config has no section of that name), else the free-form section as a dict."""
+    return _section_options(cfg, cls.name, getattr(cls, "options", None))
+
+
+def _section_options(cfg: DictConfig, name: str, options) -> Any:
+    section = cfg.get(name) if isinstance(cfg, DictConfig) else None
+    if options is None:
+        return OmegaConf.to_container(section, resolve=True) if section is not None else {}
+    if section is None:
+        return options()
+    try:
+        return OmegaConf.to_object(section)
+    except (ValueError, TypeError, OmegaConfBaseException) as exc:  # the dataclass's own checks
+        raise MezoError(f"config field {name!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
 def _line_of(text: str, key: str) -> str:
@@ -176,12 +225,20 @@ def _line_of(text: str, key: str) -> str:
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
+    if "." not in key and msg.endswith("not in 'RunConfig'"):
+        msg += " (neither a core field nor the section of an installed plugin: see mezo-run backends)"
     return key, msg
 
 
-def load_config(path: str | Path | None = None, overrides: List[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file <- ``key=value`` overrides, validated."""
-    cfg = OmegaConf.structured(RunConfig)
+def load_config(path: str | Path | None = None, overrides: List[str] = (), registry=None) -> DictConfig:
+    """Schema defaults <- YAML file <- ``key=value`` overrides, validated.
+
+    ``registry``: whose plugins' option sections the schema holds (default: the
+    installed plugins)."""
+    if registry is None:
+        from .registry import get_registry
+        registry = get_registry()
+    cfg = OmegaConf.structured(schema(registry))
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -213,6 +270,9 @@ def load_config(path: str | Path | None = None, overrides: List[str] = ()) -> Di
         key, msg = _describe(exc)
         raise MezoError(f"config field {key!r}: {msg}") from None
     validate(cfg)
+    for name, kind in plugin_sections(registry).items():
+        if is_dataclass(kind):  # the options' own checks (__post_init__), before any work
+            _section_options(cfg, name, kind)
     return cfg
 
 

@@ -1,12 +1,15 @@
 """The reference table of every config field, generated from the schema itself
 (``mezo_core/config.py``: the dataclasses, their defaults and the comment on
-each field's line), so the README's table cannot drift: a test compares them.
+each field's line; then each plugin's ``options`` dataclass, read the same way
+from its own module), so the README's table cannot drift: a test compares them.
 
     mezo-run config --reference      # prints the Markdown table
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import io
 import tokenize
 import typing
@@ -17,11 +20,12 @@ from . import config
 BEGIN, END = "<!-- config-reference: begin -->", "<!-- config-reference: end -->"
 
 
-def _comments() -> dict[int, str]:
-    """Line number of a field -> its comment in config.py: the comment at the end
-    of its line (with comment lines below it aligned to it: a continuation), or the
-    comment lines right above it."""
-    source = Path(config.__file__).read_text()
+@functools.lru_cache(maxsize=None)
+def _comments(path: str) -> dict[int, str]:
+    """Line number of a field -> its comment in the module at ``path``: the comment
+    at the end of its line (with comment lines below it aligned to it: a
+    continuation), or the comment lines right above it."""
+    source = Path(path).read_text()
     out, above, trailing = {}, [], None   # trailing: (field line, comment column)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
@@ -42,7 +46,6 @@ def _comments() -> dict[int, str]:
 
 
 def _field_lines(cls) -> dict[str, int]:
-    import inspect
     lines, start = inspect.getsourcelines(cls)
     found = {}
     for offset, text in enumerate(lines):
@@ -65,7 +68,8 @@ def _default(field) -> str:
 
 
 def rows(cls=config.RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    comments, lines = _comments(), _field_lines(cls)
+    """(dotted name, default, meaning) of every leaf field of ``cls``."""
+    comments, lines = _comments(inspect.getsourcefile(cls)), _field_lines(cls)
     hints = typing.get_type_hints(cls)
     out = []
     for field in dataclasses.fields(cls):
@@ -75,15 +79,25 @@ def rows(cls=config.RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
             out += rows(kind, name + ".")
             continue
         note = comments.get(lines.get(field.name, -1), "")
-        if name in ("hf", "vllm", "sglang"):
-            note = note or f"options of the {name} backend (see Backends)"
         out.append((name, _default(field), note.replace("|", "\\|")))
     return out
 
 
-def markdown() -> str:
+def all_rows(registry) -> list[tuple[str, str, str]]:
+    """The core's fields, then each plugin section's (``config.plugin_sections``)."""
+    out = rows()
+    for name, options in config.plugin_sections(registry).items():
+        if dataclasses.is_dataclass(options):
+            out += rows(options, name + ".")
+        else:
+            out.append((name, "`{}`", f"settings of the {name} backend, free-form (it declares no "
+                                      "options schema): the backend checks them"))
+    return out
+
+
+def markdown(registry) -> str:
     lines = ["| field | default | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{name}` | {default} | {note} |" for name, default, note in rows()]
+    lines += [f"| `{name}` | {default} | {note} |" for name, default, note in all_rows(registry)]
     return "\n".join(lines)
 
 

@@ -8,6 +8,27 @@ listed under the ``mezo`` entry-point group of its distribution, e.g.::
 
 The built-in plugins (``mezo_builtin``, ``mezo_backend_hf``, ...) are found the
 same way, so a third-party package is a first-class citizen.
+
+Every ``register_*`` hook gets one ``register(cls)``: the class's ``name`` is what
+users write (``backend=...``, ``report_to: [...]``, ``mezo.lr_schedule=...``).
+
+A class may declare its settings as a dataclass, like llm's ``Options``::
+
+    @dataclass
+    class MyOptions:
+        width: int = 4          # shown with its default in `mezo-run config`
+
+    class MyBackend(Backend):
+        name = "mine"
+        options: ClassVar[type] = MyOptions
+
+The run config then has a typed ``mine`` section (``mezo-run train backend=mine
+mine.width=8``): unknown keys and wrong types are refused with the file, line and
+field, like the core's own. The plugin reads it with ``mezo_core.config.plugin_options
+(cfg, cls)``. A backend without ``options`` gets a free-form section that it checks
+itself (engine settings passed through); other plugins without one get no section.
+Schedules take their settings from ``mezo.lr_schedule_options`` /
+``mezo.eps_schedule_options`` (one schedule class may drive both, differently).
 """
 import pluggy
 
@@ -19,19 +40,21 @@ hookimpl = pluggy.HookimplMarker("mezo")
 def register_backends(register):
     """Register backend classes: ``register(BackendSubclass)``.
 
-    The class's ``name`` attribute is the value users put in ``backend=...``.
-    Do not import heavy engines here; do it in the backend's ``__init__``.
+    The class's ``name`` attribute is the value users put in ``backend=...``; the
+    run builds it as ``BackendSubclass(cfg, registry)`` (the registry: for its own
+    plugin lookups, e.g. an eviction policy). Do not import heavy engines here; do
+    it in the backend's ``__init__``.
     """
 
 
 @hookspec
 def register_eviction_policies(register):
-    """Register cache eviction policies: ``register(name, EvictionPolicySubclass)``."""
+    """Register cache eviction policies: ``register(EvictionPolicySubclass)``."""
 
 
 @hookspec
 def register_epsilon_schedules(register):
-    """Register schedules: ``register(name, ScheduleSubclass)``.
+    """Register schedules: ``register(ScheduleSubclass)``.
 
     The same schedules drive the learning rate (``mezo.lr_schedule``) and the
     perturbation size (``mezo.eps_schedule``).
@@ -40,7 +63,7 @@ def register_epsilon_schedules(register):
 
 @hookspec
 def register_loggers(register):
-    """Register metric loggers: ``register(name, LoggerClass)``; ``report_to: [name]`` picks them.
+    """Register metric loggers: ``register(LoggerClass)``; ``report_to: [LoggerClass.name]`` picks them.
 
     ``LoggerClass(out_dir, cfg, start_step)`` is made on the writing rank when a run
     starts (``start_step`` > 0 on ``--resume``: drop rows written after it, the run

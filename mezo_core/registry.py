@@ -43,9 +43,13 @@ class Registry:
                           dist.version if dist else "")
                 impl.function(register=functools.partial(self._add, kind, source))
 
-    def _add(self, kind, source, name_or_obj, obj=None):
-        name, obj = (name_or_obj.name, name_or_obj) if obj is None else (name_or_obj, obj)
-        self.items[kind][name] = Registered(name, obj, *source)
+    def _add(self, kind, source, cls, *extra):
+        """``register(cls)``: one shape for every kind, the name is the class's own."""
+        name = getattr(cls, "name", None)
+        if extra or not isinstance(name, str) or not name:
+            raise MezoError(f"plugin {source[0]!r}: register({cls!r}{', ...' if extra else ''}): "
+                            f"register takes one class, named by its `name` attribute")
+        self.items[kind][name] = Registered(name, cls, *source)
 
     def get(self, kind: str, name: str) -> Any:
         try:
@@ -71,6 +75,7 @@ class Registry:
 
 
 def make_plugin_manager(extra_plugins=()) -> pluggy.PluginManager:
+    """Hooks of every ``mezo`` entry point, plus ``extra_plugins`` (objects)."""
     pm = pluggy.PluginManager("mezo")
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints("mezo")
@@ -81,4 +86,6 @@ def make_plugin_manager(extra_plugins=()) -> pluggy.PluginManager:
 
 @functools.lru_cache(maxsize=1)
 def get_registry() -> Registry:
+    """The installed plugins, loaded once: for tests and interactive use. The CLI builds
+    its own registry and hands it to what needs one (config, backend, trainer)."""
     return Registry(make_plugin_manager())

@@ -4,11 +4,14 @@ distribution names; an outside plugin distribution (simulated with a
 for training; the on_step_end hook; the built-in schedules and eviction policies."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import sys
 
 import pytest
+import yaml
 
 from mezo_core import EvictionPolicy, MezoError, Schedule, hookimpl
 from mezo_core.registry import Registry, get_registry, make_plugin_manager
@@ -18,21 +21,34 @@ TOY_DIST, TOY_VERSION, TOY_MODULE = "mezo-toy-plugin", "9.8.7", "mezo_toy_plugin
 
 
 TOY_SOURCE = '''
-"""An outside mezo-run plugin: a backend (the hf one, instrumented), an
-unavailable backend and a schedule."""
+"""An outside mezo-run plugin: a backend (the hf one, instrumented) with options
+of its own, an unavailable backend and a schedule."""
+from dataclasses import dataclass
+from typing import ClassVar
+
 from mezo_core import Schedule, hookimpl
+from mezo_core.config import plugin_options
 from mezo_backend_hf.backend import HFBackend
 
 CALLS = {"init": 0, "losses": 0}
 
 
+@dataclass
+class ToyOptions:
+    width: int = 4                # how wide the toy is
+    label: str = "plain"          # what it is called
+
+
 class ToyBackend(HFBackend):
     name = "toy"
     capabilities = ("cpu", "toy-capability")
+    options: ClassVar[type] = ToyOptions
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, registry=None):
         CALLS["init"] += 1
-        super().__init__(cfg)
+        CALLS["options"] = plugin_options(cfg, type(self))
+        CALLS["registry"] = registry
+        super().__init__(cfg, registry)
 
     def losses(self, batch, *args, **kwargs):
         CALLS["losses"] += 1
@@ -44,6 +60,7 @@ class ToyBackend(HFBackend):
 
 class OffBackend(ToyBackend):
     name = "toy-off"
+    options = None      # not an identifier: no config section
 
     @classmethod
     def unavailable_reason(cls):
@@ -51,6 +68,8 @@ class OffBackend(ToyBackend):
 
 
 class Half(Schedule):
+    name = "toy-half"
+
     def value(self, progress):
         return self.start / 2
 
@@ -63,7 +82,7 @@ def register_backends(register):
 
 @hookimpl
 def register_epsilon_schedules(register):
-    register("toy-half", Half)
+    register(Half)
 '''
 
 
@@ -121,7 +140,7 @@ def test_plugin_registered_in_code():
     class Plugin:
         @hookimpl
         def register_epsilon_schedules(self, register):
-            register("flat", type("Flat", (Schedule,), {"value": lambda self, p: 1.0}))
+            register(type("Flat", (Schedule,), {"name": "flat", "value": lambda self, p: 1.0}))
 
     reg = Registry(make_plugin_manager([Plugin()]))
     entry = reg.items["epsilon_schedules"]["flat"]
@@ -170,6 +189,90 @@ def test_training_uses_the_outside_backend_and_schedule(toy_plugin, tmp_path, ti
     assert "(toy backend)" in capsys.readouterr().out
 
 
+def test_outside_backend_gets_its_typed_options_and_the_registry(toy_plugin, tmp_path, tiny_llama, capsys):
+    from mezo_core.cli import main
+    cfg = write_config(tmp_path, tiny_llama)
+    rc = main(["train", "-c", str(cfg), "backend=toy", "toy.width=7", "mezo.steps=1"])
+    assert rc == 0, capsys.readouterr().err
+    calls = sys.modules[TOY_MODULE].CALLS
+    assert calls["options"] == sys.modules[TOY_MODULE].ToyOptions(width=7, label="plain")
+    assert isinstance(calls["registry"], Registry) and "toy" in calls["registry"].items["backends"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("toy.nope=1", r"override 'toy.nope=1': field 'toy.nope': Key 'nope' not in 'ToyOptions'"),
+    ("toy.width=wide", r"override 'toy.width=wide': field 'toy.width': Value 'wide' .*could not be converted"),
+    ("elsewhere.x=1", r"field 'elsewhere': .*neither a core field nor the section of an installed plugin"),
+])
+def test_outside_backend_options_are_checked_like_the_core_config(toy_plugin, tmp_path, tiny_llama, capsys,
+                                                                  override, message):
+    from mezo_core.cli import main
+    cfg = write_config(tmp_path, tiny_llama)
+    assert main(["train", "-c", str(cfg), "backend=toy", override]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_outside_backend_options_in_a_file_name_the_line(toy_plugin, tmp_path, tiny_llama, capsys):
+    from mezo_core.cli import main
+    cfg = write_config(tmp_path, tiny_llama)
+    text = cfg.read_text() + "toy:\n  label: round\n  width: [1, 2]\n"
+    cfg.write_text(text)
+    line = text.splitlines().index("  width: [1, 2]") + 1
+    assert main(["config", "-c", str(cfg)]) == 2
+    assert re.search(rf"{re.escape(str(cfg))}, line {line}: field 'toy.width': ", capsys.readouterr().err)
+
+
+def test_outside_backend_options_show_with_defaults(toy_plugin, capsys):
+    from mezo_core.cli import main
+    assert main(["config", "toy.label=round"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["toy"] == {"width": 4, "label": "round"} and "toy-off" not in shown
+    assert main(["config", "--reference"]) == 0
+    table = capsys.readouterr().out
+    assert "| `toy.width` | `4` | how wide the toy is |" in table
+    assert "| `toy.label` | `'plain'` | what it is called |" in table
+
+
+def test_options_of_other_kinds_and_section_clashes(tmp_path):
+    from mezo_core.config import load_config
+
+    @dataclasses.dataclass
+    class LoudOptions:
+        volume: float = 0.5
+
+    class Loud:
+        name, options = "loud", LoudOptions
+
+    class Model:   # a logger whose section would hide the core's `model`
+        name, options = "model", LoudOptions
+
+    def plugin(*classes):
+        class Plugin:
+            @hookimpl
+            def register_loggers(self, register):
+                for cls in classes:
+                    register(cls)
+        return Registry(make_plugin_manager([Plugin()]))
+
+    cfg = load_config(None, ["loud.volume=2"], plugin(Loud))
+    assert cfg.loud.volume == 2.0 and "lru" not in cfg   # plugins without options: no section
+    with pytest.raises(MezoError, match=r"field 'loud.volume': Value 'x'"):
+        load_config(None, ["loud.volume=x"], plugin(Loud))
+    with pytest.raises(MezoError, match=r"logger 'model' .*: its options section 'model' is taken by the core config"):
+        load_config(None, [], plugin(Model))
+
+
+def test_registration_takes_the_class_alone():
+    class Plugin:
+        @hookimpl
+        def register_eviction_policies(self, register):
+            register("old", EvictionPolicy)
+
+    with pytest.raises(MezoError, match=r"register takes one class, named by its `name` attribute"):
+        Registry(make_plugin_manager([Plugin()]))
+
+
 def test_unavailable_outside_backend_is_refused(toy_plugin, tmp_path, tiny_llama, capsys):
     from mezo_core.cli import main
     cfg = write_config(tmp_path, tiny_llama)
@@ -196,7 +299,7 @@ def test_on_step_end_hook_is_called_every_step(tmp_path, tiny_llama):
     rec = Recorder()
     registry = Registry(make_plugin_manager([rec]))
     cfg = load_config(write_config(tmp_path, tiny_llama), ["mezo.steps=4", "zero_shot=false"])
-    backend = HFBackend(cfg)
+    backend = HFBackend(cfg, registry)
     try:
         Trainer(cfg, backend, registry).train()
     finally:

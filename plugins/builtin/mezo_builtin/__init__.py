@@ -1,5 +1,6 @@
 """mezo-run's built-in plugin: schedules, eviction policies and loggers, registered
-through the ``mezo`` entry point exactly as a third-party package would."""
+through the ``mezo`` entry point exactly as a third-party package would: ``register(cls)``,
+named by ``cls.name``."""
 from mezo_core import hookimpl
 
 from .eviction import FIFO, LFU, LRU, SizeAware
@@ -9,28 +10,28 @@ from .schedules import FZOO, RMS, Constant, Cosine, Exponential, Linear, NoiseFl
 
 @hookimpl
 def register_epsilon_schedules(register):
-    register("constant", Constant)
-    register("linear", Linear)
-    register("cosine", Cosine)
-    register("exponential", Exponential)
+    register(Constant)
+    register(Linear)
+    register(Cosine)
+    register(Exponential)
     # adaptive: they read the run's signals (losses, projected gradients, noise)
-    register("spall", Spall)
-    register("spall_eps", SpallEps)
-    register("noise_floor", NoiseFloor)
-    register("fzoo", FZOO)
-    register("rms", RMS)
+    register(Spall)
+    register(SpallEps)
+    register(NoiseFloor)
+    register(FZOO)
+    register(RMS)
 
 
 @hookimpl
 def register_eviction_policies(register):
-    register("lru", LRU)
-    register("lfu", LFU)
-    register("fifo", FIFO)
-    register("size", SizeAware)
+    register(LRU)
+    register(LFU)
+    register(FIFO)
+    register(SizeAware)
 
 
 @hookimpl
 def register_loggers(register):
-    register("jsonl", JsonlLogger)
-    register("csv", CsvLogger)
-    register("tensorboard", TensorBoardLogger)
+    register(JsonlLogger)
+    register(CsvLogger)
+    register(TensorBoardLogger)

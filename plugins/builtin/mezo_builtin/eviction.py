@@ -7,6 +7,7 @@ from mezo_core import EvictionPolicy
 
 class LRU(EvictionPolicy):
     """Least recently used first."""
+    name = "lru"
 
     def __init__(self):
         self.order = OrderedDict()
@@ -27,6 +28,7 @@ class LRU(EvictionPolicy):
 
 class FIFO(LRU):
     """Oldest insertion first; hits do not refresh."""
+    name = "fifo"
 
     def touch(self, key):
         pass
@@ -34,6 +36,7 @@ class FIFO(LRU):
 
 class LFU(EvictionPolicy):
     """Fewest hits first; ties go to the oldest insertion."""
+    name = "lfu"
 
     def __init__(self):
         self.counts = {}
@@ -55,6 +58,7 @@ class LFU(EvictionPolicy):
 class SizeAware(EvictionPolicy):
     """GreedyDual-Size: evicts the entry with the least (hits+1)/bytes, aged so
     that old large entries eventually go even if they were popular once."""
+    name = "size"
 
     def __init__(self):
         self.entries = {}  # key -> [priority, nbytes, hits]

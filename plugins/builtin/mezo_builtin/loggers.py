@@ -55,6 +55,7 @@ def _replace(path: Path, text: str) -> None:
 
 class JsonlLogger:
     """``metrics.jsonl`` (one JSON object per step) and ``evals.jsonl`` (per evaluation)."""
+    name = "jsonl"
 
     def __init__(self, out_dir, cfg, start_step: int = 0):
         self.files = {}
@@ -84,6 +85,7 @@ class CsvLogger:
     """``metrics.csv`` and ``evals.csv``: one column per field. A field that first
     appears later (a periodic evaluation, a guard event) widens the header, and the
     file is rewritten with the wider header (small files: once per new field)."""
+    name = "csv"
 
     def __init__(self, out_dir, cfg, start_step: int = 0):
         self.paths = {kind: Path(out_dir) / f"{kind}.csv" for kind in ("metrics", "evals")}
@@ -125,6 +127,7 @@ class CsvLogger:
 class TensorBoardLogger:
     """Scalars under ``out_dir/tensorboard``: ``train/<field>`` per step,
     ``eval/<split>/<field>`` per evaluation (``tensorboard --logdir runs``)."""
+    name = "tensorboard"
 
     @classmethod
     def unavailable_reason(cls):

@@ -5,22 +5,29 @@ from mezo_core import Schedule
 
 
 class Constant(Schedule):
+    name = "constant"
+
     def value(self, progress):
         return self.start
 
 
 class Linear(Schedule):
+    name = "linear"
+
     def value(self, progress):
         return self.start + (self.end - self.start) * progress
 
 
 class Cosine(Schedule):
+    name = "cosine"
+
     def value(self, progress):
         return self.end + 0.5 * (self.start - self.end) * (1 + math.cos(math.pi * progress))
 
 
 class Exponential(Schedule):
     """Geometric decay: start * (end/start)**progress (e.g. eps 1e-2 -> 1e-4)."""
+    name = "exponential"
 
     def value(self, progress):
         if self.start <= 0 or self.end <= 0:
@@ -66,6 +73,7 @@ class Spall(_Adaptive):
     target_step (Spall's rule: the first steps should move theta by a chosen
     amount); the probe steps use the uncalibrated a. As an eps schedule, c =
     ``start`` and the decay is c_k."""
+    name = "spall"
 
     OPTIONS = {"alpha": 0.602, "gamma": 0.101, "stability": 0.1, "target_step": None, "probe_steps": 10}
 
@@ -92,6 +100,7 @@ class Spall(_Adaptive):
 
 class SpallEps(Spall):
     """``spall`` for eps: c_k = c / (k + 1)^gamma (see Spall)."""
+    name = "spall_eps"
 
     def __call__(self, step, total_steps):
         return self.eps_at(step)
@@ -110,6 +119,7 @@ class NoiseFloor(_Adaptive):
     sigma is ~0 and eps stays at ``start``; in bf16 it rises as the gradient
     shrinks late in training, where a fixed eps would measure rounding noise
     (MeZO's appendix discusses the eps floor; cf. Spall's c_k >= noise advice)."""
+    name = "noise_floor"
 
     needs_noise = True
     OPTIONS = {"ratio": 10.0, "window": 20, "max_eps": 0.1}
@@ -139,6 +149,7 @@ class FZOO(_Adaptive):
         lr_k = start / (std_i(g_i) + delta)
 
     so the move per direction is ~start whatever the loss scale. Needs mezo.q >= 2."""
+    name = "fzoo"
 
     min_directions = 2
     OPTIONS = {"delta": 1e-8}
@@ -166,6 +177,7 @@ class RMS(_Adaptive):
 
     A projected gradient that grows (a run heading for a sharper region) shrinks
     the step in proportion; no per-parameter state, so MeZO keeps its memory."""
+    name = "rms"
 
     OPTIONS = {"beta": 0.99, "delta": 1e-8}
 
