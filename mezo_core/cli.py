@@ -249,7 +249,8 @@ def cmd_export(args, cfg, registry):
     print(f"wrote {out}: {cfg.model.path} with {adapter} merged in (AutoModelForCausalLM.from_pretrained)")
 
 
-def main(argv=None) -> int:
+def main(argv=None, registry: Registry | None = None) -> int:
+    """The command line; ``registry``: the plugins to use (default: the installed ones)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="mezo-run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
             cmd_init(args)
             return 0
         init_from_env()  # torchrun: join the data-parallel group
-        registry = Registry(make_plugin_manager())
+        registry = registry or Registry(make_plugin_manager())
         config_file = None if args.command == "backends" else (args.config or default_config())
         cfg = load_config(config_file, args.overrides, registry)
         set_threads(cfg)

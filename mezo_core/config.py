@@ -99,6 +99,9 @@ class MezoConfig:
     eps_schedule: str = "constant"         # a schedule plugin: constant, ..., spall_eps, noise_floor
     eps_end: Optional[float] = None        # final eps of shaped schedules (null: eps)
     weight_decay: float = 0.0              # decoupled decay, theta <- (1 - lr*wd) theta
+    # tensors whose name contains one of these are not decayed (MeZO's reference spares
+    # biases and layer norms; matters with hf.full_params)
+    weight_decay_exempt: List[str] = field(default_factory=lambda: ["bias", "norm"])
     # fold restore + update + the next step's +eps*z into one pass over the weights
     # (2 passes per step instead of 3), except before an evaluation or checkpoint
     fuse_steps: bool = True

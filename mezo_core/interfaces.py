@@ -323,7 +323,9 @@ class LocalTensorsBackend(Backend):
     def trainable_tensors(self) -> list[torch.Tensor]:
         return list(self._tensors)
 
-    def perturb(self, terms: Terms, decay: float = 1.0) -> None:
+    def perturb(self, terms: Terms, decay: float | Sequence[float] = 1.0) -> None:
+        """``decay`` (and a term's coefficient) may be one value per trainable
+        tensor, in ``trainable_names`` order: weight decay that exempts some."""
         from .perturb import apply_z
         apply_z(self._tensors, terms, decay, dist=self.z_dist)
 

@@ -5,9 +5,11 @@ g_i = (L+ - L-) / (2*eps). The restore of the last direction, weight decay,
 the update and -- when the trainer passes ``next_direction`` -- the next
 step's +eps'*z' are fused into a single pass over the weights:
 
-    theta <- (1 - lr*wd) * (theta + eps*z_q) - lr/q * sum_i g_i z_i + eps'*z'
+    theta <- (1 - lr*wd) * theta - lr/q * sum_i g_i z_i + eps'*z'
 
-so a step with q = 1 reads and writes the weights twice instead of four times.
+(theta the clean weights; tensors named in ``mezo.weight_decay_exempt`` keep 1
+in place of 1 - lr*wd), so a step with q = 1 reads and writes the weights twice
+instead of four times.
 """
 from __future__ import annotations
 
@@ -75,19 +77,32 @@ def probe(backend: Backend, batch: Sequence[Example], seeds: Sequence[int], eps:
     return StepResult(list(seeds), grads, plus, minus, offset=offset)
 
 
+def decayed(names: Sequence[str], exempt: Sequence[str]) -> list[bool]:
+    """Which tensors weight decay applies to: not those whose name contains one of
+    ``exempt`` (``mezo.weight_decay_exempt``; MeZO's reference spares biases and
+    layer norms, which decay would pull towards 0 rather than regularise)."""
+    return [not any(pattern in name for pattern in exempt) for name in names]
+
+
 def update(backend: Backend, result: StepResult, lr: float, weight_decay: float = 0.0,
-           next_direction: tuple[int, float] | None = None) -> float:
-    """theta <- decay*(theta + offset*z_q) - lr/q * sum g_i z_i [+ eps'*z'] in one pass.
+           next_direction: tuple[int, float] | None = None, decay_mask: Sequence[bool] | None = None) -> float:
+    """theta <- decay*(theta - offset*z_q) - lr/q * sum g_i z_i [+ eps'*z'] in one pass
+    (theta here carries offset*z_q; decay = 1 - lr*wd applies to the clean weights).
 
     ``lr = 0`` (a step the trainer rejects) only restores theta: no gradient term,
     no decay, so a non-finite g never touches the weights.
     ``next_direction = (seed, eps)`` of the next step's first direction folds its
     +eps*z into this pass; returns the multiple of it left applied.
+    ``decay_mask``: per trainable tensor, whether it decays (``decayed``; None: all).
     """
     decay = 1.0 - lr * weight_decay
+    if decay != 1.0 and decay_mask is not None and not all(decay_mask):
+        decay = [decay if d else 1.0 for d in decay_mask]   # per tensor, restore term too
     terms = [(seed, -lr * g / len(result.seeds)) for seed, g in zip(result.seeds, result.grads)] if lr else []
     if result.offset:
-        terms.append((result.seeds[-1], -decay * result.offset))
+        restore = ([-d * result.offset for d in decay] if isinstance(decay, list)
+                   else -decay * result.offset)
+        terms.append((result.seeds[-1], restore))
     if next_direction is not None:
         terms.append(next_direction)
     backend.perturb(terms, decay=decay)
@@ -97,9 +112,10 @@ def update(backend: Backend, result: StepResult, lr: float, weight_decay: float 
 
 def mezo_step(backend: Backend, batch: Sequence[Example], seeds: Sequence[int],
               eps: float, lr: float, weight_decay: float = 0.0, reduce=None,
-              applied: float = 0.0, next_direction: tuple[int, float] | None = None) -> StepResult:
+              applied: float = 0.0, next_direction: tuple[int, float] | None = None,
+              decay_mask: Sequence[bool] | None = None) -> StepResult:
     """One MeZO update of the backend's trainable tensors (``probe`` then ``update``);
     returns what was measured. Pass the returned ``applied`` to the next step."""
     result = probe(backend, batch, seeds, eps, reduce, applied)
-    update(backend, result, lr, weight_decay, next_direction)
+    update(backend, result, lr, weight_decay, next_direction, decay_mask)
     return result

@@ -187,10 +187,14 @@ def triton_available() -> bool:
 
 
 @torch.no_grad()
-def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
-            decay: float = 1.0, indices: Sequence[int] | None = None, kernel: str = "auto",
+def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float | Sequence[float]]],
+            decay: float | Sequence[float] = 1.0, indices: Sequence[int] | None = None, kernel: str = "auto",
             dist: str = "gaussian") -> None:
     """In place, for every tensor i: theta_i <- decay*theta_i + sum_k coef_k*z(seed_k, i).
+
+    ``decay`` and any ``coef_k`` may instead hold one value per tensor (weight decay
+    that exempts some tensors, and the restore term it scales): the tensors that
+    share their values then go through one call each, still one pass per tensor.
 
     Every element is read and written once per call, whatever the number of
     terms: this is what lets a MeZO step fold restore, update and the next
@@ -202,6 +206,9 @@ def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
     ``dist`` is the distribution of z (``philox.DISTS``).
     """
     check_dist(dist)
+    if not isinstance(decay, (int, float)) or any(not isinstance(c, (int, float)) for _, c in terms):
+        _apply_per_tensor(tensors, terms, decay, indices, kernel, dist)
+        return
     terms = merge_terms(terms)
     if not terms and decay == 1.0:
         return
@@ -229,6 +236,23 @@ def apply_z(tensors: Sequence[torch.Tensor], terms: Sequence[tuple[int, float]],
             _apply_chunked(index, tensor, terms, decay, dist)
     if group:
         _apply_group(group, terms, decay, dist)
+
+
+def _apply_per_tensor(tensors, terms, decay, indices, kernel, dist):
+    """``apply_z`` with per-tensor decay or coefficients: one call per set of
+    tensors with equal values, each tensor under its own z index."""
+    n = len(tensors)
+    indices = list(range(n)) if indices is None else list(indices)
+    per = lambda v: [float(v)] * n if isinstance(v, (int, float)) else [float(x) for x in v]  # noqa: E731
+    decays, coefs = per(decay), [per(c) for _, c in terms]
+    if len(decays) != n or any(len(c) != n for c in coefs):
+        raise ValueError(f"per-tensor decay and coefficients need {n} values, one per tensor")
+    groups: dict[tuple, list[int]] = {}
+    for pos in range(n):
+        groups.setdefault((decays[pos], *(c[pos] for c in coefs)), []).append(pos)
+    for (d, *cs), members in groups.items():
+        apply_z([tensors[p] for p in members], [(seed, c) for (seed, _), c in zip(terms, cs)], d,
+                [indices[p] for p in members], kernel, dist)
 
 
 def _apply_group(group, terms, decay, dist):

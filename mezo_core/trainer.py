@@ -25,7 +25,7 @@ from .distributed import rank_and_world, shard, sum_over_ranks
 from .errors import MezoError
 from .guard import Guard
 from .interfaces import Signals
-from .mezo import direction_seeds, probe, update
+from .mezo import decayed, direction_seeds, probe, update
 
 
 def make_schedule(registry, field, name, start, end, warmup, options, q):
@@ -97,6 +97,7 @@ class Trainer:
         self.lr = make_schedule(registry, "mezo.lr_schedule", m.lr_schedule, m.lr, m.lr_end, m.warmup_steps,
                                 m.lr_schedule_options, m.q)
         self.guard = Guard(cfg.guard)
+        self.decay_mask = decayed(backend.trainable_names(), list(m.weight_decay_exempt))
         self.task = Task(cfg.task, backend.tokenizer, batch_size=cfg.mezo.batch_size)
         self.logger_classes = [logger_class(registry, name) for name in cfg.report_to]  # checked before any file
         self.loggers = []
@@ -149,7 +150,8 @@ class Trainer:
             next_direction = None
             if m.fuse_steps and not (rejected or self._pauses_after(step + 1) or self._anchors(step + 1, new_best)):
                 next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
-            applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction)
+            applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction,
+                             decay_mask=self.decay_mask)
             if rejected:  # back to the best state seen, with a smaller step
                 cut = cfg.guard.nonfinite_cut if event["event"] == "nonfinite" else cfg.guard.cut
                 event = self.guard.roll_back(step + 1, event, cut)

@@ -222,7 +222,7 @@ def stopped_run(tmp_path_factory, tiny_llama):
     stopper = InterruptAt(5)
     get_registry().pm.register(stopper)
     try:
-        assert main(["train", "-c", str(cfg)]) == 130
+        assert main(["train", "-c", str(cfg)], get_registry()) == 130
     finally:
         get_registry.cache_clear()
     ckpts = tmp / "run" / "checkpoints"

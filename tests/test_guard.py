@@ -267,7 +267,7 @@ def test_resume_after_roll_backs_is_bitwise(tmp_path, tiny_llama, capsys, fresh_
         if interrupt:
             stopper = InterruptAt(13)
             reg.pm.register(stopper)
-            assert main(["train", "-c", str(cfg), "mezo.lr=1e30"]) == 130
+            assert main(["train", "-c", str(cfg), "mezo.lr=1e30"], reg) == 130
             reg.pm.unregister(stopper)
             assert main(["train", "-c", str(cfg), "mezo.lr=1e30", "--resume"]) == 0
         else:

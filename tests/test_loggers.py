@@ -24,10 +24,10 @@ def fresh_registry():
     get_registry.cache_clear()
 
 
-def train(tmp_path, model, *overrides, steps=5):
+def train(tmp_path, model, *overrides, steps=5, registry=None):
     cfg = write_run_config(tmp_path, model, {"mezo.steps": steps, "checkpoint_every": 2, "eval_every": 2,
                                              "load_best_at_end": False})
-    return cfg, main(["train", "-c", str(cfg), *overrides])
+    return cfg, main(["train", "-c", str(cfg), *overrides], registry)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_resume_leaves_the_logs_of_the_uninterrupted_run(run, tmp_path, tiny_lla
     stopper = InterruptAt(3)   # after step 3's eval-free row; the last checkpoint is step 2
     fresh_registry.pm.register(stopper)
     try:
-        cfg, code = train(tmp_path, tiny_llama, "report_to=[jsonl,csv]")
+        cfg, code = train(tmp_path, tiny_llama, "report_to=[jsonl,csv]", registry=fresh_registry)
     finally:
         fresh_registry.pm.unregister(stopper)
     assert code == 130
@@ -129,7 +129,7 @@ class HookOnly:
 
 def test_backends_lists_hook_only_plugins(capsys, fresh_registry):
     fresh_registry.pm.register(HookOnly(), name="my-hook-only-plugin")
-    assert main(["backends"]) == 0
+    assert main(["backends"], fresh_registry) == 0
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if "my-hook-only-plugin" in l)
     assert "on_step_end" in line

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mezo_core import Backend, Example
-from mezo_core.mezo import direction_seeds, mezo_step
+from mezo_core.mezo import decayed, direction_seeds, mezo_step
 from mezo_core.perturb import apply_z, z_like
 
 SHAPES = [(4, 3), (7,), (2, 5)]
@@ -61,7 +61,9 @@ BATCH = [Example((0,), (1,)), Example((2,), (1,)), Example((1,), (1,))]
 def reference_step(tensors, loss_fn, seeds, eps, lr, wd):
     """Algorithm 1 (MeZO), written out: for each direction, theta += eps z; L+;
     theta -= 2 eps z; L-; g = (L+ - L-)/(2 eps); theta += eps z (restore). Then
-    theta <- theta - lr * (mean_i g_i z_i + wd * theta)."""
+    theta <- theta - lr * (mean_i g_i z_i + wd * theta). ``wd``: a number, or one
+    per tensor."""
+    wds = wd if isinstance(wd, list) else [wd] * len(tensors)
     grads = []
     for seed in seeds:
         zs = [z_like(t, seed, i) for i, t in enumerate(tensors)]
@@ -76,7 +78,7 @@ def reference_step(tensors, loss_fn, seeds, eps, lr, wd):
         grads.append((lp - lm) / (2 * eps))
     for i, t in enumerate(tensors):
         update = sum(g * z_like(t, s, i) for s, g in zip(seeds, grads)) / len(seeds)
-        t.sub_(lr * (update + wd * t))
+        t.sub_(lr * (update + wds[i] * t))
     return grads
 
 
@@ -205,3 +207,73 @@ def test_fused_schedule_makes_two_passes_per_step():
     assert count(fused) == 2 * 5 + 1      # the first step's own +eps z
     last_of_step = [c for c in fused.calls if c[0] == "perturb" and len(c[1]) == 3]
     assert len(last_of_step) == 4         # update, restore, next direction in one call
+
+
+# -- weight decay that spares biases and norms (mezo.weight_decay_exempt) ----------------
+class NamedBackend(QuadraticBackend):
+    """Full-parameter-like names: a weight, a bias and a norm weight."""
+    NAMES = ["model.layers.0.mlp.weight", "model.layers.0.mlp.bias", "model.layers.0.input_layernorm.weight"]
+
+    def trainable_names(self):
+        return list(self.NAMES)
+
+
+def test_decayed_spares_the_names_that_hold_a_pattern():
+    names = ["q_proj.lora_A.default.weight", "mlp.bias", "model.norm.weight", "input_layernorm.weight",
+             "attn.c_attn.weight"]
+    assert decayed(names, ["bias", "norm"]) == [True, False, False, False, True]
+    assert decayed(names, []) == [True] * 5
+
+
+def test_apply_z_with_per_tensor_decay_and_coefficients():
+    """The oracle: theta_i * d_i + sum_k c_ki z(seed_k, i), computed tensor by tensor."""
+    torch.manual_seed(1)   # the tensors only
+    tensors = [torch.randn(s) for s in SHAPES]
+    before = [t.clone() for t in tensors]
+    decays, terms = [0.9, 1.0, 0.9], [(11, 0.5), (12, [-0.25, 0.125, -0.25])]
+    apply_z(tensors, terms, decays)
+    for i, (t, t0) in enumerate(zip(tensors, before)):
+        expect = decays[i] * t0.double()
+        for seed, c in terms:
+            expect += (c if isinstance(c, float) else c[i]) * z_like(t0, seed, i).double()
+        torch.testing.assert_close(t.double(), expect, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("backend_cls", [QuadraticBackend, SideBySideBackend])
+def test_weight_decay_spares_biases_and_norms(fused, q, backend_cls):
+    """Against Algorithm 1 written out with wd on the weight only."""
+    eps, lr, wd = 1e-3, 1e-2, 0.5
+    backend = type("Named", (NamedBackend, backend_cls), {})()
+    mask = decayed(backend.trainable_names(), ["bias", "norm"])
+    assert mask == [True, False, False]
+    ref = QuadraticBackend()
+    applied, steps = 0.0, 4
+    for step in range(steps):
+        seeds = direction_seeds(9, step, q)
+        nxt = (direction_seeds(9, step + 1, q)[0], eps) if fused and step + 1 < steps else None
+        result = mezo_step(backend, BATCH, seeds, eps, lr, wd, applied=applied, next_direction=nxt,
+                           decay_mask=mask)
+        applied = result.applied
+        grads = reference_step(ref.tensors, lambda: float(ref.losses(BATCH).mean()), seeds, eps, lr,
+                               [wd, 0.0, 0.0])
+        assert result.grads == pytest.approx(grads, rel=1e-3, abs=1e-6)
+    for a, b in zip(backend.tensors, ref.tensors):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_of_lora_only_names_is_unchanged_bit_for_bit():
+    """No name holds a pattern: the same single-decay calls as without a mask."""
+    with_mask, without = QuadraticBackend(), QuadraticBackend()
+    mask = decayed(["a.lora_A.weight", "a.lora_B.weight", "b.lora_A.weight"], ["bias", "norm"])
+    applied = [0.0, 0.0]
+    for step in range(4):
+        nxt = (direction_seeds(2, step + 1, 1)[0], 1e-3)
+        ra = mezo_step(with_mask, BATCH, direction_seeds(2, step, 1), 1e-3, 1e-2, 0.1, applied=applied[0],
+                       next_direction=nxt, decay_mask=mask)
+        rb = mezo_step(without, BATCH, direction_seeds(2, step, 1), 1e-3, 1e-2, 0.1, applied=applied[1],
+                       next_direction=nxt)
+        applied = [ra.applied, rb.applied]
+    assert with_mask.calls == without.calls
+    assert all(torch.equal(a, b) for a, b in zip(with_mask.tensors, without.tensors))

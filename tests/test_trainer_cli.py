@@ -148,7 +148,8 @@ def test_bad_key_in_the_config_file(tmp_path, tiny_llama, capsys, fresh_registry
     assert main(["train", "-c", str(cfg)]) == 2
     err = error_text(capsys.readouterr().err).strip()
     n = len(cfg.read_text().splitlines())
-    assert err == f"mezo-run: error: {cfg}, line {n}: field 'verbose': Key 'verbose' not in 'RunConfig'"
+    assert err == (f"mezo-run: error: {cfg}, line {n}: field 'verbose': Key 'verbose' not in 'RunConfig' "
+                   "(neither a core field nor the section of an installed plugin: see mezo-run backends)")
     assert main(["train", "-c", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -173,7 +174,7 @@ def test_resume_reproduces_the_uninterrupted_run(stop_at, uninterrupted, tmp_pat
     stopper = InterruptAt(stop_at)
     fresh_registry.pm.register(stopper)
     try:
-        assert main(["train", "-c", str(cfg)]) == 130
+        assert main(["train", "-c", str(cfg)], fresh_registry) == 130
     finally:
         fresh_registry.pm.unregister(stopper)
     assert "--resume" in capsys.readouterr().err
