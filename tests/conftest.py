@@ -1,17 +1,44 @@
+import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import build_model  # noqa: E402
+
+#: the global RNGs' seed of every test (replay or vary a run with MEZO_TEST_SEED=N)
+SEED = int(os.environ.get("MEZO_TEST_SEED", "0"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests need CUDA: skipped where there is none, so the CPU
+    suite stays green and ``pytest -m gpu`` on the GPU host runs exactly them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs():
+    """random, numpy and torch start every test from SEED, printed (shown with a
+    failure), so a test that draws from them can be replayed."""
+    print(f"seed {SEED} (global RNGs; MEZO_TEST_SEED)")
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core
     machine OpenMP's spinning makes their forwards ~3x slower."""
-    import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -19,6 +19,7 @@ class QuadraticBackend(Backend):
     name = "quadratic"
 
     def __init__(self, seed=0):
+        print("seed", seed)
         g = torch.Generator().manual_seed(seed)
         self.tensors = [torch.randn(s, generator=g) for s in SHAPES]
         self.targets = [torch.randn(s, generator=g) for s in SHAPES]
@@ -227,8 +228,9 @@ def test_decayed_spares_the_names_that_hold_a_pattern():
 
 def test_apply_z_with_per_tensor_decay_and_coefficients():
     """The oracle: theta_i * d_i + sum_k c_ki z(seed_k, i), computed tensor by tensor."""
-    torch.manual_seed(1)   # the tensors only
-    tensors = [torch.randn(s) for s in SHAPES]
+    print("seed", 1)
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(s, generator=gen) for s in SHAPES]
     before = [t.clone() for t in tensors]
     decays, terms = [0.9, 1.0, 0.9], [(11, 0.5), (12, [-0.25, 0.125, -0.25])]
     apply_z(tensors, terms, decays)
