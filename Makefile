@@ -29,5 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# a named suite of benchmarks (python -m benchmarks list): make bench SUITE=cpu
+SUITE ?= smoke
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_hf
+	$(BIN)/python -m benchmarks run $(SUITE)
