@@ -7,7 +7,8 @@
 Every step is a process of its own (``python -m ...``, a timeout each: a hung
 engine cannot stop the rest); a step whose module writes JSON gets ``--out`` and
 its result is kept whole. The suite's JSON holds the device, the versions, the
-command and, per step, its command, exit code, time, result and the end of its log.
+command and, per step, its command, exit code, time, result and the end of its log
+(files a harness writes beside its JSON, e.g. a chart, are kept as SUITE-...-NAME).
 """
 from __future__ import annotations
 
@@ -180,10 +181,13 @@ def run(name: str, out_dir: Path | None = None, env: dict | None = None, command
         if target.exists():
             row["result"] = json.loads(target.read_text())
             target.unlink()
+        for extra in sorted(work.iterdir()):   # what a harness writes beside its JSON (compare's PNG)
+            kept = extra.rename(out_dir / f"{out.stem}-{extra.name}")
+            row.setdefault("files", []).append(kept.name)
         record["steps"].append(row)
         print(f"   rc={rc} in {row['wall_s']} s", file=sys.stderr, flush=True)
         out.write_text(json.dumps(record, indent=1) + "\n")   # rewritten after every step
-    work.rmdir() if not any(work.iterdir()) else None
+    work.rmdir()
     record["all_ok"] = all(row["rc"] == 0 for row in record["steps"])
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)

@@ -21,6 +21,7 @@ p.add_argument("--out")
 args = p.parse_args()
 print("measured", args.value)
 json.dump({"value": args.value}, open(args.out, "w"))
+open(args.out[:-5] + ".png", "w").write("a chart")
 sys.exit(0 if args.value else 3)
 '''
 
@@ -60,4 +61,6 @@ def test_run_records_device_versions_command_and_each_result(tmp_path, monkeypat
     assert one["rc"] == 0 and one["result"] == {"value": 7} and "measured 7" in one["log_tail"]
     assert one["command"] == "python -m fakebench --value 7"
     assert failing["rc"] == 3 and record["all_ok"] is False
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [files[0].name]   # no leftovers
+    assert one["files"] == [f"{files[0].stem}-one.png"]    # a chart beside the JSON is kept, named
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(
+        [files[0].name, *one["files"], *failing["files"]])
