@@ -36,8 +36,9 @@ VOCAB_LO, VOCAB_HI = 4, 290
 
 def make_cfg(model_dir, **vllm_opts):
     from omegaconf import OmegaConf
-    from mezo_core.config import RunConfig
-    cfg = OmegaConf.structured(RunConfig)
+    from mezo_core.config import schema
+    from mezo_core.registry import get_registry
+    cfg = OmegaConf.structured(schema(get_registry()))   # RunConfig + the plugins' sections
     cfg.model.path = str(model_dir)
     cfg.backend = "vllm"
     cfg.seed = 0
