@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in MODULES:
         module = importlib.import_module(f"benchmarks.{argv[0]}")
+        sys.argv = [module.__file__, *argv[1:]]   # what the harness records as its command
         if argv[0] == "compare":
             return module.main(argv[1:], prog="python -m benchmarks compare")
         return module.main(argv[1:]) or 0
