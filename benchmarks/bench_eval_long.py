@@ -28,7 +28,7 @@ import torch
 from mezo_core.config import load_config
 from mezo_core.data import Task
 from mezo_core.models import resolve_model_dir
-from mezo_core.registry import get_registry
+from mezo_core.registry import Registry, make_plugin_manager
 
 SEED = 15
 
@@ -114,11 +114,12 @@ def main(argv=None):
         base = [f"model.path={model_dir}", f"task.train={data}", f"task.dev={data}", "task.k_per_class=null",
                 "task.template=Review: {text}\nSentiment:", "task.verbalizer=[' negative',' positive']",
                 "hf.trunk_cache=false", "lora.r=4", f"eval_batch_size={args.batch_size}"]
-        cfg = load_config(None, base)
-        backend = get_registry().get("backends", "hf")(cfg)
+        registry = Registry(make_plugin_manager())
+        cfg = load_config(None, base, registry)
+        backend = registry.get("backends", "hf")(cfg, registry)
         backend.perturb([(SEED, 1e-2)])                       # a non-zero adapter
         task = Task(cfg.task, backend.tokenizer)
-        cut_cfg = load_config(None, base + [f"task.max_tokens={args.max_tokens}"])
+        cut_cfg = load_config(None, base + [f"task.max_tokens={args.max_tokens}"], registry)
         cut_task = Task(cut_cfg.task, backend.tokenizer)
         old_evaluate(task, backend, args.batch_size)[:1]      # warm-up (allocator, kernels)
         rows = {}
