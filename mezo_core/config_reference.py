@@ -29,7 +29,7 @@ def _comments(path: str) -> dict[int, str]:
     out, above, trailing = {}, [], None   # trailing: (field line, comment column)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            text, line, col = tok.string.lstrip("#").strip(), tok.start[0], tok.start[1]
+            text, line, col = tok.string.lstrip("#").lstrip(":").strip(), tok.start[0], tok.start[1]
             if not tok.line.strip().startswith("#"):
                 out[line], trailing = text, (line, col)
             elif trailing and col == trailing[1]:

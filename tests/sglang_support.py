@@ -47,8 +47,11 @@ def make_config(model_dir, device="cpu", dtype="float32", seed=0, r=8, sglang=No
     cfg = load_config(None, [f"model.path={model_dir}", f"model.device={device}",
                              f"model.dtype={dtype}", f"seed={seed}", f"lora.r={r}",
                              f"lora.alpha={2 * r}"] + [f"{k}={v}" for k, v in extra.items()])
-    if sglang:
-        cfg.sglang = OmegaConf.merge(cfg.sglang, sglang)
+    if sglang:  # the typed section; keys that are not SGLangOptions' go to its engine dict
+        from mezo_backend_sglang.backend import SGLangOptions
+        from mezo_core.interfaces import section_options
+        merged = {**OmegaConf.to_container(cfg.sglang), **sglang}
+        cfg.sglang = section_options(SGLangOptions, merged, "sglang", rest="engine")
     return cfg
 
 

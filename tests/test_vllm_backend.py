@@ -45,8 +45,11 @@ def make_cfg(model_dir, **vllm_opts):
     cfg.lora.r = 8
     cfg.lora.alpha = 16.0
     cfg.lora.target_modules = ["q_proj", "v_proj"]
-    cfg.vllm = {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256, "max_num_seqs": 64,
-                **vllm_opts}
+    from mezo_backend_vllm.backend import VLLMOptions
+    from mezo_core.interfaces import section_options
+    # the typed section; keys that are not VLLMOptions' go to its engine dict
+    cfg.vllm = section_options(VLLMOptions, {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256,
+                                             "max_num_seqs": 64, **vllm_opts}, "vllm", rest="engine")
     return cfg
 
 
