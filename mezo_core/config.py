@@ -228,8 +228,11 @@ def _line_of(text: str, key: str) -> str:
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
+    kind = getattr(exc, "object_type", None)
     if "." not in key and msg.endswith("not in 'RunConfig'"):
         msg += " (neither a core field nor the section of an installed plugin: see mezo-run backends)"
+    elif msg.startswith("Key '") and "not in" in msg and is_dataclass(kind):
+        msg += f" (its keys: {', '.join(f.name for f in fields(kind))})"
     return key, msg
 
 

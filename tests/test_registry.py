@@ -200,7 +200,8 @@ def test_outside_backend_gets_its_typed_options_and_the_registry(toy_plugin, tmp
 
 
 @pytest.mark.parametrize("override, message", [
-    ("toy.nope=1", r"override 'toy.nope=1': field 'toy.nope': Key 'nope' not in 'ToyOptions'"),
+    ("toy.nope=1", r"override 'toy.nope=1': field 'toy.nope': Key 'nope' not in 'ToyOptions' "
+                   r"\(its keys: width, label\)"),
     ("toy.width=wide", r"override 'toy.width=wide': field 'toy.width': Value 'wide' .*could not be converted"),
     ("elsewhere.x=1", r"field 'elsewhere': .*neither a core field nor the section of an installed plugin"),
 ])
