@@ -147,7 +147,9 @@ CONFIG_CASES = {   # override: needles
     "mezo.weight_decay=-0.01": ["mezo.weight_decay", ">= 0"],
     "keep_checkpoints=0": ["keep_checkpoints", ">= 1"],
     "mezo.steps=[": ["mezo.steps", "cannot parse"],
-    "hf.cache_policy={lru": ["hf.cache_policy", "cannot parse"],
+    # a plugin's typed section is read like the core's: a string field takes the text as written
+    "hf.cache_budget_mb={lru": ["hf.cache_budget_mb", "cannot parse"],
+    "hf.trunk_cache=maybe": ["hf.trunk_cache", "maybe"],
 }
 
 
