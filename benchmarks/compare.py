@@ -3,7 +3,7 @@
     python -m benchmarks.compare                                  # CPU: tiny Llama shape, every row
     python -m benchmarks.compare --rows hf,hf-trunk,vllm          # a subset
     python -m benchmarks.compare --device cuda --shape llama-1.1b --batch 16 --seq 256
-    mezo-run bench ...                                            # the same
+    python -m benchmarks compare ...                              # the same, from the package entry
 
 Workload (``benchmarks.common.workload``): B rows of T tokens with random
 ids, prompt = the first T-1 tokens, target = the last one; with
