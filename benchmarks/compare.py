@@ -544,8 +544,8 @@ def main(argv=None, prog="python -m benchmarks.compare") -> int:
 
     vocab = SHAPES[args.shape]["vocab_size"]
     batches, n_prefix = make_batches(args.batch, args.seq, vocab, args.prefix_frac, args.batch_pool)
-    from mezo_core.registry import get_registry
-    registry = get_registry()  # the harness is a program of its own: it owns the registry its backends get
+    from mezo_core.registry import Registry, make_plugin_manager
+    registry = Registry(make_plugin_manager())  # a program of its own: it owns the registry its backends get
     rows = [Row(k, args, registry) for k in args.row_keys]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

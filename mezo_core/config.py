@@ -241,9 +241,8 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
 
     ``registry``: whose plugins' option sections the schema holds (default: the
     installed plugins)."""
-    if registry is None:
-        from .registry import get_registry
-        registry = get_registry()
+    from .registry import or_installed
+    registry = or_installed(registry)
     cfg = OmegaConf.structured(schema(registry))
     if path is not None:
         path = Path(path)

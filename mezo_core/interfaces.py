@@ -280,15 +280,6 @@ class Backend(abc.ABC):
             self.load_adapter(tmp)
 
 
-def plugin_registry(registry=None):
-    """The run's registry, or -- for a backend built outside a run (tests,
-    notebooks) -- the one of this process's installed plugins."""
-    if registry is not None:
-        return registry
-    from .registry import get_registry
-    return get_registry()
-
-
 class BoundForwards:
     """A backend's ``losses``/``choice_losses`` with keyword arguments bound
     (e.g. per-example ``adapters`` of a side-by-side batch), so that

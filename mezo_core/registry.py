@@ -89,3 +89,9 @@ def get_registry() -> Registry:
     """The installed plugins, loaded once: for tests and interactive use. The CLI builds
     its own registry and hands it to what needs one (config, backend, trainer)."""
     return Registry(make_plugin_manager())
+
+
+def or_installed(registry: Registry | None) -> Registry:
+    """``registry``, or the registry of this process's installed plugins: for a config
+    or backend made outside a run (tests, notebooks). The one global lookup."""
+    return registry if registry is not None else get_registry()

@@ -12,7 +12,8 @@ import torch
 from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (initial_adapter, peft_lora_config, read_peft_adapter, read_tensors,
                                write_peft_adapter, write_tensors)
-from mezo_core.interfaces import BackendStats, BoundForwards, plugin_registry, section_options
+from mezo_core.interfaces import BackendStats, BoundForwards, section_options
+from mezo_core.registry import or_installed
 from mezo_core.models import resolve_model_dir
 from mezo_core.perturb import configured_dist
 
@@ -51,7 +52,7 @@ class HFBackend(LocalTensorsBackend):
             self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
         pad = self.tokenizer.pad_token_id
         self.forwards = Forwards(self.model, self.device, pad if pad is not None else (self.tokenizer.eos_token_id or 0),
-                                 self._make_trunk(opts, plugin_registry(registry)), opts.trim_last_layer,
+                                 self._make_trunk(opts, or_installed(registry)), opts.trim_last_layer,
                                  opts.prefix_min_tokens if opts.prefix_sharing else None)
         self._configure_graphs(opts)
         if opts.pm_batch:
