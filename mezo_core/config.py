@@ -188,21 +188,40 @@ def schema(registry) -> type:
     return make_dataclass("RunConfig", extra, bases=(RunConfig,))
 
 
-def plugin_options(cfg: DictConfig, cls) -> Any:
-    """A plugin's settings: an instance of ``cls.options`` (its defaults where the
-    config has no section of that name), else the free-form section as a dict."""
-    return _section_options(cfg, cls.name, getattr(cls, "options", None))
-
-
-def _section_options(cfg: DictConfig, name: str, options) -> Any:
-    section = cfg.get(name) if isinstance(cfg, DictConfig) else None
+def plugin_options(cfg, cls) -> Any:
+    """A plugin's settings from the section named ``cls.name``: an instance of
+    ``cls.options`` (its defaults where the config has no such section), else the
+    free-form section as a dict."""
+    section = cfg.get(cls.name) if hasattr(cfg, "get") else getattr(cfg, cls.name, None)
+    options = getattr(cls, "options", None)
     if options is None:
-        return OmegaConf.to_container(section, resolve=True) if section is not None else {}
+        return dict(OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section)
+                    else section or {})
+    return options_from(options, section, cls.name)
+
+
+def options_from(options: type, section, name: str) -> Any:
+    """An ``options`` dataclass from its config section ``name``: None (the defaults),
+    an instance, a typed node (``load_config``'s) or a plain mapping (tests,
+    notebooks). Unknown keys and the dataclass's own checks are one-line errors
+    naming ``name.key``."""
     if section is None:
         return options()
+    if isinstance(section, options):
+        return section
+    if OmegaConf.is_config(section) and OmegaConf.get_type(section) is options:
+        try:
+            return OmegaConf.to_object(section)
+        except (ValueError, TypeError, OmegaConfBaseException) as exc:  # the dataclass's own checks
+            raise MezoError(f"config field {name!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    values = dict(OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section)
+    known = [f.name for f in fields(options)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise MezoError(f"config field '{name}.{unknown[0]}': unknown option (its keys: {', '.join(known)})")
     try:
-        return OmegaConf.to_object(section)
-    except (ValueError, TypeError, OmegaConfBaseException) as exc:  # the dataclass's own checks
+        return options(**values)
+    except (ValueError, TypeError) as exc:
         raise MezoError(f"config field {name!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
@@ -277,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
     validate(cfg)
     for name, kind in plugin_sections(registry).items():
         if is_dataclass(kind):  # the options' own checks (__post_init__), before any work
-            _section_options(cfg, name, kind)
+            options_from(kind, cfg.get(name), name)
     return cfg
 
 

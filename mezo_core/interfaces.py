@@ -110,26 +110,6 @@ def check_option_types(options, prefix: str) -> None:
                             f"(like the default {default!r}), got {value!r}")
 
 
-def section_options(cls, section, prefix: str, rest: str | None = None):
-    """``cls(**section)`` for a plugin's config section: None, a mapping, an
-    OmegaConf node or already a ``cls``. Unknown keys are errors that name the
-    field and list the known ones -- or, with ``rest`` (the name of a dict
-    field, e.g. an engine's pass-through keyword arguments), go into that field."""
-    if isinstance(section, cls):
-        return section
-    values = {}
-    if section is not None:
-        from omegaconf import OmegaConf
-        values = dict(OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section)
-    known = sorted(f.name for f in fields(cls))
-    unknown = sorted(set(values) - set(known))
-    if unknown and rest is not None:
-        values[rest] = {**{k: values.pop(k) for k in unknown}, **dict(values.get(rest) or {})}
-    elif unknown:
-        raise MezoError(f"config field '{prefix}.{unknown[0]}': unknown option (known: {', '.join(known)})")
-    return cls(**values)
-
-
 # A perturbation: theta <- decay * theta + sum(coef * z(seed)) over the terms.
 Terms = Sequence[tuple[int, float]]
 

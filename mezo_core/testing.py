@@ -108,3 +108,15 @@ class InterruptAt:
     def on_step_end(self, step, metrics):
         if step == self.step:
             raise KeyboardInterrupt
+
+
+def typed_section(options: type, values: dict, name: str):
+    """An engine backend's options from one flat mapping, as tests write them: keys
+    that are not fields of ``options`` go to its ``engine`` dict (the engine's own
+    keyword arguments)."""
+    from dataclasses import fields
+
+    from .config import options_from
+    known = {f.name for f in fields(options)}
+    engine = {**{k: v for k, v in values.items() if k not in known}, **dict(values.get("engine") or {})}
+    return options_from(options, {**{k: v for k, v in values.items() if k in known}, "engine": engine}, name)

@@ -397,11 +397,11 @@ VALUES = st.one_of(st.text(max_size=20), st.sampled_from(
        eq=st.sampled_from(["=", "=", " = ", ""]))
 def test_fuzz_overrides(key, value, eq):
     from mezo_backend_hf.options import HFOptions
-    from mezo_core.interfaces import section_options
+    from mezo_core.config import options_from
     item = f"{key}{eq}{value}"
     try:
         cfg = load_config(None, [item])
-        section_options(HFOptions, cfg.hf, "hf")
+        options_from(HFOptions, cfg.hf, "hf")
     except MezoError as exc:
         assert "\n" not in str(exc), str(exc)
         event("refused")

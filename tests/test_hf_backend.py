@@ -362,10 +362,10 @@ def test_one_layer_model_without_trunk_cache(tmp_path):
 
 def test_hf_options_are_validated_in_one_place():
     from mezo_backend_hf.options import HFOptions
-    from mezo_core.interfaces import section_options
+    from mezo_core.config import options_from
     assert HFBackend.options is HFOptions
-    assert section_options(HFOptions, None, "hf") == HFOptions()
-    assert section_options(HFOptions, {"cache_budget_mb": 2}, "hf").cache_budget_mb == 2   # an int is a float
+    assert options_from(HFOptions, None, "hf") == HFOptions()
+    assert options_from(HFOptions, {"cache_budget_mb": 2}, "hf").cache_budget_mb == 2   # an int is a float
     cases = [({"trunk_cache": "maybe"}, "'hf.trunk_cache': expected a bool"),
              ({"prefix_min_tokens": True}, "'hf.prefix_min_tokens': expected a int"),
              ({"lora_dtype": "bf16"}, "'hf.lora_dtype'"),
@@ -375,7 +375,7 @@ def test_hf_options_are_validated_in_one_place():
              ({"prefix_min_tokens": 0}, "hf.prefix_min_tokens")]
     for section, message in cases:
         with pytest.raises(MezoError, match=message):
-            section_options(HFOptions, section, "hf")
+            options_from(HFOptions, section, "hf")
 
 
 def test_backend_stats_record(tiny_llama):

@@ -12,7 +12,8 @@ import torch
 from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (initial_adapter, peft_lora_config, read_peft_adapter, read_tensors,
                                write_peft_adapter, write_tensors)
-from mezo_core.interfaces import BackendStats, BoundForwards, section_options
+from mezo_core.config import options_from
+from mezo_core.interfaces import BackendStats, BoundForwards
 from mezo_core.registry import or_installed
 from mezo_core.models import resolve_model_dir
 from mezo_core.perturb import configured_dist
@@ -33,7 +34,7 @@ class HFBackend(LocalTensorsBackend):
     def __init__(self, cfg, registry=None):
         from transformers import AutoTokenizer
 
-        self.opts = opts = section_options(HFOptions, cfg.get("hf"), "hf")
+        self.opts = opts = options_from(HFOptions, cfg.get("hf"), "hf")
         model_dir = resolve_model_dir(cfg.model.path)
         self.device = torch.device(cfg.model.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():

@@ -41,7 +41,8 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
 import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
-from mezo_core.interfaces import BackendStats, check_option_types, section_options
+from mezo_core.config import options_from
+from mezo_core.interfaces import BackendStats, check_option_types
 from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
@@ -193,7 +194,7 @@ class SGLangBackend(LocalTensorsBackend):
         self.lora = cfg.lora
         self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
         self.z_dist = configured_dist(cfg)
-        self.opts = opts = section_options(SGLangOptions, cfg.get("sglang"), "sglang", rest="engine")
+        self.opts = opts = options_from(SGLangOptions, cfg.get("sglang"), "sglang")
         self.transport = opts.adapter_transport
         if self.transport == "auto":
             self.transport = "tensors" if engine_factory is not None else "bucket"

@@ -70,7 +70,8 @@ from typing import Any, ClassVar, Dict, Sequence
 import torch
 
 from mezo_core import Backend, Example, MezoError
-from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types, section_options
+from mezo_core.config import options_from
+from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types
 from mezo_core.adapter import adapter_shapes, initial_adapter, read_peft_adapter, write_peft_adapter
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
@@ -153,7 +154,7 @@ class VLLMBackend(Backend):
 
         self.llm = None
         self._workdir = None
-        self.opts = section_options(VLLMOptions, cfg.get("vllm"), "vllm", rest="engine")
+        self.opts = options_from(VLLMOptions, cfg.get("vllm"), "vllm")
         model_dir = resolve_model_dir(cfg.model.path)
         self.model_dir, self.lora = model_dir, cfg.lora
         self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
