@@ -311,7 +311,9 @@ class LocalTensorsBackend(Backend):
 
 class EvictionPolicy(abc.ABC):
     """Chooses which cache entry to drop when a cache is over its byte budget.
-    The cache calls ``insert``/``touch``/``remove`` as entries come and go."""
+    The cache calls ``insert``/``touch``/``remove`` as entries come and go. A
+    policy with ``options`` (a dataclass: its config section, named after it) is
+    built as ``cls(options)``, one without as ``cls()``."""
 
     @abc.abstractmethod
     def insert(self, key: Any, nbytes: int) -> None: ...

@@ -26,7 +26,7 @@ of its own, an unavailable backend and a schedule."""
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mezo_core import Schedule, hookimpl
+from mezo_core import EvictionPolicy, Schedule, hookimpl
 from mezo_core.config import plugin_options
 from mezo_backend_hf.backend import HFBackend
 
@@ -67,6 +67,34 @@ class OffBackend(ToyBackend):
         return "needs the frobnicator engine"
 
 
+@dataclass
+class StingyOptions:
+    spare: int = 0                # entries it never evicts first
+
+
+class Stingy(EvictionPolicy):
+    """LRU that records the options it was built with."""
+    name = "stingy"
+    options: ClassVar[type] = StingyOptions
+
+    def __init__(self, options):
+        CALLS["policy_options"] = options
+        self.order = []
+
+    def insert(self, key, nbytes):
+        self.order.append(key)
+
+    def touch(self, key):
+        self.order.remove(key)
+        self.order.append(key)
+
+    def remove(self, key):
+        self.order.remove(key)
+
+    def victim(self):
+        return self.order[0]
+
+
 class Half(Schedule):
     name = "toy-half"
 
@@ -83,6 +111,11 @@ def register_backends(register):
 @hookimpl
 def register_epsilon_schedules(register):
     register(Half)
+
+
+@hookimpl
+def register_eviction_policies(register):
+    register(Stingy)
 '''
 
 
@@ -197,6 +230,15 @@ def test_outside_backend_gets_its_typed_options_and_the_registry(toy_plugin, tmp
     calls = sys.modules[TOY_MODULE].CALLS
     assert calls["options"] == sys.modules[TOY_MODULE].ToyOptions(width=7, label="plain")
     assert isinstance(calls["registry"], Registry) and "toy" in calls["registry"].items["backends"]
+
+
+def test_outside_eviction_policy_is_built_with_its_options(toy_plugin, tmp_path, tiny_llama, capsys):
+    from mezo_core.cli import main
+    cfg = write_config(tmp_path, tiny_llama)
+    rc = main(["train", "-c", str(cfg), "hf.trunk_cache=true", "hf.cache_policy=stingy", "stingy.spare=3",
+               "lora.layers=[2,3]", "mezo.steps=1"])
+    assert rc == 0, capsys.readouterr().err
+    assert sys.modules[TOY_MODULE].CALLS["policy_options"] == sys.modules[TOY_MODULE].StingyOptions(spare=3)
 
 
 @pytest.mark.parametrize("override, message", [

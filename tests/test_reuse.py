@@ -78,7 +78,7 @@ def test_no_stale_hit_after_trunk_weights_change(tiny_llama):
 
 
 def test_radix_tree_shares_prefixes_and_serves_prefixes():
-    cache = RadixCache(1 << 30, get_registry().get("eviction_policies", "lru")())
+    cache = RadixCache(1 << 30, get_registry().get("eviction_policies", "lru"))
     gen = torch.Generator().manual_seed(0)
     a, b = (1, 2, 3, 4, 5), (1, 2, 3, 9)
     ha, hb = torch.randn(5, 8, generator=gen), torch.randn(4, 8, generator=gen)

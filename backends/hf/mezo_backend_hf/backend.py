@@ -5,6 +5,7 @@ side by side), ``trunk`` (the frozen-trunk cache), ``graphs`` (CUDA graphs,
 torch.compile) -- configured by ``options.HFOptions``."""
 from __future__ import annotations
 
+import functools
 from typing import ClassVar, Sequence
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (initial_adapter, peft_lora_config, read_peft_adapter, read_tensors,
                                write_peft_adapter, write_tensors)
-from mezo_core.config import options_from
+from mezo_core.config import options_from, plugin_options
 from mezo_core.interfaces import BackendStats, BoundForwards
 from mezo_core.registry import or_installed
 from mezo_core.models import resolve_model_dir
@@ -53,7 +54,7 @@ class HFBackend(LocalTensorsBackend):
             self._load_state(initial_adapter({n: p.shape for n, p in params.items()}, cfg.seed))
         pad = self.tokenizer.pad_token_id
         self.forwards = Forwards(self.model, self.device, pad if pad is not None else (self.tokenizer.eos_token_id or 0),
-                                 self._make_trunk(opts, or_installed(registry)), opts.trim_last_layer,
+                                 self._make_trunk(cfg, opts, or_installed(registry)), opts.trim_last_layer,
                                  opts.prefix_min_tokens if opts.prefix_sharing else None)
         self._configure_graphs(opts)
         if opts.pm_batch:
@@ -63,11 +64,13 @@ class HFBackend(LocalTensorsBackend):
     def _lora_config(self):
         return peft_lora_config(self.lora, str(self.model_dir))
 
-    def _make_trunk(self, opts, registry):
+    def _make_trunk(self, cfg, opts, registry):
         if not opts.trunk_cache:
             return None
         from .trunk import FrozenTrunk, RadixCache
-        policy = registry.get("eviction_policies", opts.cache_policy)()
+        policy = registry.get("eviction_policies", opts.cache_policy)
+        if getattr(policy, "options", None):  # a policy that declares options is built with its section
+            policy = functools.partial(policy, plugin_options(cfg, policy))
         cache = RadixCache(opts.cache_budget_mb * 2**20, policy, opts.cache_device)
         try:
             trunk = FrozenTrunk(self.model, cache, self._model_tensors)

@@ -29,8 +29,9 @@ class _Node:
 class RadixCache:
     """Per-token tensors in a radix tree keyed by token ids, under a byte budget."""
 
-    def __init__(self, budget_bytes: int, policy, device=None):
-        self.budget, self.policy, self.device = int(budget_bytes), policy, device
+    def __init__(self, budget_bytes: int, make_policy, device=None):
+        """``make_policy()`` builds a fresh eviction policy (each ``clear`` starts one)."""
+        self.budget, self.make_policy, self.device = int(budget_bytes), make_policy, device
         self._ids = itertools.count(1)
         self.clear()
         self.stats = dict(lookups=0, hits=0, tokens_looked_up=0, tokens_reused=0, evictions=0, invalidations=0)
@@ -42,8 +43,7 @@ class RadixCache:
         self.root = _Node(0, (), None, None)
         self.nodes: dict[int, _Node] = {}
         self.bytes = 0
-        policy_cls = type(self.policy)
-        self.policy = policy_cls()
+        self.policy = self.make_policy()
 
     def lookup(self, tokens) -> torch.Tensor | None:
         """The stacked per-token values of ``tokens`` if every token is cached."""
