@@ -61,10 +61,14 @@ class LoraConfig:
 
 @dataclass
 class TaskConfig:
-    kind: str = "classification"           # classification | completion
+    # classification (verbalizer words) | multiple_choice (each row's own "choices") | completion
+    kind: str = "classification"
     train: str = "${assets}/data/sst2/train.tsv"  # .tsv (sentence, label) or .jsonl
     dev: str = "${assets}/data/sst2/dev.tsv"      # the reported evaluation set
-    template: str = "{text} It was"        # classification prompt; {text} is the input
+    # a Hugging Face dataset instead of the files: "PATH" or "PATH:NAME" (glue:sst2), or a mapping
+    # {path, name, split_train, split_dev, split_val, text_field, label_field, ...} (needs `datasets`)
+    hf_dataset: Any = None
+    template: str = "{text} It was"        # classification/multiple-choice prompt; {text} is the input
     # word of label i, or {label name: word} (the data's labels may then be the names)
     verbalizer: Any = field(default_factory=lambda: [" terrible", " great"])
     k_per_class: Optional[int] = 16        # MeZO-paper sampling: k train examples per class ...
@@ -84,6 +88,8 @@ class TaskConfig:
     # answer slot (null: no limit)
     max_tokens: Optional[int] = None
     group_by_length: bool = False          # training batches of rows of similar length (less padding)
+    # completion tasks: also score greedy generations against the gold completion (exact_match)
+    exact_match: bool = True
 
 
 @dataclass
@@ -329,7 +335,7 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
 
 
 #: fields that may be a list or a mapping: a new value replaces the old one, never merges into it
-REPLACED = ("task.verbalizer",)
+REPLACED = ("task.verbalizer", "task.hf_dataset")
 
 
 def _replaceable(cfg: DictConfig, incoming) -> DictConfig:
@@ -395,8 +401,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.mezo.z in ("gaussian", "rademacher"), "mezo.z", "must be 'gaussian' or 'rademacher'")
     need(cfg.lora.r > 0, "lora.r", "must be > 0")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
-    need(cfg.task.kind in ("classification", "completion"), "task.kind",
-         "must be 'classification' or 'completion'")
+    need(cfg.task.kind in ("classification", "multiple_choice", "completion"), "task.kind",
+         "must be 'classification', 'multiple_choice' or 'completion'")
     verbalizer = cfg.task.verbalizer
     mapping = isinstance(verbalizer, DictConfig)
     need(mapping or isinstance(verbalizer, ListConfig), "task.verbalizer",
@@ -413,6 +419,13 @@ def validate(cfg: DictConfig) -> None:
         need(problem is None, "task.template", problem)
         need(all(words), "task.verbalizer", "holds an empty word")
         need(len(set(words)) == len(words), "task.verbalizer", "holds a word twice")
+    if cfg.task.kind == "multiple_choice":
+        need(cfg.task.train_loss in ("choices", "target"), "task.train_loss", "must be 'choices' or 'target'")
+        problem = _template_problem(cfg.task.template)
+        need(problem is None, "task.template", problem)
+    if cfg.task.hf_dataset is not None:
+        from .data import hf_dataset_spec
+        hf_dataset_spec(cfg.task.hf_dataset)  # the shape only; the data is read when the task is
     need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
     need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: only zero-shot and final)")

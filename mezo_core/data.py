@@ -1,11 +1,14 @@
 """Tasks as in the MeZO paper: classification by prompt + verbalizer words
-(SST-2: ``<sentence> It was [terrible|great]``) and plain prompt/completion.
+(SST-2: ``<sentence> It was [terrible|great]``), multiple choice with candidates of
+each example's own (COPA), and plain prompt/completion.
 
 Files: TSV/CSV with a ``sentence``/``label`` header (standard
 quoting when the file quotes its fields) or JSONL, one object a line:
-``{"text": ..., "label": 0}`` or ``{"prompt": ..., "completion": ...}``. A label
-is the index of its verbalizer word, or its name when ``task.verbalizer`` is a
-mapping ``{name: word}``.
+``{"text": ..., "label": 0}``, ``{"text": ..., "choices": [...], "label": 1}`` or
+``{"prompt": ..., "completion": ...}``. A label is the index of its verbalizer
+word, or its name when ``task.verbalizer`` is a mapping ``{name: word}``; a
+multiple-choice label is the index of its candidate or the candidate itself.
+Or a Hugging Face dataset (``task.hf_dataset``) with the same fields.
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ import random
 import re
 import string
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -30,10 +33,14 @@ from .perturb import mix
 
 @dataclass(frozen=True)
 class Record:
-    """One raw example: ``text``/``label`` for classification, ``text``/``completion`` otherwise."""
+    """One raw example: ``text``/``label`` for classification, plus ``choices`` for
+    multiple choice (``label`` indexes them), ``text``/``completion`` otherwise.
+    ``where`` (file and line) names the example in errors found after reading."""
     text: str
     label: int | None = None
     completion: str | None = None
+    choices: tuple[str, ...] | None = None
+    where: str = field(default="", compare=False)
 
 
 def label_names(verbalizer) -> list[str] | None:
@@ -138,7 +145,8 @@ def _parse_tsv(path, text, labels, quoted) -> list[Record]:
                         "a sentence holding a tab or a newline must be quoted: \"...\", a quote inside doubled")
                 raise _TableError(path, line, f"expected {len(header)} tab-separated fields, got {len(row)} ({hint})")
             try:
-                records.append(Record(_check_text(row[si], "sentence", where), _check_label(row[li], labels, where)))
+                records.append(Record(_check_text(row[si], "sentence", where), _check_label(row[li], labels, where),
+                                      where=where))
             except MezoError as exc:
                 raise _TableError(path, line, str(exc).removeprefix(f"{where}: ")) from None
             line = reader.line_num + 1
@@ -162,17 +170,67 @@ def _read_jsonl(path: Path, text: str, kind: str, labels) -> list[Record]:
             raise MezoError(f"{where}: malformed JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise MezoError(f"{where}: expected a JSON object")
-        need = ("text", "label") if kind == "classification" else ("prompt", "completion")
-        missing = [k for k in need if k not in obj]
-        if missing:
-            raise MezoError(f"{where}: missing field {missing[0]!r} (a {kind} line needs {need})")
-        if kind == "classification":
-            records.append(Record(_check_text(obj["text"], "text", where),
-                                  _check_label(obj["label"], labels, where)))
-        else:  # an empty prompt is fine where the tokenizer adds BOS (Task checks)
-            records.append(Record(_check_text(obj["prompt"], "prompt", where, empty_ok=True),
-                                  completion=_check_text(obj["completion"], "completion", where)))
+        records.append(_record(obj, kind, labels, where))
     return records
+
+
+FIELDS = {"classification": ("text", "label"), "multiple_choice": ("text", "choices", "label"),
+          "completion": ("prompt", "completion")}
+
+
+def _record(obj: dict, kind: str, labels, where: str, names: dict | None = None) -> Record:
+    """One example from a JSON object (or a dataset row); ``names`` maps the
+    standard field names to the row's own (task.hf_dataset's ``*_field``)."""
+    names = names or {}
+    need = FIELDS[kind]
+    missing = [names.get(k, k) for k in need if names.get(k, k) not in obj]
+    if missing:
+        line = "line" if not names else "row"
+        raise MezoError(f"{where}: missing field {missing[0]!r} (a {kind} {line} needs "
+                        f"{tuple(names.get(k, k) for k in need)})")
+    get = lambda k: obj[names.get(k, k)]  # noqa: E731
+    if kind == "classification":
+        return Record(_check_text(get("text"), names.get("text", "text"), where),
+                      _check_label(get("label"), labels, where), where=where)
+    if kind == "multiple_choice":
+        choices = _check_choices(get("choices"), names.get("choices", "choices"), where)
+        return Record(_check_text(get("text"), names.get("text", "text"), where),
+                      _check_choice_label(get("label"), choices, where), choices=choices, where=where)
+    # an empty prompt is fine where the tokenizer adds BOS (Task checks)
+    return Record(_check_text(get("prompt"), names.get("prompt", "prompt"), where, empty_ok=True),
+                  completion=_check_text(get("completion"), names.get("completion", "completion"), where),
+                  where=where)
+
+
+def _check_choices(value, name, where) -> tuple[str, ...]:
+    """A row's candidates: a list of >= 2 distinct, non-empty strings."""
+    if not isinstance(value, (list, tuple)) or isinstance(value, str):
+        raise MezoError(f"{where}: field {name!r} must be a list of candidate strings (got {value!r:.60})")
+    if len(value) < 2:
+        raise MezoError(f"{where}: field {name!r} needs at least 2 candidates (got {len(value)})")
+    for i, c in enumerate(value):
+        _check_text(c, f"{name}[{i}]", where)
+    if len(set(value)) != len(value):
+        raise MezoError(f"{where}: field {name!r} holds a candidate twice")
+    return tuple(value)
+
+
+def _check_choice_label(value, choices, where) -> int:
+    """The index of the gold candidate: an int index, or the candidate's text
+    (exactly, else ignoring surrounding whitespace)."""
+    if isinstance(value, str):
+        if value in choices:
+            return choices.index(value)
+        stripped = [i for i, c in enumerate(choices) if c.strip() == value.strip()]
+        if len(stripped) == 1:
+            return stripped[0]
+        raise MezoError(f"{where}: label {value!r:.60} is not one of the row's choices {list(choices)!r:.120}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MezoError(f"{where}: label {value!r} is neither a candidate index nor a candidate")
+    if not 0 <= value < len(choices):
+        raise MezoError(f"{where}: label {value} out of range 0..{len(choices) - 1} (the row has "
+                        f"{len(choices)} choices)")
+    return value
 
 
 def read_records(path: str | Path, kind: str, labels=2, field: str = "task.train") -> list[Record]:
@@ -186,7 +244,8 @@ def read_records(path: str | Path, kind: str, labels=2, field: str = "task.train
         raise MezoError(f"{field}: {path}: unknown data format {path.suffix or '(no suffix)'!r} "
                         "(supported: .tsv with a sentence/label header, .jsonl or .json with one object a line)")
     if path.suffix == ".tsv" and kind != "classification":
-        raise MezoError(f"{field}: {path}: TSV files hold classification data (sentence, label)")
+        raise MezoError(f"{field}: {path}: TSV files hold classification data (sentence, label); "
+                        f"{kind} data is JSONL {FIELDS[kind]}")
     text = _read_text(path, field)
     if path.suffix == ".tsv":
         records = _read_tsv(path, text, labels)
@@ -194,6 +253,80 @@ def read_records(path: str | Path, kind: str, labels=2, field: str = "task.train
         records = _read_jsonl(path, text, kind, labels)
     if not records:
         raise MezoError(f"{field}: {path} holds no examples")
+    return records
+
+
+HF_DATASET_KEYS = {  # task.hf_dataset as a mapping: key -> default
+    "path": None,              # the dataset: a hub id ("glue", "stanfordnlp/imdb") or a local folder/script
+    "name": None,              # its configuration ("sst2"), if it has several
+    "split_train": "train",    # the split task.train would hold
+    "split_dev": "validation",  # the reported evaluation split
+    "split_val": None,         # a validation split of its own (as task.val), if any
+    "text_field": None,        # null: "text", else "sentence" (GLUE); completion tasks: "prompt"
+    "label_field": "label",
+    "choices_field": "choices",
+    "completion_field": "completion",
+}
+
+
+def hf_dataset_spec(spec) -> dict:
+    """``task.hf_dataset`` as a full mapping: a string ``PATH`` or ``PATH:NAME``
+    (``glue:sst2``, ``stanfordnlp/imdb``), or a mapping of HF_DATASET_KEYS."""
+    if isinstance(spec, str):
+        path, _, name = spec.partition(":")
+        spec = {"path": path, "name": name or None}
+    elif hasattr(spec, "keys"):
+        spec = {str(k): v for k, v in spec.items()}
+        unknown = sorted(set(spec) - set(HF_DATASET_KEYS))
+        if unknown:
+            raise MezoError(f"config field 'task.hf_dataset.{unknown[0]}': unknown key "
+                            f"(known: {', '.join(HF_DATASET_KEYS)})")
+    else:
+        raise MezoError(f"config field 'task.hf_dataset': expected 'PATH', 'PATH:NAME' or a mapping "
+                        f"(got {spec!r:.60})")
+    spec = {**HF_DATASET_KEYS, **spec}
+    if not isinstance(spec["path"], str) or not spec["path"].strip():
+        raise MezoError("config field 'task.hf_dataset.path': names no dataset "
+                        "(e.g. task.hf_dataset=glue:sst2)")
+    return spec
+
+
+def load_hf_split(spec, split_key: str, kind: str, labels) -> list[Record]:
+    """The records of one split of ``task.hf_dataset`` through ``datasets.load_dataset``.
+    Any failure -- ``datasets`` missing, the hub unreachable, no such dataset or
+    split -- is one error line saying what failed and that files work too."""
+    spec = hf_dataset_spec(spec)
+    split = spec[split_key]
+    ref = spec["path"] + (f":{spec['name']}" if spec["name"] else "")
+    alternative = "or give the data as files: task.train=FILE task.dev=FILE (JSONL or TSV)"
+    try:
+        import datasets
+    except ImportError:
+        raise MezoError(f"task.hf_dataset={ref}: the 'datasets' library is not installed "
+                        f"(pip install datasets), {alternative}") from None
+    try:
+        rows = datasets.load_dataset(spec["path"], spec["name"], split=split)
+    except Exception as exc:  # noqa: BLE001 -- hub, network, missing split: all one message
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+        offline = any(w in str(exc).lower() for w in ("offline", "connect", "resolve", "network",
+                                                     "unreachable", "timed out", "couldn't reach"))
+        hint = " (the Hugging Face hub is unreachable from here?)" if offline or isinstance(
+            exc, (ConnectionError, TimeoutError)) else ""
+        raise MezoError(f"task.hf_dataset={ref}: cannot load split {split!r}: {reason[:200]}{hint}; "
+                        f"{alternative}") from None
+    names = {"label": spec["label_field"], "choices": spec["choices_field"],
+             "completion": spec["completion_field"]}
+    text_field = spec["text_field"]
+    columns = list(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else []))
+    if kind == "completion":
+        names["prompt"] = text_field or "prompt"
+    else:
+        names["text"] = text_field or ("sentence" if "text" not in columns and "sentence" in columns else "text")
+    records = [_record(dict(row), kind, labels, f"task.hf_dataset {ref} [{split}], row {i}", names)
+               for i, row in enumerate(rows)]
+    if not records:
+        raise MezoError(f"task.hf_dataset={ref}: split {split!r} holds no examples")
     return records
 
 
@@ -230,13 +363,21 @@ class Task:
         self.max_tokens = cfg.get("max_tokens")
         self._prompts: dict[int, tuple[int, ...]] = {}   # id(record) -> prompt ids (truncated)
         self._cut: set[int] = set()                       # id(record) of the examples truncated
-        train = read_records(cfg.train, cfg.kind, labels, "task.train")
+        hf = cfg.get("hf_dataset")
+        source = f"task.hf_dataset={hf_dataset_spec(hf)['path']}" if hf else cfg.train
+
+        def load(split):  # "train", "dev" or "val": a file, or a split of task.hf_dataset
+            if hf:
+                return load_hf_split(hf, f"split_{split}", cfg.kind, labels)
+            return read_records(cfg[split], cfg.kind, labels, f"task.{split}")
+
+        train = load("train")
         self.train = sample(train, cfg.k_per_class if cfg.kind == "classification" else None,
                             cfg.n_train, cfg.sample_seed)
         if batch_size is not None and batch_size > len(self.train):
             raise MezoError(f"config field 'mezo.batch_size': {batch_size} is larger than the "
-                            f"training set ({len(self.train)} examples sampled from {cfg.train})")
-        dev = read_records(cfg.dev, cfg.kind, labels, "task.dev")
+                            f"training set ({len(self.train)} examples sampled from {source})")
+        dev = load("dev")
         # a seeded random sample, in file order (not the first n rows: a file sorted by
         # label would give one class)
         if cfg.n_dev and cfg.n_dev < len(dev):
@@ -246,8 +387,8 @@ class Task:
         # selection data that is not the reported dev set: a file of its own (task.val), else
         # examples held out from the train file
         self.val = []
-        if cfg.get("val"):
-            pool = read_records(cfg.val, cfg.kind, labels, "task.val")
+        if cfg.get("val") or (hf and hf_dataset_spec(hf)["split_val"]):
+            pool = load("val")
             self.val = pool if not cfg.n_val or cfg.n_val >= len(pool) else \
                 random.Random(mix(cfg.sample_seed, 0x7A1)).sample(pool, cfg.n_val)
         elif cfg.n_val:
@@ -255,8 +396,9 @@ class Task:
             pool = [r for r in train if id(r) not in chosen]
             if len(pool) < cfg.n_val:
                 raise MezoError(f"config field 'task.n_val': {cfg.n_val} validation examples asked, but "
-                                f"{cfg.train} has only {len(pool)} beyond the training sample")
+                                f"{source} has only {len(pool)} beyond the training sample")
             self.val = random.Random(mix(cfg.sample_seed, 0x7A1)).sample(pool, cfg.n_val)
+        self._candidates: dict[int, tuple[tuple[int, ...], ...]] = {}  # id(record) -> candidate ids
         if self.kind == "classification":
             self.choices = [tuple(self._ids(w, special=False)) for w in self.words]
             self._check_choices()
@@ -276,16 +418,29 @@ class Task:
             print(f"mezo-run: task.max_tokens={self.max_tokens}: cut the text of {self.truncated} examples ("
                   + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")", file=sys.stderr)
 
-    def _check_choices(self):
+    def _check_choices(self, words=None, choices=None, where="config field 'task.verbalizer'"):
         """Two words with the same tokens could never be told apart: accuracy would be a coin."""
         seen = {}
-        for word, ids in zip(self.words, self.choices):
+        for word, ids in zip(words or self.words, choices or self.choices):
             if not ids:
-                raise MezoError(f"config field 'task.verbalizer': word {word!r} has no tokens")
+                raise MezoError(f"{where}: word {word!r} has no tokens")
             if ids in seen:
-                raise MezoError(f"config field 'task.verbalizer': words {seen[ids]!r} and {word!r} "
+                raise MezoError(f"{where}: words {seen[ids]!r} and {word!r} "
                                 f"tokenize to the same ids {list(ids)}")
             seen[ids] = word
+
+    def candidates(self, record: Record) -> tuple[tuple[int, ...], ...]:
+        """The token ids of the answers a row is scored on: the verbalizer's words, or
+        (multiple choice) the row's own candidates, tokenized after the prompt without
+        special tokens (as the verbalizer's words are), checked distinct once."""
+        if record.choices is None:
+            return tuple(self.choices)
+        ids = self._candidates.get(id(record))
+        if ids is None:
+            ids = tuple(tuple(self._ids(c, special=False)) for c in record.choices)
+            self._check_choices(record.choices, ids, f"{record.where or 'task'}: choices")
+            self._candidates[id(record)] = ids
+        return ids
 
     def _ids(self, text, special=True):
         return self.tok(text, add_special_tokens=special)["input_ids"]
@@ -312,7 +467,7 @@ class Task:
                 ids = head + ids[len(ids) - (room - len(head)):]
             return ids
         ids = tuple(self._ids(self.cfg.template.format(text=record.text)))
-        room = None if not self.max_tokens else self.max_tokens - max(map(len, self.choices))
+        room = None if not self.max_tokens else self.max_tokens - max(map(len, self.candidates(record)))
         if room is None or len(ids) <= room:
             return ids
         return self._truncated_prompt(record, room)
@@ -342,9 +497,10 @@ class Task:
         if not self.prompt(record):
             raise MezoError(f"task: the prompt of {record.text[:40]!r} has no tokens (the tokenizer adds "
                             "no BOS token): give every example a non-empty prompt")
-        if self.kind == "classification":
-            choices = tuple(self.choices) if self.cfg.train_loss == "choices" else None
-            return Example(self.prompt(record), self.choices[record.label], choices)
+        if self.kind in ("classification", "multiple_choice"):
+            candidates = self.candidates(record)
+            choices = candidates if self.cfg.train_loss == "choices" else None
+            return Example(self.prompt(record), candidates[record.label], choices)
         return Example(self.prompt(record), tuple(self._ids(record.completion, special=False)))
 
     def train_batch(self, run_seed: int, step: int, batch_size: int) -> list[Example]:
@@ -384,31 +540,104 @@ class Task:
             out += [i for block in blocks for i in block]
         return out
 
+    #: tokens a greedy generation may run past the gold completion's length (exact match)
+    EXACT_MATCH_EXTRA_TOKENS = 4
+
     def evaluate(self, backend, batch_size: int, progress=None, split: str = "dev") -> dict:
-        """Classification: accuracy (lowest-loss choice wins), mean loss of the
-        gold choice and ``outcomes`` (a "1"/"0" string: each example right or not,
-        in file order); completion: mean loss. ``split``: "dev" or "val" (the keys
-        are prefixed with it)."""
+        """Classification and multiple choice: accuracy (lowest-loss candidate wins),
+        mean loss of the gold candidate and ``outcomes`` (a "1"/"0" string: each example
+        right or not, in file order); completion: mean loss, and exact match
+        of greedy generations (``task.exact_match``; skipped with a note where the
+        backend cannot generate). ``split``: "dev" or "val" (the keys are prefixed with it)."""
         records = self.val if split == "val" else self.dev
+        scored = self.kind != "completion"
         # shortest first: a batch is padded to its longest row, so rows of similar length
         # waste little (SST-2 dev: ~40% fewer padded tokens); the metrics are sums, order-free
-        prompts = {id(r): self.prompt(r) for r in records} if self.kind == "classification" else {}
+        prompts = {id(r): self.prompt(r) for r in records} if scored else {}
         order = sorted(records, key=lambda r: len(prompts[id(r)]) if prompts else len(r.text))
-        losses, right = [], {}
+        generate = not scored and self.cfg.get("exact_match", True)
+        losses, right, exact = [], {}, 0
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            if self.kind == "classification":
-                scores = backend.choice_losses([prompts[id(r)] for r in chunk], self.choices)
-                gold = torch.tensor([r.label for r in chunk])
-                right.update(zip(map(id, chunk), (scores.argmin(1) == gold).tolist()))
-                losses += scores[torch.arange(len(chunk)), gold].tolist()
+            if scored:
+                rows = candidate_losses(backend, [prompts[id(r)] for r in chunk],
+                                        [self.candidates(r) for r in chunk])
+                for r, scores in zip(chunk, rows):
+                    right[id(r)] = int(scores.argmin()) == r.label
+                    losses.append(float(scores[r.label]))
             else:
-                losses += backend.losses([self.example(r) for r in chunk]).tolist()
+                examples = [self.example(r) for r in chunk]
+                losses += backend.losses(examples).tolist()
+                if generate:
+                    matched = self._exact_matches(backend, chunk, examples)
+                    generate = matched is not False
+                    exact += int(matched)
             if progress:
                 progress.update(len(chunk))
         out = {f"{split}_loss": sum(losses) / len(losses), f"{split}_examples": len(records)}
-        if self.kind == "classification":
+        if scored:
             out[f"{split}_accuracy"] = sum(right.values()) / len(records)
             # which examples were right, in file order: best/ selection compares two adapters pairwise
             out[f"{split}_outcomes"] = "".join("1" if right[id(r)] else "0" for r in records)
+        elif generate:
+            out[f"{split}_exact_match"] = exact / len(records)
         return out
+
+    def _exact_matches(self, backend, chunk, examples):
+        """How many of ``chunk`` the backend completes exactly (greedy, each row up to
+        its gold's length + EXACT_MATCH_EXTRA_TOKENS tokens); False where the backend
+        cannot generate (said once on stderr)."""
+        budgets = [len(e.target_ids) + self.EXACT_MATCH_EXTRA_TOKENS for e in examples]
+        try:
+            outputs = backend.generate([e.prompt_ids for e in examples], max(budgets))
+        except MezoError as exc:
+            if not getattr(self, "_said_no_generation", False):
+                print(f"mezo-run: {exc}: exact match skipped, the loss is reported alone", file=sys.stderr)
+                self._said_no_generation = True
+            return False
+        return sum(exact_match(self.tok.decode(list(ids[:n]), skip_special_tokens=True), r.completion)
+                   for r, ids, n in zip(chunk, outputs, budgets))
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace-insensitive form of an answer: runs of whitespace become one space,
+    leading and trailing whitespace go (case and punctuation are kept)."""
+    return " ".join(text.split())
+
+
+def exact_match(generated: str, gold: str) -> bool:
+    """Whether a greedy generation completes ``gold`` exactly: the generation is cut
+    at its first newline after some text (unless the gold answer itself spans lines),
+    then both are compared by ``normalize_answer``. A generation that runs on past
+    the answer without a newline or EOS does not match."""
+    if "\n" not in gold.strip():
+        stripped = generated.lstrip()
+        generated = stripped.split("\n", 1)[0]
+    return normalize_answer(generated) == normalize_answer(gold)
+
+
+def candidate_losses(backend, prompts, candidates) -> list[torch.Tensor]:
+    """The loss of each row's candidates (a row's own number of them): rows with the
+    same candidates (a verbalizer; repeated choice sets) go through ``choice_losses``
+    together (the backends' fast path: single-token candidates in one pass), every
+    other row's (prompt, candidate) pairs through one ``losses`` call."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(candidates):
+        groups.setdefault(tuple(c), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    singles = []
+    for choices, rows in groups.items():
+        if len(rows) == 1 and any(len(c) != 1 for c in choices):
+            singles.append(rows[0])
+            continue
+        scores = backend.choice_losses([prompts[i] for i in rows], list(choices)).cpu()
+        for j, i in enumerate(rows):
+            out[i] = scores[j]
+    if singles:
+        pairs = [Example(tuple(prompts[i]), tuple(c)) for i in singles for c in candidates[i]]
+        flat = backend.losses(pairs).cpu()
+        pos = 0
+        for i in singles:
+            out[i] = flat[pos:pos + len(candidates[i])]
+            pos += len(candidates[i])
+    return out

@@ -190,16 +190,44 @@ class Backend(abc.ABC):
     def objective(self, batch: Sequence[Example]) -> torch.Tensor:
         """The per-example losses MeZO minimises: ``losses`` for plain examples;
         for examples with ``choices``, the cross-entropy of the gold choice over
-        the choices, each scored by its mean token loss. A batch shares one
-        set of choices."""
-        if batch[0].choices is None:
+        the choices, each scored by its mean token loss (MeZO's length-normalised
+        score, the one its evaluation ranks candidates by).
+
+        A batch that shares one set of choices (a verbalizer) scores them with
+        ``choice_losses``. Rows with candidates of their own (multiple-choice
+        tasks) are scored by ``losses`` in one pass per candidate index, each
+        over all rows of the batch: every pass keeps the batch's rows in order,
+        so a backend that routes rows to side-by-side adapters (``hf.pm_batch``,
+        vLLM's paired signs) sees the rows it expects."""
+        with_choices = [e.choices is not None for e in batch]
+        if not any(with_choices):
             return self.losses(batch)
+        if not all(with_choices):
+            raise ValueError("a batch mixes examples with and without choices")
         choices = batch[0].choices
-        if any(e.choices != choices for e in batch):
-            raise ValueError("examples of one batch must share their choices")
-        scores = self.choice_losses([e.prompt_ids for e in batch], choices)
-        gold = torch.tensor([choices.index(e.target_ids) for e in batch], device=scores.device)
+        if all(e.choices == choices for e in batch):
+            scores = self.choice_losses([e.prompt_ids for e in batch], choices)
+            gold = torch.tensor([choices.index(e.target_ids) for e in batch], device=scores.device)
+            return torch.nn.functional.cross_entropy(-scores, gold, reduction="none")
+        width = max(len(e.choices) for e in batch)
+        passes = []
+        for j in range(width):  # a row with fewer candidates repeats its last one, masked below
+            passes.append(self.losses([Example(e.prompt_ids, e.choices[min(j, len(e.choices) - 1)])
+                                       for e in batch]))
+        scores = torch.stack(passes, 1)
+        device = scores.device  # the hf backend keeps a step's losses on its device
+        n_choices = torch.tensor([len(e.choices) for e in batch], device=device)
+        scores = scores.masked_fill(torch.arange(width, device=device)[None, :] >= n_choices[:, None], float("inf"))
+        gold = torch.tensor([e.choices.index(e.target_ids) for e in batch], device=device)
         return torch.nn.functional.cross_entropy(-scores, gold, reduction="none")
+
+    def generate(self, prompts: Sequence[tuple[int, ...]], max_new_tokens: int) -> list[tuple[int, ...]]:
+        """Greedy continuations of ``prompts`` under the current adapter, at most
+        ``max_new_tokens`` each, ending at (and without) the tokenizer's EOS; used
+        for the exact-match metric of completion tasks. A backend that cannot
+        generate keeps this default: evaluation then reports the loss only."""
+        from .errors import MezoError
+        raise MezoError(f"backend {getattr(self, 'name', type(self).__name__)!r} cannot generate text")
 
     def choice_losses(self, prompts: Sequence[tuple[int, ...]],
                       choices: Sequence[tuple[int, ...]]) -> torch.Tensor:

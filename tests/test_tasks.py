@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from mezo_core.config import load_config
 from mezo_core.data import Task, read_records
@@ -105,3 +106,154 @@ def test_n_dev_is_a_seeded_sample_in_file_order(tmp_path):
     assert a == dev(SEED) and a != dev(SEED + 1)                     # a function of the seed
     labels = [int(t[1:]) >= 50 for t in a]
     assert 0 < sum(labels) < 20                                      # both classes, not the first rows
+
+
+# -- multiple choice: candidates of each row's own (MeZO's COPA) -----------------------
+MC_ROWS = [  # per-row candidates (2 or 3, multi-token), two rows sharing a set, labels as index or text
+    {"text": "the movie was long", "choices": [" because it was boring", " so the film was great"], "label": 0},
+    {"text": "the actor was good", "choices": [" so the story was fun", " because the music was dull"],
+     "label": " so the story was fun"},
+    {"text": "a lovely story", "choices": [" great", " terrible", " very fine"], "label": 2},
+    {"text": "it was dull", "choices": [" great", " terrible"], "label": "terrible"},
+    {"text": "not fun at all", "choices": [" great", " terrible"], "label": 1},
+    {"text": "the ending was short", "choices": [" really bad", " quite good"], "label": 1},
+]
+
+
+def mc_config(tmp_path, model, *extra):
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    return load_config(None, [f"model.path={model}", "task.kind=multiple_choice", f"task.train={data}",
+                              f"task.dev={data}", "task.template={text}", "lora.r=2", "lora.alpha=4",
+                              "hf.trunk_cache=false", *extra])
+
+
+def oracle_candidate_scores(model, tokenizer):
+    """Mean NLL of each row's candidates, from a plain forward per (prompt, candidate):
+    the prompt and the candidates tokenized here, no padding."""
+    out = []
+    with torch.no_grad():
+        for row in MC_ROWS:
+            prompt = tokenizer(row["text"])["input_ids"]
+            scores = []
+            for c in row["choices"]:
+                cand = tokenizer(c, add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + cand])).logits[0].double(), -1)
+                scores.append(float(sum(-logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(cand)) / len(cand)))
+            out.append(torch.tensor(scores, dtype=torch.float64))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mc_backend(tmp_path_factory, tiny_llama):
+    """An hf backend with a clearly non-zero adapter, and the plain peft model of that adapter."""
+    from mezo_backend_hf.backend import HFBackend
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tmp = tmp_path_factory.mktemp("mc")
+    cfg = mc_config(tmp, tiny_llama)
+    backend = HFBackend(cfg)
+    print("adapter nudged along z(seed=%d)" % SEED)
+    backend.perturb([(SEED, 0.5)])
+    backend.save_adapter(tmp / "adapter")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                      str(tmp / "adapter")).eval()
+    oracle = oracle_candidate_scores(plain, AutoTokenizer.from_pretrained(tiny_llama))
+    yield cfg, backend, oracle
+    backend.close()
+
+
+def test_multiple_choice_rows_read_with_labels_as_index_or_text(tmp_path):
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    records = read_records(data, "multiple_choice")
+    assert [r.label for r in records] == [0, 0, 2, 1, 1, 1]        # worked out by hand from MC_ROWS
+    assert [r.choices for r in records] == [tuple(r["choices"]) for r in MC_ROWS]
+
+
+def test_multiple_choice_objective_and_evaluation_match_a_plain_forward(mc_backend):
+    cfg, backend, oracle = mc_backend
+    task = Task(cfg.task, backend.tokenizer)
+    gold = [r.label for r in task.dev]
+    # the training loss: cross-entropy of the gold candidate over the row's candidates
+    want = torch.stack([torch.logsumexp(-s, 0) + s[g] for s, g in zip(oracle, gold)])
+    got = backend.objective(task.train_examples)                     # rows of different choices: one batch
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # in another order and split in two: the same per-row losses
+    order = [3, 0, 5, 2]
+    torch.testing.assert_close(backend.objective([task.train_examples[i] for i in order]), want[order],
+                               atol=1e-5, rtol=0)
+    # evaluation: accuracy by the lowest mean loss, loss of the gold candidate
+    for batch_size in (1, 4, 32):
+        result = task.evaluate(backend, batch_size)
+        acc = sum(int(s.argmin()) == g for s, g in zip(oracle, gold)) / len(gold)
+        assert result["dev_accuracy"] == pytest.approx(acc)
+        assert result["dev_loss"] == pytest.approx(float(sum(s[g] for s, g in zip(oracle, gold)) / len(gold)),
+                                                   abs=1e-5)
+    assert 0 < acc < 1  # the oracle's own check: the rows are not all one way
+
+
+def test_shared_choices_keep_the_verbalizer_path(mc_backend):
+    """A batch sharing one set of choices still goes through choice_losses, unchanged."""
+    cfg, backend, oracle = mc_backend
+    task = Task(cfg.task, backend.tokenizer)
+    shared = [task.train_examples[i] for i in (3, 4)]                 # [" great", " terrible"] both
+    calls = []
+    real = backend.choice_losses
+    backend.choice_losses = lambda p, c: calls.append(len(p)) or real(p, c)
+    try:
+        got = backend.objective(shared)
+    finally:
+        del backend.choice_losses
+    assert calls == [2]
+    want = torch.stack([torch.logsumexp(-oracle[i], 0) + oracle[i][1] for i in (3, 4)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_multiple_choice_side_by_side_signs_route_rows(tmp_path, tiny_llama):
+    """hf.pm_batch holds +eps and -eps adapters side by side, one per block of rows:
+    the per-candidate passes keep every row on its own adapter (the plain sequence agrees)."""
+    from mezo_backend_hf.backend import HFBackend
+    pairs = []
+    for pm in ("false", "true"):
+        cfg = mc_config(tmp_path, tiny_llama, f"hf.pm_batch={pm}")
+        backend = HFBackend(cfg)
+        backend.perturb([(SEED, 0.5)])
+        batch = Task(cfg.task, backend.tokenizer).train_examples
+        pairs.append(backend.population_losses(batch, [11], 1e-2)[0][0])
+        backend.close()
+    (p0, m0), (p1, m1) = pairs
+    assert (p0 - m0).abs().max() > 1e-4                                    # eps moves the losses
+    torch.testing.assert_close(p1, p0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m1, m0, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"text": "x", "choices": [" a"], "label": 0}, "needs at least 2 candidates"),
+    ({"text": "x", "choices": " a b", "label": 0}, "must be a list of candidate strings"),
+    ({"text": "x", "choices": [" a", " a"], "label": 0}, "holds a candidate twice"),
+    ({"text": "x", "choices": [" a", ""], "label": 0}, r"field 'choices\[1\]' is empty"),
+    ({"text": "x", "choices": [" a", " b"], "label": 2}, r"label 2 out of range 0\.\.1"),
+    ({"text": "x", "choices": [" a", " b"], "label": " c"}, "is not one of the row's choices"),
+    ({"text": "x", "choices": [" a", " b"], "label": True}, "neither a candidate index"),
+    ({"text": "x", "label": 0}, "missing field 'choices'"),
+])
+def test_multiple_choice_bad_rows_name_file_and_line(tmp_path, row, needle):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(MC_ROWS[0]) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(MezoError, match=r"bad\.jsonl, line 2: .*" + needle):
+        read_records(data, "multiple_choice")
+
+
+def test_candidates_that_tokenize_alike_are_refused(tmp_path):
+    data = tmp_path / "same.jsonl"
+    data.write_text(json.dumps(MC_ROWS[0]) + "\n" + json.dumps({"text": "x", "choices": [" a", "a "],
+                                                                 "label": 0}) + "\n")
+
+    class Squash(CharTokenizer):   # spaces vanish: " a" and "a " are the same tokens
+        def __call__(self, text, add_special_tokens=True):
+            return super().__call__(text.replace(" ", ""), add_special_tokens)
+    cfg = load_config(None, [f"task.train={data}", f"task.dev={data}", "task.kind=multiple_choice",
+                             "task.template={text}"])
+    with pytest.raises(MezoError, match=r"same\.jsonl, line 2: choices: words ' a' and 'a ' tokenize to the same"):
+        Task(cfg.task, Squash())

@@ -219,3 +219,9 @@ class HFBackend(LocalTensorsBackend):
     def close(self):
         self.model = self.forwards = None
         self._tensors = self._model_tensors = []
+
+    def generate(self, prompts, max_new_tokens):
+        """Greedy continuations under the current adapter (exact match of completion tasks)."""
+        from .generation import greedy_generate
+        return greedy_generate(self.model, prompts, max_new_tokens, pad_id=self.pad_id,
+                               eos_id=self.tokenizer.eos_token_id, device=self.device)
