@@ -257,3 +257,98 @@ def test_candidates_that_tokenize_alike_are_refused(tmp_path):
                              "task.template={text}"])
     with pytest.raises(MezoError, match=r"same\.jsonl, line 2: choices: words ' a' and 'a ' tokenize to the same"):
         Task(cfg.task, Squash())
+
+
+# -- task.hf_dataset ----------------------------------------------------------------------
+class FakeSplit(list):
+    """What datasets.load_dataset returns for a split: rows as dicts, column names."""
+    @property
+    def column_names(self):
+        return list(self[0]) if self else []
+
+
+def fake_datasets(monkeypatch, splits=None, error=None):
+    """A stand-in ``datasets`` module whose load_dataset serves ``splits`` (or raises ``error``)."""
+    import sys
+    import types
+    calls = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        if error is not None:
+            raise error
+        if split not in splits:
+            raise ValueError(f'Unknown split "{split}". Should be one of {sorted(splits)}.')
+        return FakeSplit(splits[split])
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hf_dataset_rows_become_examples(monkeypatch):
+    # GLUE's field names: "sentence" (found without text_field), "label" as ClassLabel ints
+    rng = random.Random(SEED)
+    train = [{"idx": i, "sentence": f"train {i}", "label": rng.randint(0, 1)} for i in range(40)]
+    dev = [{"idx": i, "sentence": f"dev {i}", "label": i % 2} for i in range(6)]
+    calls = fake_datasets(monkeypatch, {"train": train, "validation": dev})
+    cfg = load_config(None, ["task.hf_dataset=glue:sst2", "task.k_per_class=4",
+                             "task.verbalizer=[' bad', ' good']", "task.n_val=3"])
+    task = Task(cfg.task, CharTokenizer())
+    assert calls == [("glue", "sst2", "train"), ("glue", "sst2", "validation")]
+    assert [(r.text, r.label) for r in task.dev] == [(d["sentence"], d["label"]) for d in dev]
+    by_text = {t["sentence"]: t["label"] for t in train}
+    assert sorted(r.label for r in task.train) == [0] * 4 + [1] * 4            # k per class, sampled
+    assert all(by_text[r.text] == r.label for r in task.train + task.val)
+    assert len(task.val) == 3 and not {r.text for r in task.val} & {r.text for r in task.train}
+    ex = task.train_examples[0]
+    assert ex.prompt_ids == tuple(CharTokenizer()(task.train[0].text + " It was")["input_ids"])
+
+
+def test_hf_dataset_mapping_with_its_own_fields(monkeypatch):
+    rows = {"train": [{"premise": f"p{i}", "options": [" a", " b"], "answer": i % 2} for i in range(4)],
+            "test": [{"premise": "q", "options": [" c", " d", " e"], "answer": " e"}]}
+    calls = fake_datasets(monkeypatch, rows)
+    cfg = load_config(None, ["task.kind=multiple_choice", "task.template={text}", "task.k_per_class=null",
+                             "task.hf_dataset={path: me/copa-like, split_dev: test, text_field: premise, "
+                             "choices_field: options, label_field: answer}"])
+    task = Task(cfg.task, CharTokenizer())
+    assert calls == [("me/copa-like", None, "train"), ("me/copa-like", None, "test")]
+    assert [(r.text, r.choices, r.label) for r in task.dev] == [("q", (" c", " d", " e"), 2)]
+    assert sorted(r.text for r in task.train) == ["p0", "p1", "p2", "p3"]
+
+
+def test_hf_dataset_bad_row_and_bad_spec_are_named(monkeypatch):
+    fake_datasets(monkeypatch, {"train": [{"text": "ok", "label": 0}, {"text": "bad", "label": 7}],
+                                "validation": [{"text": "ok", "label": 0}]})
+    cfg = load_config(None, ["task.hf_dataset=x", "task.k_per_class=null"])
+    with pytest.raises(MezoError, match=r"task\.hf_dataset x \[train\], row 1: label 7 out of range"):
+        Task(cfg.task, CharTokenizer())
+    with pytest.raises(MezoError, match=r"'task\.hf_dataset\.splits': unknown key"):
+        load_config(None, ["task.hf_dataset={path: x, splits: y}"])
+    fake_datasets(monkeypatch, {"train": [{"text": "ok", "label": 0}]})      # no validation split
+    cfg = load_config(None, ["task.hf_dataset=x:y", "task.k_per_class=null", "mezo.batch_size=1"])
+    with pytest.raises(MezoError, match=r"task\.hf_dataset=x:y: cannot load split 'validation': ValueError: "
+                                        r"Unknown split \"validation\".*task\.train=FILE"):
+        Task(cfg.task, CharTokenizer())
+
+
+@pytest.mark.parametrize("case", ["offline", "no datasets"])
+def test_hf_dataset_offline_or_missing_is_one_line(monkeypatch, tmp_path, tiny_llama, capsys, case):
+    import sys
+    from mezo_core.cli import main
+    from tiny import write_run_config
+    if case == "offline":   # what datasets raises with the hub unreachable (and HF_DATASETS_OFFLINE=1)
+        fake_datasets(monkeypatch, error=ConnectionError(
+            "Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)\nmore detail"))
+        needle = ("task.hf_dataset=glue:sst2: cannot load split 'train': ConnectionError: Couldn't reach 'glue' "
+                  "on the Hub (LocalEntryNotFoundError) (the Hugging Face hub is unreachable from here?); "
+                  "or give the data as files: task.train=FILE task.dev=FILE (JSONL or TSV)")
+    else:
+        monkeypatch.setitem(sys.modules, "datasets", None)               # import fails
+        needle = ("task.hf_dataset=glue:sst2: the 'datasets' library is not installed (pip install datasets), "
+                  "or give the data as files: task.train=FILE task.dev=FILE (JSONL or TSV)")
+    cfg = write_run_config(tmp_path, tiny_llama)
+    assert main(["train", "-c", str(cfg), "task.hf_dataset=glue:sst2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("mezo-run: error: ") == 1
+    line = err[err.index("mezo-run: error: "):].strip()
+    assert line == "mezo-run: error: " + needle
