@@ -134,3 +134,89 @@ def test_backends_lists_hook_only_plugins(capsys, fresh_registry):
     line = next(l for l in out.splitlines() if "my-hook-only-plugin" in l)
     assert "on_step_end" in line
     assert "loggers: csv" in out and "register_loggers" in out
+
+
+class FakeWandb:
+    """A stand-in ``wandb`` module: records init / log / finish."""
+
+    def __init__(self):
+        self.calls = []
+        self.util = type("util", (), {"generate_id": staticmethod(lambda: "fakeid01")})
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        fake = self
+
+        class Run:
+            def log(self, data, step=None):
+                fake.calls.append(("log", step, data))
+
+            def finish(self):
+                fake.calls.append(("finish",))
+        return Run()
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    import sys
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    return fake
+
+
+def test_wandb_logs_config_steps_and_evaluations(tmp_path, tiny_llama, fake_wandb, fresh_registry, monkeypatch):
+    from mezo_core.config import load_config
+    from omegaconf import OmegaConf
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg_file, code = train(tmp_path, tiny_llama, "report_to=[jsonl,wandb]")
+    assert code == 0
+    run = tmp_path / "run"
+    kinds = [c[0] for c in fake_wandb.calls]
+    assert kinds[0] == "init" and kinds[-1] == "finish" and kinds.count("init") == kinds.count("finish") == 1
+    init = fake_wandb.calls[0][1]
+    want = OmegaConf.to_container(load_config(cfg_file, ["report_to=[jsonl,wandb]"]), resolve=True)
+    assert init["config"] == want and init["config"]["mezo"]["steps"] == 5
+    assert (init["mode"], init["project"], init["resume"], init["dir"]) == ("offline", "mezo-run", "allow", str(run))
+    assert init["id"] == (run / "wandb-run-id").read_text().strip() == "fakeid01"
+    logs = [c for c in fake_wandb.calls if c[0] == "log"]
+    # the oracle: the rows the jsonl logger wrote
+    steps = jsonl(run / "metrics.jsonl")
+    train_logs = [(s, d) for _, s, d in logs if "train/loss" in d]
+    assert [(s, d["train/loss"], d["train/lr"]) for s, d in train_logs] == [(r["step"], r["loss"], r["lr"]) for r in steps]
+    evals = jsonl(run / "evals.jsonl")
+    eval_logs = [(s, d) for _, s, d in logs if "eval/dev/accuracy" in d]
+    assert [(s, d["eval/dev/accuracy"], d["eval/dev/loss"]) for s, d in eval_logs] == [
+        (r["step"], r["accuracy"], r["loss"]) for r in evals]
+    assert all(isinstance(v, (int, float)) for _, _, d in logs for v in d.values())   # scalars only
+    assert [s for _, s, _ in logs] == sorted(s for _, s, _ in logs)                   # W&B wants steps in order
+
+
+def test_wandb_resume_continues_the_same_run(tmp_path, tiny_llama, fake_wandb, fresh_registry):
+    stopper = InterruptAt(3)   # the last checkpoint is step 2
+    fresh_registry.pm.register(stopper)
+    try:
+        cfg, code = train(tmp_path, tiny_llama, "report_to=[wandb]")
+    finally:
+        fresh_registry.pm.unregister(stopper)
+    assert code == 130
+    first = [c for c in fake_wandb.calls]
+    assert first[-1] == ("finish",)                                # closed on the interrupt too
+    fake_wandb.calls.clear()
+    assert main(["train", "-c", str(cfg), "--resume", "report_to=[wandb]"]) == 0
+    init = fake_wandb.calls[0][1]
+    assert init["id"] == first[0][1]["id"] and init["resume"] == "allow"
+    resumed_steps = [c[1] for c in fake_wandb.calls if c[0] == "log" and "train/loss" in c[2]]
+    assert resumed_steps == [3, 4, 5]                              # from the checkpoint on
+
+
+def test_wandb_unavailable_is_one_line(tmp_path, tiny_llama, capsys, fresh_registry, monkeypatch):
+    import sys
+    from mezo_builtin.loggers import WandbLogger
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert WandbLogger.name == "wandb" and "pip install wandb" in WandbLogger.unavailable_reason()
+    _, code = train(tmp_path, tiny_llama, "report_to=[wandb]")
+    err = capsys.readouterr().err
+    assert code == 2 and "logger 'wandb' is unavailable" in err and "pip install wandb" in err
+    assert not (tmp_path / "run").exists()

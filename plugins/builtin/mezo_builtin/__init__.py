@@ -4,7 +4,7 @@ named by ``cls.name``."""
 from mezo_core import hookimpl
 
 from .eviction import FIFO, LFU, LRU, SizeAware
-from .loggers import CsvLogger, JsonlLogger, TensorBoardLogger
+from .loggers import CsvLogger, JsonlLogger, TensorBoardLogger, WandbLogger
 from .schedules import FZOO, RMS, Constant, Cosine, Exponential, Linear, NoiseFloor, Spall, SpallEps
 
 
@@ -35,3 +35,4 @@ def register_loggers(register):
     register(JsonlLogger)
     register(CsvLogger)
     register(TensorBoardLogger)
+    register(WandbLogger)

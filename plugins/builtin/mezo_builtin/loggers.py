@@ -1,4 +1,4 @@
-"""Metric loggers (``report_to: [jsonl, csv, tensorboard]``): each gets every
+"""Metric loggers (``report_to: [jsonl, csv, tensorboard, wandb]``): each gets every
 training step's row and every evaluation's rows (``"event": "eval"``).
 
 Training rows and evaluation rows have different fields, so the file loggers keep
@@ -151,3 +151,52 @@ class TensorBoardLogger:
 
     def close(self):
         self.writer.close()
+
+
+class WandbLogger:
+    """Weights & Biases (``report_to: [wandb]``, when ``wandb`` is installed): one W&B
+    run per run folder, its config the resolved run config, ``train/<field>`` per step
+    and ``eval/<split>/<field>`` per evaluation, at the run's step.
+
+    The W&B run id is kept in ``out_dir/wandb-run-id``, so ``--resume`` continues the
+    same W&B run (``resume="allow"``); W&B keeps the rows it has for the steps the
+    resumed run logs again. W&B's own settings come from its environment:
+    ``WANDB_PROJECT`` (default ``mezo-run``), ``WANDB_ENTITY``, and ``WANDB_MODE=offline``
+    (no network: the run is written under ``out_dir/wandb``; ``wandb sync`` uploads it)."""
+
+    name = "wandb"
+    ID_FILE = "wandb-run-id"
+
+    @classmethod
+    def unavailable_reason(cls):
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            return f"{exc} (pip install wandb)"
+        return None
+
+    def __init__(self, out_dir, cfg, start_step: int = 0):
+        import wandb
+        from omegaconf import OmegaConf
+        out = Path(out_dir)
+        id_file = out / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        if run_id is None:
+            run_id = wandb.util.generate_id() if hasattr(wandb, "util") else os.urandom(4).hex()
+            _replace(id_file, run_id + "\n")
+        kwargs = dict(project=os.environ.get("WANDB_PROJECT", "mezo-run"), name=out.name, dir=str(out),
+                      id=run_id, resume="allow", config=OmegaConf.to_container(cfg, resolve=True))
+        if os.environ.get("WANDB_MODE"):
+            kwargs["mode"] = os.environ["WANDB_MODE"]   # offline / disabled, as W&B reads it
+        self.run = wandb.init(**kwargs)
+        self.start_step = start_step
+
+    def log(self, step, metrics):
+        prefix = f"eval/{metrics.get('split', 'dev')}/" if _is_eval(metrics) else "train/"
+        values = {prefix + k: v for k, v in metrics.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self):
+        self.run.finish()
