@@ -81,8 +81,9 @@ class TaskConfig:
     # train file; n_val then samples it (0: all of it)
     val: Optional[str] = None
     sample_seed: int = 42                  # seed of the train/dev/validation sampling
-    # classification loss: "choices" = cross-entropy among the verbalizer words
-    # (MeZO's train_as_classification); "target" = LM loss of the gold word
+    # classification/multiple-choice loss: "choices" = cross-entropy among the candidates (the
+    # verbalizer's words or the row's choices, each scored by its mean token loss: MeZO's
+    # train_as_classification); "target" = LM loss of the gold candidate
     train_loss: str = "choices"
     # longest sequence (prompt + answer) in tokens: longer texts are cut, never the template's
     # answer slot (null: no limit)
