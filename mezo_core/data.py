@@ -367,7 +367,7 @@ class Task:
         source = f"task.hf_dataset={hf_dataset_spec(hf)['path']}" if hf else cfg.train
 
         def load(split):  # "train", "dev" or "val": a file, or a split of task.hf_dataset
-            if hf:
+            if hf and not (split == "val" and cfg.get("val")):  # a task.val file wins over split_val
                 return load_hf_split(hf, f"split_{split}", cfg.kind, labels)
             return read_records(cfg[split], cfg.kind, labels, f"task.{split}")
 
@@ -560,8 +560,11 @@ class Task:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             if scored:
-                rows = candidate_losses(backend, [prompts[id(r)] for r in chunk],
-                                        [self.candidates(r) for r in chunk])
+                chunk_prompts = [prompts[id(r)] for r in chunk]
+                if self.kind == "classification":  # one set of words: the backends' choice_losses
+                    rows = backend.choice_losses(chunk_prompts, self.choices)
+                else:
+                    rows = candidate_losses(backend, chunk_prompts, [self.candidates(r) for r in chunk])
                 for r, scores in zip(chunk, rows):
                     right[id(r)] = int(scores.argmin()) == r.label
                     losses.append(float(scores[r.label]))

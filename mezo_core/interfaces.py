@@ -25,8 +25,9 @@ class Example:
 
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
-    #: classification: the candidate completions; the loss MeZO minimises is then
-    #: the cross-entropy of ``target_ids`` among them (MeZO's train_as_classification)
+    #: classification (the verbalizer's words, shared by every row) and multiple choice
+    #: (the row's own candidates): the candidate completions; the loss MeZO minimises is
+    #: then the cross-entropy of ``target_ids`` among them (MeZO's train_as_classification)
     choices: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):

@@ -316,6 +316,19 @@ def test_hf_dataset_mapping_with_its_own_fields(monkeypatch):
     assert sorted(r.text for r in task.train) == ["p0", "p1", "p2", "p3"]
 
 
+def test_hf_dataset_validation_split_or_file(monkeypatch, tmp_path):
+    rows = {s: [{"text": f"{s} {i}", "label": i % 2} for i in range(4)] for s in ("train", "validation", "held")}
+    calls = fake_datasets(monkeypatch, rows)
+    base = ["task.hf_dataset={path: d, split_val: held}", "task.k_per_class=null", "mezo.batch_size=1"]
+    task = Task(load_config(None, base).task, CharTokenizer())
+    assert calls[-1] == ("d", None, "held") and [r.text for r in task.val] == [f"held {i}" for i in range(4)]
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"text": "from the file", "label": 1}) + "\n")
+    calls.clear()
+    task = Task(load_config(None, base + [f"task.val={val}"]).task, CharTokenizer())   # the file wins
+    assert [r.text for r in task.val] == ["from the file"] and [c[2] for c in calls] == ["train", "validation"]
+
+
 def test_hf_dataset_bad_row_and_bad_spec_are_named(monkeypatch):
     fake_datasets(monkeypatch, {"train": [{"text": "ok", "label": 0}, {"text": "bad", "label": 7}],
                                 "validation": [{"text": "ok", "label": 0}]})
