@@ -22,7 +22,7 @@ import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -288,6 +288,9 @@ def hf_dataset_spec(spec) -> dict:
     if not isinstance(spec["path"], str) or not spec["path"].strip():
         raise MezoError("config field 'task.hf_dataset.path': names no dataset "
                         "(e.g. task.hf_dataset=glue:sst2)")
+    for key in ("split_train", "split_dev"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            raise MezoError(f"config field 'task.hf_dataset.{key}': must name a split (got {spec[key]!r})")
     return spec
 
 

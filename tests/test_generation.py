@@ -156,3 +156,27 @@ def test_a_backend_that_cannot_generate_reports_the_loss_with_a_note(setup, caps
     assert result["dev_loss"] == pytest.approx(sum(golds) / len(golds))
     err = capsys.readouterr().err
     assert err.count("cannot generate text: exact match skipped") == 1
+
+
+def test_a_completion_run_logs_exact_match(setup, tmp_path):
+    """Through the CLI: the zero-shot row of evals.jsonl holds the exact match of the
+    evaluation (here of the adapter loaded into this module's backend: the run starts
+    from the zero adapter, so its zero-shot numbers are the base model's)."""
+    from mezo_core.cli import main
+    cfg, _, _, tok, rows = setup
+    args = ["train", f"model.path={cfg.model.path}", "task.kind=completion", f"task.train={cfg.task.train}",
+            f"task.dev={cfg.task.dev}", "task.n_val=0", "lora.r=2", "lora.layers=null", "mezo.steps=1",
+            "mezo.batch_size=2", f"out_dir={tmp_path / 'run'}", "progress=false", "plot=false",
+            "report_to=[jsonl,csv]"]
+    assert main(args) == 0
+    evals = [json.loads(line) for line in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
+    assert evals[0]["label"] == "zero-shot" and all("exact_match" in e for e in evals)
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    expected = 0
+    for r in rows:   # the base model's greedy loop, the rule as in the test above
+        budget = len(tok(r["completion"], add_special_tokens=False)["input_ids"]) + EXTRA
+        text = decode(tok, greedy_loop(base, tok(r["prompt"])["input_ids"], budget, tok.eos_token_id))
+        expected += " ".join(text.lstrip().split("\n")[0].split()) == " ".join(r["completion"].split())
+    assert evals[0]["exact_match"] == pytest.approx(expected / len(rows))
+    assert "exact_match" in (tmp_path / "run" / "evals.csv").read_text().splitlines()[0]

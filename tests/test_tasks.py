@@ -365,3 +365,26 @@ def test_hf_dataset_offline_or_missing_is_one_line(monkeypatch, tmp_path, tiny_l
     assert "Traceback" not in err and err.count("mezo-run: error: ") == 1
     line = err[err.index("mezo-run: error: "):].strip()
     assert line == "mezo-run: error: " + needle
+
+
+def test_mezo_run_trains_and_evaluates_a_multiple_choice_task(tmp_path, tiny_llama):
+    """End to end through the CLI: the zero-shot evaluation is the oracle's (the initial
+    adapter changes nothing: LoRA B starts at zero)."""
+    from mezo_core.cli import main
+    from tiny import write_run_config
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    cfg = write_run_config(tmp_path, tiny_llama, {"task.kind": "multiple_choice", "task.train": str(data),
+                                                  "task.dev": str(data), "task.template": "{text}",
+                                                  "task.k_per_class": None, "mezo.steps": 4,
+                                                  "mezo.batch_size": 6, "hf": {"trunk_cache": False}})
+    assert main(["train", "-c", str(cfg)]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    oracle = oracle_candidate_scores(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(),
+                                     AutoTokenizer.from_pretrained(tiny_llama))
+    gold = [0, 0, 2, 1, 1, 1]
+    zero = json.loads((tmp_path / "run" / "summary.json").read_text())["zero_shot"]
+    assert zero["dev_accuracy"] == pytest.approx(sum(int(s.argmin()) == g for s, g in zip(oracle, gold)) / 6)
+    assert zero["dev_loss"] == pytest.approx(float(sum(s[g] for s, g in zip(oracle, gold)) / 6), abs=1e-5)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
+    assert [e["label"] for e in evals] == ["zero-shot", "final"] and "accuracy" in evals[-1]
