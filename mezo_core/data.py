@@ -264,7 +264,7 @@ HF_DATASET_KEYS = {  # task.hf_dataset as a mapping: key -> default
     "split_val": None,         # a validation split of its own (as task.val), if any
     "text_field": None,        # null: "text", else "sentence" (GLUE); completion tasks: "prompt"
     "label_field": "label",
-    "choices_field": "choices",
+    "choices_field": "choices",  # a column holding the candidates, or a list of columns, one each
     "completion_field": "completion",
 }
 
@@ -326,8 +326,20 @@ def load_hf_split(spec, split_key: str, kind: str, labels) -> list[Record]:
         names["prompt"] = text_field or "prompt"
     else:
         names["text"] = text_field or ("sentence" if "text" not in columns and "sentence" in columns else "text")
-    records = [_record(dict(row), kind, labels, f"task.hf_dataset {ref} [{split}], row {i}", names)
-               for i, row in enumerate(rows)]
+    spread = spec["choices_field"] if not isinstance(spec["choices_field"], str) else None
+    if spread is not None:   # one column per candidate (super_glue/copa: choice1, choice2)
+        spread = [str(c) for c in spread]
+        names["choices"] = "choices"
+    records = []
+    for i, row in enumerate(rows):
+        where, row = f"task.hf_dataset {ref} [{split}], row {i}", dict(row)
+        if spread is not None:
+            missing = [c for c in spread if c not in row]
+            if missing:
+                raise MezoError(f"{where}: missing field {missing[0]!r} (task.hf_dataset.choices_field "
+                                f"names {spread})")
+            row["choices"] = [row[c] for c in spread]
+        records.append(_record(row, kind, labels, where, names))
     if not records:
         raise MezoError(f"task.hf_dataset={ref}: split {split!r} holds no examples")
     return records

@@ -141,13 +141,17 @@ class FakeWandb:
 
     def __init__(self):
         self.calls = []
+        self.ids = set()   # runs that exist "on the server"
         self.util = type("util", (), {"generate_id": staticmethod(lambda: "fakeid01")})
 
     def init(self, **kwargs):
         self.calls.append(("init", kwargs))
         fake = self
 
-        class Run:
+        class Run:   # ``step``: as W&B's, the next step after the last one logged (0 when new)
+            step = (max((c[1] for c in fake.calls if c[0] == "log"), default=-1) + 1
+                    if kwargs.get("id") in fake.ids else 0)
+
             def log(self, data, step=None):
                 fake.calls.append(("log", step, data))
 
@@ -201,14 +205,18 @@ def test_wandb_resume_continues_the_same_run(tmp_path, tiny_llama, fake_wandb, f
     finally:
         fresh_registry.pm.unregister(stopper)
     assert code == 130
-    first = [c for c in fake_wandb.calls]
+    first = list(fake_wandb.calls)
     assert first[-1] == ("finish",)                                # closed on the interrupt too
-    fake_wandb.calls.clear()
+    sent = [c[1] for c in first if c[0] == "log" and "train/loss" in c[2]]
+    assert sent == [1, 2, 3]                                       # interrupted after step 3
+    fake_wandb.ids.add(first[0][1]["id"])
     assert main(["train", "-c", str(cfg), "--resume", "report_to=[wandb]"]) == 0
-    init = fake_wandb.calls[0][1]
+    resumed = fake_wandb.calls[len(first):]
+    init = resumed[0][1]
     assert init["id"] == first[0][1]["id"] and init["resume"] == "allow"
-    resumed_steps = [c[1] for c in fake_wandb.calls if c[0] == "log" and "train/loss" in c[2]]
-    assert resumed_steps == [3, 4, 5]                              # from the checkpoint on
+    # the checkpoint is step 2: the run writes step 3 again, W&B has it already
+    assert [c[1] for c in resumed if c[0] == "log" and "train/loss" in c[2]] == [4, 5]
+    assert all(c[1] >= 4 for c in resumed if c[0] == "log")
 
 
 def test_wandb_unavailable_is_one_line(tmp_path, tiny_llama, capsys, fresh_registry, monkeypatch):

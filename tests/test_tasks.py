@@ -314,6 +314,16 @@ def test_hf_dataset_mapping_with_its_own_fields(monkeypatch):
     assert calls == [("me/copa-like", None, "train"), ("me/copa-like", None, "test")]
     assert [(r.text, r.choices, r.label) for r in task.dev] == [("q", (" c", " d", " e"), 2)]
     assert sorted(r.text for r in task.train) == ["p0", "p1", "p2", "p3"]
+    # candidates one column each (super_glue/copa's shape)
+    copa = {s: [{"premise": f"{s} {i}", "choice1": " x", "choice2": f" y{i}", "label": i % 2} for i in range(3)]
+            for s in ("train", "validation")}
+    fake_datasets(monkeypatch, copa)
+    cfg = load_config(None, ["task.kind=multiple_choice", "task.template={text}", "task.k_per_class=null",
+                             "mezo.batch_size=1", "task.hf_dataset={path: super_glue, name: copa, "
+                             "text_field: premise, choices_field: [choice1, choice2]}"])
+    task = Task(cfg.task, CharTokenizer())
+    assert [(r.text, r.choices, r.label) for r in task.dev] == [
+        (f"validation {i}", (" x", f" y{i}"), i % 2) for i in range(3)]
 
 
 def test_hf_dataset_validation_split_or_file(monkeypatch, tmp_path):

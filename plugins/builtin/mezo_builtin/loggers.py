@@ -159,8 +159,9 @@ class WandbLogger:
     and ``eval/<split>/<field>`` per evaluation, at the run's step.
 
     The W&B run id is kept in ``out_dir/wandb-run-id``, so ``--resume`` continues the
-    same W&B run (``resume="allow"``); W&B keeps the rows it has for the steps the
-    resumed run logs again. W&B's own settings come from its environment:
+    same W&B run (``resume="allow"``). W&B refuses steps below the ones it holds, so the
+    rows a resumed run writes again (after its checkpoint, up to where the first run
+    stopped: the same numbers, resumes are exact) are not sent twice. W&B's own settings come from its environment:
     ``WANDB_PROJECT`` (default ``mezo-run``), ``WANDB_ENTITY``, and ``WANDB_MODE=offline``
     (no network: the run is written under ``out_dir/wandb``; ``wandb sync`` uploads it)."""
 
@@ -189,13 +190,14 @@ class WandbLogger:
         if os.environ.get("WANDB_MODE"):
             kwargs["mode"] = os.environ["WANDB_MODE"]   # offline / disabled, as W&B reads it
         self.run = wandb.init(**kwargs)
-        self.start_step = start_step
+        # on --resume: the next step W&B will take (rows below it were sent by the first run)
+        self.skip_below = int(getattr(self.run, "step", 0) or 0) if start_step else 0
 
     def log(self, step, metrics):
         prefix = f"eval/{metrics.get('split', 'dev')}/" if _is_eval(metrics) else "train/"
         values = {prefix + k: v for k, v in metrics.items()
                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if values:
+        if values and step >= self.skip_below:
             self.run.log(values, step=step)
 
     def close(self):
