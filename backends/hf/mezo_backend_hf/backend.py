@@ -223,5 +223,5 @@ class HFBackend(LocalTensorsBackend):
     def generate(self, prompts, max_new_tokens):
         """Greedy continuations under the current adapter (exact match of completion tasks)."""
         from .generation import greedy_generate
-        return greedy_generate(self.model, prompts, max_new_tokens, pad_id=self.pad_id,
+        return greedy_generate(self.model, prompts, max_new_tokens, pad_id=self.forwards.pad_id,
                                eos_id=self.tokenizer.eos_token_id, device=self.device)
