@@ -198,8 +198,8 @@ class Backend(abc.ABC):
         ``choice_losses``. Rows with candidates of their own (multiple-choice
         tasks) are scored by ``losses`` in one pass per candidate index, each
         over all rows of the batch: every pass keeps the batch's rows in order,
-        so a backend that routes rows to side-by-side adapters (``hf.pm_batch``,
-        vLLM's paired signs) sees the rows it expects."""
+        so the per-row routing of a side-by-side batch (``BoundForwards``'
+        adapters: ``hf.pm_batch``, vLLM's paired signs) still fits its rows."""
         with_choices = [e.choices is not None for e in batch]
         if not any(with_choices):
             return self.losses(batch)
@@ -227,7 +227,6 @@ class Backend(abc.ABC):
         ``max_new_tokens`` each, ending at (and without) the tokenizer's EOS; used
         for the exact-match metric of completion tasks. A backend that cannot
         generate keeps this default: evaluation then reports the loss only."""
-        from .errors import MezoError
         raise MezoError(f"backend {getattr(self, 'name', type(self).__name__)!r} cannot generate text")
 
     def choice_losses(self, prompts: Sequence[tuple[int, ...]],
