@@ -201,7 +201,7 @@ def test_wandb_resume_continues_the_same_run(tmp_path, tiny_llama, fake_wandb, f
     stopper = InterruptAt(3)   # the last checkpoint is step 2
     fresh_registry.pm.register(stopper)
     try:
-        cfg, code = train(tmp_path, tiny_llama, "report_to=[wandb]")
+        cfg, code = train(tmp_path, tiny_llama, "report_to=[wandb]", registry=fresh_registry)
     finally:
         fresh_registry.pm.unregister(stopper)
     assert code == 130
