@@ -115,13 +115,15 @@ def cmd_eval(args, cfg, registry):
 
 def _print_summary(summary, cfg):
     zero, final = summary.get("zero_shot") or {}, summary.get("final") or {}
-    key = "dev_accuracy" if "dev_accuracy" in final else "dev_loss"
+    key = next(k for k in ("dev_accuracy", "dev_exact_match", "dev_loss") if k in final)
     print(f"\nDev {key.replace('dev_', '')} ({final.get('dev_examples')} examples of {cfg.task.dev}) "
           f"after {summary['step']} MeZO steps ({cfg.backend} backend):")
     if zero:
         print(f"  zero-shot : {zero[key]:.4f}")
     adapter = f"  (the adapter of step {final['adapter_step']}, best on validation)" if "adapter_step" in final else ""
     print(f"  fine-tuned: {final[key]:.4f}{adapter}")
+    if key == "dev_exact_match":
+        print(f"  dev loss  : {zero.get('dev_loss', float('nan')):.4f} -> {final['dev_loss']:.4f}")
     guard = summary.get("guard") or {}
     if guard.get("events"):
         print(f"  guard     : {guard['events']} event(s), {guard['roll_backs']} roll-back(s), "
