@@ -10,6 +10,7 @@ rows written after the checkpoint (the resumed run writes them again).
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,23 @@ from pathlib import Path
 
 def _is_eval(metrics: dict) -> bool:
     return metrics.get("event") == "eval"
+
+
+def _scalars(metrics: dict) -> dict:
+    """A row's numbers as dashboards name them: ``train/<field>`` for a step,
+    ``eval/<split>/<field>`` for an evaluation."""
+    prefix = f"eval/{metrics.get('split', 'dev')}/" if _is_eval(metrics) else "train/"
+    return {prefix + k: v for k, v in metrics.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _missing(module: str, package: str) -> str | None:
+    """Why a logger cannot run here: its library does not import (None when it does)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"{exc} (pip install {package})"
+    return None
 
 
 def _rows_until(path: Path, step: int, parse) -> list:
@@ -131,11 +149,7 @@ class TensorBoardLogger:
 
     @classmethod
     def unavailable_reason(cls):
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError as exc:
-            return f"{exc} (pip install tensorboard)"
-        return None
+        return _missing("torch.utils.tensorboard", "tensorboard")
 
     def __init__(self, out_dir, cfg, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
@@ -143,10 +157,8 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start_step or None)
 
     def log(self, step, metrics):
-        prefix = f"eval/{metrics.get('split', 'dev')}/" if _is_eval(metrics) else "train/"
-        for k, v in metrics.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.writer.add_scalar(prefix + k, v, step)
+        for k, v in _scalars(metrics).items():
+            self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
     def close(self):
@@ -170,11 +182,7 @@ class WandbLogger:
 
     @classmethod
     def unavailable_reason(cls):
-        try:
-            import wandb  # noqa: F401
-        except ImportError as exc:
-            return f"{exc} (pip install wandb)"
-        return None
+        return _missing("wandb", "wandb")
 
     def __init__(self, out_dir, cfg, start_step: int = 0):
         import wandb
@@ -194,9 +202,7 @@ class WandbLogger:
         self.skip_below = int(getattr(self.run, "step", 0) or 0) if start_step else 0
 
     def log(self, step, metrics):
-        prefix = f"eval/{metrics.get('split', 'dev')}/" if _is_eval(metrics) else "train/"
-        values = {prefix + k: v for k, v in metrics.items()
-                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = _scalars(metrics)
         if values and step >= self.skip_below:
             self.run.log(values, step=step)
 
