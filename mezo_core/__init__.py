@@ -2,8 +2,8 @@
 interfaces that plugins implement. Read in this order: interfaces, perturb,
 mezo, registry, config, data, trainer, cli."""
 from .hookspecs import hookimpl
-from .interfaces import Backend, EvictionPolicy, Example, LocalTensorsBackend, Schedule, Signals
+from .interfaces import Backend, BackendStats, EvictionPolicy, Example, LocalTensorsBackend, Schedule, Signals
 from .errors import MezoError
 
-__all__ = ["hookimpl", "Backend", "LocalTensorsBackend", "EvictionPolicy", "Example", "Schedule", "Signals", "MezoError"]
+__all__ = ["hookimpl", "Backend", "BackendStats", "LocalTensorsBackend", "EvictionPolicy", "Example", "Schedule", "Signals", "MezoError"]
 __version__ = "0.1.0"
