@@ -26,8 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mezo-run train out_dir=runs/sst2-$$(date +%Y%m%d-%H%M%S)
 
+# two worker processes (pytest-xdist), each test file whole on one of them, so module-scoped
+# fixtures (a killed run's children, a shared engine) are built once per file
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # a named suite of benchmarks (python -m benchmarks list): make bench SUITE=cpu
 SUITE ?= smoke
