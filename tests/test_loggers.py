@@ -30,6 +30,16 @@ def train(tmp_path, model, *overrides, steps=5, registry=None):
     return cfg, main(["train", "-c", str(cfg), *overrides], registry)
 
 
+def train_interrupted(tmp_path, model, registry, *overrides):
+    """A run stopped (Ctrl-C) after step 3's row; its last checkpoint is step 2."""
+    stopper = InterruptAt(3)
+    registry.pm.register(stopper)
+    try:
+        return train(tmp_path, model, *overrides, registry=registry)
+    finally:
+        registry.pm.unregister(stopper)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_llama):
     get_registry.cache_clear()
@@ -79,12 +89,7 @@ def test_csv_holds_the_same_rows(run):
 
 
 def test_resume_leaves_the_logs_of_the_uninterrupted_run(run, tmp_path, tiny_llama, fresh_registry):
-    stopper = InterruptAt(3)   # after step 3's eval-free row; the last checkpoint is step 2
-    fresh_registry.pm.register(stopper)
-    try:
-        cfg, code = train(tmp_path, tiny_llama, "report_to=[jsonl,csv]", registry=fresh_registry)
-    finally:
-        fresh_registry.pm.unregister(stopper)
+    cfg, code = train_interrupted(tmp_path, tiny_llama, fresh_registry, "report_to=[jsonl,csv]")
     assert code == 130
     assert main(["train", "-c", str(cfg), "--resume", "report_to=[jsonl,csv]"]) == 0
     resumed = tmp_path / "run"
@@ -198,12 +203,7 @@ def test_wandb_logs_config_steps_and_evaluations(tmp_path, tiny_llama, fake_wand
 
 
 def test_wandb_resume_continues_the_same_run(tmp_path, tiny_llama, fake_wandb, fresh_registry):
-    stopper = InterruptAt(3)   # the last checkpoint is step 2
-    fresh_registry.pm.register(stopper)
-    try:
-        cfg, code = train(tmp_path, tiny_llama, "report_to=[wandb]", registry=fresh_registry)
-    finally:
-        fresh_registry.pm.unregister(stopper)
+    cfg, code = train_interrupted(tmp_path, tiny_llama, fresh_registry, "report_to=[wandb]")
     assert code == 130
     first = list(fake_wandb.calls)
     assert first[-1] == ("finish",)                                # closed on the interrupt too
