@@ -3,6 +3,7 @@
     python -m benchmarks.compare                                  # CPU: tiny Llama shape, every row
     python -m benchmarks.compare --rows hf,hf-trunk,vllm          # a subset
     python -m benchmarks.compare --device cuda --shape llama-1.1b --batch 16 --seq 256
+    python -m benchmarks.compare --device cuda --task conf/sst2.yaml --model $MEZO_MODEL   # the SST-2 demo
     python -m benchmarks compare ...                              # the same, from the package entry
 
 Workload (``benchmarks.common.workload``): B rows of T tokens with random
@@ -11,7 +12,10 @@ ids, prompt = the first T-1 tokens, target = the last one; with
 Every row gets the same batch each step (``--batch-pool N``: cycles through
 N different batches sharing that prefix), a random-weight Llama of
 ``--shape``, LoRA r=16 on q_proj/v_proj of all layers or the top quarter,
-and the same seeded initial adapter (config ``seed=0``).
+and the same seeded initial adapter (config ``seed=0``). ``--task CONF``
+replaces all of that by a recipe's own: its model (``--model`` overrides the
+path), LoRA and task; the batches are its first training batches
+(``Task.train_batch``), e.g. SST-2 with a verbalizer (``choice_losses``).
 
 Rows (``--rows``, keys in brackets): hf plain [hf], hf + frozen-trunk cache
 [hf-trunk], hf + one +/- batch [hf-pm], hf + both [hf-both], vllm [vllm],
@@ -21,11 +25,14 @@ start is reported with its error. The hf rows live together and are timed
 round-robin (one step of each row per round) so machine noise hits them alike;
 an engine is started, measured and closed before the next one starts.
 
-Columns: step time (median of ``--steps`` steps after ``--warmup``),
+Columns: step time (median of ``--steps`` steps after ``--warmup``, taken as
+the trainer takes them: ``common.Stepper``'s fused schedule),
 tokens/s (2*q*B*T forward tokens per step), step / two base forwards of the
 same backend (hf: ``base_losses()``, a plain forward of the base model with
-full logits, as in bench_hf; engines: one ``losses()`` call of the unperturbed
-adapter, ``reset_cache()`` before each call, times two), peak device memory
+full logits, as in bench_hf, times two; engines: *two bare engine passes*, two
+``objective()`` calls on the batch under the unchanged adapter, LoRA applied,
+``reset_cache()`` before each so neither reuses the other's prefix:
+``two_engine_passes_ms`` and ``step_over_two_engine_passes``), peak device memory
 (CUDA: hf rows = the row's resident tensors + a step's working memory;
 engines = device memory the engine holds, measured with cudaMemGetInfo, i.e.
 its reservation), cache hit rate and token reuse over the timed steps
@@ -51,8 +58,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHAPES, build_random_model, environment, make_batches, timed, write_result
-from mezo_core.mezo import direction_seeds, mezo_step
+from benchmarks.common import SHAPES, Stepper, build_random_model, environment, make_batches, timed, write_result
 
 #: key: (label, backend, backend options)
 ROWS = {
@@ -82,6 +88,11 @@ def make_config(args, model_dir, backend, opts):
     from omegaconf import OmegaConf
 
     from mezo_core.config import load_config
+    if args.task:
+        cfg = load_config(args.task, task_overrides(args) + [f"backend={backend}"])
+        if opts:
+            cfg[backend] = OmegaConf.merge(cfg[backend], opts)
+        return cfg
     layers = lora_layers(args.shape, args.lora_layers)
     overrides = [f"backend={backend}", f"model.path={model_dir}", f"model.device={args.device}",
                  f"model.dtype={args.dtype}", "seed=0", f"lora.r={args.lora_r}",
@@ -92,6 +103,26 @@ def make_config(args, model_dir, backend, opts):
     if opts:
         cfg[backend] = OmegaConf.merge(cfg[backend], opts)
     return cfg
+
+
+def task_overrides(args):
+    out = [f"model.device={args.device}", f"model.dtype={args.dtype}"]
+    return out + ([f"model.path={args.model}"] if args.model else [])
+
+
+def task_batches(args):
+    """The recipe's first ``--batch-pool`` training batches (its own batch size)."""
+    from transformers import AutoTokenizer
+
+    from mezo_core.config import load_config
+    from mezo_core.data import Task
+    from mezo_core.models import resolve_model_dir
+    cfg = load_config(args.task, task_overrides(args))
+    task = Task(cfg.task, AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.path)), cfg.mezo.batch_size)
+    batches = [task.train_batch(cfg.seed, step, cfg.mezo.batch_size) for step in range(args.batch_pool)]
+    lora = {"lora_r": int(cfg.lora.r), "lora_targets": list(cfg.lora.target_modules),
+            "lora_layer_ids": None if cfg.lora.layers is None else list(cfg.lora.layers)}
+    return batches, cfg, lora
 
 
 def engine_options(args, backend):
@@ -157,8 +188,7 @@ class Row:
         self.result = {"row": self.label, "key": key, "backend": self.backend_name, "status": "ok",
                        "options": dict(self.opts)}
         self.step_times, self.base_times = [], []
-        self.step_no = 0
-        self.batch_no = 0
+        self.stepper = None
 
     @property
     def is_engine(self):
@@ -188,20 +218,21 @@ class Row:
         return True
 
     def step(self, batches, eps=None):
-        batch = batches[self.batch_no % len(batches)]
-        self.batch_no += 1
-        seeds = direction_seeds(1, self.step_no, self.args.q)
-        self.step_no += 1
-        return timed(lambda: mezo_step(self.backend, batch, seeds, eps or self.args.eps, LR),
-                     self.args.device)
+        if self.stepper is None:
+            self.stepper = Stepper(self.backend, batches, self.args.eps, LR)
+        self.stepper.eps = eps or self.args.eps
+        return timed(self.stepper, self.args.device)
 
     def base_forward(self, batch):
-        """One base forward of this backend (see the module doc)."""
+        """Two base forwards of this backend (see the module doc)."""
         b, device = self.backend, self.args.device
         if not self.is_engine:
-            return timed(lambda: b.base_losses(batch), device)
-        b.reset_cache()
-        return timed(lambda: b.losses(batch), device)
+            return 2 * timed(lambda: b.base_losses(batch), device)
+        total = 0.0
+        for _ in range(2):
+            b.reset_cache()
+            total += timed(lambda: b.objective(batch), device)
+        return total
 
     def counters(self):
         return cache_counters(self.backend.stats())
@@ -220,14 +251,16 @@ class Row:
     def summarize(self, batches):
         a, r = self.args, self.result
         med = statistics.median(self.step_times)
-        base = statistics.median(self.base_times)
-        tokens = 2 * a.q * a.batch * a.seq
-        r.update(step_ms=1e3 * med, tokens_per_second=tokens / med, base_forward_ms=1e3 * base,
-                 step_over_two_base_forwards=med / (2 * base),
-                 base_forward_kind=("losses() of the unperturbed adapter, cache flushed before each call"
+        two = statistics.median(self.base_times)
+        tokens = 2 * a.batch * a.seq
+        r.update(step_ms=1e3 * med, tokens_per_second=tokens / med, base_forward_ms=1e3 * two / 2,
+                 step_over_two_base_forwards=med / two,
+                 base_forward_kind=("objective() of the unperturbed adapter, cache flushed before each call"
                                     if self.is_engine else "base model forward, full logits"),
                  step_times_ms=[round(1e3 * t, 3) for t in self.step_times],
-                 base_forward_times_ms=[round(1e3 * t, 3) for t in self.base_times])
+                 two_base_forwards_times_ms=[round(1e3 * t, 3) for t in self.base_times])
+        if self.is_engine:
+            r.update(two_engine_passes_ms=1e3 * two, step_over_two_engine_passes=med / two)
         if torch.device(a.device).type == "cuda":
             if self.is_engine:
                 r["peak_memory_gib"] = (device_used_bytes(a.device) - self.used0) / 2**30
@@ -364,12 +397,20 @@ def _f(value, fmt):
     return "-" if value is None else format(value, fmt)
 
 
+def about(w) -> str:
+    """One line on the workload."""
+    if "task" in w:
+        return (f"{w['task']} ({w['dtype']}), its training batches (B={w['batch']}, <= {w['max_tokens']} "
+                f"tokens), LoRA r={w['lora_r']} {'/'.join(w['lora_targets'])} on layers {w['lora_layer_ids'] or 'all'}")
+    return (f"{w['shape']} (random weights, {w['dtype']}), B={w['batch']} T={w['seq']}, shared prefix "
+            f"{w['prefix_tokens']} tokens, LoRA r={w['lora_r']} q/v on {w['lora_layers']} layers")
+
+
 def markdown(result) -> str:
     """The result as markdown tables: every row, MeZO baseline vs reuse, hit rate vs eps."""
     w = result["workload"]
-    lines = [f"{result['device']}, {w['shape']} (random weights, {w['dtype']}), B={w['batch']} T={w['seq']}, "
-             f"shared prefix {w['prefix_tokens']} tokens, LoRA r={w['lora_r']} q/v on {w['lora_layers']} "
-             f"layers, eps={w['eps']}, q={w['q']}; median of {w['steps']} steps after {w['warmup']} warm-up.", "",
+    lines = [f"{result['device']}, {about(w)}, eps={w['eps']}, q=1; median of {w['steps']} steps after "
+             f"{w['warmup']} warm-up.", "",
              "| row | status | step ms | tokens/s | step / 2 fwd | peak mem GiB | hit rate | token reuse "
              "| max abs loss diff vs hf | engine start s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -435,9 +476,7 @@ def plot(result, png):
                   va="center", fontsize=8)
     ax_t.set_xlim(0, top * 1.6)
     w = result["workload"]
-    ax_t.set(xlabel="MeZO step time, ms (median)",
-             title=f"{w['shape']} B={w['batch']} T={w['seq']} prefix={w['prefix_tokens']} "
-                   f"LoRA {w['lora_layers']}, {result['device'][:30]}")
+    ax_t.set(xlabel="MeZO step time, ms (median)", title=f"{about(w)[:90]}, {result['device'][:30]}")
     ax_t.title.set_fontsize(9)
     eps = result.get("hit_rate_vs_eps") or {}
     for name, pts in eps.items():
@@ -499,7 +538,9 @@ def parse_args(argv, prog="python -m benchmarks.compare"):
     p.add_argument("--lora-layers", default="top-quarter", choices=["all", "top-quarter"])
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--q", type=int, default=1)
+    p.add_argument("--task", default=None, help="a recipe (e.g. conf/sst2.yaml): its model, LoRA and training "
+                                                "batches instead of the random shape")
+    p.add_argument("--model", default=None, help="with --task: model.path (default: the recipe's)")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
@@ -524,7 +565,7 @@ def parse_args(argv, prog="python -m benchmarks.compare"):
     if unknown:
         p.error(f"--rows: unknown row {unknown[0]!r} (known: {', '.join(ROWS)})")
     args.row_keys = keys
-    if args.steps < 1 or args.q < 1 or args.batch < 1 or args.seq < 2 or args.batch_pool < 1:
+    if args.steps < 1 or args.batch < 1 or args.seq < 2 or args.batch_pool < 1:
         p.error("--steps, --q, --batch, --batch-pool must be >= 1 and --seq >= 2")
     return args
 
@@ -542,29 +583,37 @@ def main(argv=None, prog="python -m benchmarks.compare") -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    vocab = SHAPES[args.shape]["vocab_size"]
-    batches, n_prefix = make_batches(args.batch, args.seq, vocab, args.prefix_frac, args.batch_pool)
+    if args.task:
+        batches, cfg, lora = task_batches(args)
+        n_prefix = 0
+        args.batch, args.seq = len(batches[0]), max(e.num_tokens for b in batches for e in b)
+        workload = {"task": args.task, "model": str(cfg.model.path), "batch": args.batch,
+                    "max_tokens": args.seq, "batch_pool": args.batch_pool, "dtype": args.dtype, **lora}
+    else:
+        vocab = SHAPES[args.shape]["vocab_size"]
+        batches, n_prefix = make_batches(args.batch, args.seq, vocab, args.prefix_frac, args.batch_pool)
+        workload = {"shape": args.shape, **SHAPES[args.shape], "batch": args.batch, "seq": args.seq,
+                    "prefix_frac": args.prefix_frac, "prefix_tokens": n_prefix,
+                    "batch_pool": args.batch_pool, "dtype": args.dtype, "lora_layers": args.lora_layers,
+                    "lora_r": args.lora_r, "lora_targets": ["q_proj", "v_proj"],
+                    "lora_layer_ids": lora_layers(args.shape, args.lora_layers)}
+    workload.update(eps=args.eps, q=1, lr=LR, steps=args.steps, warmup=args.warmup, eps_steps=args.eps_steps,
+                    agreement_perturbation=[AGREE_SEED, AGREE_COEF])
     from mezo_core.registry import Registry, make_plugin_manager
     registry = Registry(make_plugin_manager())  # a program of its own: it owns the registry its backends get
     rows = [Row(k, args, registry) for k in args.row_keys]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.model_root or tmp)
-        model_dir = build_random_model(args.shape, root / args.shape,
-                                       dtype=torch.bfloat16 if args.dtype in ("bfloat16", "bf16") else torch.float32)
+        model_dir = None if args.task else build_random_model(
+            args.shape, root / args.shape, dtype=torch.bfloat16 if args.dtype in ("bfloat16", "bf16") else torch.float32)
         eps_table = run_rows(rows, model_dir, batches, args, log, registry)
     env = environment(args.device)
     env["command"] = " ".join([prog] + argv)
     result = {"benchmark": "mezo-run backend comparison", **env, "versions": versions(),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "wall_s": round(time.time() - t0, 1),
-              "workload": {"shape": args.shape, **SHAPES[args.shape], "batch": args.batch, "seq": args.seq,
-                           "prefix_frac": args.prefix_frac, "prefix_tokens": n_prefix,
-                           "batch_pool": args.batch_pool, "dtype": args.dtype, "lora_layers": args.lora_layers,
-                           "lora_r": args.lora_r, "lora_targets": ["q_proj", "v_proj"],
-                           "lora_layer_ids": lora_layers(args.shape, args.lora_layers),
-                           "eps": args.eps, "q": args.q, "lr": LR, "steps": args.steps, "warmup": args.warmup,
-                           "eps_steps": args.eps_steps, "agreement_perturbation": [AGREE_SEED, AGREE_COEF]},
+              "workload": workload,
               "rows": [r.result for r in rows], "hit_rate_vs_eps": eps_table}
     result["seeds_experiment"] = seeds_experiment(result["rows"])
     out = Path(args.out or Path(__file__).resolve().parent / "results"

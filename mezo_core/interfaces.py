@@ -72,6 +72,8 @@ class BackendStats:
     adapter_loads: int | None = None        # adapter versions loaded into the engine (sglang)
     adapter_unloads: int | None = None      # and unloaded from it (sglang)
     adapter_load_s: float | None = None     # seconds spent loading and unloading (sglang)
+    adapter_writes: int | None = None       # in-place writes of seeded perturbations into engine slots (sglang)
+    adapter_write_s: float | None = None    # seconds spent in them, round trips included (sglang)
 
     @property
     def hit_rate(self) -> float | None:

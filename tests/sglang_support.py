@@ -210,8 +210,21 @@ class ScriptedEngine:
         self.adapters = {}      # name -> sum of its tensors
         self.loaded = {}        # name -> the tensors as loaded
         self.calls = []         # ("load", name) / ("unload", name) / ("flush",) / ("generate", n requests)
+                                # / ("rpc", method)
         self.requests = []      # one dict per request
         self.shut = False
+        self.scheduler = None   # a FakeScheduler, once an adapter is loaded from a folder
+
+    def collective_rpc(self, method, **kwargs):
+        """Like SGLang: ``getattr(scheduler, method)(**kwargs)``, failures as an
+        AssertionError with the error's text. The slots' sums are re-read after."""
+        self.calls.append(("rpc", method))
+        try:
+            getattr(self.scheduler, method)(**kwargs)
+        except Exception as exc:  # noqa: BLE001 -- SGLang turns any error into its text
+            raise AssertionError(str(exc)) from None
+        for name, weight in self.scheduler.manager.slot_sums().items():
+            self.adapters[name] = weight
 
     def load_lora_adapter_from_tensors(self, lora_name, tensors, config_dict, load_format=None):
         self.calls.append(("load", lora_name))
@@ -223,7 +236,15 @@ class ScriptedEngine:
 
     def load_lora_adapter(self, lora_name, lora_path, pinned=False):
         from mezo_core.adapter import read_peft_adapter
-        return self.load_lora_adapter_from_tensors(lora_name, read_peft_adapter(lora_path), {})
+        tensors = read_peft_adapter(lora_path)
+        result = self.load_lora_adapter_from_tensors(lora_name, tensors, {})
+        if result["success"]:
+            if self.scheduler is None:
+                self.scheduler = FakeScheduler(self, {n: t.shape for n, t in tensors.items()},
+                                               self.kwargs.get("max_lora_rank", 8),
+                                               self.kwargs.get("max_loras_per_batch", 2))
+            self.scheduler.manager.load(lora_name, tensors)
+        return result
 
     def unload_lora_adapter(self, lora_name):
         self.calls.append(("unload", lora_name))
@@ -256,3 +277,107 @@ class ScriptedEngine:
                                                       for t in token_ids_logprob[i]]]
             outs.append({"text": "", "meta_info": meta})
         return outs
+
+
+# -- SGLang's LoRA memory pool, as a stand-in for the scheduler side -------------------
+#: SGLang's stacking of PEFT modules (LoRAAdapter.normalize_qkv_proj / normalize_gate_up_proj)
+SGLANG_STACKS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _split(name):
+    import re
+    m = re.search(r"layers\.(\d+)\.(?:.*\.)?([a-z_]+)\.lora_([AB])\.weight$", name)
+    return int(m.group(1)), m.group(2), m.group(3)
+
+
+def sglang_stacked(tensors):
+    """{(layer, sglang module): (A, B)} as SGLang stacks an adapter's tensors: the
+    parts of qkv_proj / gate_up_proj concatenated along dim 0 in that order, a
+    missing part as zeros shaped like its sibling (k like v, up like gate)."""
+    by = {}
+    for name, t in tensors.items():
+        layer, module, kind = _split(name)
+        by.setdefault(layer, {})[(module, kind)] = t
+    out = {}
+    for layer, parts in by.items():
+        modules = {m for m, _ in parts}
+        for stack, members in SGLANG_STACKS.items():
+            if modules & set(members):
+                pieces = {}
+                for kind in "AB":
+                    have = [parts.get((m, kind)) for m in members]
+                    like = next(t for t in reversed(have) if t is not None)
+                    pieces[kind] = torch.cat([t if t is not None else torch.zeros_like(like) for t in have], 0)
+                out[(layer, stack)] = (pieces["A"], pieces["B"])
+                modules -= set(members)
+        for m in modules:
+            out[(layer, m)] = (parts[(m, "A")], parts[(m, "B")])
+    return out
+
+
+class FakeLoraManager:
+    """SGLang's LoRAManager as the mezo worker sees it: ``lora_refs`` (uid ->
+    ref with ``lora_name``), ``fetch_new_loras`` and a ``memory_pool`` with
+    ``A_buffer[module][layer]`` [slots, c*max_r, in], ``B_buffer[module][layer]``
+    [slots, out, max_r] and ``uid_to_buffer_id``; a slot is filled from
+    ``sglang_stacked`` (SGLang's load: A into [:c*r, :], B into [:, :r])."""
+
+    def __init__(self, shapes, max_r, slots, dtype=torch.float32):
+        from types import SimpleNamespace
+        zeros = {n: torch.zeros(s) for n, s in shapes.items()}
+        A, B = {}, {}
+        n_layers = 1 + max(_split(n)[0] for n in shapes)
+        for (layer, module), (a, b) in sglang_stacked(zeros).items():
+            c = len(SGLANG_STACKS.get(module, (module,)))
+            A.setdefault(module, [None] * n_layers)[layer] = torch.zeros(slots, c * max_r, a.shape[1], dtype=dtype)
+            B.setdefault(module, [None] * n_layers)[layer] = torch.zeros(slots, b.shape[0], max_r, dtype=dtype)
+        self.memory_pool = SimpleNamespace(A_buffer=A, B_buffer=B, uid_to_buffer_id={})
+        self.slots, self.lora_refs, self.loras, self.tp_size = slots, {}, {}, 1
+
+    def load(self, name, tensors):
+        from types import SimpleNamespace
+        uid = uuid.uuid4().hex
+        self.lora_refs[uid] = SimpleNamespace(lora_id=uid, lora_name=name)
+        self.loras[uid] = {n: t.clone() for n, t in tensors.items()}
+
+    def fetch_new_loras(self, uids):
+        pool = self.memory_pool
+        for uid in uids:
+            if uid in pool.uid_to_buffer_id:
+                continue
+            slot = min(set(range(self.slots)) - set(pool.uid_to_buffer_id.values()))
+            for (layer, module), (a, b) in sglang_stacked(self.loras[uid]).items():
+                pool.A_buffer[module][layer][slot].zero_()
+                pool.A_buffer[module][layer][slot, :a.shape[0], :] = a
+                pool.B_buffer[module][layer][slot].zero_()
+                pool.B_buffer[module][layer][slot, :, :b.shape[1]] = b
+            pool.uid_to_buffer_id[uid] = slot
+
+    def slot_sums(self):
+        """name -> the sum of its slot's contents (what ScriptedEngine answers from)."""
+        pool = self.memory_pool
+        out = {}
+        for uid, slot in pool.uid_to_buffer_id.items():
+            total = sum(float(layer[slot].double().sum()) for bufs in (pool.A_buffer, pool.B_buffer)
+                        for layers in bufs.values() for layer in layers if layer is not None)
+            out[self.lora_refs[uid].lora_name] = total
+        return out
+
+
+class FakeScheduler:
+    """The scheduler side of ``ScriptedEngine``: a ``FakeLoraManager`` behind
+    ``tp_worker.model_runner.lora_manager``, a ``flush_cache`` that the engine
+    records, and the mezo methods added as SGLang's plugin adds them."""
+
+    def __init__(self, engine, shapes, max_r, slots):
+        from types import SimpleNamespace
+
+        from mezo_backend_sglang.worker import add_methods
+        add_methods(FakeScheduler)
+        self.engine = engine
+        self.manager = FakeLoraManager(shapes, max_r, slots)
+        self.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(lora_manager=self.manager))
+
+    def flush_cache(self, empty_cache=True):
+        self.engine.calls.append(("flush",))
+        return True

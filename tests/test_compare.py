@@ -145,6 +145,38 @@ def test_start_failure_is_a_row(tmp_path, monkeypatch):
     assert rows["hf"]["status"] == "ok"
 
 
+def test_task_workload_is_the_recipes_own_batches(tmp_path, tiny_llama):
+    """--task: the recipe's model, LoRA and training batches (a verbalizer task:
+    the objective goes through choice_losses); the rows agree on its losses."""
+    from transformers import AutoTokenizer
+
+    from mezo_core.config import load_config
+    from mezo_core.data import Task
+    from mezo_core.testing import write_run_config
+    conf = write_run_config(tmp_path, tiny_llama, {"mezo.batch_size": 3, "lora.layers": [1]})
+    out = tmp_path / "task.json"
+    assert compare.main(["--task", str(conf), "--device", "cpu", "--rows", "hf,hf-trunk", "--steps", "2",
+                         "--warmup", "1", "--eps-steps", "1", "--batch-pool", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    w = result["workload"]
+    assert (w["task"], w["batch"], w["lora_r"], w["lora_layer_ids"]) == (str(conf), 3, 2, [1])
+    cfg = load_config(str(conf), ["model.device=cpu", "model.dtype=float32"])
+    task = Task(cfg.task, AutoTokenizer.from_pretrained(tiny_llama), 3)
+    batch = task.train_batch(cfg.seed, 0, 3)
+    assert w["max_tokens"] >= max(e.num_tokens for e in batch)
+    from mezo_backend_hf.backend import HFBackend
+    hf = HFBackend(cfg)
+    want = [float(x) for x in hf.losses(batch)]  # the recipe's first batch at its initial adapter
+    hf.close()
+    rows = {r["key"]: r for r in result["rows"]}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["step_ms"] > 0
+        assert r["losses_initial"] == pytest.approx(want, abs=2e-6)
+    assert rows["hf-trunk"]["loss_agreement_max_abs"] < 1e-5
+    assert rows["hf-trunk"]["loss_agreement"]["perturbation_moves_hf_loss_by"] > 1e-5
+    assert "tiny" not in result["markdown"].split("\n")[0] and str(conf) in result["markdown"]
+
+
 def test_prefix_workload():
     batches, n = compare.make_batches(5, 20, 4096, 0.5, pool=2)
     assert n == 10 and len(batches) == 2
@@ -193,4 +225,8 @@ def test_vllm_row(tmp_path):
     assert v["loss_agreement"]["perturbation_moves_hf_loss_by"] > 1e-3
     # a 54-token shared prefix is one full 32-token KV block: requests after the first reuse it
     assert v["hit_rate"] > 0.5 and 0 < v["token_reuse"] < 1
+    # engines: two bare passes (cache flushed before each) beside the step
+    assert v["two_engine_passes_ms"] == pytest.approx(2 * v["base_forward_ms"])
+    assert v["step_over_two_engine_passes"] == pytest.approx(v["step_ms"] / v["two_engine_passes_ms"])
+    assert "two_engine_passes_ms" not in rows["hf"]
     assert [p["eps"] for p in result["hit_rate_vs_eps"]["vllm"]] == list(compare.EPS_GRID)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from mezo_core import Backend, Example, MezoError
+from mezo_core.interfaces import BoundForwards
 from mezo_core.mezo import direction_seeds, mezo_step
 from sglang_support import FakeEngine, ScriptedEngine, build_llama, examples, make_config, scripted_logprob
 
@@ -233,6 +234,183 @@ def test_fake_engine_mezo_lowers_loss(llama):
     first, last = loss_before_and_after_mezo(sg, examples(4, 6, 2, seed=5), 12, 0, 1e-3, 5e-3)
     assert last < first - 0.2, (first, last)
     sg.close()
+
+
+# --------------------------------------------------------------------------------
+# in_place: seeds to the scheduler, slots written there (worker.py over FakeScheduler)
+# --------------------------------------------------------------------------------
+@pytest.mark.parametrize("modules", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
+                                     ("gate_proj", "up_proj", "down_proj"), ("gate_proj", "o_proj")])
+def test_slot_views_place_tensors_like_sglang(modules):
+    """Every PEFT tensor's view of a slot holds exactly that tensor after SGLang's
+    load (oracle: ``sglang_stacked``'s concatenation, not the views' offsets), and
+    writing through the views into an empty slot rebuilds SGLang's slot bit for bit."""
+    from sglang_support import FakeLoraManager
+    from mezo_backend_sglang.worker import slot_views
+    hidden, q_out, kv_out, inter, r, max_r = 12, 12, 4, 20, 3, 8
+    out_in = {"q_proj": (q_out, hidden), "k_proj": (kv_out, hidden), "v_proj": (kv_out, hidden),
+              "o_proj": (hidden, q_out), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+              "down_proj": (hidden, inter)}
+    shapes = {}
+    for layer in (0, 2):
+        for m in modules:
+            kind = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            base = f"base_model.model.model.layers.{layer}.{kind}.{m}"
+            shapes[f"{base}.lora_A.weight"] = (r, out_in[m][1])
+            shapes[f"{base}.lora_B.weight"] = (out_in[m][0], r)
+    tensors = {n: torch.randn(s) for n, s in shapes.items()}
+    mgr = FakeLoraManager(shapes, max_r, slots=3)
+    mgr.load("x", tensors)
+    uid = next(iter(mgr.lora_refs))
+    mgr.fetch_new_loras({uid})
+    pool, names = mgr.memory_pool, sorted(shapes)
+    slot = pool.uid_to_buffer_id[uid]
+    views = slot_views(names, [shapes[n] for n in names], pool.A_buffer, pool.B_buffer, slot)
+    for name, view in zip(names, views):
+        assert torch.equal(view, tensors[name]), name
+    empty = 2 if slot != 2 else 1
+    for view, name in zip(slot_views(names, [shapes[n] for n in names], pool.A_buffer, pool.B_buffer, empty),
+                          names):
+        view.copy_(tensors[name])
+    for bufs in (pool.A_buffer, pool.B_buffer):
+        for layers in bufs.values():
+            for layer in layers:
+                if layer is not None:
+                    assert torch.equal(layer[empty], layer[slot])
+
+
+def test_slot_views_refuse_what_they_cannot_place():
+    from mezo_backend_sglang.worker import slot_views
+    with pytest.raises(ValueError, match="cannot place"):
+        slot_views(["base_model.model.lm_head.lora_A.weight"], [(2, 4)], {}, {}, 0)
+    a = {"qkv_proj": [torch.zeros(2, 6, 4)]}
+    b = {"qkv_proj": [torch.zeros(2, 8, 2)]}
+    with pytest.raises(ValueError, match="shape"):  # rank 3 does not fit a max rank of 2
+        slot_views(["m.layers.0.self_attn.q_proj.lora_B.weight"], [(4, 3)], a, b, 0)
+    with pytest.raises(ValueError, match="no LoRA buffer for 'o_proj'"):
+        slot_views(["m.layers.0.self_attn.o_proj.lora_A.weight"], [(2, 4)], a, b, 0)
+
+
+@pytest.fixture
+def in_place(llama):
+    sg = SGLangBackend(make_config(llama, sglang={"adapter_transport": "in_place"}), engine_factory=ScriptedEngine)
+    yield sg
+    sg.close()
+
+
+def worker_state(sg, tmp_path):
+    from safetensors.torch import load_file
+    sg._rpc("mezo_save", path=str(tmp_path / "worker.safetensors"))
+    return load_file(str(tmp_path / "worker.safetensors"))
+
+
+def test_in_place_sends_seeds_not_tensors(in_place, tmp_path):
+    sg, engine = in_place, in_place.engine
+    # start: two pinned adapters from one folder, handed to the scheduler; 3 slots (plus, minus, base)
+    assert engine.calls == [("load", "mezo"), ("load", "mezo-minus"), ("rpc", "mezo_attach"), ("flush",)]
+    assert engine.kwargs["max_loras_per_batch"] == 3
+    batch = examples(4, 6, 3, seed=1)
+    torch.testing.assert_close(sg.losses(batch), expected_losses(sg, batch), rtol=0, atol=1e-9)
+    n = len(engine.calls)
+    sg.perturb([(11, 0.5)])
+    sg.perturb([(12, -0.3), (13, 0.2)], decay=0.9)
+    # one round trip per change, each flushing the radix cache; no adapter is loaded again
+    assert engine.calls[n:] == [("rpc", "mezo_perturb"), ("flush",)] * 2
+    torch.testing.assert_close(sg.losses(batch), expected_losses(sg, batch), rtol=0, atol=1e-9)
+    assert {r["lora_path"] for r in engine.requests} == {"mezo"}
+    # the scheduler's state is the driver's, bit for bit (same z on the same device type)
+    mine = worker_state(sg, tmp_path)
+    assert sorted(mine) == sg.trainable_names()
+    assert all(torch.equal(mine[n], t.cpu()) for n, t in sg.state_dict().items())
+    stats = sg.stats()
+    assert stats.adapter_loads == 0 and stats.adapter_writes == 3 and stats.adapter_version == 2
+
+
+def test_in_place_paired_signs_one_call(in_place, tmp_path):
+    """Both signs in one generate call (rows 0..B-1 on the plus slot, B..2B-1 on the
+    minus slot), with the losses of theta +- eps z computed here from z itself."""
+    from mezo_core.perturb import z_like
+    sg, engine = in_place, in_place.engine
+    batch = examples(3, 5, 2, seed=3)
+    theta = {n: t.clone() for n, t in sg.state_dict().items()}
+    engine.requests.clear()
+    n = len(engine.calls)
+    plus, minus, offset = sg.plus_minus_losses(batch, 21, 0.25)
+    assert offset == 0.25
+    assert engine.calls[n:] == [("rpc", "mezo_perturb"), ("flush",), ("rpc", "mezo_fill"), ("flush",),
+                                ("generate", 6)]
+    assert [r["lora_path"] for r in engine.requests] == ["mezo"] * 3 + ["mezo-minus"] * 3
+    names = sg.trainable_names()
+    for sign, got in ((1.0, plus), (-1.0, minus)):
+        w = float(sum((theta[n].double() + sign * 0.25 * z_like(theta[n], 21, i).double()).sum()
+                      for i, n in enumerate(names)))
+        want = torch.tensor([-sum(scripted_logprob(t, len(e.prompt_ids) + j, w) for j, t in enumerate(e.target_ids))
+                             / len(e.target_ids) for e in batch], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # choices ride along: one request per (prompt, slot)
+    engine.requests.clear()
+    prompts = [e.prompt_ids for e in batch]
+    both = BoundForwards(sg, adapters=[0, 0, 0, 1, 1, 1])
+    got = both.choice_losses(prompts + prompts, [(7,), (9,)])
+    assert [r["lora_path"] for r in engine.requests] == ["mezo"] * 3 + ["mezo-minus"] * 3
+    torch.testing.assert_close(got[:3], sg.choice_losses(prompts, [(7,), (9,)]), rtol=0, atol=0)
+
+
+def test_in_place_training_matches_versioned_loads(llama, tmp_path):
+    """MeZO steps with seeds sent to the scheduler (paired signs) and with a new
+    adapter version per change (the sequential path) give the same losses and
+    the same trained state; the scheduler's state stays the driver's."""
+    runs = {}
+    for transport in ("in_place", "tensors"):
+        sg = SGLangBackend(make_config(llama, sglang={"adapter_transport": transport}),
+                           engine_factory=ScriptedEngine)
+        batch = examples(4, 5, 2, seed=9)
+        results = [mezo_step(sg, batch, direction_seeds(3, step, 1), eps=1e-2, lr=1e-3) for step in range(4)]
+        losses = [(r.loss_plus, r.loss_minus, r.grads[0]) for r in results]
+        runs[transport] = (losses, sg.state_dict(), worker_state(sg, tmp_path) if transport == "in_place" else None)
+        sg.close()
+    (got, state, worker), (want, ref, _) = runs["in_place"], runs["tensors"]
+    # fp32 state: theta+eps z-2 eps z vs theta-eps z differ in the last bits; g = dL/(2 eps) magnifies them 50x
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+    assert all(abs(g) > 1e-3 for *_, g in want)  # the steps moved the state
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, ref[name], rtol=0, atol=1e-6)
+        assert torch.equal(worker[name], tensor.cpu())
+
+
+def test_in_place_load_and_restore_reach_the_scheduler(in_place, tmp_path):
+    sg = in_place
+    batch = examples(2, 5, 2, seed=4)
+    snap = sg.snapshot()
+    sg.perturb([(3, 0.7)])
+    saved = sg.losses(batch)
+    sg.save_adapter(tmp_path / "a")
+    sg.perturb([(4, 0.7)])
+    assert (sg.losses(batch) - saved).abs().max() > 1e-4
+    sg.load_adapter(tmp_path / "a")
+    torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=1e-9)
+    sg.restore(snap)
+    mine = worker_state(sg, tmp_path)
+    assert all(torch.equal(mine[n], snap[n]) for n in snap)
+
+
+def test_in_place_without_the_plugin_says_how_to_fix(llama):
+    class Bare(ScriptedEngine):
+        def collective_rpc(self, method, **kwargs):
+            raise AssertionError(f"'Scheduler' object has no attribute '{method}'")
+    with pytest.raises(MezoError, match="sglang.srt.plugins.*adapter_transport=bucket"):
+        SGLangBackend(make_config(llama, sglang={"adapter_transport": "in_place"}), engine_factory=Bare)
+
+
+def test_sglang_plugin_entry_point_is_declared():
+    """SGLang finds the worker through this entry point (pyproject and installed metadata)."""
+    import tomllib
+    from importlib.metadata import entry_points
+    meta = tomllib.loads((Path(__file__).parents[1] / "backends/sglang/pyproject.toml").read_text())
+    assert meta["project"]["entry-points"]["sglang.srt.plugins"] == {"mezo": "mezo_backend_sglang.worker:register"}
+    found = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert found.get("mezo") == "mezo_backend_sglang.worker:register"
 
 
 # --------------------------------------------------------------------------------

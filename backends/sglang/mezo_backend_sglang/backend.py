@@ -3,16 +3,23 @@
 The engine (``sglang.Engine``) runs the model in its own processes. The driver
 keeps the trainable state: an fp32 copy of the LoRA tensors in PEFT layout, on
 ``model.device`` (CUDA), so that ``perturb`` regenerates exactly the z of the
-hf backend (``mezo_core.perturb`` draws z on the tensor's device). Whenever the
-state has changed and losses are asked for, the new state is loaded into the
-engine as a new adapter *version* (``load_lora_adapter_from_tensors``, no disk
-round trip) under a new name, and the previous version is unloaded.
+hf backend (``mezo_core.perturb`` draws z on the tensor's device). How the
+engine follows it (``sglang.adapter_transport``):
 
-Why versions: SGLang's radix cache is keyed by the adapter (its ``lora_id``),
-so a prefix computed under one version can never serve a request of another.
-SGLang also mints a fresh ``lora_id`` on every load, but the versioned name
-makes the guarantee ours rather than an engine detail, and lets requests name
-exactly the state they were computed under.
+* ``in_place`` (the default with a real engine): seeds only. This package's
+  SGLang plugin (``worker.py``, entry point ``sglang.srt.plugins``) gives the
+  scheduler ``mezo_*`` methods; ``Engine.collective_rpc`` sends them (seed,
+  coefficient) terms, and the scheduler regenerates the same z on its GPU and
+  writes theta into a pinned adapter's memory-pool slot in place, flushing the
+  radix cache (keyed by the adapter, which an in-place write keeps) so no prefix
+  is ever served across states. A second slot holds theta - eps z: both signs of
+  a step go in one ``generate`` call (``paired_signs``).
+* ``bucket``, ``tensors``, ``disk``: whenever the state has changed and losses
+  are asked for, it is loaded as a new adapter *version* under a new name
+  (``load_lora_adapter_from_tensors`` or a PEFT folder) and the previous
+  version is unloaded. SGLang's radix cache is keyed by the adapter's
+  ``lora_id``, fresh per load, so a prefix computed under one version can never
+  serve a request of another; the versioned name makes that guarantee ours.
 
 Losses come from ``generate(input_ids, return_logprob=True,
 logprob_start_len=len(prompt) - 1, max_new_tokens=1)``: the engine returns the
@@ -42,7 +49,7 @@ import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.config import options_from
-from mezo_core.interfaces import BackendStats, check_option_types
+from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types
 from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
@@ -62,13 +69,14 @@ UNSUPPORTED_EVICTION = {
             "a node's size plays no part",
 }
 
-#: how a new adapter version reaches the engine
-TRANSPORTS = ("auto", "bucket", "tensors", "disk")
+#: how the engine's adapter follows the state (see the module docstring)
+TRANSPORTS = ("auto", "in_place", "bucket", "tensors", "disk")
 
 #: what ``stats()`` counts (BackendStats' names): one lookup per request, a hit
 #: when any prompt token was cached
 COUNTERS = ("lookups", "hits", "tokens_reused", "tokens_looked_up", "target_tokens", "requests",
-            "generate_calls", "generate_s", "primed_batches", "adapter_loads", "adapter_unloads", "adapter_load_s")
+            "generate_calls", "generate_s", "primed_batches", "adapter_loads", "adapter_unloads", "adapter_load_s",
+            "adapter_writes", "adapter_write_s")
 
 
 def radix_eviction_policy(name: str | None) -> str | None:
@@ -93,10 +101,14 @@ def radix_eviction_policy(name: str | None) -> str | None:
 class SGLangOptions:
     eviction_policy: Optional[str] = None  # a mezo-run eviction policy (lru, lfu, fifo) as SGLang's
                                            # radix_eviction_policy; None: SGLang's default (LRU)
-    adapter_transport: str = "auto"        # how a new adapter version reaches the engine: "bucket" (one
-                                           # flattened fp32 tensor), "tensors", "disk"; auto: bucket
-                                           # (tensors with a stand-in engine)
-    name: str = "mezo"                     # engine-side adapter names: <name>-v<version>
+    adapter_transport: str = "auto"        # how the engine follows the state: "in_place" (seeds to the
+                                           # scheduler, slots written in place), or a new adapter version
+                                           # per change: "bucket" (one flattened fp32 tensor), "tensors",
+                                           # "disk"; auto: in_place (tensors with a stand-in engine)
+    paired_signs: bool = True              # in_place: both signs of a direction in one generate call
+                                           # (a second slot holds theta - eps z)
+    name: str = "mezo"                     # engine-side adapter names: <name>, <name>-minus (in_place),
+                                           # <name>-v<version> (the other transports)
     #: a batch whose requests share at least this many leading tokens (up to
     #: their logprob_start_len) sends one request first, so that the others
     #: find the shared prefix in the radix cache (0: never). Requests sent
@@ -112,7 +124,7 @@ class SGLangOptions:
         check_option_types(self, "sglang")
         if self.adapter_transport not in TRANSPORTS:
             raise MezoError(f"sglang.adapter_transport: {self.adapter_transport!r} "
-                            f"(use 'auto', 'bucket', 'tensors' or 'disk')")
+                            f"(use {', '.join(repr(t) for t in TRANSPORTS)})")
         if self.prime_min_tokens < 0:
             raise MezoError(f"sglang.prime_min_tokens: {self.prime_min_tokens} (0 or more)")
         policy = radix_eviction_policy(self.eviction_policy)
@@ -197,7 +209,9 @@ class SGLangBackend(LocalTensorsBackend):
         self.opts = opts = options_from(SGLangOptions, cfg.get("sglang"), "sglang")
         self.transport = opts.adapter_transport
         if self.transport == "auto":
-            self.transport = "tensors" if engine_factory is not None else "bucket"
+            self.transport = "tensors" if engine_factory is not None else "in_place"
+        self.in_place = self.transport == "in_place"
+        self.paired = self.in_place and opts.paired_signs
         self.prime_min_tokens = opts.prime_min_tokens  # see SGLangOptions (benchmarks change it on the fly)
         self.prefix = opts.name
         options = dict(opts.engine)
@@ -232,7 +246,8 @@ class SGLangBackend(LocalTensorsBackend):
         engine_kwargs = dict(model_path=str(self.model_dir), dtype=dtype, enable_lora=True,
                              max_lora_rank=int(cfg.lora.r),
                              lora_target_modules=list(cfg.lora.target_modules),
-                             max_loras_per_batch=2, attention_backend="triton",
+                             # in_place: the plus and minus slots (pinned) and the base model
+                             max_loras_per_batch=3 if self.in_place else 2, attention_backend="triton",
                              random_seed=int(cfg.seed), log_level="error")
         if self.device.type == "cuda" and self.device.index is not None:
             engine_kwargs["base_gpu_id"] = self.device.index
@@ -249,13 +264,62 @@ class SGLangBackend(LocalTensorsBackend):
         self._version = 0
         self._loaded: str | None = None     # adapter name the engine holds for the state
         self._dirty = True                  # state changed since the last load
-        self._tmp = None                    # folder for adapter_transport=disk
+        self._tmp = None                    # folder for adapter_transport=disk and in_place's start
         self.reset_stats()
+        if self.in_place:
+            self._attach()
+
+    # -- in_place: the scheduler holds the state in two adapter slots -----------------
+    def _attach(self) -> None:
+        """Load the initial state as two pinned adapters (plus, minus) and hand
+        them to the scheduler's mezo methods (``worker.py``)."""
+        self._tmp = tempfile.mkdtemp(prefix="mezo-sglang-")
+        folder = os.path.join(self._tmp, "initial")
+        write_peft_adapter(self.state_dict(), self.lora, self.model_dir, folder)
+        self._slot_names = (self.prefix, f"{self.prefix}-minus")
+        for name in self._slot_names:
+            self._check(self.engine.load_lora_adapter(name, folder, pinned=True), f"loading adapter {name}")
+        self._rpc("mezo_attach", slots={"plus": self._slot_names[0], "minus": self._slot_names[1]},
+                  adapter_dir=folder)
+        self._loaded, self._dirty, self._version = self._slot_names[0], False, 1  # version 0 is in the engine
+
+    def _rpc(self, method: str, **kwargs) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.engine.collective_rpc(method, **kwargs)
+        except AssertionError as exc:  # SGLang asserts the scheduler's success flag
+            text = str(exc)
+            if "has no attribute 'mezo_" in text:
+                text = ("the scheduler has no mezo methods: the mezo-backend-sglang package's SGLang "
+                        "plugin (entry point group sglang.srt.plugins) is not installed where SGLang "
+                        "runs; pip install it, or set sglang.adapter_transport=bucket")
+            raise MezoError(f"sglang: {method} failed in the scheduler: {text}") from None
+        self._stats["adapter_write_s"] += time.perf_counter() - t0
+        self._stats["adapter_writes"] += method != "mezo_attach"
 
     # -- the trainable state --------------------------------------------------
     def perturb(self, terms, decay=1.0):
         super().perturb(terms, decay)
-        self._dirty = True  # the engine gets the new version before the next forward
+        if self.in_place:  # the scheduler applies the same terms to its copy and its plus slot
+            self._rpc("mezo_perturb", terms=[(int(s), c) for s, c in terms], decay=decay, dist=self.z_dist)
+            self._version += 1
+        else:
+            self._dirty = True  # the engine gets the new version before the next forward
+
+    def plus_minus_losses(self, batch, seed, eps, applied=0.0):
+        """L+ and L- in one generate call (in_place with ``paired_signs``): the plus
+        slot moves to theta + eps*z as in the plain sequence, the scheduler fills
+        the minus slot with (theta + eps*z) - 2*eps*z -- the sequential path's
+        arithmetic -- and every request is sent once per slot. Leaves theta +
+        eps*z: offset +eps."""
+        if not self.paired:
+            return super().plus_minus_losses(batch, seed, eps, applied)
+        if eps != applied:
+            self.perturb([(seed, eps - applied)])
+        self._rpc("mezo_fill", terms=[(int(seed), -2.0 * float(eps))], dist=self.z_dist)
+        both = BoundForwards(self, adapters=[0] * len(batch) + [1] * len(batch))
+        losses = both.objective(list(batch) + list(batch))
+        return losses[:len(batch)], losses[len(batch):], eps
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self._names, self._tensors))
@@ -266,7 +330,7 @@ class SGLangBackend(LocalTensorsBackend):
         return self._sync()
 
     def _sync(self) -> str:
-        if not self._dirty and self._loaded is not None:
+        if self.in_place or (not self._dirty and self._loaded is not None):
             return self._loaded
         name = f"{self.prefix}-v{self._version}"
         self._version += 1
@@ -335,8 +399,20 @@ class SGLangBackend(LocalTensorsBackend):
             n += 1
         return n
 
-    def _generate(self, input_ids, starts, **extra) -> list[dict]:
+    def _names_of(self, adapters, n: int) -> list[str]:
+        """The engine adapter of each of n rows: slot 0 the state, 1 the minus slot."""
         name = self._sync()
+        if adapters is None:
+            return [name] * n
+        if len(adapters) != n:
+            raise ValueError(f"sglang backend: {n} rows but {len(adapters)} adapters")
+        if any(a not in (0, 1) for a in adapters) or (not self.paired and any(adapters)):
+            raise ValueError(f"sglang backend: adapter slots {sorted(set(adapters))} "
+                             f"(0, and 1 with in_place paired signs)")
+        return [self._slot_names[a] if a else name for a in adapters]
+
+    def _generate(self, input_ids, starts, adapters=None, **extra) -> list[dict]:
+        names = self._names_of(adapters, len(input_ids))
         # Requests sent together are prefilled together and do not share a
         # prefix computed in the same pass; send one first and the rest reuse it.
         split = 0
@@ -353,7 +429,7 @@ class SGLangBackend(LocalTensorsBackend):
             got = self.engine.generate(input_ids=input_ids[lo:hi],
                                        sampling_params={"max_new_tokens": 1, "temperature": 0.0},
                                        return_logprob=True, logprob_start_len=starts[lo:hi],
-                                       lora_path=[name] * (hi - lo), **part)
+                                       lora_path=names[lo:hi], **part)
             self._stats["generate_s"] += time.perf_counter() - t0
             self._stats["generate_calls"] += 1
             outs.extend([got] if isinstance(got, dict) else got)
@@ -376,11 +452,11 @@ class SGLangBackend(LocalTensorsBackend):
                             "(nothing predicts the first token of a sequence)")
         return len(prompt_ids) - 1
 
-    def losses(self, batch: Sequence[Example]) -> torch.Tensor:
+    def losses(self, batch: Sequence[Example], adapters=None) -> torch.Tensor:
         if not batch:
             return torch.zeros(0, dtype=torch.float64)
         starts = [self._start(e.prompt_ids) for e in batch]
-        outs = self._generate([list(e.prompt_ids) + list(e.target_ids) for e in batch], starts)
+        outs = self._generate([list(e.prompt_ids) + list(e.target_ids) for e in batch], starts, adapters)
         result = torch.empty(len(batch), dtype=torch.float64)
         for i, (e, s, out) in enumerate(zip(batch, starts, outs)):
             values = target_logprobs(out["meta_info"], e, s)
@@ -388,14 +464,18 @@ class SGLangBackend(LocalTensorsBackend):
             self._stats["target_tokens"] += len(values)
         return result
 
-    def choice_losses(self, prompts, choices):
+    def choice_losses(self, prompts, choices, adapters=None):
         if any(len(c) != 1 for c in choices) or not prompts:
-            return super().choice_losses(prompts, choices)
+            if adapters is None:
+                return super().choice_losses(prompts, choices)
+            batch = [Example(p, c) for p in prompts for c in choices]
+            rows = [a for a in adapters for _ in choices]
+            return self.losses(batch, rows).view(len(prompts), len(choices))
         # single-token choices: one request per prompt, the choices' logprobs
         # at its first output position (greedy: raw log-softmax of the logits)
         ids = [c[0] for c in choices]
         starts = [self._start(p) for p in prompts]
-        outs = self._generate([list(p) for p in prompts], starts,
+        outs = self._generate([list(p) for p in prompts], starts, adapters,
                               token_ids_logprob=[list(ids) for _ in prompts])
         result = torch.empty(len(prompts), len(choices), dtype=torch.float64)
         for i, out in enumerate(outs):
@@ -425,6 +505,17 @@ class SGLangBackend(LocalTensorsBackend):
                                     f"expected {tuple(tensor.shape)}")
                 tensor.copy_(state[name])
         self._dirty = True
+        if self.in_place:
+            self._rpc("mezo_load", adapter_dir=str(path))
+            self._version += 1
+
+    def restore(self, snapshot):
+        super().restore(snapshot)
+        if self.in_place:  # a roll-back (rare): through a folder, as load_adapter
+            with tempfile.TemporaryDirectory() as tmp:
+                write_peft_adapter(self.state_dict(), self.lora, self.model_dir, tmp + "/state")
+                self._rpc("mezo_load", adapter_dir=tmp + "/state")
+            self._version += 1
 
     # -- stats and shutdown ----------------------------------------------------------
     def stats(self) -> BackendStats:

@@ -1,0 +1,237 @@
+"""Runs inside SGLang's scheduler process: MeZO's perturbations applied to the
+engine's LoRA buffers in place, from seeds.
+
+How it gets there. SGLang loads *general plugins* (entry-point group
+``sglang.srt.plugins``) early in every process it starts, the scheduler
+included; this package declares ``register`` there, which adds the ``mezo_*``
+methods below to SGLang's ``Scheduler``. The driver reaches them with
+``Engine.collective_rpc("mezo_...", **kwargs)`` (the scheduler runs
+``getattr(self, method)(**kwargs)`` between batches and answers success or the
+error's text). Nothing but seeds, coefficients and names crosses the process
+boundary; nothing touches the disk per step.
+
+The state. The worker holds the trainable tensors (fp32, PEFT layout, sorted
+canonical names: the z-index order of every mezo backend) on the scheduler's
+GPU and regenerates z(seed, i) there with ``mezo_core.perturb.apply_z`` -- the
+same call and the same z as the driver's copy on the same device type. Two
+adapters, loaded once from a PEFT folder and pinned, are its *slots*: ``plus``
+holds theta, ``minus`` a perturbed copy (the other sign of a step, evaluated in
+the same engine call).
+
+Writing a slot. SGLang keeps every loaded adapter in a memory-pool slot:
+``A_buffer[module][layer][slot, :c*r, :]`` and ``B_buffer[module][layer][slot,
+:, :r]`` (model dtype), where q/k/v are stacked into ``qkv_proj`` (A: rows of r
+in the order q, k, v; B: output rows q, k, v) and gate/up into ``gate_up_proj``,
+and the scaling alpha/r is applied at run time (SGLang's
+``LoRAAdapter.normalize_*`` and ``LoRAMemoryPool.load_lora_weight_to_buffer``).
+``slot_views`` maps each PEFT tensor to its view of the slot once; a write is one
+``copy_`` per tensor (rounding to the buffer's dtype, as SGLang's own load
+does). Rows no PEFT tensor owns (k of a q/v adapter) stay as SGLang's load left
+them: zero. The GPU test checks a written slot against SGLang's own load of the
+same tensors, bit for bit.
+
+Prefix cache. SGLang keys its radix cache by the adapter's ``lora_id``, which an
+in-place write does not change; so every write flushes the cache (cheap: the
+radix tree and the KV allocator are reset, no memory is released). A prefix
+computed under one state is never served to another; prefixes are still shared
+within a state, e.g. by ``prime_min_tokens``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+#: PEFT module -> (SGLang's stacked module, position in the stack, stack size)
+STACKED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": ("qkv_proj", 2, 3),
+           "gate_proj": ("gate_up_proj", 0, 2), "up_proj": ("gate_up_proj", 1, 2)}
+
+_NAME = re.compile(r"\.layers\.(\d+)\..*?([A-Za-z0-9_]+)\.lora_([AB])\.weight$")
+
+
+def parse_name(name: str) -> tuple[int, str, str]:
+    """(layer, PEFT module, "A" or "B") of a canonical PEFT tensor name."""
+    m = _NAME.search(name)
+    if m is None:
+        raise ValueError(f"sglang in-place: cannot place {name!r} (only per-layer LoRA "
+                         f"tensors model.layers.N.<module>.lora_A/B.weight are supported)")
+    return int(m.group(1)), m.group(2), m.group(3)
+
+
+def slot_views(names, shapes, a_buffers, b_buffers, slot: int) -> list[torch.Tensor]:
+    """For each PEFT tensor (``names``/``shapes``), the view of memory-pool slot
+    ``slot`` it occupies in SGLang's layout (see the module docstring).
+    ``a_buffers[module][layer]`` is a [slots, c*max_r, in] tensor,
+    ``b_buffers[module][layer]`` a [slots, out, max_r] one."""
+    parsed = [parse_name(n) for n in names]
+    b_rows = {}  # (layer, peft module) -> output rows of its B
+    for (layer, module, kind), shape in zip(parsed, shapes):
+        if kind == "B":
+            b_rows[(layer, module)] = int(shape[0])
+    views = []
+    for name, (layer, module, kind), shape in zip(names, parsed, shapes):
+        target, part, parts = STACKED.get(module, (module, 0, 1))
+        buffers = a_buffers if kind == "A" else b_buffers
+        if target not in buffers:
+            raise ValueError(f"sglang in-place: {name}: the engine has no LoRA buffer for "
+                             f"{target!r} (its buffers: {sorted(buffers)})")
+        buf = buffers[target][layer][slot]
+        if kind == "A":
+            r = int(shape[0])
+            view = buf[part * r:(part + 1) * r, :]
+        else:
+            r, rows = int(shape[1]), int(shape[0])
+            if target == "qkv_proj" and module != "q_proj":
+                # k and v have equal widths; q takes the rest
+                kv = rows
+                start = buf.shape[0] - (3 - part) * kv
+            else:
+                start = part * (buf.shape[0] // parts)
+            view = buf[start:start + rows, :r]
+        if tuple(view.shape) != tuple(shape):
+            raise ValueError(f"sglang in-place: {name} has shape {tuple(shape)} but its place in "
+                             f"SGLang's {target} buffer of layer {layer} is {tuple(view.shape)}")
+        views.append(view)
+    return views
+
+
+class SlotState:
+    """The trainable state and the slot views of one engine (in the scheduler)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], views: dict[str, list[torch.Tensor]], device):
+        self.names = sorted(state)
+        self.tensors = [state[n].to(device=device, dtype=torch.float32).contiguous() for n in self.names]
+        self.views = views  # role ("plus", "minus") -> one view per tensor
+
+    @torch.no_grad()
+    def write(self, role: str, tensors=None) -> None:
+        for view, tensor in zip(self.views[role], self.tensors if tensors is None else tensors):
+            view.copy_(tensor)
+
+
+def _manager(scheduler):
+    mgr = getattr(scheduler.tp_worker.model_runner, "lora_manager", None)
+    if mgr is None:
+        raise RuntimeError("mezo: the engine runs without LoRA (enable_lora=True is needed)")
+    return mgr
+
+
+def _uid(mgr, name: str) -> str:
+    for uid, ref in mgr.lora_refs.items():
+        if ref.lora_name == name:
+            return uid
+    raise RuntimeError(f"mezo: no LoRA adapter named {name!r} is loaded")
+
+
+def _flush(scheduler) -> None:
+    if not scheduler.flush_cache(empty_cache=False):
+        raise RuntimeError("mezo: the radix cache could not be flushed (requests in flight)")
+
+
+# -- the Scheduler methods ------------------------------------------------------------
+def mezo_attach(self, slots: dict, adapter_dir: str) -> None:
+    """Take the adapters named in ``slots`` (role -> adapter name; loaded from
+    ``adapter_dir`` and pinned) under mezo's control: the state is the folder's
+    tensors, each role's slot views are mapped."""
+    from mezo_core.adapter import read_peft_adapter
+
+    mgr = _manager(self)
+    if getattr(mgr, "tp_size", 1) != 1:
+        raise RuntimeError("mezo: in-place adapter updates need tp_size=1 "
+                           "(use sglang.adapter_transport=bucket)")
+    uids = {role: _uid(mgr, name) for role, name in slots.items()}
+    mgr.fetch_new_loras(set(uids.values()))  # into memory-pool slots (pinned: they stay there)
+    pool = mgr.memory_pool
+    state = read_peft_adapter(Path(adapter_dir))
+    names = sorted(state)
+    shapes = [tuple(state[n].shape) for n in names]
+    views = {role: slot_views(names, shapes, pool.A_buffer, pool.B_buffer, pool.uid_to_buffer_id[uid])
+             for role, uid in uids.items()}
+    device = next(iter(views.values()))[0].device
+    self._mezo = SlotState(state, views, device)
+    self._mezo_uids = uids
+    self._mezo_write("plus")
+
+
+def _mezo_write(self, role: str, tensors=None) -> None:
+    pool = _manager(self).memory_pool
+    uid = self._mezo_uids[role]
+    if uid not in pool.uid_to_buffer_id:  # pinned adapters are never evicted; make sure
+        raise RuntimeError(f"mezo: adapter {role!r} left its memory-pool slot")
+    self._mezo.write(role, tensors)
+    _flush(self)
+
+
+def mezo_perturb(self, terms, decay=1.0, dist: str = "gaussian") -> None:
+    """theta <- decay*theta + sum coef*z(seed, i), then into the plus slot."""
+    from mezo_core.perturb import apply_z
+    apply_z(self._mezo.tensors, [(int(s), c) for s, c in terms], decay, dist=str(dist))
+    self._mezo_write("plus")
+
+
+def mezo_fill(self, terms, dist: str = "gaussian") -> None:
+    """The minus slot <- theta + sum coef*z(seed, i), computed on copies."""
+    from mezo_core.perturb import apply_z
+    tensors = [t.clone() for t in self._mezo.tensors]
+    apply_z(tensors, [(int(s), c) for s, c in terms], dist=str(dist))
+    self._mezo_write("minus", tensors)
+
+
+def mezo_load(self, adapter_dir: str) -> None:
+    """theta <- a PEFT folder's tensors (the trained names), into the plus slot."""
+    from mezo_core.adapter import read_peft_adapter
+    state = read_peft_adapter(Path(adapter_dir))
+    if sorted(state) != self._mezo.names:
+        raise ValueError(f"{adapter_dir}: adapter tensors differ from the trained ones")
+    for name, tensor in zip(self._mezo.names, self._mezo.tensors):
+        tensor.copy_(state[name])
+    self._mezo_write("plus")
+
+
+def mezo_save(self, path: str) -> None:
+    """Write theta (fp32) to ``path`` as safetensors (tests compare it with the driver's)."""
+    from safetensors.torch import save_file
+    save_file({n: t.detach().cpu().contiguous() for n, t in zip(self._mezo.names, self._mezo.tensors)},
+              str(path))
+
+
+def mezo_compare_slot(self, role: str, reference: str) -> None:
+    """Raise unless the ``role`` slot equals, bit for bit over every mapped view,
+    the slot SGLang filled itself when it loaded adapter ``reference`` (tests)."""
+    mgr = _manager(self)
+    pool = mgr.memory_pool
+    uid = _uid(mgr, reference)
+    mgr.fetch_new_loras({uid, *self._mezo_uids.values()})
+    names = self._mezo.names
+    shapes = [tuple(t.shape) for t in self._mezo.tensors]
+    theirs = slot_views(names, shapes, pool.A_buffer, pool.B_buffer, pool.uid_to_buffer_id[uid])
+    for name, mine, ref in zip(names, self._mezo.views[role], theirs):
+        if not torch.equal(mine, ref):
+            diff = (mine.float() - ref.float()).abs().max().item()
+            raise AssertionError(f"mezo: slot {role!r} differs from SGLang's load of {reference!r} "
+                                 f"at {name} (max |diff| {diff:g})")
+    for module, layers in pool.A_buffer.items():  # rows no tensor owns are equal too
+        for a_layer, b_layer in zip(layers, pool.B_buffer[module]):
+            slot, ref_slot = pool.uid_to_buffer_id[self._mezo_uids[role]], pool.uid_to_buffer_id[uid]
+            if not (torch.equal(a_layer[slot], a_layer[ref_slot]) and torch.equal(b_layer[slot], b_layer[ref_slot])):
+                raise AssertionError(f"mezo: slot {role!r} differs from {reference!r} in {module}")
+
+
+METHODS = {f.__name__: f for f in (mezo_attach, _mezo_write, mezo_perturb, mezo_fill, mezo_load,
+                                   mezo_save, mezo_compare_slot)}
+
+
+def add_methods(cls) -> None:
+    """Give ``cls`` (SGLang's Scheduler, or a stand-in) the mezo_* methods."""
+    for name, func in METHODS.items():
+        setattr(cls, name, func)
+
+
+def register() -> None:
+    """The ``sglang.srt.plugins`` entry point: runs in every SGLang process."""
+    try:
+        from sglang.srt.managers.scheduler import Scheduler
+    except ImportError:  # an SGLang without that module: the driver reports it on attach
+        return
+    add_methods(Scheduler)
