@@ -539,3 +539,58 @@ def test_gpu_mezo_run_lowers_loss(gpu):
     sg, _ = gpu
     first, last = loss_before_and_after_mezo(sg, examples(16, 16, 4, seed=18), 40, 1, 1e-2, 5e-3)
     assert last < first - 0.05, (first, last)
+
+
+@requires_sglang
+def test_gpu_in_place_slots_equal_sglangs_own_load(gpu, tmp_path):
+    """The slots the scheduler writes from seeds equal, bit for bit, SGLang's own
+    load of the same tensors from a PEFT folder; its state is the driver's."""
+    from safetensors.torch import load_file
+
+    from mezo_core.adapter import write_peft_adapter
+    from mezo_core.perturb import apply_z
+    sg, _ = gpu
+    assert sg.in_place and sg.paired
+    sg.perturb([(80, 0.3)])                       # B != 0: every tensor matters
+    sg.plus_minus_losses(examples(4, 10, 3, seed=19), 81, 0.05)  # plus: theta + eps z, minus: theta - eps z
+    names = sg.trainable_names()
+    minus = [t.clone() for t in sg.trainable_tensors()]
+    apply_z(minus, [(81, -0.1)], dist=sg.z_dist)  # the scheduler's arithmetic, here
+    try:
+        for role, state in (("plus", sg.state_dict()), ("minus", dict(zip(names, minus)))):
+            write_peft_adapter(state, sg.lora, sg.model_dir, tmp_path / role)
+            SGLangBackend._check(sg.engine.load_lora_adapter(f"ref-{role}", str(tmp_path / role)), "ref")
+            try:
+                sg._rpc("mezo_compare_slot", role=role, reference=f"ref-{role}")
+            finally:
+                sg.engine.unload_lora_adapter(f"ref-{role}")
+        sg._rpc("mezo_save", path=str(tmp_path / "worker.safetensors"))
+        worker = load_file(str(tmp_path / "worker.safetensors"))
+        assert all(torch.equal(worker[n], t.cpu()) for n, t in sg.state_dict().items())
+    finally:
+        sg.perturb([(81, -0.05), (80, -0.3)])
+
+
+@requires_sglang
+def test_gpu_paired_signs_match_the_sequence(gpu):
+    """Both signs in one generate call give the losses of the plain sequence
+    (two calls, one state each), to bf16 batch-composition noise."""
+    sg, hf = gpu
+    batch = examples(8, 16, 4, seed=20)
+    paired = sg.plus_minus_losses(batch, 82, 0.5)
+    sg.perturb([(82, -0.5)])
+    sg.paired = False
+    try:
+        plain = sg.plus_minus_losses(batch, 82, 0.5)
+    finally:
+        sg.paired = True
+    sg.perturb([(82, 0.5)])
+    assert (paired[2], plain[2]) == (0.5, -0.5)
+    assert (plain[0] - plain[1]).abs().max() > 0.1, "perturbation too small to test anything"
+    for got, want in zip(paired[:2], plain[:2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0.03)
+    hf.perturb([(82, 0.5)])
+    try:
+        torch.testing.assert_close(paired[0], hf.losses(batch), rtol=0, atol=0.08)
+    finally:
+        hf.perturb([(82, -0.5)])

@@ -216,6 +216,25 @@ def test_adapter_reaches_vllm_layout(pair):
 
 
 @needs_vllm
+def test_fast_slot_writes_equal_vllms_own_conversion(pair):
+    """After the first write, writes go straight into both slots; the slots then
+    hold, bit for bit, what vLLM's own LoRAModel conversion writes for the same state."""
+    vb, hb = pair
+    vb.perturb([(56, 0.8)], decay=0.95)
+    vb.plus_minus_losses(mixed_batch(2), 57, 0.1)           # the minus slot too
+    assert vb._rpc("mezo_fast_writes") == {1: True, 2: True}
+    fast = vb._rpc("mezo_slot_weights")
+    vb.llm.collective_rpc(lambda worker: worker.__dict__.pop("_mezo_fast", None))  # forget the views
+    vb._rpc("mezo_perturb", [], 1.0, vb.z_dist)             # the same state, through vLLM's conversion
+    slow = vb._rpc("mezo_slot_weights")
+    assert fast.keys() == slow.keys() and len(fast) > 0
+    for name in fast:
+        for got, want in zip(fast[name][0] + fast[name][1], slow[name][0] + slow[name][1]):
+            assert torch.equal(got, want), name
+    assert vb._rpc("mezo_fast_writes")[1] is True            # and the views are taken up again
+
+
+@needs_vllm
 def test_perturb_roundtrip_and_matches_hf(pair):
     vb, hb = pair
     for b in (vb, hb):

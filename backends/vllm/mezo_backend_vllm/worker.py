@@ -7,7 +7,8 @@ on the worker's device. ``mezo_perturb`` regenerates z there from
 same z as the hf backend on that device type -- so the driver only sends seeds,
 coefficients and the distribution of z, never tensors, and nothing touches the disk.
 
-After every change the PEFT tensors are converted to vLLM's layout by vLLM's own
+The first time an adapter id is written (and whenever it changes slot), the PEFT
+tensors are converted to vLLM's layout by vLLM's own
 adapter code (``LoRAModel.from_lora_tensors``: PEFT names to vLLM modules;
 ``_create_merged_loras_inplace``: q/k/v and gate/up packing into qkv_proj /
 gate_up_proj, ``lora_alpha / r`` folded into B) and copied into the adapter's GPU
@@ -17,11 +18,21 @@ vLLM does when it activates an adapter read from disk. The registered CPU-side
 back the current weights, never the initial folder's. ``mezo_fill`` does the same
 for a second adapter id from a perturbed *copy* of the state (the minus side of
 ``plus_minus_losses``); both adapters are pinned, so vLLM never reloads either
-from the (stale) folder on disk.
+from the (stale) folder on disk -- or, with the fast writes below, a stale one.
+
+After that first write, every later one goes straight into the slot
+(``_mezo_fast_views``): each PEFT tensor's view of the packed ``lora_a_stacked``
+/ ``lora_b_stacked`` (slice i of qkv_proj is q, k, v; of gate_up_proj gate, up),
+written with ``copy_`` and, for B, the scaling multiplied in the slot's dtype --
+vLLM's own arithmetic (``from_lora_tensors`` casts, ``optimize`` scales). The
+views are used only if they hold, bit for bit, what vLLM's conversion has just
+put there; otherwise every write keeps taking vLLM's path. A write is then a few
+small copies instead of a LoRAModel rebuild.
 """
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import torch
@@ -98,6 +109,10 @@ class MezoWorkerExtension:
                          tuple(x[index].detach().cpu().clone() for x in b))
         return out
 
+    def mezo_fast_writes(self) -> dict[int, bool]:
+        """Adapter id -> whether its writes go straight into the slot (tests, benchmarks)."""
+        return {lora_id: views is not None for lora_id, (_, views) in getattr(self, "_mezo_fast", {}).items()}
+
     # -- helpers -------------------------------------------------------------------
     def _mezo_device(self) -> torch.device:
         dev = getattr(self, "device", None)
@@ -131,14 +146,55 @@ class MezoWorkerExtension:
             raise ValueError("none of the adapter's tensors maps to a LoRA layer of the vLLM model")
         return lora
 
+    def _mezo_fast_views(self, lora_id: int, state: list[torch.Tensor]):
+        """Each tensor's (view of adapter ``lora_id``'s slot, scaling or None), if
+        they hold ``state`` as vLLM has just written it; None otherwise."""
+        mgr = self.model_runner.lora_manager._adapter_manager
+        index = mgr.lora_index_to_id.index(lora_id)
+        member_of = {m: (packed, i) for packed, members in getattr(mgr, "packed_modules_mapping", {}).items()
+                     for i, m in enumerate(members)}
+        scaling = float(self._mezo_peft_helper.vllm_lora_scaling_factor)
+        views = []
+        for name, tensor in zip(self._mezo_names, state):
+            m = re.search(r"(?:^|\.)(model\.layers\.\d+\..*)\.(\w+)\.lora_([AB])\.weight$", name)
+            if m is None:
+                return None
+            prefix, leaf, kind = m.groups()
+            packed, i = member_of.get(leaf, (leaf, 0))
+            module = mgr.modules.get(f"{prefix}.{packed}")
+            stacked = getattr(module, "lora_a_stacked" if kind == "A" else "lora_b_stacked", None)
+            if stacked is None or i >= len(stacked):
+                return None
+            view = stacked[i][index, 0, :tensor.shape[0], :tensor.shape[1]]
+            s = None if kind == "A" or scaling == 1 else scaling
+            if view.shape != tensor.shape or not torch.equal(view, self._mezo_cast(tensor, view.dtype, s)):
+                return None
+            views.append((view, s))
+        return views
+
+    @staticmethod
+    def _mezo_cast(tensor, dtype, scaling):
+        out = tensor.to(dtype, copy=True)
+        return out if scaling is None else out.mul_(scaling)
+
     @torch.no_grad()
     def _mezo_push(self, lora_id: int | None = None, state: list[torch.Tensor] | None = None) -> None:
         """Register ``state`` (default: the trained state) as adapter ``lora_id``
         (default: the trained one), replacing its previous weights, and activate it
-        (the same slot when it was active)."""
+        (the same slot when it was active); straight into the slot once that is known
+        to be exact (module docstring)."""
         mgr = self.model_runner.lora_manager._adapter_manager
         lora_id = self._mezo_lora_id if lora_id is None else lora_id
-        lora = self._mezo_lora_model(lora_id, self._mezo_tensors if state is None else state)
+        state = self._mezo_tensors if state is None else state
+        fast = self.__dict__.setdefault("_mezo_fast", {})  # lora id -> (slot, views or None)
+        slot, views = fast.get(lora_id, (None, None))
+        if views is not None and lora_id in mgr.lora_index_to_id and mgr.lora_index_to_id.index(lora_id) == slot:
+            for (view, scaling), tensor in zip(views, state):
+                view.copy_(tensor)
+                if scaling is not None:
+                    view.mul_(scaling)
+            return
+        lora = self._mezo_lora_model(lora_id, state)
         slots_before = list(mgr.lora_index_to_id)
         mgr.remove_adapter(lora_id)
         mgr.add_adapter(lora)            # packs qkv/gate_up, folds the scaling into B
@@ -151,3 +207,4 @@ class MezoWorkerExtension:
         if list(mgr.lora_index_to_id) != slots_before:
             # the adapter moved slot: make the next step rebuild the punica mapping
             mgr._last_mapping = None
+        fast[lora_id] = (mgr.lora_index_to_id.index(lora_id), self._mezo_fast_views(lora_id, state))
