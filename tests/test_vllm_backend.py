@@ -416,3 +416,45 @@ def test_plugin_imports_without_vllm():
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert "VLLMBackend | vllm is not installed" in out.stdout
+
+
+@needs_vllm
+@pytest.mark.gpu
+def test_gpu_vllm_agrees_with_hf_and_writes_in_place(vllm_model_dir):
+    """On a CUDA host: vLLM (bf16) against hf (fp32) at the initial adapter and
+    after a perturbation; both slots take the fast writes, which equal vLLM's own
+    conversion bit for bit; paired signs equal the plain sequence."""
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_backend_vllm.backend import VLLMBackend
+    cfg = make_cfg(vllm_model_dir, gpu_memory_utilization=0.2, enforce_eager=True)
+    cfg.vllm.engine.pop("kv_cache_memory_bytes")
+    cfg.model.device, cfg.model.dtype = "cuda", "bfloat16"
+    vb = VLLMBackend(cfg)
+    cfg32 = make_cfg(vllm_model_dir)
+    cfg32.model.device = "cuda"
+    hb = HFBackend(cfg32)
+    try:
+        batch = mixed_batch(5)
+        torch.testing.assert_close(vb.losses(batch), hb.losses(batch), rtol=0, atol=0.08)
+        for b in (vb, hb):
+            b.perturb([(58, 0.7)])
+        torch.testing.assert_close(vb.losses(batch), hb.losses(batch), rtol=0, atol=0.08)
+        paired = vb.plus_minus_losses(batch, 59, 0.3)
+        vb.perturb([(59, -0.3)])
+        assert vb._rpc("mezo_fast_writes") == {1: True, 2: True}
+        fast = vb._rpc("mezo_slot_weights")
+        vb.llm.collective_rpc(lambda worker: worker.__dict__.pop("_mezo_fast", None))
+        vb._rpc("mezo_perturb", [], 1.0, vb.z_dist)
+        slow = vb._rpc("mezo_slot_weights")
+        for name in fast:
+            for got, want in zip(fast[name][0] + fast[name][1], slow[name][0] + slow[name][1]):
+                assert torch.equal(got, want), name
+        vb._paired = False
+        plain = vb.plus_minus_losses(batch, 59, 0.3)
+        vb._paired = True
+        assert (plain[0] - plain[1]).abs().max() > 0.05
+        for got, want in zip(paired[:2], plain[:2]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0.03)
+    finally:
+        vb.close()
+        hb.close()
