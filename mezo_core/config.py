@@ -18,6 +18,8 @@ from .errors import MezoError
 
 DEFAULT_RECIPE = "sst2"
 DEFAULT_CONFIG = f"conf/{DEFAULT_RECIPE}.yaml"  # in the working directory, else the packaged recipe
+#: best_correction's values (mezo_core.trainer.best_level applies them)
+BEST_CORRECTIONS = ("bonferroni", "none")
 
 
 def recipes_dir() -> Path:
@@ -145,7 +147,12 @@ class RunConfig:
     keep_checkpoints: int = 2              # newest checkpoints kept
     early_stop_patience: int = 0           # stop after this many evaluations without a new best (0: never)
     best_significance: float = 0.05        # best/ changes only for an adapter right on significantly more examples
-                                           # (one-sided paired sign test at this level; 0: any gain)
+                                           # (one-sided paired sign test; the level of the whole run, see
+                                           # best_correction; 0: any gain)
+    best_correction: str = "bonferroni"    # bonferroni: each evaluation is tested at best_significance /
+                                           # ceil(mezo.steps / eval_every), so noise alone moves best/ off its
+                                           # first adapter with probability <= best_significance over the run;
+                                           # none: each at best_significance (noise passes far more often)
     load_best_at_end: bool = True          # with eval_every: the run ends on the best adapter (best/), as
                                            # selected on task.n_val's validation set (or dev without one)
     zero_shot: bool = True                 # evaluate before the first step
@@ -433,6 +440,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
     need(cfg.early_stop_patience >= 0, "early_stop_patience", "must be >= 0")
     need(0 <= cfg.best_significance < 1, "best_significance", "must be in [0, 1)")
+    need(cfg.best_correction in BEST_CORRECTIONS, "best_correction",
+         f"must be one of {', '.join(map(repr, BEST_CORRECTIONS))}")
     need(cfg.task.n_val >= 0, "task.n_val", "must be >= 0")
     g = cfg.guard
     need(g.window >= 1, "guard.window", "must be >= 1")

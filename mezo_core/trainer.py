@@ -86,6 +86,38 @@ def sign_test_p(candidate: str, kept: str) -> float:
     n = wins + losses
     return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n
 
+
+def best_tests(cfg) -> int:
+    """How many evaluations of a run can replace best/'s adapter: one per ``eval_every``
+    steps after step 0, the final one included (ceil(mezo.steps / eval_every); the
+    first candidate, zero-shot or not, is kept without a test). A function of the
+    config alone, so that a seed gives one trajectory: early stopping does not change
+    it, nor does a --resume (one that extends mezo.steps plans more evaluations and
+    tests those left at the smaller level)."""
+    if not cfg.eval_every:
+        return 1
+    return max(1, -(-cfg.mezo.steps // cfg.eval_every))
+
+
+def best_level(cfg) -> float:
+    """The level each best/ sign test runs at.
+
+    A test at ``best_significance`` repeated at every evaluation lets noise through
+    far more often than that (12 evaluations at 0.05: up to 1 - 0.95^12 = 46 %), and
+    a best/ moved by noise ends the run below its zero-shot adapter on unseen data
+    (the GPU grid of 2026-12-02: 4 runs of 8, issue #13). ``bonferroni`` splits
+    ``best_significance`` over the ``best_tests`` evaluations: until best/ first
+    moves, every test compares a candidate with the first adapter, so by the union
+    bound noise alone moves it with probability <= best_significance, whatever the
+    dependence between evaluations. Holm's step-down needs every p-value at once
+    (best/ is decided at each evaluation); spending more of the level on early
+    evaluations would spend it where MeZO has gained least. ``none``: every
+    evaluation at ``best_significance`` (the rule before the correction)."""
+    if cfg.best_correction == "none":
+        return cfg.best_significance
+    return cfg.best_significance / best_tests(cfg)
+
+
 class Trainer:
     def __init__(self, cfg, backend, registry):
         self.cfg, self.backend, self.registry = cfg, backend, registry
@@ -273,20 +305,23 @@ class Trainer:
 
         With accuracies, an adapter replaces the kept one only when it is right on
         significantly more of the examples where the two disagree (one-sided sign
-        test at ``best_significance``, from the per-example ``outcomes``): a gain of
-        a few examples is noise, and keeping it would let a run end below its
-        zero-shot adapter on unseen data (the GPU grid of 2026-12-02 did, 3 of 8)."""
+        test at ``best_level``: ``best_significance`` shared out over the run's
+        evaluations by ``best_correction``, from the per-example ``outcomes``): a gain
+        of a few examples is noise, and keeping it would let a run end below its
+        zero-shot adapter on unseen data (the GPU grid of 2026-12-02 did, 3 of 8, and
+        4 of 8 with a test at 0.05 at each of its 12 evaluations)."""
         split = "val" if self.task.val else "dev"
         key = f"{split}_accuracy" if f"{split}_accuracy" in evaluation else f"{split}_loss"
         # higher accuracy, ties broken by the lower loss (a few hundred examples tie often)
         score = [evaluation[key], -evaluation[f"{split}_loss"]] if key.endswith("accuracy") else [-evaluation[key]]
         best = state.get("best")
         better = best is None or score > best["score"]
-        if better and best is not None and self.cfg.best_significance and outcomes and best.get("outcomes"):
-            better = sign_test_p(outcomes, best["outcomes"]) < self.cfg.best_significance
+        level = best_level(self.cfg)
+        if better and best is not None and level and outcomes and best.get("outcomes"):
+            better = sign_test_p(outcomes, best["outcomes"]) < level
         if better:
             state["best"] = {"step": state["step"], "score": score, "selected_on": key, **evaluation,
-                             "evals_since": 0, "outcomes": outcomes}
+                             "evals_since": 0, "significance_per_eval": level, "outcomes": outcomes}
             if self.writes:
                 write_adapter(self.backend, self.out / "best")
                 write_json_atomic(self.out / "best" / "best.json", state["best"])

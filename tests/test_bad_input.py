@@ -146,6 +146,7 @@ CONFIG_CASES = {   # override: needles
     "eval_every=-1": ["eval_every", ">= 0"],
     "mezo.weight_decay=-0.01": ["mezo.weight_decay", ">= 0"],
     "keep_checkpoints=0": ["keep_checkpoints", ">= 1"],
+    "best_correction=holm": ["best_correction", "'bonferroni', 'none'", "'holm'"],
     "mezo.steps=[": ["mezo.steps", "cannot parse"],
     # a plugin's typed section is read like the core's: a string field takes the text as written
     "hf.cache_budget_mb={lru": ["hf.cache_budget_mb", "cannot parse"],

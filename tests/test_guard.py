@@ -301,6 +301,9 @@ def test_run_ends_on_the_best_adapter_zero_shot_included(tmp_path, tiny_llama, c
     a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run / "best" / "adapter_model.safetensors"))
     assert all(a[k].equal(b[k]) for k in a)
+    # best_correction=bonferroni: 8 steps, eval_every 2: 4 evaluations after step 0 can replace best/
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["significance_per_eval"] == summary["best"]["significance_per_eval"] == significance / 4
 
 
 def test_default_snapshot_goes_through_the_adapter_files(tmp_path):
