@@ -575,7 +575,7 @@ def test_gpu_in_place_slots_equal_sglangs_own_load(gpu, tmp_path):
 def test_gpu_paired_signs_match_the_sequence(gpu):
     """Both signs in one generate call give the losses of the plain sequence
     (two calls, one state each), to bf16 batch-composition noise."""
-    sg, hf = gpu
+    sg, _ = gpu
     batch = examples(8, 16, 4, seed=20)
     paired = sg.plus_minus_losses(batch, 82, 0.5)
     sg.perturb([(82, -0.5)])
@@ -589,8 +589,3 @@ def test_gpu_paired_signs_match_the_sequence(gpu):
     assert (plain[0] - plain[1]).abs().max() > 0.1, "perturbation too small to test anything"
     for got, want in zip(paired[:2], plain[:2]):
         torch.testing.assert_close(got, want, rtol=0, atol=0.03)
-    hf.perturb([(82, 0.5)])
-    try:
-        torch.testing.assert_close(paired[0], hf.losses(batch), rtol=0, atol=0.08)
-    finally:
-        hf.perturb([(82, -0.5)])
