@@ -60,8 +60,8 @@ def tune_kernel(tensors, device, step, dist="gaussian", repeats=3):
     import itertools
     from mezo_core import perturb_triton
     if dist == "gaussian":
-        shapes = [dict(tiles=t, num_warps=w, fast=f) for t, w, f in itertools.product((1, 2, 4, 8), (4, 8),
-                                                                                       (True, False))]
+        maths = (dict(fast=True, poly=False), dict(fast=True, poly=True), dict(fast=False, poly=False))
+        shapes = [dict(tiles=t, num_warps=w, **m) for t, w, m in itertools.product((1, 2, 4), (4, 8), maths)]
     else:
         shapes = [dict(rademacher_tiles=t, rademacher_warps=w) for t, w in itertools.product((1, 2), (2, 4, 8))]
     results = []
