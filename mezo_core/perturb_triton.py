@@ -25,11 +25,8 @@ from .philox import PHILOX_M, PHILOX_W, ROUNDS, RTILE, TILE, check_dist, z_key
 #: launch shape (Gaussian tiles of 2048 elements per program, warps) and whether to use
 #: the GPU's approximate sin/cos/log2/sqrt (z then agrees with the torch path
 #: to ~1e-6 instead of bit for bit; Triton's CPU interpreter cannot run them);
-#: ``poly``: cos and sin of the Box-Muller angle from polynomials on the FMA units
-#: instead of the special-function unit (``_sincos_poly``; within 1e-6 of the torch
-#: path too, and runs under the interpreter);
 #: rademacher_*: the Rademacher kernel's launch shape (tiles of 32768 elements)
-CONFIG = dict(tiles=1, num_warps=4, fast=os.environ.get("TRITON_INTERPRET") != "1", poly=False,
+CONFIG = dict(tiles=1, num_warps=4, fast=os.environ.get("TRITON_INTERPRET") != "1",
               offsets64=False,  # 64-bit offsets for every tensor, not just those of >= 2^31 elements
               rademacher_tiles=1, rademacher_warps=4)
 
@@ -79,34 +76,10 @@ def _approx(x, op: tl.constexpr):
 
 
 @triton.jit
-def _sincos_poly(word):
-    """(cos t, sin t) for t = 2 pi u_high, u_high = (2 h + 1) 2^-17 the high half h of
-    ``word``, on the FMA units: t = q pi/2 + pi/4 + y with quadrant q = h >> 14 and
-    y = (pi/2) ((2 f + 1) 2^-15 - 1/2) in (-pi/4, pi/4) for f = h & 0x3FFF (exact);
-    Taylor polynomials of sin y and cos y (truncation < 4e-7 and 3e-8 there), rotated
-    by pi/4 and by q quarter turns."""
-    w = ((word >> 7) & 0x7FFE00 | 0x3F800000).to(tl.float32, bitcast=True) - 0.999969482421875  # (2f+1) 2^-15
-    y = w * 1.5707963267948966 - 0.7853981633974483
-    y2 = y * y
-    sy = y * (1.0 + y2 * (-0.16666666666666666 + y2 * (0.008333333333333333 + y2 * -0.0001984126984126984)))
-    cy = 1.0 + y2 * (-0.5 + y2 * (0.041666666666666664 + y2 * (-0.001388888888888889 + y2 * 2.48015873015873e-05)))
-    c = (cy - sy) * 0.7071067811865476       # cos(y + pi/4)
-    s = (cy + sy) * 0.7071067811865476       # sin(y + pi/4)
-    q = word >> 30
-    cos_t = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
-    sin_t = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
-    return cos_t, sin_t
-
-
-@triton.jit
-def _box_muller(word, FAST: tl.constexpr, POLY: tl.constexpr):
+def _box_muller(word, FAST: tl.constexpr):
     """(r cos t, r sin t) of one Philox word: r = sqrt(-2 ln u_low), t = 2 pi u_high
     from its 16-bit halves."""
     ua = _uniform16(word << 7)     # low half
-    if POLY:  # log2 and sqrt: the GPU's approximate ones where compiled, numpy's in the interpreter
-        r = tl.sqrt(-1.3862943611198906 * tl.log2(ua))
-        cos_t, sin_t = _sincos_poly(word)
-        return r * cos_t, r * sin_t
     ub = _uniform16(word >> 9)     # high half
     if FAST:  # sin/cos.approx are accurate on [-pi, pi]: use t - pi and flip both signs
         r = _approx(-1.3862943611198906 * _approx(ua, "lg2"), "sqrt")   # -2 ln(u) = -2 ln2 log2(u)
@@ -137,7 +110,7 @@ def _store(base, e, n, x, DTYPE: tl.constexpr, MASKED: tl.constexpr):
 @triton.jit
 def _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS: tl.constexpr, DTYPE: tl.constexpr,
                     M0: tl.constexpr, M1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
-                    ROUNDS: tl.constexpr, FAST: tl.constexpr, POLY: tl.constexpr, MASKED: tl.constexpr):
+                    ROUNDS: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr):
     """The 8 lanes of a block of tiles (lane L at e0 + 256 L); without MASKED (every
     element in bounds) loads and stores are unmasked."""
     zero = tl.zeros_like(c0)
@@ -154,10 +127,10 @@ def _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS: tl.const
         k1 = tl.load(keys + (t * NTERMS + k) * 2 + 1).to(tl.uint32)
         coef = tl.load(coefs + k)
         r0, r1, r2, r3 = _philox(c0, c1, zero, zero, k0, k1, M0, M1, W0, W1, ROUNDS)
-        z0, z1 = _box_muller(r0, FAST, POLY)
-        z2, z3 = _box_muller(r1, FAST, POLY)
-        z4, z5 = _box_muller(r2, FAST, POLY)
-        z6, z7 = _box_muller(r3, FAST, POLY)
+        z0, z1 = _box_muller(r0, FAST)
+        z2, z3 = _box_muller(r1, FAST)
+        z4, z5 = _box_muller(r2, FAST)
+        z6, z7 = _box_muller(r3, FAST)
         x0 += coef * z0
         x1 += coef * z1
         x2 += coef * z2
@@ -179,8 +152,8 @@ def _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS: tl.const
 @triton.jit
 def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILES: tl.constexpr,
                     DTYPE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
-                    W0: tl.constexpr, W1: tl.constexpr, FAST: tl.constexpr, POLY: tl.constexpr,
-                    BIG: tl.constexpr, ROUNDS: tl.constexpr):
+                    W0: tl.constexpr, W1: tl.constexpr, FAST: tl.constexpr, BIG: tl.constexpr,
+                    ROUNDS: tl.constexpr):
     """Tiles of 2048 = 8 lanes x 256 columns: one Philox per column and term feeds
     the column's 8 elements (two per word)."""
     t = tl.program_id(1)                                  # which tensor of the table
@@ -197,10 +170,10 @@ def _perturb_kernel(ptrs, numels, keys, coefs, decay, NTERMS: tl.constexpr, TILE
     e0 = tile * 2048 + col                                # lane L at e0 + 256 L
     if (first + TILES) * 2048 <= n:
         _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS, DTYPE, M0, M1, W0, W1, ROUNDS, FAST,
-                        POLY, False)
+                        False)
     else:
         _gaussian_tiles(base, e0, n, c0, c1, keys, coefs, decay, t, NTERMS, DTYPE, M0, M1, W0, W1, ROUNDS, FAST,
-                        POLY, True)
+                        True)
 
 
 @triton.jit
@@ -313,8 +286,7 @@ def apply_z_triton(pairs, terms, decay: float, dist: str = "gaussian") -> None:
             if gaussian:
                 _perturb_kernel[(programs, len(indices))](
                     ptrs, numels, keys, coefs, float(decay), **args,
-                    FAST=CONFIG["fast"] and device.type == "cuda", POLY=CONFIG["poly"],
-                    num_warps=CONFIG["num_warps"])
+                    FAST=CONFIG["fast"] and device.type == "cuda", num_warps=CONFIG["num_warps"])
             else:
                 _rademacher_kernel[(programs, len(indices))](
                     ptrs, numels, keys, coefs, float(decay), **args,
