@@ -149,10 +149,11 @@ class RunConfig:
     best_significance: float = 0.05        # best/ changes only for an adapter right on significantly more examples
                                            # (one-sided paired sign test; the level of the whole run, see
                                            # best_correction; 0: any gain)
-    best_correction: str = "bonferroni"    # bonferroni: each evaluation is tested at best_significance /
-                                           # ceil(mezo.steps / eval_every), so noise alone moves best/ off its
-                                           # first adapter with probability <= best_significance over the run;
-                                           # none: each at best_significance (noise passes far more often)
+    best_correction: str = "bonferroni"    # bonferroni: the first move off the first adapter is tested at
+                                           # best_significance / ceil(mezo.steps / eval_every), so noise alone
+                                           # moves best/ with probability <= best_significance over the run;
+                                           # later moves at best_significance; none: every test at
+                                           # best_significance (noise passes far more often)
     load_best_at_end: bool = True          # with eval_every: the run ends on the best adapter (best/), as
                                            # selected on task.n_val's validation set (or dev without one)
     zero_shot: bool = True                 # evaluate before the first step

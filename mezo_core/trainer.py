@@ -99,8 +99,9 @@ def best_tests(cfg) -> int:
     return max(1, -(-cfg.mezo.steps // cfg.eval_every))
 
 
-def best_level(cfg) -> float:
-    """The level each best/ sign test runs at.
+def best_level(cfg, first_move: bool = True) -> float:
+    """The level of a best/ sign test: of the first move off the run's first adapter
+    (``first_move``), or of a later one.
 
     A test at ``best_significance`` repeated at every evaluation lets noise through
     far more often than that (12 evaluations at 0.05: up to 1 - 0.95^12 = 46 %), and
@@ -109,11 +110,16 @@ def best_level(cfg) -> float:
     ``best_significance`` over the ``best_tests`` evaluations: until best/ first
     moves, every test compares a candidate with the first adapter, so by the union
     bound noise alone moves it with probability <= best_significance, whatever the
-    dependence between evaluations. Holm's step-down needs every p-value at once
-    (best/ is decided at each evaluation); spending more of the level on early
-    evaluations would spend it where MeZO has gained least. ``none``: every
-    evaluation at ``best_significance`` (the rule before the correction)."""
-    if cfg.best_correction == "none":
+    dependence between evaluations. Only the first move needs the correction: a
+    later test happens only after a first move, so the run-wide error when no adapter
+    beats the first is the first move's; later candidates are compared with an
+    adapter already shown better than the start, at ``best_significance`` (else a real
+    gain after the first would have to clear the corrected level again). Holm's
+    step-down needs every p-value at once (best/ is decided at each evaluation);
+    spending more of the level on early evaluations would spend it where MeZO has
+    gained least. ``none``: every evaluation at ``best_significance`` (the rule
+    before the correction)."""
+    if cfg.best_correction == "none" or not first_move:
         return cfg.best_significance
     return cfg.best_significance / best_tests(cfg)
 
@@ -305,8 +311,8 @@ class Trainer:
 
         With accuracies, an adapter replaces the kept one only when it is right on
         significantly more of the examples where the two disagree (one-sided sign
-        test at ``best_level``: ``best_significance`` shared out over the run's
-        evaluations by ``best_correction``, from the per-example ``outcomes``): a gain
+        test at ``best_level``: for the first move, ``best_significance`` shared out
+        over the run's evaluations by ``best_correction``; from the per-example ``outcomes``): a gain
         of a few examples is noise, and keeping it would let a run end below its
         zero-shot adapter on unseen data (the GPU grid of 2026-12-02 did, 3 of 8, and
         4 of 8 with a test at 0.05 at each of its 12 evaluations)."""
@@ -316,10 +322,13 @@ class Trainer:
         score = [evaluation[key], -evaluation[f"{split}_loss"]] if key.endswith("accuracy") else [-evaluation[key]]
         best = state.get("best")
         better = best is None or score > best["score"]
-        level = best_level(self.cfg)
-        if better and best is not None and level and outcomes and best.get("outcomes"):
+        level = None if best is None else best.get("significance_per_eval", best_level(self.cfg))
+        if better and level and outcomes and best.get("outcomes"):
             better = sign_test_p(outcomes, best["outcomes"]) < level
         if better:
+            # the level a candidate must reach against this adapter: corrected while best/
+            # holds the run's first adapter, best_significance once it has moved
+            level = best_level(self.cfg, first_move=best is None)
             state["best"] = {"step": state["step"], "score": score, "selected_on": key, **evaluation,
                              "evals_since": 0, "significance_per_eval": level, "outcomes": outcomes}
             if self.writes:

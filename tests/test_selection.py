@@ -120,8 +120,30 @@ def test_a_gain_against_the_corrected_level(tmp_path, correction, steps, wins, m
     better = "1" * wins + "0" * (10 - wins) + "10" * 45       # right on `wins` more, none lost
     Trainer._consider_best(me, state, _evaluation(better), better)
     assert state["best"]["step"] == (10 if moves else 0)
-    assert state["best"]["significance_per_eval"] == pytest.approx(0.05 if correction == "none" else
+    # the level candidates face against the kept adapter: corrected only while it is the first one
+    assert state["best"]["significance_per_eval"] == pytest.approx(0.05 if correction == "none" or moves else
                                                                    0.05 / (steps // 10))
+
+
+def test_after_the_first_move_candidates_face_the_plain_level(tmp_path):
+    """The correction guards the first move off the run's first adapter; a later gain
+    over an adapter already shown better is tested at best_significance."""
+    me = _trainer(0.05, tmp_path, "bonferroni", steps=40, eval_every=10)   # first move at 0.05/4
+    state = {"step": 0}
+    zero = "0" * 20 + "10" * 40
+    Trainer._consider_best(me, state, _evaluation(zero), zero)
+    state["step"] = 10
+    first = "1" * 7 + "0" * 13 + "10" * 40                 # 7 more right: p = 1/128 < 0.0125
+    Trainer._consider_best(me, state, _evaluation(first), first)
+    assert state["best"]["step"] == 10 and state["best"]["significance_per_eval"] == 0.05
+    state["step"] = 20
+    second = "1" * 12 + "0" * 8 + "10" * 40                # 5 more than `first`: p = 1/32 = 0.031
+    Trainer._consider_best(me, state, _evaluation(second), second)
+    assert state["best"]["step"] == 20                     # < 0.05, though > 0.0125
+    state["step"] = 30
+    third = "1" * 14 + "0" * 6 + "10" * 40                 # 2 more than `second`: p = 1/4
+    Trainer._consider_best(me, state, _evaluation(third), third)
+    assert state["best"]["step"] == 20
 
 
 def _outcomes(rng, n, accuracy):
