@@ -51,6 +51,24 @@ def _profile(name, *options, layers="top", extra=()):
                        "--lora-layers", layers, *hf, *extra), 200, out=False)
 
 
+def _engine_suites(engine):
+    """``ENGINE-tests`` (its GPU tests) and ``engines-ENGINE``: its step against two bare
+    engine passes, hf rows beside, on the 1.1B shape and the SST-2 demo recipe."""
+    rows = ("--rows", f"hf,hf-trunk,{engine}", "--eps-steps", "1")
+    return {
+        f"{engine}-tests": Suite(f"{engine}'s GPU tests (pytest -m gpu)", "cuda", (
+            Step(f"pytest-{engine}", ("pytest", "-p", "no:cacheprovider", "-q", "-rs", "-m", "gpu",
+                                      f"tests/test_{engine}_backend.py"), 400, out=False),
+        ), needs=(engine,)),
+        f"engines-{engine}": Suite(f"{engine}'s step against two bare {engine} passes beside hf: the 1.1B "
+                                   "shape and the SST-2 demo recipe", "cuda", (
+            Step(f"{engine}-1.1b", ("benchmarks.compare", "--device", "cuda", *rows, "--steps", "20"), 290),
+            Step(f"{engine}-sst2", ("benchmarks.compare", "--device", "cuda", "--task", "conf/sst2.yaml", *rows,
+                                    "--steps", "30", "--batch-pool", "4"), 280),
+        ), needs=(engine,)),
+    }
+
+
 REUSE_GPU = ("benchmarks.bench_reuse", "--device", "cuda", "--shape", "llama-1.1b", "--batch", "16", "--seq", "256",
              "--eps-steps", "2")
 
@@ -120,30 +138,7 @@ SUITES: dict[str, Suite] = {
                                "tests/test_sglang_backend.py"), 270, out=False),
         Step("sglang", ("benchmarks.gpu_sglang",), 280),
     ), needs=("sglang",)),
-    "sglang-tests": Suite("SGLang's GPU tests (pytest -m gpu)", "cuda", (
-        Step("pytest-sglang", ("pytest", "-p", "no:cacheprovider", "-q", "-rs", "-m", "gpu",
-                               "tests/test_sglang_backend.py"), 400, out=False),
-    ), needs=("sglang",)),
-    "engines-sglang": Suite("SGLang's step against two bare SGLang passes beside hf: the 1.1B shape and the "
-                            "SST-2 demo recipe", "cuda", (
-        Step("sglang-1.1b", ("benchmarks.compare", "--device", "cuda", "--rows", "hf,hf-trunk,sglang",
-                             "--steps", "20", "--eps-steps", "1"), 280),
-        Step("sglang-sst2", ("benchmarks.compare", "--device", "cuda", "--task", "conf/sst2.yaml",
-                             "--rows", "hf,hf-trunk,sglang", "--steps", "30", "--batch-pool", "4",
-                             "--eps-steps", "1"), 280),
-    ), needs=("sglang",)),
-    "vllm-tests": Suite("vLLM's GPU test (pytest -m gpu)", "cuda", (
-        Step("pytest-vllm", ("pytest", "-p", "no:cacheprovider", "-q", "-rs", "-m", "gpu",
-                             "tests/test_vllm_backend.py"), 400, out=False),
-    ), needs=("vllm",)),
-    "engines-vllm": Suite("vLLM's step against two bare vLLM passes beside hf: the 1.1B shape and the SST-2 "
-                          "demo recipe", "cuda", (
-        Step("vllm-1.1b", ("benchmarks.compare", "--device", "cuda", "--rows", "hf,hf-trunk,vllm",
-                           "--steps", "20", "--eps-steps", "1"), 290),
-        Step("vllm-sst2", ("benchmarks.compare", "--device", "cuda", "--task", "conf/sst2.yaml",
-                           "--rows", "hf,hf-trunk,vllm", "--steps", "30", "--batch-pool", "4",
-                           "--eps-steps", "1"), 270),
-    ), needs=("vllm",)),
+    **{name: suite for engine in ("sglang", "vllm") for name, suite in _engine_suites(engine).items()},
     "sglang-big": Suite("SGLang on the SmolLM2-135M shape", "cuda", (
         Step("sglang-big", ("benchmarks.gpu_sglang", "--big-only"), 300),
     ), needs=("sglang",)),
