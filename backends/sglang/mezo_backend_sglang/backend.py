@@ -294,8 +294,9 @@ class SGLangBackend(LocalTensorsBackend):
                         "plugin (entry point group sglang.srt.plugins) is not installed where SGLang "
                         "runs; pip install it, or set sglang.adapter_transport=bucket")
             raise MezoError(f"sglang: {method} failed in the scheduler: {text}") from None
-        self._stats["adapter_write_s"] += time.perf_counter() - t0
-        self._stats["adapter_writes"] += method != "mezo_attach"
+        if method != "mezo_attach":  # writes only: the one-time attach is not a write
+            self._stats["adapter_write_s"] += time.perf_counter() - t0
+            self._stats["adapter_writes"] += 1
 
     # -- the trainable state --------------------------------------------------
     def perturb(self, terms, decay=1.0):
