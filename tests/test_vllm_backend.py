@@ -215,13 +215,9 @@ def test_adapter_reaches_vllm_layout(pair):
     assert torch.count_nonzero(b_stack[1]) == 0                 # k_proj: not a target
 
 
-@needs_vllm
-def test_fast_slot_writes_equal_vllms_own_conversion(pair):
-    """After the first write, writes go straight into both slots; the slots then
-    hold, bit for bit, what vLLM's own LoRAModel conversion writes for the same state."""
-    vb, hb = pair
-    vb.perturb([(56, 0.8)], decay=0.95)
-    vb.plus_minus_losses(mixed_batch(2), 57, 0.1)           # the minus slot too
+def check_fast_writes_equal_vllms_conversion(vb):
+    """Both slots take the direct writes, and the trained slot then holds, bit for bit,
+    what vLLM's own LoRAModel conversion writes for the same state."""
     assert vb._rpc("mezo_fast_writes") == {1: True, 2: True}
     fast = vb._rpc("mezo_slot_weights")
     vb.llm.collective_rpc(lambda worker: worker.__dict__.pop("_mezo_fast", None))  # forget the views
@@ -231,6 +227,16 @@ def test_fast_slot_writes_equal_vllms_own_conversion(pair):
     for name in fast:
         for got, want in zip(fast[name][0] + fast[name][1], slow[name][0] + slow[name][1]):
             assert torch.equal(got, want), name
+
+
+@needs_vllm
+def test_fast_slot_writes_equal_vllms_own_conversion(pair):
+    """After the first write, writes go straight into both slots; the slots then
+    hold, bit for bit, what vLLM's own LoRAModel conversion writes for the same state."""
+    vb, hb = pair
+    vb.perturb([(56, 0.8)], decay=0.95)
+    vb.plus_minus_losses(mixed_batch(2), 57, 0.1)           # the minus slot too
+    check_fast_writes_equal_vllms_conversion(vb)
     assert vb._rpc("mezo_fast_writes")[1] is True            # and the views are taken up again
 
 
@@ -441,14 +447,7 @@ def test_gpu_vllm_agrees_with_hf_and_writes_in_place(vllm_model_dir):
         torch.testing.assert_close(vb.losses(batch), hb.losses(batch), rtol=0, atol=0.08)
         paired = vb.plus_minus_losses(batch, 59, 0.3)
         vb.perturb([(59, -0.3)])
-        assert vb._rpc("mezo_fast_writes") == {1: True, 2: True}
-        fast = vb._rpc("mezo_slot_weights")
-        vb.llm.collective_rpc(lambda worker: worker.__dict__.pop("_mezo_fast", None))
-        vb._rpc("mezo_perturb", [], 1.0, vb.z_dist)
-        slow = vb._rpc("mezo_slot_weights")
-        for name in fast:
-            for got, want in zip(fast[name][0] + fast[name][1], slow[name][0] + slow[name][1]):
-                assert torch.equal(got, want), name
+        check_fast_writes_equal_vllms_conversion(vb)
         vb._paired = False
         plain = vb.plus_minus_losses(batch, 59, 0.3)
         vb._paired = True

@@ -146,18 +146,18 @@ def mezo_attach(self, slots: dict, adapter_dir: str) -> None:
     state = read_peft_adapter(Path(adapter_dir))
     names = sorted(state)
     shapes = [tuple(state[n].shape) for n in names]
-    views = {role: slot_views(names, shapes, pool.A_buffer, pool.B_buffer, pool.uid_to_buffer_id[uid])
-             for role, uid in uids.items()}
+    slots = {role: pool.uid_to_buffer_id[uid] for role, uid in uids.items()}
+    views = {role: slot_views(names, shapes, pool.A_buffer, pool.B_buffer, slot) for role, slot in slots.items()}
     device = next(iter(views.values()))[0].device
     self._mezo = SlotState(state, views, device)
-    self._mezo_uids = uids
+    self._mezo_uids, self._mezo_slots = uids, slots   # the views hold these slots
     self._mezo_write("plus")
 
 
 def _mezo_write(self, role: str, tensors=None) -> None:
     pool = _manager(self).memory_pool
-    uid = self._mezo_uids[role]
-    if uid not in pool.uid_to_buffer_id:  # pinned adapters are never evicted; make sure
+    if pool.uid_to_buffer_id.get(self._mezo_uids[role]) != self._mezo_slots[role]:
+        # pinned adapters are never evicted nor moved; make sure, the views hold that slot
         raise RuntimeError(f"mezo: adapter {role!r} left its memory-pool slot")
     self._mezo.write(role, tensors)
     _flush(self)
@@ -211,9 +211,9 @@ def mezo_compare_slot(self, role: str, reference: str) -> None:
             diff = (mine.float() - ref.float()).abs().max().item()
             raise AssertionError(f"mezo: slot {role!r} differs from SGLang's load of {reference!r} "
                                  f"at {name} (max |diff| {diff:g})")
+    slot, ref_slot = self._mezo_slots[role], pool.uid_to_buffer_id[uid]
     for module, layers in pool.A_buffer.items():  # rows no tensor owns are equal too
         for a_layer, b_layer in zip(layers, pool.B_buffer[module]):
-            slot, ref_slot = pool.uid_to_buffer_id[self._mezo_uids[role]], pool.uid_to_buffer_id[uid]
             if not (torch.equal(a_layer[slot], a_layer[ref_slot]) and torch.equal(b_layer[slot], b_layer[ref_slot])):
                 raise AssertionError(f"mezo: slot {role!r} differs from {reference!r} in {module}")
 
