@@ -34,7 +34,7 @@ from .philox import PHILOX_M, PHILOX_W, ROUNDS, RTILE, TILE, check_dist, z_key
 #: the GPU's approximate sin/cos/log2/sqrt (z then agrees with the torch path
 #: to ~1e-6 instead of bit for bit; Triton's CPU interpreter cannot run them);
 #: rademacher_*: the Rademacher kernel's launch shape (tiles of 32768 elements)
-CONFIG = dict(tiles=1, num_warps=4, fast=os.environ.get("TRITON_INTERPRET") != "1",
+CONFIG = dict(tiles=1, num_warps=8, fast=os.environ.get("TRITON_INTERPRET") != "1",
               offsets64=False,  # 64-bit offsets for every tensor, not just those of >= 2^31 elements
               rademacher_tiles=1, rademacher_warps=4)
 
