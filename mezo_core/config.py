@@ -115,6 +115,9 @@ class MezoConfig:
     # (2 passes per step instead of 3), except before an evaluation or checkpoint
     fuse_steps: bool = True
     z: str = "gaussian"                    # distribution of z: gaussian (MeZO) or rademacher (+-1, SPSA)
+    # evaluate, select and save an exponential moving average of the weights, half of it from the
+    # last ema_half_life steps (mezo_core/average.py: SPSA iterate averaging); 0: the raw weights
+    ema_half_life: int = 0
     lr_schedule_options: Dict[str, Any] = field(default_factory=dict)   # the schedule's own settings
     eps_schedule_options: Dict[str, Any] = field(default_factory=dict)   # the eps schedule's settings
 
@@ -453,5 +456,6 @@ def validate(cfg: DictConfig) -> None:
     need(g.clip >= 0, "guard.clip", "must be >= 0")
     need(g.max_recoveries >= 0, "guard.max_recoveries", "must be >= 0")
     need(cfg.mezo.weight_decay >= 0, "mezo.weight_decay", "must be >= 0")
+    need(cfg.mezo.ema_half_life >= 0, "mezo.ema_half_life", "must be >= 0 (steps; 0: off)")
     need(re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.model.device) is not None, "model.device",
          "must be cpu, cuda, cuda:N or mps")

@@ -10,6 +10,7 @@ anchor, so a resume continues the uninterrupted trajectory exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .adapter import write_json_atomic
+from .average import WeightAverage
 from .checkpoints import (RunFolder, check_resume, config_diff, fingerprints, warn,
                           write_adapter)
 from .data import Task
@@ -135,6 +137,7 @@ class Trainer:
         self.lr = make_schedule(registry, "mezo.lr_schedule", m.lr_schedule, m.lr, m.lr_end, m.warmup_steps,
                                 m.lr_schedule_options, m.q)
         self.guard = Guard(cfg.guard)
+        self.average = WeightAverage(m.ema_half_life)
         self.decay_mask = decayed(backend.trainable_names(), list(m.weight_decay_exempt))
         self.task = Task(cfg.task, backend.tokenizer, batch_size=cfg.mezo.batch_size)
         self.logger_classes = [logger_class(registry, name) for name in cfg.report_to]  # checked before any file
@@ -159,6 +162,8 @@ class Trainer:
             self._save(state)
         if self.guard.anchor is None:
             self._take_anchor(state["step"])  # the guard can always roll back to the start
+        if self.average.enabled and self.average.tensors is None:
+            self.average.reset(self.guard.anchor)
         if "noise" not in state:
             state["noise"] = self._forward_noise(state["step"])
         bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
@@ -194,9 +199,13 @@ class Trainer:
                 cut = cfg.guard.nonfinite_cut if event["event"] == "nonfinite" else cfg.guard.cut
                 event = self.guard.roll_back(step + 1, event, cut)
                 self.backend.restore(self.guard.anchor)
+                if self.average.enabled:  # the average forgets the weights rolled back
+                    self.average.reset(self.guard.anchor)
                 state.setdefault("guard_events", []).append(event)
             elif self._anchors(step + 1, new_best):
                 self._take_anchor(step + 1)
+            if not rejected and self.average.due(step + 1):
+                self.average.update(self.backend.snapshot())
             if event:
                 self.guard.events += 1
             seconds = time.perf_counter() - start
@@ -210,10 +219,11 @@ class Trainer:
             state["step"] = step + 1
             stop = False
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < m.steps:
-                evaluation, outcomes = self.evaluate_all(f"step {state['step']}")
+                with self._averaged_weights():
+                    evaluation, outcomes = self.evaluate_all(f"step {state['step']}")
+                    stop = self._consider_best(state, evaluation, outcomes)
                 row.update(evaluation)
                 state.setdefault("evals", []).append({"step": state["step"], **evaluation})
-                stop = self._consider_best(state, evaluation, outcomes)
             if self.writes:
                 self._log(state["step"], row)
                 self.hook.on_step_end(step=state["step"], metrics=row)
@@ -229,6 +239,8 @@ class Trainer:
                 self._save(state)
         bar.close()
         if "final" not in state:
+            if self.average.enabled:  # training is over: the run ends on the averaged weights
+                self.backend.restore(self.average.tensors)
             state["final"], outcomes = self.evaluate_all("fine-tuned", state["step"])
             if cfg.eval_every:
                 self._consider_best(state, state["final"], outcomes)
@@ -260,6 +272,19 @@ class Trainer:
         smoothed loss, at most every ``window // 5`` steps (the weights must then be
         clean: that step's update carries no next +eps z)."""
         return new_best and step - self.guard.anchor_step >= max(1, self.cfg.guard.window // 5)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """Evaluate (and keep as best/) the averaged weights, then step on from the raw ones."""
+        if not self.average.enabled:
+            yield
+            return
+        raw = self.backend.snapshot()
+        self.backend.restore(self.average.tensors)
+        try:
+            yield
+        finally:
+            self.backend.restore(raw)
 
     def _take_anchor(self, step: int) -> None:
         self.guard.anchor, self.guard.anchor_step = self.backend.snapshot(), step
@@ -343,7 +368,11 @@ class Trainer:
         guard's state, and the guard's anchor tensors."""
         state["schedules"] = {"lr": self.lr.state_dict(), "eps": self.eps.state_dict()}
         state["guard"] = self.guard.state_dict()
-        self._checkpoint(state, extra={"guard_anchor": self.guard.anchor} if self.guard.anchor else None)
+        extra = {"guard_anchor": self.guard.anchor} if self.guard.anchor else {}
+        if self.average.tensors is not None:
+            state["average"] = self.average.state_dict()
+            extra["weight_average"] = self.average.tensors
+        self._checkpoint(state, extra=extra or None)
 
     def _restore_run_state(self, state: dict) -> None:
         if "schedules" in state:
@@ -352,13 +381,15 @@ class Trainer:
         if "guard" in state:
             self.guard.load_state_dict(state["guard"])
             self.guard.anchor = self.load_extra("guard_anchor")
+        if "average" in state:
+            self.average.load_state_dict(state["average"], self.load_extra("weight_average"))
 
     def _pauses_after(self, step: int) -> bool:
         """Whether the weights must be clean (theta itself) after ``step`` steps: the
-        run ends, evaluates or checkpoints there."""
+        run ends, evaluates, checkpoints or averages there."""
         cfg = self.cfg
         return (step >= cfg.mezo.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
-                or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
+                or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.average.due(step))
 
     def evaluate(self, label: str, split: str = "dev") -> dict:
         records = self.task.val if split == "val" else self.task.dev
