@@ -69,6 +69,22 @@ SUITES = {
                   variants={"-ema": ["mezo.ema_half_life=250"],
                             "-raw": {"overrides": ["mezo.ema_half_life=0"], "lr": [1e-3, 1e-2]}}),
         recipes=[], backprop=[], parallel=12, timeout=530),
+    # towards the backprop reference: the GPU recipe's adapter, longer runs, 5 at a time
+    "gpu-level": dict(
+        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=1000",
+                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128", "mezo.steps=6000"],
+        grid=dict(lr=[], k_per_class=[], steps=0, base=ALL8),
+        recipes=[
+            ("all-r8-k1024-lr1e-3-6000", ALL8 + ["task.k_per_class=1024", "mezo.lr=1e-3"]),
+            ("all-r8-k16-lr1e-3-6000", ALL8 + ["task.k_per_class=16", "mezo.lr=1e-3"]),
+            ("all-r8-k1024-lr1.5e-3-cosine-6000", ALL8 + ["task.k_per_class=1024", "mezo.lr=1.5e-3",
+                                                          "mezo.lr_schedule=cosine", "mezo.lr_end=1e-4"]),
+            ("all-r8-k1024-lr1e-3-b64-4000", ALL8 + ["task.k_per_class=1024", "mezo.lr=1e-3",
+                                                     "mezo.batch_size=64", "mezo.steps=4000"]),
+            ("all-r8-k1024-lr1e-3-ema1000-6000", ALL8 + ["task.k_per_class=1024", "mezo.lr=1e-3",
+                                                         "mezo.ema_half_life=1000"]),
+        ],
+        backprop=[], parallel=5, timeout=540),
     "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
         common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
                 "mezo.batch_size=4"],
