@@ -85,6 +85,25 @@ SUITES = {
                                                          "mezo.ema_half_life=1000"]),
         ],
         backprop=[], parallel=5, timeout=540),
+    # gpu-level's winner was batch 64: larger batches, more data, a larger lr, the average
+    "gpu-batch": dict(
+        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=1000",
+                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
+        grid=dict(lr=[], k_per_class=[], steps=0, base=ALL8),
+        recipes=[
+            ("all-r8-k4096-lr1e-3-b64-4000", ALL8 + ["task.k_per_class=4096", "mezo.lr=1e-3",
+                                                     "mezo.batch_size=64", "mezo.steps=4000"]),
+            ("all-r8-k4096-lr2e-3-b64-4000", ALL8 + ["task.k_per_class=4096", "mezo.lr=2e-3",
+                                                     "mezo.batch_size=64", "mezo.steps=4000"]),
+            ("all-r8-k4096-lr1e-3-b128-3000", ALL8 + ["task.k_per_class=4096", "mezo.lr=1e-3",
+                                                      "mezo.batch_size=128", "mezo.steps=3000"]),
+            ("all-r8-k4096-lr2e-3-b128-3000", ALL8 + ["task.k_per_class=4096", "mezo.lr=2e-3",
+                                                      "mezo.batch_size=128", "mezo.steps=3000"]),
+            ("all-r8-k4096-lr1e-3-b64-ema1000-4000", ALL8 + ["task.k_per_class=4096", "mezo.lr=1e-3",
+                                                             "mezo.batch_size=64", "mezo.steps=4000",
+                                                             "mezo.ema_half_life=1000"]),
+        ],
+        backprop=[], parallel=5, timeout=555),
     "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
         common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
                 "mezo.batch_size=4"],
