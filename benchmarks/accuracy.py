@@ -104,6 +104,19 @@ SUITES = {
                                                              "mezo.ema_half_life=1000"]),
         ],
         backprop=[], parallel=5, timeout=555),
+    # gpu-batch's winner (batch 128, lr 2e-3) with another seed, and batches of 256
+    "gpu-batch2": dict(
+        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=1000",
+                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128", "task.k_per_class=4096"],
+        grid=dict(lr=[], k_per_class=[], steps=0, base=ALL8),
+        recipes=[
+            ("all-r8-k4096-lr2e-3-b128-3000-seed1", ALL8 + ["mezo.lr=2e-3", "mezo.batch_size=128",
+                                                            "mezo.steps=3000", "seed=1"]),
+            ("all-r8-k4096-lr3e-3-b128-3000", ALL8 + ["mezo.lr=3e-3", "mezo.batch_size=128", "mezo.steps=3000"]),
+            ("all-r8-k4096-lr2e-3-b256-2000", ALL8 + ["mezo.lr=2e-3", "mezo.batch_size=256", "mezo.steps=2000"]),
+            ("all-r8-k4096-lr3e-3-b256-2000", ALL8 + ["mezo.lr=3e-3", "mezo.batch_size=256", "mezo.steps=2000"]),
+        ],
+        backprop=[], parallel=4, timeout=455),
     "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
         common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
                 "mezo.batch_size=4"],
@@ -256,17 +269,23 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    has_grid = any(r["name"].startswith("grid") for r in result["runs"])
+    fig, axes = plt.subplots(1, 1 + has_grid, figsize=(6.5 * (1 + has_grid), 4.5), squeeze=False)
+    a, b = axes[0][0], axes[0][-1]
     for r in result["runs"]:
         pts = _dev_curve(r)
+        ax = b if r["name"].startswith("grid") else a
         if pts:
-            (b if r["name"].startswith("grid") else a).plot(*zip(*pts), label=r["name"], lw=1.2)
+            line, = ax.plot(*zip(*pts), label=r["name"], lw=1.2)
+            if r.get("summary"):  # the adapter the run ends on (the best on validation), at the last step
+                ax.plot(r["summary"]["step"], r["summary"]["final"]["dev_accuracy"], "o", color=line.get_color())
     for ref in result["backprop"]:
         curve = (ref["result"] or {}).get("curve") or []
         pts = [(c["step"], c["dev_accuracy"]) for c in curve if c.get("dev_accuracy") is not None]
         if pts:
             a.plot(*zip(*pts), "--", label=ref["name"] + " (steps)", lw=1.2)
-    for ax, title in ((a, "recipes and backprop reference"), (b, "robustness grid (default guard)")):
+    panels = [(a, "recipes and backprop reference (dot: the adapter a run ends on)")]
+    for ax, title in panels + ([(b, "robustness grid (default guard)")] if has_grid else []):
         ax.set_xlabel("step")
         ax.set_ylabel("SST-2 dev accuracy")
         ax.set_title(title)
