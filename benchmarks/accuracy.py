@@ -28,10 +28,16 @@ TOP8 = ["lora.layers=[22,23,24,25,26,27,28,29]", "lora.r=8", "lora.alpha=16"]
 ALL8 = ["lora.layers=null", "lora.r=8", "lora.alpha=16"]
 OLD_PROMPT = ["task.template={text} It was", "task.verbalizer=[' terrible',' great']"]
 
+
+def on_gpu(eval_every: int, *more: str) -> list[str]:
+    """The GPU suites' common settings: bf16, a bf16 copy of the adapter, no checkpoints."""
+    return ["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", f"eval_every={eval_every}",
+            "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128", *more]
+
+
 SUITES = {
     "gpu": dict(
-        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=250",
-                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
+        common=on_gpu(250),
         grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=TOP4),
         recipes=[
             ("all-r8-k1024-lr1e-3", ALL8 + ["task.k_per_class=1024", "mezo.lr=1e-3", "mezo.steps=3500",
@@ -57,23 +63,19 @@ SUITES = {
         parallel=16, timeout=500),
     # the robustness grid alone, as a short call on the GPU host can afford
     "gpu-grid": dict(
-        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=250",
-                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
+        common=on_gpu(250),
         grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=TOP4),
         recipes=[], backprop=[], parallel=8, timeout=330),
     # the grid on the GPU recipe's adapter (every layer, r=8), with and without the weight average
     "gpu-grid-ema": dict(
-        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=500",
-                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
+        common=on_gpu(500),
         grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=ALL8,
                   variants={"-ema": ["mezo.ema_half_life=250"],
                             "-raw": {"overrides": ["mezo.ema_half_life=0"], "lr": [1e-3, 1e-2]}}),
         recipes=[], backprop=[], parallel=12, timeout=530),
     # towards the backprop reference: the GPU recipe's adapter, longer runs, 5 at a time
     "gpu-level": dict(
-        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=1000",
-                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128", "mezo.steps=6000"],
-        grid=dict(lr=[], k_per_class=[], steps=0, base=ALL8),
+        common=on_gpu(1000, "mezo.steps=6000"),
         recipes=[
             ("all-r8-k1024-lr1e-3-6000", ALL8 + ["task.k_per_class=1024", "mezo.lr=1e-3"]),
             ("all-r8-k16-lr1e-3-6000", ALL8 + ["task.k_per_class=16", "mezo.lr=1e-3"]),
@@ -87,9 +89,7 @@ SUITES = {
         backprop=[], parallel=5, timeout=540),
     # gpu-level's winner was batch 64: larger batches, more data, a larger lr, the average
     "gpu-batch": dict(
-        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=1000",
-                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128"],
-        grid=dict(lr=[], k_per_class=[], steps=0, base=ALL8),
+        common=on_gpu(1000),
         recipes=[
             ("all-r8-k4096-lr1e-3-b64-4000", ALL8 + ["task.k_per_class=4096", "mezo.lr=1e-3",
                                                      "mezo.batch_size=64", "mezo.steps=4000"]),
@@ -106,9 +106,7 @@ SUITES = {
         backprop=[], parallel=5, timeout=555),
     # gpu-batch's winner (batch 128, lr 2e-3) with another seed, and batches of 256
     "gpu-batch2": dict(
-        common=["model.device=cuda", "model.dtype=bfloat16", "hf.lora_dtype=model", "eval_every=1000",
-                "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128", "task.k_per_class=4096"],
-        grid=dict(lr=[], k_per_class=[], steps=0, base=ALL8),
+        common=on_gpu(1000, "task.k_per_class=4096"),
         recipes=[
             ("all-r8-k4096-lr2e-3-b128-3000-seed1", ALL8 + ["mezo.lr=2e-3", "mezo.batch_size=128",
                                                             "mezo.steps=3000", "seed=1"]),
@@ -140,8 +138,10 @@ SUITES = {
 
 def grid_runs(grid):
     """The grid's runs: lr x k_per_class, once per variant (name suffix -> overrides, or
-    a dict of overrides and its own lr/k_per_class lists)."""
+    a dict of overrides and its own lr/k_per_class lists). No grid: no runs."""
     runs = []
+    if not grid:
+        return runs
     for suffix, v in grid.get("variants", {"": []}).items():
         v = v if isinstance(v, dict) else {"overrides": v}
         runs += [(f"grid-lr{lr:g}-k{k}{suffix}", grid["base"] + v["overrides"] + [
@@ -176,7 +176,7 @@ def robustness_verdict(rows: list[dict], zero_shot: float | None) -> dict:
 def run_suite(suite: dict, common: list[str], root: Path) -> dict:
     from .sweep import run_all
     fp32 = ["model.dtype=float32", "hf.lora_dtype=float32"]
-    runs = [{"name": n, "overrides": o} for n, o in suite["recipes"] + grid_runs(suite["grid"])]
+    runs = [{"name": n, "overrides": o} for n, o in suite["recipes"] + grid_runs(suite.get("grid", {}))]
     runs += [{"name": n, "overrides": o + fp32} for n, o in suite.get("cpu_candidates", [])]
     root.mkdir(parents=True, exist_ok=True)
     backprops = []
