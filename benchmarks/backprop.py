@@ -209,6 +209,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     result = backprop_reference(cfg, args.steps, args.lr, args.eval_every, args.batch_size)
+    from .common import environment
+    result = {**environment(cfg.model.device), "overrides": args.overrides, **result}
     text = json.dumps({k: v for k, v in result.items() if k != "train_losses"}, indent=1)
     if args.out:
         from pathlib import Path
