@@ -223,9 +223,9 @@ def _final_dev(record):
 
 def summarize(result: dict) -> dict:
     """The issue's fields from the runs: zero-shot, best MeZO, backprop, robustness."""
-    zero = next((r["summary"]["zero_shot"]["dev_accuracy"] for r in result["runs"]
-                 if r.get("summary") and r["summary"].get("zero_shot") and not r["name"].startswith("old-prompt")),
-                None)
+    zero = next((z["dev_accuracy"] for r in result["runs"] if not r["name"].startswith("old-prompt")
+                 for z in [((r.get("summary") or {}).get("zero_shot") or r.get("zero_shot") or {})]
+                 if z.get("dev_accuracy") is not None), None)
     robustness = []
     for r in result["runs"]:
         if not r["name"].startswith("grid"):

@@ -68,10 +68,16 @@ def collect(run, code, seconds, out: Path, cmd) -> dict:
             if any(k in row for k in ("dev_accuracy", "val_accuracy", "event")) or row["step"] % 50 == 0:
                 rows.append({k: row[k] for k in (*EVAL_KEYS, "event") if k in row})
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    zero_shot = {}  # from evals.jsonl, so that a run killed before its summary still has it
+    evals = out / "evals.jsonl"
+    for line in evals.read_text().splitlines() if evals.exists() else []:
+        row = json.loads(line)
+        if row.get("label") == "zero-shot":
+            zero_shot[f"{row['split']}_accuracy"] = row["accuracy"]
     log = (out.parent / f"{run['name']}.log")
     tail = log.read_text()[-1500:] if log.exists() else ""
     return {"name": run["name"], "overrides": run["overrides"], "exit_code": code, "seconds": seconds,
-            "summary": summary, "curve": rows, "command": " ".join(cmd), "log_tail": tail if code else ""}
+            "summary": summary, "zero_shot": zero_shot or None, "curve": rows, "command": " ".join(cmd), "log_tail": tail if code else ""}
 
 
 def split_overrides(argv=None) -> tuple[list[str], list[str]]:

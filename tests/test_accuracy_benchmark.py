@@ -83,3 +83,19 @@ def test_summarize_reports_the_issue_fields():
     assert row == {"lr": 0.01, "k_per_class": 16, "steps": 3000, "variant": "", "best_dev_accuracy": 0.80,
                    "final_dev_accuracy": 0.795, "stopped_by_time_limit": False, "guard_roll_backs": 1}
     assert s["robustness_goal"]["grid"]["none_below_zero_shot"] is True
+
+
+def test_zero_shot_comes_from_a_killed_runs_evals(tmp_path):
+    from benchmarks.sweep import collect
+    out = tmp_path / "grid-lr0.01-k16"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 50, "loss": 0.4}\n')
+    (out / "evals.jsonl").write_text(
+        '{"step": 0, "event": "eval", "label": "zero-shot", "split": "dev", "accuracy": 0.789}\n'
+        '{"step": 0, "event": "eval", "label": "zero-shot", "split": "val", "accuracy": 0.772}\n'
+        '{"step": 500, "event": "eval", "label": "periodic", "split": "dev", "accuracy": 0.81}\n')
+    record = collect({"name": out.name, "overrides": ["mezo.lr=0.01", "task.k_per_class=16", "mezo.steps=3000"]},
+                     -9, 530.0, out, ["mezo-run"])
+    assert record["summary"] is None
+    assert record["zero_shot"] == {"dev_accuracy": 0.789, "val_accuracy": 0.772}
+    assert accuracy.summarize({"runs": [record], "backprop": []})["zero_shot_dev_accuracy"] == 0.789
