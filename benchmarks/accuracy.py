@@ -221,11 +221,15 @@ def _final_dev(record):
     return best["dev_accuracy"], best["step"], True
 
 
+def _zero_shot_dev(record):
+    """From the summary, or -- a run stopped by the time limit -- its evals.jsonl."""
+    return ((record.get("summary") or {}).get("zero_shot") or record.get("zero_shot") or {}).get("dev_accuracy")
+
+
 def summarize(result: dict) -> dict:
     """The issue's fields from the runs: zero-shot, best MeZO, backprop, robustness."""
-    zero = next((z["dev_accuracy"] for r in result["runs"] if not r["name"].startswith("old-prompt")
-                 for z in [((r.get("summary") or {}).get("zero_shot") or r.get("zero_shot") or {})]
-                 if z.get("dev_accuracy") is not None), None)
+    zeros = (_zero_shot_dev(r) for r in result["runs"] if not r["name"].startswith("old-prompt"))
+    zero = next((z for z in zeros if z is not None), None)
     robustness = []
     for r in result["runs"]:
         if not r["name"].startswith("grid"):

@@ -77,7 +77,8 @@ def collect(run, code, seconds, out: Path, cmd) -> dict:
     log = (out.parent / f"{run['name']}.log")
     tail = log.read_text()[-1500:] if log.exists() else ""
     return {"name": run["name"], "overrides": run["overrides"], "exit_code": code, "seconds": seconds,
-            "summary": summary, "zero_shot": zero_shot or None, "curve": rows, "command": " ".join(cmd), "log_tail": tail if code else ""}
+            "summary": summary, "zero_shot": zero_shot or None, "curve": rows, "command": " ".join(cmd),
+            "log_tail": tail if code else ""}
 
 
 def split_overrides(argv=None) -> tuple[list[str], list[str]]:
