@@ -40,7 +40,7 @@ SUITES = {
         common=on_gpu(250),
         grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=TOP4),
         recipes=[
-            # conf/sst2-gpu.yaml until the ninth session (batch 16); today's recipe (batch 128)
+            # conf/sst2-gpu.yaml until the tenth session (batch 16); today's recipe (batch 128)
             # is measured by --suite gpu-batch: with 15 other runs it would not finish in 500 s
             ("all-r8-k1024-lr1e-3", ALL8 + ["task.k_per_class=1024", "mezo.lr=1e-3", "mezo.steps=3500",
                                             "eval_every=500"]),
