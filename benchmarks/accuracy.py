@@ -117,6 +117,12 @@ SUITES = {
             ("all-r8-k4096-lr3e-3-b256-2000", ALL8 + ["mezo.lr=3e-3", "mezo.batch_size=256", "mezo.steps=2000"]),
         ],
         backprop=[], parallel=4, timeout=455),
+    # conf/sst2-gpu.yaml as a user runs it, three seeds, beside backprop on the same examples
+    "gpu-recipe": dict(
+        common=on_gpu(1000),
+        recipes=[(f"sst2-gpu-seed{seed}", ["-c", "conf/sst2-gpu.yaml", f"seed={seed}"]) for seed in (0, 1, 2)],
+        backprop=[("backprop-sst2-gpu", ["-c", "conf/sst2-gpu.yaml", "--batch-size", "16"], 300, 5e-4)],
+        parallel=4, timeout=560),
     "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
         common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
                 "mezo.batch_size=4"],

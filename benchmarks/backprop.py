@@ -206,7 +206,7 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the result (JSON) here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # options may stand between the key=value overrides
     cfg = load_config(args.config, args.overrides)
     result = backprop_reference(cfg, args.steps, args.lr, args.eval_every, args.batch_size)
     from .common import environment
