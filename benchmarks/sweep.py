@@ -25,15 +25,6 @@ from pathlib import Path
 EVAL_KEYS = ("step", "dev_accuracy", "dev_loss", "val_accuracy", "val_loss", "loss", "lr", "eps")
 
 
-def config_first(args: list[str]) -> list[str]:
-    """A ``-c FILE`` among the overrides moved to the front, where ``mezo-run train``
-    takes options (argparse does not take them between the key=value arguments)."""
-    if "-c" not in args:
-        return args
-    i = args.index("-c")
-    return args[i:i + 2] + args[:i] + args[i + 2:]
-
-
 def run_all(runs, common, root: Path, parallel: int, timeout: float, env=None,
             deadline: float | None = None) -> list[dict]:
     """Start the runs ``parallel`` at a time; a run is stopped after ``timeout``
@@ -48,8 +39,8 @@ def run_all(runs, common, root: Path, parallel: int, timeout: float, env=None,
             out = root / run["name"]
             shutil.rmtree(out, ignore_errors=True)  # the sweep owns its root: a run starts fresh
             log = (root / f"{run['name']}.log").open("w")
-            cmd = [sys.executable, "-m", "mezo_core.cli", "train", *config_first([
-                   f"out_dir={out}", "progress=false", "plot=false", *common, *run["overrides"]])]
+            cmd = [sys.executable, "-m", "mezo_core.cli", "train", f"out_dir={out}", "progress=false",
+                   "plot=false", *common, *run["overrides"]]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             active.append((run, proc, time.time(), out, cmd))
         time.sleep(1.0)

@@ -278,7 +278,14 @@ def main(argv=None, registry: Registry | None = None) -> int:
     p.add_argument("path", nargs="?", help="file or folder to write (default ./RECIPE.yaml)")
     p.add_argument("--list", action="store_true", help="list the packaged recipes")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    args = parser.parse_args(argv)
+    # options may stand between the key=value overrides (``train a=1 -c x.yaml b=2``): argparse
+    # leaves the overrides after an option unparsed; they join the others, anything else is refused
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     try:
         if args.command == "init":
             cmd_init(args)

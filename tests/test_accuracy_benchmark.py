@@ -101,9 +101,6 @@ def test_zero_shot_comes_from_a_killed_runs_evals(tmp_path):
     assert accuracy.summarize({"runs": [record], "backprop": []})["zero_shot_dev_accuracy"] == 0.789
 
 
-def test_a_recipe_file_among_the_overrides_goes_first():
-    from benchmarks.sweep import config_first
-    assert config_first(["a=1", "-c", "conf/x.yaml", "b=2"]) == ["-c", "conf/x.yaml", "a=1", "b=2"]
-    assert config_first(["a=1"]) == ["a=1"]
+def test_the_recipe_suite_names_the_recipe_file():
     suite = accuracy.SUITES["gpu-recipe"]
     assert [o[:2] for _, o in suite["recipes"]] == [["-c", "conf/sst2-gpu.yaml"]] * 3

@@ -411,3 +411,16 @@ def test_fuzz_overrides(key, value, eq):
     # loaded: the field holds the value given, as a string where the schema says string
     if key == "task.template" and eq == "=" and not value.startswith(("'", '"', "$")):
         assert cfg.task.template == value
+
+
+def test_options_may_stand_between_overrides(capsys):
+    # the oracle is the recipe file itself: its batch size, and the overrides on both sides of -c
+    recipe = Path(__file__).resolve().parents[1] / "conf" / "sst2-gpu.yaml"
+    assert main(["config", "task.n_val=3", "-c", str(recipe), "mezo.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "n_val: 3" in out and "steps: 7" in out and "batch_size: 128" in out
+    with pytest.raises(SystemExit):
+        main(["config", "a.b=1", "--nope"])
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+    assert main(["config", "-c", str(recipe), "task.n_val=3", "loose"]) == 2
+    assert "override 'loose': expected key=value" in capsys.readouterr().err
