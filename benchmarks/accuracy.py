@@ -35,6 +35,11 @@ def on_gpu(eval_every: int, *more: str) -> list[str]:
             "task.n_val=500", "checkpoint_every=0", "eval_batch_size=128", *more]
 
 
+# backprop + Adam on conf/sst2-gpu.yaml's examples; Adam on a bf16 adapter (hf.lora_dtype=model,
+# which MeZO uses) went NaN at step ~150 on the H200: the fp32 adapter, as backprop is run
+RECIPE_BACKPROP = ("backprop-sst2-gpu", ["-c", "conf/sst2-gpu.yaml", "--batch-size", "16", "hf.lora_dtype=float32"],
+                   300, 5e-4)
+
 SUITES = {
     "gpu": dict(
         common=on_gpu(250),
@@ -121,8 +126,12 @@ SUITES = {
     "gpu-recipe": dict(
         common=on_gpu(1000),
         recipes=[(f"sst2-gpu-seed{seed}", ["-c", "conf/sst2-gpu.yaml", f"seed={seed}"]) for seed in (0, 1, 2)],
-        backprop=[("backprop-sst2-gpu", ["-c", "conf/sst2-gpu.yaml", "--batch-size", "16"], 300, 5e-4)],
-        parallel=4, timeout=560),
+        backprop=[RECIPE_BACKPROP], parallel=4, timeout=560),
+    # the robustness grid on the GPU recipe's adapter (every layer, r=8; batch 16, as k=16 allows)
+    "gpu-grid-all": dict(
+        common=on_gpu(500),
+        grid=dict(lr=[1e-3, 3e-3, 1e-2, 3e-2], k_per_class=[16, 256], steps=3000, base=ALL8),
+        recipes=[], backprop=[RECIPE_BACKPROP], parallel=9, timeout=540),
     "smoke": dict(  # the harness end to end in a minute on the CPU (no meaningful numbers)
         common=["eval_every=2", "task.n_val=8", "checkpoint_every=0", "task.n_dev=16", "eval_batch_size=16",
                 "mezo.batch_size=4"],
@@ -216,14 +225,17 @@ def _dev_curve(record):
 
 def _final_dev(record):
     """The run's final dev accuracy: its summary's (the adapter it ends on: the best
-    on validation when it evaluates), or -- a run stopped by the time limit -- the
-    dev accuracy of its best validation evaluation so far."""
+    on validation when it evaluates), or -- a run stopped by the time limit, or by
+    the guard (exit 3) -- the dev accuracy of its best validation evaluation so far,
+    the zero-shot one (step 0) included and winning ties, as best/ does."""
     if record.get("summary"):
         return record["summary"]["final"]["dev_accuracy"], record["summary"]["step"], False
-    rows = [r for r in record["curve"] if "val_accuracy" in r]
+    zero = record.get("zero_shot") or {}
+    rows = [{"step": 0, **zero}] if {"val_accuracy", "dev_accuracy"} <= zero.keys() else []
+    rows += [r for r in record["curve"] if "val_accuracy" in r]
     if not rows:
         return None, None, True
-    best = max(rows, key=lambda r: r["val_accuracy"])
+    best = max(rows, key=lambda r: r["val_accuracy"])   # max keeps the first of equals
     return best["dev_accuracy"], best["step"], True
 
 
@@ -248,8 +260,8 @@ def summarize(result: dict) -> dict:
         robustness.append({"lr": float(o["mezo.lr"]), "k_per_class": int(o["task.k_per_class"]),
                            "steps": int(o["mezo.steps"]), "variant": grid_variant(r["name"], float(o["mezo.lr"]), int(o["task.k_per_class"])),
                            "best_dev_accuracy": max(points, default=None),
-                           "final_dev_accuracy": final, "stopped_by_time_limit": killed,
-                           "guard_roll_backs": guard.get("roll_backs")})
+                           "final_dev_accuracy": final, "stopped_by_time_limit": killed and r.get("exit_code") != 3,
+                           "stopped_by_guard": r.get("exit_code") == 3, "guard_roll_backs": guard.get("roll_backs")})
     recipes = []
     for r in result["runs"]:
         if r["name"].startswith("grid"):

@@ -82,6 +82,10 @@ class TaskConfig:
     # a validation file of its own (e.g. held-out data distributed like dev) instead of the
     # train file; n_val then samples it (0: all of it)
     val: Optional[str] = None
+    # a train row and a validation row where one is a run of >= this many words of the other
+    # are not both used: the train row is left out (treebank phrases such as SST-2's would
+    # otherwise train on pieces of the validation sentences); 0: no check
+    val_overlap_words: int = 4
     sample_seed: int = 42                  # seed of the train/dev/validation sampling
     # classification/multiple-choice loss: "choices" = cross-entropy among the candidates (the
     # verbalizer's words or the row's choices, each scored by its mean token loss: MeZO's
@@ -447,6 +451,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.best_correction in BEST_CORRECTIONS, "best_correction",
          f"must be one of {', '.join(map(repr, BEST_CORRECTIONS))}")
     need(cfg.task.n_val >= 0, "task.n_val", "must be >= 0")
+    need(cfg.task.val_overlap_words >= 0, "task.val_overlap_words", "must be >= 0 (0: no check)")
     g = cfg.guard
     need(g.window >= 1, "guard.window", "must be >= 1")
     need(g.patience >= 1, "guard.patience", "must be >= 1")

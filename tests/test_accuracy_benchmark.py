@@ -40,6 +40,12 @@ def _record(name, points, summary=None, overrides=("mezo.lr=0.01", "task.k_per_c
 def test_a_killed_run_counts_its_best_validation_evaluation():
     killed = _record("r", [(500, 0.80, 0.70), (1000, 0.75, 0.90), (1500, 0.85, 0.80)])
     assert accuracy._final_dev(killed) == (0.75, 1000, True)
+    worse = _record("r", [(500, 0.49, 0.51)])                       # the guard stopped it (exit 3)
+    worse["zero_shot"] = {"dev_accuracy": 0.789, "val_accuracy": 0.772}
+    assert accuracy._final_dev(worse) == (0.789, 0, True)          # it ends on best/: zero-shot
+    tie = _record("r", [(500, 0.70, 0.772)])
+    tie["zero_shot"] = worse["zero_shot"]
+    assert accuracy._final_dev(tie) == (0.789, 0, True)            # a tie keeps the first adapter
     done = _record("r", [(500, 0.80, 0.70)], summary={"final": {"dev_accuracy": 0.81}, "step": 3000})
     assert accuracy._final_dev(done) == (0.81, 3000, False)
 
@@ -81,7 +87,8 @@ def test_summarize_reports_the_issue_fields():
     assert s["backprop_dev_accuracy"] == 0.89
     row, = s["robustness"]
     assert row == {"lr": 0.01, "k_per_class": 16, "steps": 3000, "variant": "", "best_dev_accuracy": 0.80,
-                   "final_dev_accuracy": 0.795, "stopped_by_time_limit": False, "guard_roll_backs": 1}
+                   "final_dev_accuracy": 0.795, "stopped_by_time_limit": False, "stopped_by_guard": False,
+                   "guard_roll_backs": 1}
     assert s["robustness_goal"]["grid"]["none_below_zero_shot"] is True
 
 

@@ -331,7 +331,7 @@ def test_hf_dataset_validation_split_or_file(monkeypatch, tmp_path):
     calls = fake_datasets(monkeypatch, rows)
     base = ["task.hf_dataset={path: d, split_val: held}", "task.k_per_class=null", "mezo.batch_size=1"]
     task = Task(load_config(None, base).task, CharTokenizer())
-    assert calls[-1] == ("d", None, "held") and [r.text for r in task.val] == [f"held {i}" for i in range(4)]
+    assert ("d", None, "held") in calls and [r.text for r in task.val] == [f"held {i}" for i in range(4)]
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps({"text": "from the file", "label": 1}) + "\n")
     calls.clear()
@@ -398,3 +398,77 @@ def test_mezo_run_trains_and_evaluates_a_multiple_choice_task(tmp_path, tiny_lla
     assert zero["dev_loss"] == pytest.approx(float(sum(s[g] for s, g in zip(oracle, gold)) / 6), abs=1e-5)
     evals = [json.loads(line) for line in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
     assert [e["label"] for e in evals] == ["zero-shot", "final"] and "accuracy" in evals[-1]
+
+
+# --- validation rows and the training rows that overlap them (task.val_overlap_words) ---
+
+def contains(outer, inner, min_words):
+    """The oracle: ``inner`` (>= min_words words) is a run of whole words of ``outer``."""
+    a, b = inner.split(), outer.split()
+    return len(a) >= min_words and any(b[i:i + len(a)] == a for i in range(len(b) - len(a) + 1))
+
+
+def test_overlap_is_a_run_of_whole_words_either_way():
+    from mezo_core.data import Overlap
+    overlaps = Overlap(["a b c d e f", "short one"], 4)
+    assert overlaps("b c d e") and overlaps("a b c d e f") and overlaps("x a b c d e f y")
+    assert overlaps(" b  c\td e ")                        # whitespace is not a word
+    assert not overlaps("b c d")                          # 3 words: shared vocabulary, not a copy
+    assert not overlaps("c d e f g") and not overlaps("b c d ee")
+    assert not overlaps("x short one y")                  # "short one" has fewer than 4 words
+    assert Overlap(["a b c d e f"], 2)("b c") and not Overlap(["a b c d e f"], 2)("short b c")
+
+
+def test_train_rows_overlapping_the_validation_file_are_left_out(tmp_path, capsys):
+    """The SST-2 case: the train file holds the phrases of the validation sentences."""
+    print("seed", SEED)
+    rng = random.Random(SEED)
+    vocab = [f"w{i}" for i in range(40)]
+    val_rows = [(" ".join(rng.choice(vocab) for _ in range(14)), i % 2) for i in range(6)]
+    train_rows = []
+    for text, label in val_rows:                          # its pieces of 1..8 words, and the sentence
+        words = text.split()
+        for n in (1, 2, 3, 4, 6, 8):
+            i = rng.randrange(len(words) - n + 1)
+            train_rows.append((" ".join(words[i:i + n]), label))
+        train_rows.append(("x y " + text + " z", label))
+    train_rows += [(" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))), rng.randint(0, 1))
+                   for _ in range(60)]
+    train = write_tsv(tmp_path / "train.tsv", train_rows)
+    val = write_tsv(tmp_path / "val.tsv", val_rows)
+    base = [f"task.train={train}", f"task.val={val}", f"task.dev={val}", "task.k_per_class=null",
+            "mezo.batch_size=1"]
+    task = Task(load_config(None, base).task, CharTokenizer())
+    expected = [t for t, _ in train_rows
+                if not any(contains(v, t, 4) or contains(t, v, 4) for v, _ in val_rows)]
+    assert sorted(r.text for r in task.train) == sorted(expected)
+    assert task.overlap_dropped == len(train_rows) - len(expected) >= 6 * 4
+    assert f"left {task.overlap_dropped} rows of {train} out of training" in capsys.readouterr().err
+    everything = Task(load_config(None, base + ["task.val_overlap_words=0"]).task, CharTokenizer())
+    assert len(everything.train) == len(train_rows) and everything.overlap_dropped == 0
+
+
+def test_validation_drawn_from_the_train_file_overlaps_no_training_row(tmp_path):
+    print("seed", SEED)
+    rng = random.Random(SEED)
+    vocab = [f"w{i}" for i in range(50)]
+    sentences = [[rng.choice(vocab) for _ in range(rng.randint(4, 16))] for _ in range(30)]
+    rows = []                                             # treebank-like: each sentence and its phrases
+    for label, words in enumerate(sentences):
+        for _ in range(10):
+            n = rng.randint(1, len(words))
+            i = rng.randrange(len(words) - n + 1)
+            rows.append((" ".join(words[i:i + n]), label % 2))
+    rows = list({text: (text, label) for text, label in rows}.values())
+    path = write_tsv(tmp_path / "train.tsv", rows)
+    base = [f"task.train={path}", f"task.dev={path}", "task.k_per_class=8", "task.n_val=40", "mezo.batch_size=1"]
+    task = Task(load_config(None, base).task, CharTokenizer())
+    assert len(task.val) == 40
+    for v in task.val:
+        assert not any(contains(v.text, t.text, 4) or contains(t.text, v.text, 4) for t in task.train)
+    plain = Task(load_config(None, base + ["task.val_overlap_words=0"]).task, CharTokenizer())
+    assert any(contains(v.text, t.text, 4) or contains(t.text, v.text, 4)    # the check had work to do
+               for v in plain.val for t in plain.train)
+    with pytest.raises(MezoError, match=r"task\.n_val.*beyond the training sample and the rows overlapping "
+                                        r"it \(task\.val_overlap_words=2\)"):
+        Task(load_config(None, base + ["task.val_overlap_words=2", f"task.n_val={len(rows) - 20}"]).task, CharTokenizer())
