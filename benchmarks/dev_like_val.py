@@ -7,8 +7,10 @@ them tracks the dev sentences badly: the GPU robustness grid of 2026-12-02 kept
 adapters that ended below zero-shot on dev. This script draws ``--n`` rows of at
 least ``--min-words`` words (sentence-like: median 18 words at 12) with a seeded
 sample, writes them as ``val.tsv`` and the train file without them as
-``train.tsv``, so no validation sentence is ever trained on. Only the train file
-is read: the dev sentences stay unseen.
+``train.tsv``, so no validation sentence is ever trained on. The treebank's
+phrases of those sentences stay in ``train.tsv``; the task leaves them out of
+training when it loads the split (``task.val_overlap_words``). Only the train
+file is read: the dev sentences stay unseen.
 
     python -m benchmarks.dev_like_val ../shared/assets/data/sst2/train.tsv OUT_DIR
     mezo-run train task.train=OUT_DIR/train.tsv task.val=OUT_DIR/val.tsv task.n_val=1000

@@ -255,6 +255,8 @@ class Trainer:
             summary["best"] = {k: v for k, v in summary["best"].items() if k != "outcomes"}
         if self.cfg.task.max_tokens:
             summary["truncated_examples"] = self.task.truncated
+        if self.task.overlap_dropped:
+            summary["train_rows_overlapping_val"] = self.task.overlap_dropped   # left out of training
         summary["guard"] = {"events": self.guard.events, "roll_backs": self.guard.recoveries,
                             "lr_scale": self.guard.lr_scale, "roll_back_log": state.get("guard_events", [])}
         self._close_loggers()
