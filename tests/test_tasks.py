@@ -472,3 +472,17 @@ def test_validation_drawn_from_the_train_file_overlaps_no_training_row(tmp_path)
     with pytest.raises(MezoError, match=r"task\.n_val.*beyond the training sample and the rows overlapping "
                                         r"it \(task\.val_overlap_words=2\)"):
         Task(load_config(None, base + ["task.val_overlap_words=2", f"task.n_val={len(rows) - 20}"]).task, CharTokenizer())
+
+
+def test_a_run_reports_the_train_rows_it_left_out(tmp_path, tiny_llama):
+    from mezo_core.cli import main
+    from mezo_core.testing import write_run_config
+    cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 2, "eval_every": 2, "checkpoint_every": 0})
+    train_texts = [json.loads(line)["text"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"text": "truly great fun the film indeed", "label": 1}) + "\n")
+    want = sum(contains("truly great fun the film indeed", t, 4) for t in train_texts)
+    assert want == 1                                       # the oracle found the one row inside it
+    assert main(["train", "-c", str(cfg), f"task.val={val}"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_rows_overlapping_val"] == want
