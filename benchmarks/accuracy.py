@@ -268,7 +268,9 @@ def summarize(result: dict) -> dict:
             continue
         final, step, killed = _final_dev(r)
         vals = [x["val_accuracy"] for x in r["curve"] if "val_accuracy" in x]
-        vals += [v for v in [((r.get("summary") or {}).get("best") or {}).get("val_accuracy")] if v is not None]
+        final_val = ((r.get("summary") or {}).get("best") or {}).get("val_accuracy")   # not in the curve
+        if final_val is not None:
+            vals.append(final_val)
         recipes.append({"name": r["name"], "overrides": r["overrides"], "final_dev_accuracy": final,
                         "adapter_step": step, "best_val_accuracy": max(vals) if vals else None,
                         "stopped_by_time_limit": killed,
