@@ -1,10 +1,11 @@
 """``mezo-run``: train, eval, list backends, show the resolved config.
 
-    mezo-run train [-c conf/sst2.yaml] [--resume] [key=value ...]
-    mezo-run eval  [-c ...] [--adapter DIR] [key=value ...]
+    mezo-run train [-c RECIPE.yaml] [--resume] [key=value ...]   (default: the packaged sst2 recipe)
+    mezo-run eval  [-c ...] [--adapter DIR] [--predictions FILE] [key=value ...]
     mezo-run backends
     mezo-run config [-c ...] [key=value ...]
     mezo-run init [RECIPE] [PATH] | init --list   (an editable copy of a packaged recipe)
+    mezo-run init custom PATH task.train=FILE task.dev=FILE ...   (sized for your data)
     mezo-run export --merge OUT [-c ...] [--adapter DIR] [key=value ...]
 
 Benchmarks live in the repository, not in the package: ``python -m benchmarks list``.
@@ -100,12 +101,22 @@ def cmd_eval(args, cfg, registry):
     try:
         if args.adapter:
             backend.load_adapter(args.adapter)
-        task = Task(cfg.task, backend.tokenizer)
+        # eval scores dev alone: the training and validation sampling (sized for a run) is off
+        only_dev = OmegaConf.merge(cfg.task, {"k_per_class": None, "n_train": None, "n_val": 0, "val": None,
+                                              "val_overlap_words": 0})
+        task = Task(only_dev, backend.tokenizer)
         from tqdm.auto import tqdm
         with tqdm(total=len(task.dev), desc="eval (dev)", dynamic_ncols=True, disable=not cfg.progress,
                   file=sys.stderr) as bar:
-            result = task.evaluate(backend, cfg.eval_batch_size, bar)
+            rows = [] if args.predictions else None
+            result = task.evaluate(backend, cfg.eval_batch_size, bar, predictions=rows)
             result.pop("dev_outcomes", None)
+        if rows is not None:
+            out = Path(args.predictions)
+            tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")   # complete or absent, never a part
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, out)
+            result["predictions"] = str(args.predictions)
         if cfg.task.max_tokens:
             result["truncated_examples"] = task.truncated
     finally:
@@ -114,23 +125,35 @@ def cmd_eval(args, cfg, registry):
 
 
 def _print_summary(summary, cfg):
-    zero, final = summary.get("zero_shot") or {}, summary.get("final") or {}
+    """Zero-shot, the last adapter and best/, each with its step and figures; the run's
+    result (adapter/) marked. Nothing trained is hidden behind the selection."""
+    zero, final, best = summary.get("zero_shot") or {}, summary.get("final") or {}, summary.get("best")
     key = next(k for k in ("dev_accuracy", "dev_exact_match", "dev_loss") if k in final)
+    val = key.replace("dev_", "val_")
     print(f"\nDev {key.replace('dev_', '')} ({final.get('dev_examples')} examples of {cfg.task.dev}) "
           f"after {summary['step']} MeZO steps ({cfg.backend} backend):")
+
+    def line(label, figures, where=""):
+        extra = f"  (validation {figures[val]:.4f})" if val in figures else ""
+        print(f"  {label:<20}: {figures[key]:.4f}{extra}{where}")
     if zero:
-        print(f"  zero-shot : {zero[key]:.4f}")
-    adapter = f"  (the adapter of step {final['adapter_step']}, best on validation)" if "adapter_step" in final else ""
-    print(f"  fine-tuned: {final[key]:.4f}{adapter}")
+        line("zero-shot", zero)
+    result = (summary.get("result") or {}).get("adapter", "last")
+    line(f"last (step {summary['step']})", final, "  last/" + (", adapter/" if result == "last" else ""))
+    if best:
+        line(f"best (step {best['step']})", best, "  best/" + (", adapter/" if result == "best" else ""))
+        plan = summary.get("selection") or {}
+        rule = ("sign test" if plan.get("rule") == "sign_test" else "best score")
+        print(f"  {'':<20}  best/: selected on {plan.get('examples')} {plan.get('split')} examples by {rule}")
     if key == "dev_exact_match":
-        print(f"  dev loss  : {zero.get('dev_loss', float('nan')):.4f} -> {final['dev_loss']:.4f}")
+        print(f"  dev loss            : {zero.get('dev_loss', float('nan')):.4f} -> {final['dev_loss']:.4f}")
     guard = summary.get("guard") or {}
     if guard.get("events"):
-        print(f"  guard     : {guard['events']} event(s), {guard['roll_backs']} roll-back(s), "
+        print(f"  guard               : {guard['events']} event(s), {guard['roll_backs']} roll-back(s), "
               f"step size x{guard['lr_scale']:.3g} (metrics.jsonl rows with 'guard')")
     if summary.get("stopped_early"):
         print(f"  stopped early at step {summary['stopped_early']} (early_stop_patience)")
-    print(f"  run folder: {cfg.out_dir} (metrics.jsonl, training.png, adapter/{', best/' if summary.get('best') else ''})")
+    print(f"  run folder: {cfg.out_dir} (metrics.jsonl, training.png, adapter/ = {result}/)")
 
 
 def set_threads(cfg) -> None:
@@ -194,7 +217,23 @@ def cmd_init(args) -> None:
         for name, path in known.items():
             first = (path.read_text(encoding="utf-8").splitlines() or [""])[0].lstrip("# ")
             print(f"{name:12} {first}")
+        print(f"{'custom':12} {DEFAULT_RECIPE} sized for your own data: init custom FILE task.train=... task.dev=...")
         return
+    if args.recipe == "custom":
+        from .custom import write_recipe
+        out = Path(args.path or "custom.yaml")
+        if out.exists() and not args.force:
+            raise MezoError(f"init: {out} exists (pass --force to overwrite it)")
+        if not any(o.startswith("task.train=") for o in args.overrides):
+            raise MezoError("init custom: name your data: task.train=FILE task.dev=FILE (and task.template, "
+                            "task.verbalizer for its labels)")
+        base = known[DEFAULT_RECIPE]
+        sized = write_recipe(base, load_config(base, args.overrides), args.overrides, out)
+        print("\n".join([f"wrote {out}:", *(f"  {line}" for line in sized["why"]),
+                         f"edit it, then: mezo-run train -c {out}"]))
+        return
+    if args.overrides:
+        raise MezoError(f"init {args.recipe}: key=value overrides are for `init custom` (edit the copy instead)")
     if args.recipe not in known:
         raise MezoError(f"init: unknown recipe {args.recipe!r} (packaged: {', '.join(known) or 'none'})")
     out = Path(args.path or f"{args.recipe}.yaml")
@@ -260,24 +299,29 @@ def main(argv=None, registry: Registry | None = None) -> int:
     for name, helptext in [("train", "fine-tune with MeZO"), ("eval", "evaluate on the dev set"),
                            ("backends", "list backend plugins"), ("config", "print the resolved config")]:
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("-c", "--config", default=None, help=f"YAML file (default {DEFAULT_CONFIG})")
+        p.add_argument("-c", "--config", default=None, help=f"YAML file (default: {DEFAULT_CONFIG} where it exists, else the packaged {DEFAULT_RECIPE} recipe)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mezo.steps=100 backend=vllm")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
         if name == "eval":
             p.add_argument("--adapter", help="a PEFT adapter folder to evaluate")
+            p.add_argument("--predictions", metavar="FILE",
+                           help="write one JSON line per dev row: its prediction, gold label and losses "
+                                "(completion tasks: the greedy generation)")
         if name == "config":
             p.add_argument("--reference", action="store_true", help="print every field as a Markdown table")
     p = sub.add_parser("export", help="write a standalone model with the adapter merged in")
-    p.add_argument("-c", "--config", default=None, help=f"YAML file (default {DEFAULT_CONFIG}): model.path")
+    p.add_argument("-c", "--config", default=None, help=f"YAML file (default: {DEFAULT_CONFIG} where it exists, else the packaged {DEFAULT_RECIPE} recipe): model.path")
     p.add_argument("--merge", required=True, metavar="OUT", help="the model folder to write")
     p.add_argument("--adapter", help="the adapter folder (default: OUT_DIR/adapter of the config)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.path=...")
-    p = sub.add_parser("init", help="copy a packaged recipe to an editable YAML file")
-    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe name (default {DEFAULT_RECIPE})")
+    p = sub.add_parser("init", help="copy a packaged recipe to an editable YAML file, or size one for your data")
+    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE,
+                   help=f"recipe name (default {DEFAULT_RECIPE}), or custom: {DEFAULT_RECIPE} sized for task.train")
     p.add_argument("path", nargs="?", help="file or folder to write (default ./RECIPE.yaml)")
     p.add_argument("--list", action="store_true", help="list the packaged recipes")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("overrides", nargs="*", help="init custom: your data and prompt, e.g. task.train=FILE")
     # options may stand between the key=value overrides (``train a=1 -c x.yaml b=2``): argparse
     # leaves the overrides after an option unparsed; they join the others, anything else is refused
     args, rest = parser.parse_known_args(argv)

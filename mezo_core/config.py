@@ -161,8 +161,9 @@ class RunConfig:
                                            # moves best/ with probability <= best_significance over the run;
                                            # later moves at best_significance; none: every test at
                                            # best_significance (noise passes far more often)
-    load_best_at_end: bool = True          # with eval_every: the run ends on the best adapter (best/), as
-                                           # selected on task.n_val's validation set (or dev without one)
+    load_best_at_end: bool = True          # with eval_every: adapter/, the run's result, is best/ (selected on
+                                           # task.n_val's validation set, or dev without one); false: the last
+                                           # adapter. last/ (the trained weights) and best/ are always kept
     zero_shot: bool = True                 # evaluate before the first step
     plot: bool = True                      # write training.png at the end
     progress: bool = True                  # progress bars
@@ -316,6 +317,11 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
         key, msg = _describe(exc)
         raise MezoError(f"config field {key!r}: {msg}") from None
     validate(cfg)
+    for key in dict.fromkeys(literal_escapes(cfg)):
+        from .checkpoints import warn
+        warn(f"config field {key!r} holds a backslash and n or t as two characters, not a newline or "
+             f"tab: in YAML write the string in double quotes (\"...\\n...\"), on the command line "
+             f"\\\\n is a literal backslash-n")
     for name, kind in plugin_sections(registry).items():
         if is_dataclass(kind):  # the options' own checks (__post_init__), before any work
             options_from(kind, cfg.get(name), name)
@@ -377,8 +383,16 @@ def _schema_node(cfg: DictConfig, key: str):
     return node
 
 
+#: the escapes a string value on the command line understands, as in a double-quoted YAML string
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
 def _unquote(raw: str) -> str:
-    """``'a b'`` or ``"a b"`` -> ``a b`` (quoted strings were YAML before); anything else as written."""
+    """``'a b'`` or ``"a b"`` -> ``a b`` (quoted strings were YAML before); anything else
+    as written, except the escapes ``\\n``, ``\\t`` and ``\\\\``: a newline, a tab and a
+    backslash, so that ``'task.template=Review: {text}\\nSentiment:'`` on the command
+    line is the template a recipe writes as ``"Review: {text}\\nSentiment:"`` (other
+    backslashes stay as written)."""
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         try:
             value = yaml.safe_load(raw)
@@ -386,7 +400,16 @@ def _unquote(raw: str) -> str:
             return raw
         if isinstance(value, str):
             return value
-    return raw
+    return re.sub(r"\\([nt\\])", lambda m: ESCAPES[m.group(1)], raw)
+
+
+def literal_escapes(cfg) -> list[str]:
+    """Text fields holding a backslash followed by n or t as two characters: almost always
+    a newline or tab meant in a YAML string written without double quotes."""
+    words = cfg.task.verbalizer
+    words = list(words.values()) if isinstance(words, DictConfig) else list(words or [])
+    found = [("task.template", cfg.task.template)] + [("task.verbalizer", w) for w in words]
+    return [key for key, text in found if isinstance(text, str) and re.search(r"\\[nt]", text)]
 
 
 def _template_problem(template: str) -> str | None:

@@ -611,12 +611,15 @@ class Task:
     #: tokens a greedy generation may run past the gold completion's length (exact match)
     EXACT_MATCH_EXTRA_TOKENS = 4
 
-    def evaluate(self, backend, batch_size: int, progress=None, split: str = "dev") -> dict:
+    def evaluate(self, backend, batch_size: int, progress=None, split: str = "dev",
+                 predictions: list | None = None) -> dict:
         """Classification and multiple choice: accuracy (lowest-loss candidate wins),
         mean loss of the gold candidate and ``outcomes`` (a "1"/"0" string: each example
         right or not, in file order); completion: mean loss, and exact match
         of greedy generations (``task.exact_match``; skipped with a note where the
-        backend cannot generate). ``split``: "dev" or "val" (the keys are prefixed with it)."""
+        backend cannot generate). ``split``: "dev" or "val" (the keys are prefixed with it).
+        ``predictions``: a list that receives one record per row, in file order
+        (``mezo-run eval --predictions``)."""
         records = self.val if split == "val" else self.dev
         scored = self.kind != "completion"
         # shortest first: a batch is padded to its longest row, so rows of similar length
@@ -625,6 +628,7 @@ class Task:
         order = sorted(records, key=lambda r: len(prompts[id(r)]) if prompts else len(r.text))
         generate = not scored and self.cfg.get("exact_match", True)
         losses, right, exact = [], {}, 0
+        rows_out: dict[int, dict] = {}
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             if scored:
@@ -636,13 +640,21 @@ class Task:
                 for r, scores in zip(chunk, rows):
                     right[id(r)] = int(scores.argmin()) == r.label
                     losses.append(float(scores[r.label]))
+                    if predictions is not None:
+                        rows_out[id(r)] = self._prediction(r, scores)
             else:
                 examples = [self.example(r) for r in chunk]
-                losses += backend.losses(examples).tolist()
-                if generate:
-                    matched = self._exact_matches(backend, chunk, examples)
-                    generate = matched is not False
-                    exact += int(matched)
+                chunk_losses = backend.losses(examples).tolist()
+                losses += chunk_losses
+                generations = self._generations(backend, chunk, examples) if generate else False
+                generate = generations is not False
+                matched = [exact_match(g, r.completion) for r, g in zip(chunk, generations or [])]
+                exact += sum(matched)
+                if predictions is not None:
+                    for i, (r, loss) in enumerate(zip(chunk, chunk_losses)):
+                        rows_out[id(r)] = {"prompt": r.text, "completion": r.completion, "loss": loss,
+                                           **({"generation": generations[i], "exact_match": matched[i]}
+                                              if generations else {})}
             if progress:
                 progress.update(len(chunk))
         out = {f"{split}_loss": sum(losses) / len(losses), f"{split}_examples": len(records)}
@@ -652,12 +664,24 @@ class Task:
             out[f"{split}_outcomes"] = "".join("1" if right[id(r)] else "0" for r in records)
         elif generate:
             out[f"{split}_exact_match"] = exact / len(records)
+        if predictions is not None:
+            predictions += [{"index": i, "where": r.where, **rows_out[id(r)]} for i, r in enumerate(records)]
         return out
 
-    def _exact_matches(self, backend, chunk, examples):
-        """How many of ``chunk`` the backend completes exactly (greedy, each row up to
-        its gold's length + EXACT_MATCH_EXTRA_TOKENS tokens); False where the backend
-        cannot generate (said once on stderr)."""
+    def _prediction(self, record: Record, scores) -> dict:
+        """One scored row for --predictions: the gold and predicted label (names where
+        the verbalizer has them), right or not, each candidate's loss."""
+        names = label_names(self.cfg.verbalizer) if self.kind == "classification" else None
+        guess = int(scores.argmin())
+        show = (lambda i: names[i]) if names else (lambda i: i)
+        return {"text": record.text, "label": show(record.label), "prediction": show(guess),
+                "correct": guess == record.label, "losses": [round(float(x), 6) for x in scores],
+                **({"choices": list(record.choices)} if record.choices else {})}
+
+    def _generations(self, backend, chunk, examples):
+        """The greedy generation of each row of ``chunk`` (each up to its gold's length +
+        EXACT_MATCH_EXTRA_TOKENS tokens), as text; False where the backend cannot
+        generate (said once on stderr)."""
         budgets = [len(e.target_ids) + self.EXACT_MATCH_EXTRA_TOKENS for e in examples]
         try:
             outputs = backend.generate([e.prompt_ids for e in examples], max(budgets))
@@ -666,8 +690,7 @@ class Task:
                 print(f"mezo-run: {exc}: exact match skipped, the loss is reported alone", file=sys.stderr)
                 self._said_no_generation = True
             return False
-        return sum(exact_match(self.tok.decode(list(ids[:n]), skip_special_tokens=True), r.completion)
-                   for r, ids, n in zip(chunk, outputs, budgets))
+        return [self.tok.decode(list(ids[:n]), skip_special_tokens=True) for ids, n in zip(outputs, budgets)]
 
 
 def normalize_answer(text: str) -> str:

@@ -1,4 +1,5 @@
 """A PNG of a run: training loss (and its moving average) and dev metrics."""
+import io
 import json
 
 import matplotlib
@@ -7,8 +8,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_run(metrics_path, state, out_png, window=20):
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+def plot_run(metrics_path, state, out_png, window=20) -> list[str]:
+    """Write the PNG; returns the dev panel's legend labels (which adapters it marks)."""
+    from .runfiles import read_bytes, replace_file, utf8_lines
+    rows = [json.loads(line) for line in utf8_lines(read_bytes(metrics_path)) if line.strip()]
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 4))
     if rows:
         steps = [r["step"] for r in rows]
@@ -28,7 +31,18 @@ def plot_run(metrics_path, state, out_png, window=20):
         points.append((state["step"], state["final"][metric]))
     if points:
         ax_dev.plot(*zip(*points), marker="o")
+    if state.get("final"):   # the trained adapter and best/, each named with its step
+        ax_dev.plot(state["step"], state["final"][metric], "s", color="C2", label=f"last/ (step {state['step']})")
+    best = state.get("best")
+    if best and metric in best:
+        ax_dev.plot(best["step"], best[metric], "*", color="C3", markersize=12, label=f"best/ (step {best['step']})")
+    if state.get("final") or best:
+        ax_dev.legend()
     ax_dev.set(xlabel="step", ylabel=metric.replace("_", " "), title="dev")
+    labels = ax_dev.get_legend_handles_labels()[1]
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    png = io.BytesIO()   # the run folder is a boundary: renamed over training.png, never through a link
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    replace_file(out_png, png.getvalue())
+    return labels

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .errors import MezoError
 from .guard import Guard
 from .interfaces import Signals
 from .mezo import decayed, direction_seeds, probe, update
+from .selection import Selection, best_level, best_tests, sign_test_p  # noqa: F401 (re-exported)
 
 
 def make_schedule(registry, field, name, start, end, warmup, options, q):
@@ -79,53 +81,6 @@ def _releases_the_lock(train):
 
 
 
-def sign_test_p(candidate: str, kept: str) -> float:
-    """One-sided exact sign test: the probability that a candidate no better than
-    the kept adapter is right on at least as many of the disagreeing examples as
-    it is (``candidate``/``kept``: per-example "1"/"0" outcomes, same examples)."""
-    wins = sum(c == "1" and k == "0" for c, k in zip(candidate, kept))
-    losses = sum(c == "0" and k == "1" for c, k in zip(candidate, kept))
-    n = wins + losses
-    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n
-
-
-def best_tests(cfg) -> int:
-    """How many evaluations of a run can replace best/'s adapter: one per ``eval_every``
-    steps after step 0, the final one included (ceil(mezo.steps / eval_every); the
-    first candidate, zero-shot or not, is kept without a test). A function of the
-    config alone, so that a seed gives one trajectory: early stopping does not change
-    it, nor does a --resume (one that extends mezo.steps plans more evaluations and
-    tests those left at the smaller level)."""
-    if not cfg.eval_every:
-        return 1
-    return max(1, -(-cfg.mezo.steps // cfg.eval_every))
-
-
-def best_level(cfg, first_move: bool = True) -> float:
-    """The level of a best/ sign test: of the first move off the run's first adapter
-    (``first_move``), or of a later one.
-
-    A test at ``best_significance`` repeated at every evaluation lets noise through
-    far more often than that (12 evaluations at 0.05: up to 1 - 0.95^12 = 46 %), and
-    a best/ moved by noise ends the run below its zero-shot adapter on unseen data
-    (the GPU grid of 2026-12-02: 4 runs of 8, issue #13). ``bonferroni`` splits
-    ``best_significance`` over the ``best_tests`` evaluations: until best/ first
-    moves, every test compares a candidate with the first adapter, so by the union
-    bound noise alone moves it with probability <= best_significance, whatever the
-    dependence between evaluations. Only the first move needs the correction: a
-    later test happens only after a first move, so the run-wide error when no adapter
-    beats the first is the first move's; later candidates are compared with an
-    adapter already shown better than the start, at ``best_significance`` (else a real
-    gain after the first would have to clear the corrected level again). Holm's
-    step-down needs every p-value at once (best/ is decided at each evaluation);
-    spending more of the level on early evaluations would spend it where MeZO has
-    gained least. ``none``: every evaluation at ``best_significance`` (the rule
-    before the correction)."""
-    if cfg.best_correction == "none" or not first_move:
-        return cfg.best_significance
-    return cfg.best_significance / best_tests(cfg)
-
-
 class Trainer:
     def __init__(self, cfg, backend, registry):
         self.cfg, self.backend, self.registry = cfg, backend, registry
@@ -140,6 +95,8 @@ class Trainer:
         self.average = WeightAverage(m.ema_half_life)
         self.decay_mask = decayed(backend.trainable_names(), list(m.weight_decay_exempt))
         self.task = Task(cfg.task, backend.tokenizer, batch_size=cfg.mezo.batch_size)
+        split = "val" if self.task.val else "dev"
+        self.selection = Selection(cfg, len(self.task.val if self.task.val else self.task.dev), split)
         self.logger_classes = [logger_class(registry, name) for name in cfg.report_to]  # checked before any file
         self.loggers = []
         self.hook = registry.hook()
@@ -155,6 +112,8 @@ class Trainer:
         self._restore_run_state(state)
         if self.writes:
             self.loggers = [cls(self.out, cfg, state["step"]) for cls in self.logger_classes]
+            if cfg.eval_every and "note" in self.selection.plan:
+                warn(f"best/ selection: {self.selection.plan['note']}")
         if cfg.zero_shot and "zero_shot" not in state:
             state["zero_shot"], outcomes = self.evaluate_all("zero-shot", state["step"])
             if cfg.eval_every:  # the starting adapter is a candidate too: a run never ends below it
@@ -244,15 +203,15 @@ class Trainer:
             state["final"], outcomes = self.evaluate_all("fine-tuned", state["step"])
             if cfg.eval_every:
                 self._consider_best(state, state["final"], outcomes)
-                if cfg.load_best_at_end and state["best"]["step"] != state["step"]:
-                    self.backend.load_adapter(self.out / "best")  # the final adapter is the best one
-                    evaluation = {k: v for k, v in state["best"].items() if k.startswith(("dev_", "val_"))}
-                    state["final"] = {**evaluation, "adapter_step": state["best"]["step"]}
-                    self._log_eval(state["step"], "best", evaluation, adapter_step=state["best"]["step"])
-            self._save(state)
+                if state["best"]["step"] != state["step"]:  # evals.jsonl names best/ beside the last adapter
+                    self._log_eval(state["step"], "best", _scores(state["best"]), adapter_step=state["best"]["step"])
+            self._save(state)  # the trained weights: best/ never replaces them
+        result = self._result(state)
         summary = {k: state.get(k) for k in ("zero_shot", "final", "best", "step", "stopped_early")}
+        summary["result"] = result
         if summary["best"]:
             summary["best"] = {k: v for k, v in summary["best"].items() if k != "outcomes"}
+            summary["selection"] = self.selection.plan
         if self.cfg.task.max_tokens:
             summary["truncated_examples"] = self.task.truncated
         if self.task.overlap_dropped:
@@ -262,12 +221,24 @@ class Trainer:
         self._close_loggers()
         if not self.writes:
             return summary
-        write_adapter(self.backend, self.out / "adapter")  # checked finite, atomic
+        write_adapter(self.backend, self.out / "last")  # the trained weights, always kept
+        if result["adapter"] == "best":   # adapter/: the run's result, a copy of best/ or of last/
+            _copy_adapter(self.out / "best", self.out / "adapter")
+        else:
+            write_adapter(self.backend, self.out / "adapter")  # checked finite, atomic
         write_json_atomic(self.out / "summary.json", summary)
         if cfg.plot:
             from .plot import plot_run
             plot_run(self.out / "metrics.jsonl", state, self.out / "training.png")
         return summary
+
+    def _result(self, state: dict) -> dict:
+        """The adapter the run hands over in adapter/: best/ when the run selects one
+        (eval_every, load_best_at_end) and it is not the last, else the last one."""
+        best = state.get("best")
+        if self.cfg.eval_every and self.cfg.load_best_at_end and best and best["step"] != state["step"]:
+            return {"adapter": "best", "step": best["step"], **_scores(best)}
+        return {"adapter": "last", "step": state["step"], **_scores(state.get("final") or {})}
 
     def _anchors(self, step: int, new_best: bool) -> bool:
         """Whether the guard takes an anchor after ``step`` steps: at a new best of the
@@ -332,38 +303,13 @@ class Trainer:
         self.loggers = []
 
     def _consider_best(self, state: dict, evaluation: dict, outcomes: str | None = None) -> bool:
-        """Keep the adapter of the best evaluation in ``best/`` (selected on the
-        validation set when there is one, else on dev); True when early stopping
-        should stop the run.
-
-        With accuracies, an adapter replaces the kept one only when it is right on
-        significantly more of the examples where the two disagree (one-sided sign
-        test at ``best_level``: for the first move, ``best_significance`` shared out
-        over the run's evaluations by ``best_correction``; from the per-example ``outcomes``): a gain
-        of a few examples is noise, and keeping it would let a run end below its
-        zero-shot adapter on unseen data (the GPU grid of 2026-12-02 did, 3 of 8, and
-        4 of 8 with a test at 0.05 at each of its 12 evaluations)."""
-        split = "val" if self.task.val else "dev"
-        key = f"{split}_accuracy" if f"{split}_accuracy" in evaluation else f"{split}_loss"
-        # higher accuracy, ties broken by the lower loss (a few hundred examples tie often)
-        score = [evaluation[key], -evaluation[f"{split}_loss"]] if key.endswith("accuracy") else [-evaluation[key]]
-        best = state.get("best")
-        better = best is None or score > best["score"]
-        level = None if best is None else best.get("significance_per_eval", best_level(self.cfg))
-        if better and level and outcomes and best.get("outcomes"):
-            better = sign_test_p(outcomes, best["outcomes"]) < level
-        if better:
-            # the level a candidate must reach against this adapter: corrected while best/
-            # holds the run's first adapter, best_significance once it has moved
-            level = best_level(self.cfg, first_move=best is None)
-            state["best"] = {"step": state["step"], "score": score, "selected_on": key, **evaluation,
-                             "evals_since": 0, "significance_per_eval": level, "outcomes": outcomes}
-            if self.writes:
-                write_adapter(self.backend, self.out / "best")
-                write_json_atomic(self.out / "best" / "best.json", state["best"])
-            return False
-        best["evals_since"] += 1
-        return bool(self.cfg.early_stop_patience) and best["evals_since"] >= self.cfg.early_stop_patience
+        """best/ follows the selection rule (mezo_core/selection.py); True when early
+        stopping should stop the run."""
+        kept, stop = self.selection.consider(state, evaluation, outcomes)
+        if kept and self.writes:
+            write_adapter(self.backend, self.out / "best")
+            write_json_atomic(self.out / "best" / "best.json", state["best"])
+        return stop
 
     def _save(self, state: dict) -> None:
         """A checkpoint with everything a bitwise resume needs: schedules' and the
@@ -402,10 +348,10 @@ class Trainer:
         return result
 
     # -- state and checkpoints (the files: mezo_core/checkpoints.py) ------------------
-    def _fresh(self) -> dict:
+    def _fresh(self, folder: RunFolder | None = None) -> dict:
         """A new run: out_dir locked and cleaned of leftovers, config written, the data
-        and model fingerprinted (a --resume checks them)."""
-        self.folder = RunFolder(self.out)
+        and model fingerprinted (a --resume checks them). ``folder``: already locked."""
+        self.folder = folder or RunFolder(self.out)
         if self.writes:
             self.folder.start(self.cfg)
         self._barrier()  # every rank starts after rank 0 has checked and written
@@ -421,7 +367,12 @@ class Trainer:
             self.folder.lock()
             self.folder.clean()
         if not (self.out / "config.yaml").exists():
-            raise MezoError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            if self.folder.holds_checkpoints():
+                raise MezoError(f"--resume: {self.out / 'config.yaml'} is missing beside the checkpoints in "
+                                f"{self.ckpt_dir}: restore it, or start a new run in another out_dir")
+            if self.writes:  # stopped before its config was written: nothing was lost, the run starts
+                warn(f"--resume: {self.out} holds no run yet (stopped before its config.yaml): starting it")
+            return self._fresh(self.folder)
         self._barrier()  # rank 0 has cleaned and repaired ``latest``: every rank finds the same
         found = self.folder.find(repair=self.writes)
         if found is None:  # stopped before its first checkpoint: the run starts over
@@ -469,6 +420,20 @@ class Trainer:
         if self.world > 1:
             import torch.distributed as dist
             dist.barrier()
+
+
+def _scores(evaluation: dict) -> dict:
+    """The dev_* and val_* figures of an evaluation record."""
+    return {k: v for k, v in evaluation.items() if k.startswith(("dev_", "val_"))}
+
+
+def _copy_adapter(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of the adapter folder ``src``, atomically (copied beside, renamed)."""
+    from .adapter import replace_dir
+    tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("best.json"))
+    replace_dir(tmp, dst)
 
 
 def _diff(a, b, prefix="") -> list[str]:

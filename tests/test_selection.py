@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from mezo_core.config import load_config
-from mezo_core.trainer import Trainer, best_level, best_tests, sign_test_p
+from mezo_core.selection import MAX_GATE_FLOOR, Selection, best_level, best_tests, min_wins, plan, sign_test_p
 
 SEED = 20261202
 
@@ -43,10 +43,10 @@ def test_sign_test_p_against_a_simulation():
     assert abs(sign_test_p("1" * wins + "0" * losses, "0" * wins + "1" * losses) - hits / 20000) < 0.01
 
 
-def _trainer(significance, tmp_path, correction="none", steps=30, eval_every=10):
+def _trainer(significance, tmp_path, correction="none", steps=30, eval_every=10, rows=100):
     cfg = SimpleNamespace(best_significance=significance, best_correction=correction, early_stop_patience=0,
                           eval_every=eval_every, mezo=SimpleNamespace(steps=steps))
-    return SimpleNamespace(cfg=cfg, task=SimpleNamespace(val=[object()]), writes=False, out=tmp_path)
+    return Selection(cfg, rows, "val")
 
 
 def _evaluation(outcomes):
@@ -58,19 +58,19 @@ def test_a_gain_of_a_few_examples_does_not_replace_the_kept_adapter(tmp_path, si
     me = _trainer(significance, tmp_path)
     state = {"step": 0}
     zero = "1100000000" * 10
-    Trainer._consider_best(me, state, _evaluation(zero), zero)
+    me.consider(state, _evaluation(zero), zero)
     state["step"] = 10
     plus_two = "1111000000" + "1100000000" * 9          # 2 more right, none lost: p = 1/4
-    Trainer._consider_best(me, state, _evaluation(plus_two), plus_two)
+    me.consider(state, _evaluation(plus_two), plus_two)
     assert state["best"]["step"] == kept_step
     state["step"] = 20
     plus_six = "1111111100" + "1100000000" * 9           # 6 more right: p = 1/64
-    Trainer._consider_best(me, state, _evaluation(plus_six), plus_six)
+    me.consider(state, _evaluation(plus_six), plus_six)
     assert state["best"]["step"] == 20 and state["best"]["outcomes"] == plus_six
     state["step"] = 30                                   # 6 won and 5 lost against it: p = 0.5
     mixed = "0000011100" + "1111111100" + "1100000000" * 8
     assert mixed.count("1") > plus_six.count("1")
-    Trainer._consider_best(me, state, _evaluation(mixed), mixed)
+    me.consider(state, _evaluation(mixed), mixed)
     assert state["best"]["step"] == (20 if significance else 30)
 
 
@@ -115,10 +115,10 @@ def test_a_gain_against_the_corrected_level(tmp_path, correction, steps, wins, m
     me = _trainer(0.05, tmp_path, correction, steps=steps, eval_every=10)
     state = {"step": 0}
     zero = "0" * 10 + "10" * 45
-    Trainer._consider_best(me, state, _evaluation(zero), zero)
+    me.consider(state, _evaluation(zero), zero)
     state["step"] = 10
     better = "1" * wins + "0" * (10 - wins) + "10" * 45       # right on `wins` more, none lost
-    Trainer._consider_best(me, state, _evaluation(better), better)
+    me.consider(state, _evaluation(better), better)
     assert state["best"]["step"] == (10 if moves else 0)
     # the level candidates face against the kept adapter: corrected only while it is the first one
     assert state["best"]["significance_per_eval"] == pytest.approx(0.05 if correction == "none" or moves else
@@ -131,18 +131,18 @@ def test_after_the_first_move_candidates_face_the_plain_level(tmp_path):
     me = _trainer(0.05, tmp_path, "bonferroni", steps=40, eval_every=10)   # first move at 0.05/4
     state = {"step": 0}
     zero = "0" * 20 + "10" * 40
-    Trainer._consider_best(me, state, _evaluation(zero), zero)
+    me.consider(state, _evaluation(zero), zero)
     state["step"] = 10
     first = "1" * 7 + "0" * 13 + "10" * 40                 # 7 more right: p = 1/128 < 0.0125
-    Trainer._consider_best(me, state, _evaluation(first), first)
+    me.consider(state, _evaluation(first), first)
     assert state["best"]["step"] == 10 and state["best"]["significance_per_eval"] == 0.05
     state["step"] = 20
     second = "1" * 12 + "0" * 8 + "10" * 40                # 5 more than `first`: p = 1/32 = 0.031
-    Trainer._consider_best(me, state, _evaluation(second), second)
+    me.consider(state, _evaluation(second), second)
     assert state["best"]["step"] == 20                     # < 0.05, though > 0.0125
     state["step"] = 30
     third = "1" * 14 + "0" * 6 + "10" * 40                 # 2 more than `second`: p = 1/4
-    Trainer._consider_best(me, state, _evaluation(third), third)
+    me.consider(state, _evaluation(third), third)
     assert state["best"]["step"] == 20
 
 
@@ -163,11 +163,11 @@ def _run(me, rng, n, evaluations, candidate):
     (``candidate(rng, zero_shot_outcomes, i)``); the step best/ ends on."""
     state = {"step": 0}
     zero = _outcomes(rng, n, 0.75)
-    Trainer._consider_best(me, state, _evaluation(zero), zero)
+    me.consider(state, _evaluation(zero), zero)
     for i in range(1, evaluations + 1):
         state["step"] = 10 * i
         outcomes = candidate(rng, zero, i)
-        Trainer._consider_best(me, state, _evaluation(outcomes), outcomes)
+        me.consider(state, _evaluation(outcomes), outcomes)
     return state["best"]["step"]
 
 
@@ -180,7 +180,7 @@ def test_noise_alone_moves_best_in_at_most_alpha_of_runs(tmp_path):
     runs, n, evaluations, alpha = 2000, 200, 12, 0.05
     rates = {}
     for correction in ("bonferroni", "none"):
-        me = _trainer(alpha, tmp_path, correction, steps=10 * evaluations, eval_every=10)
+        me = _trainer(alpha, tmp_path, correction, steps=10 * evaluations, eval_every=10, rows=n)
         moved = sum(_run(me, rng, n, evaluations, lambda r, zero, i: _outcomes(r, n, 0.75)) != 0
                     for _ in range(runs))
         rates[correction] = moved / runs
@@ -197,7 +197,7 @@ def test_a_real_gain_is_still_kept(tmp_path):
     rule ends on one of those in (almost) every run."""
     rng = seeded(SEED)
     runs, n, evaluations = 200, 1000, 12
-    me = _trainer(0.05, tmp_path, "bonferroni", steps=10 * evaluations, eval_every=10)
+    me = _trainer(0.05, tmp_path, "bonferroni", steps=10 * evaluations, eval_every=10, rows=n)
 
     def candidate(r, zero, i):
         return _improved(r, zero, 0.25 if i >= 6 else 0.06, 0.02)
@@ -205,3 +205,43 @@ def test_a_real_gain_is_still_kept(tmp_path):
     kept = sum(step >= 60 for step in ends) / runs
     print("runs that keep a trained adapter:", kept)
     assert kept >= 0.95
+
+
+# -- a selection set too small for the gate (issue #26) --------------------------------
+def test_min_wins_by_hand():
+    assert min_wins(0.025) == 6            # 2^-6 = 0.0156 < 0.025 <= 2^-5
+    assert min_wins(0.05 / 12) == 8        # 2^-8 = 0.0039 < 0.0042
+    assert min_wins(0.5) == 2 and min_wins(0.0) == 0
+
+
+@pytest.mark.parametrize("rows, steps, eval_every, rule", [
+    (25, 100, 50, "best_score"),     # issue #26: level 0.025 needs 6 wins of 25 rows: +24 points
+    (200, 300, 150, "sign_test"),    # conf/sst2.yaml: 6 of 200, +3 points
+    (1000, 3000, 250, "sign_test"),  # the GPU recipe
+    (60, 30, 10, "sign_test"),       # 6 of 60: exactly the 10-point floor
+    (59, 30, 10, "best_score"),      # 6 of 59: just above it
+])
+def test_the_plan_falls_back_where_the_gate_cannot_pass(rows, steps, eval_every, rule):
+    cfg = load_config(None, [f"mezo.steps={steps}", f"eval_every={eval_every}"])
+    got = plan(cfg, rows, "val")
+    floor = min_wins(best_level(cfg)) / rows
+    assert got["rule"] == rule == ("sign_test" if floor <= MAX_GATE_FLOOR else "best_score")
+    assert ("note" in got) == (rule == "best_score")
+
+
+def test_issue_26_a_real_gain_on_25_rows_moves_best(tmp_path):
+    """The measured case: validation 0.56 -> 0.76 on 25 rows (5 more right: 6 won, 1 lost).
+    The sign test at 0.025 (p = 8/128 = 0.0625) cannot keep it; the plan's fallback does."""
+    zero = "1" * 14 + "0" * 11
+    trained = "1" * 13 + "0" + "1" * 6 + "0" * 5            # lost row 13, won rows 14-19
+    assert zero.count("1") == 14 and trained.count("1") == 19
+    assert sign_test_p(trained, zero) == pytest.approx(8 / 128)   # P(X >= 6), X ~ Bin(7, 1/2)
+    for fallback, kept_step in ((False, 0), (True, 100)):
+        cfg = SimpleNamespace(best_significance=0.05, best_correction="bonferroni", early_stop_patience=0,
+                              eval_every=50, mezo=SimpleNamespace(steps=100))
+        me = Selection(cfg, 25 if fallback else 1000, "val")   # 1000 rows: the gate stays on
+        state = {"step": 0}
+        me.consider(state, _evaluation(zero), zero)
+        state["step"] = 100
+        me.consider(state, _evaluation(trained), trained)
+        assert state["best"]["step"] == kept_step

@@ -52,7 +52,7 @@ def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registr
     assert main(["train", "-c", str(cfg), "mezo.lr_schedule=cosine", "mezo.lr_end=1e-3",
                  "mezo.warmup_steps=1", "eval_every=2", "load_best_at_end=false"]) == 0
     out = capsys.readouterr().out
-    assert "zero-shot" in out and "fine-tuned" in out
+    assert "zero-shot" in out and "last (step 5)" in out and "best (step " in out
     metrics = rows(run)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
     for r in metrics:
@@ -65,11 +65,15 @@ def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registr
     assert [r["step"] for r in metrics if "dev_accuracy" in r] == [2, 4]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 5
-    for key in ("zero_shot", "final"):
-        assert 0 <= summary[key]["dev_accuracy"] <= 1 and summary[key]["dev_examples"] == 6
+    evals = {r["label"]: r for r in map(json.loads, (run / "evals.jsonl").read_text().splitlines())
+             if r["split"] == "dev"}
+    for key, label in (("zero_shot", "zero-shot"), ("final", "final")):   # one figure, wherever it is shown
+        assert summary[key]["dev_accuracy"] == evals[label]["accuracy"] and summary[key]["dev_examples"] == 6
     assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json",
-                                                                  "adapter_model.safetensors"]
+    for folder in ("adapter", "last"):   # load_best_at_end=false: adapter/ is the last adapter
+        assert sorted(p.name for p in (run / folder).iterdir()) == ["adapter_config.json",
+                                                                    "adapter_model.safetensors"]
+    assert summary["result"]["adapter"] == "last" and summary["result"]["step"] == 5
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-0000005"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000004", "step-0000005"]
