@@ -228,8 +228,9 @@ def _final_dev(record):
     on validation when it evaluates), or -- a run stopped by the time limit, or by
     the guard (exit 3) -- the dev accuracy of its best validation evaluation so far,
     the zero-shot one (step 0) included and winning ties, as best/ does."""
-    if record.get("summary"):
-        return record["summary"]["final"]["dev_accuracy"], record["summary"]["step"], False
+    if record.get("summary"):   # "result": the adapter the run hands over (adapter/); older runs: "final"
+        summary = record["summary"]
+        return (summary.get("result") or summary["final"])["dev_accuracy"], summary["step"], False
     zero = record.get("zero_shot") or {}
     rows = [{"step": 0, **zero}] if {"val_accuracy", "dev_accuracy"} <= zero.keys() else []
     rows += [r for r in record["curve"] if "val_accuracy" in r]
@@ -305,7 +306,7 @@ def plot(result: dict, path: Path) -> None:
         if pts:
             line, = ax.plot(*zip(*pts), label=r["name"], lw=1.2)
             if r.get("summary"):  # the adapter the run ends on (the best on validation), at the last step
-                ax.plot(r["summary"]["step"], r["summary"]["final"]["dev_accuracy"], "o", color=line.get_color())
+                ax.plot(r["summary"]["step"], (r["summary"].get("result") or r["summary"]["final"])["dev_accuracy"], "o", color=line.get_color())
     for ref in result["backprop"]:
         curve = (ref["result"] or {}).get("curve") or []
         pts = [(c["step"], c["dev_accuracy"]) for c in curve if c.get("dev_accuracy") is not None]
