@@ -95,9 +95,29 @@ def all_rows(registry) -> list[tuple[str, str, str]]:
     return out
 
 
+def recipe_values(path=None) -> dict[str, str]:
+    """Dotted field -> the value the packaged default recipe sets (what a plain
+    ``mezo-run train`` runs with), formatted as the defaults are."""
+    import yaml
+    path = path or config.recipes_dir() / f"{config.DEFAULT_RECIPE}.yaml"
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = "`null`" if value is None else f"`{value!r}`".replace("|", "\\|")
+    walk(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}, "")
+    return out
+
+
 def markdown(registry) -> str:
-    lines = ["| field | default | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{name}` | {default} | {note} |" for name, default, note in all_rows(registry)]
+    recipe = recipe_values()
+    lines = [f"| field | default | `mezo-run train` ({config.DEFAULT_RECIPE} recipe) | meaning |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| `{name}` | {default} | {recipe.get(name, '') if recipe.get(name) != default else ''} | {note} |"
+              for name, default, note in all_rows(registry)]
     return "\n".join(lines)
 
 
