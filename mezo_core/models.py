@@ -46,12 +46,49 @@ def resolve_model_dir(path: str, field: str = "model.path") -> Path:
         return p
     if p.suffix != ".gguf":
         raise MezoError(f"{field}: {p} is neither a model folder nor a .gguf file")
-    stat = p.stat()
-    tag = hashlib.sha1(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    out = cache_root() / "models" / f"{p.stem}-{tag}"
+    out = converted_dir(p)
     if not (out / "config.json").exists():
+        import sys
+        print(f"mezo-run: converting {p.name} once into {out} (fp32: about {8 * p.stat().st_size // 10**6} MB "
+              f"for a 4-bit file; MEZO_CACHE moves the cache)", file=sys.stderr)
         _convert_gguf(p, out)
     return out
+
+
+def converted_dir(path: Path) -> Path:
+    """Where the conversion of the GGUF file ``path`` lives: keyed by its content."""
+    return cache_root() / "models" / f"{path.stem}-{content_digest(path)[:16]}"
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of the file's bytes, so that copies, moves and touches of one model share one
+    conversion; remembered per (path, size, mtime) in the cache's ``digests.json`` so that
+    a 100 MB file is read once, not at every run."""
+    import json
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    index_file = cache_root() / "models" / "digests.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index.get(key), str):
+        return index[key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    index[key] = h.hexdigest()
+    try:  # a cache that cannot be written only costs the next run a re-read
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_name(f"digests.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index), encoding="utf-8")
+        os.replace(tmp, index_file)
+    except OSError:
+        pass
+    return index[key]
 
 
 def _convert_gguf(src: Path, out: Path) -> None:

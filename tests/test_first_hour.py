@@ -228,3 +228,27 @@ def test_eval_predictions_match_a_plain_peft_model(tmp_path, tiny_llama, capsys,
             losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(target))))
         assert row["losses"] == pytest.approx(losses, abs=1e-4)
         assert row["prediction"] == min(range(2), key=lambda i: losses[i]) and row["label"] == d["label"]
+
+
+def test_the_gguf_conversion_is_keyed_by_content(tmp_path, monkeypatch):
+    """A copy, a move or a touch of one file shares one conversion folder; other bytes
+    get another. The oracle: hashlib over the bytes."""
+    import hashlib
+    import os
+    from mezo_core.models import converted_dir
+    monkeypatch.setenv("MEZO_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(SEED)
+    print("seed", SEED)
+    data = bytes(rng.randrange(256) for _ in range(1 << 16))
+    a = tmp_path / "a" / "m.gguf"
+    b = tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    first = converted_dir(a)
+    assert first.name == f"m-{hashlib.sha256(data).hexdigest()[:16]}"
+    assert converted_dir(b) == first
+    os.utime(a, ns=(1, 1))
+    assert converted_dir(a) == first
+    b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert converted_dir(b) != first

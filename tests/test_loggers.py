@@ -124,6 +124,12 @@ def test_tensorboard_scalars(tmp_path, tiny_llama, fresh_registry):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     assert [e.step for e in acc.Scalars("eval/dev/accuracy")] == [0, 2]
+    # each figure once: a step row's copy of its evaluation is not a train/ scalar
+    _, code = train(tmp_path / "b", tiny_llama, "report_to=[tensorboard]", "eval_every=1", steps=2)
+    acc = EventAccumulator(str(tmp_path / "b" / "run" / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "eval/dev/accuracy" in tags and not [t for t in tags if t.startswith(("train/dev_", "train/val_"))]
 
 
 class HookOnly:

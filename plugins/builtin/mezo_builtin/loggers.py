@@ -22,10 +22,16 @@ def _is_eval(metrics: dict) -> bool:
 
 def _scalars(metrics: dict) -> dict:
     """A row's numbers as dashboards name them: ``train/<field>`` for a step,
-    ``eval/<split>/<field>`` for an evaluation."""
-    prefix = f"eval/{metrics.get('split', 'dev')}/" if _is_eval(metrics) else "train/"
+    ``eval/<split>/<field>`` for an evaluation, ``best/<split>/<field>`` for best/'s."""
+    evaluation = _is_eval(metrics)
+    # best/'s figures, named at the end of a run, are not another point of the eval curve
+    group = "best" if evaluation and metrics.get("label") == "best" else "eval"
+    prefix = f"{group}/{metrics.get('split', 'dev')}/" if evaluation else "train/"
+    # a step row repeats its evaluation's dev_*/val_* figures (metrics.jsonl readers want them
+    # there); dashboards get them once, from the eval rows
     return {prefix + k: v for k, v in metrics.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (evaluation or not k.startswith(("dev_", "val_")))}
 
 
 def _missing(module: str, package: str) -> str | None:
