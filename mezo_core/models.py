@@ -49,9 +49,11 @@ def resolve_model_dir(path: str, field: str = "model.path") -> Path:
     out = converted_dir(p)
     if not (out / "config.json").exists():
         import sys
-        print(f"mezo-run: converting {p.name} once into {out} (fp32: about {8 * p.stat().st_size // 10**6} MB "
-              f"for a 4-bit file; MEZO_CACHE moves the cache)", file=sys.stderr)
+        print(f"mezo-run: converting {p.name} once into {out} (fp32; MEZO_CACHE moves the cache)",
+              file=sys.stderr)
         _convert_gguf(p, out)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"mezo-run: {out.name}: {size / 1e6:.0f} MB, kept for later runs of the same file", file=sys.stderr)
     return out
 
 

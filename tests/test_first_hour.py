@@ -252,3 +252,19 @@ def test_the_gguf_conversion_is_keyed_by_content(tmp_path, monkeypatch):
     assert converted_dir(a) == first
     b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert converted_dir(b) != first
+
+
+def test_train_eval_export_raise_no_deprecation_warnings(tmp_path, tiny_llama, capsys, fresh_registry):
+    """Our calls into transformers, peft and torch use their current APIs: a run, an eval
+    and an export record no DeprecationWarning or FutureWarning (all shown, none filtered)."""
+    import warnings
+    from tiny import write_run_config
+    cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 3, "eval_every": 2, "plot": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "-c", str(cfg)]) == 0
+        assert main(["eval", "-c", str(cfg), "--adapter", str(tmp_path / "run" / "adapter")]) == 0
+        assert main(["export", "-c", str(cfg), "--merge", str(tmp_path / "merged")]) == 0
+    old = [f"{w.category.__name__} {w.filename}:{w.lineno}: {w.message}" for w in caught
+           if issubclass(w.category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning))]
+    assert not old, old
