@@ -83,7 +83,7 @@ def write_tensors(state: dict[str, torch.Tensor], out: str | Path, filename: str
     from safetensors.torch import save_file
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
     tmp.mkdir(parents=True)
     if extra is not None:
         extra(tmp)
@@ -108,18 +108,29 @@ def read_tensors(path: str | Path, filename: str, what: str = "a mezo-run adapte
     return state
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a folder of ours, or unlink whatever else is there (a symlink: never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an old ``dst`` is swapped out first."""
+    """Move a finished folder into place; an old ``dst`` is swapped out first. A
+    symlink at ``dst`` is refused (runfiles.py: the run folder is a boundary)."""
+    from .runfiles import refuse_link
+    dst = Path(dst)
+    refuse_link(dst)
     old = dst.with_name(dst.name + ".old")
     if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_tree(old)
         dst.rename(old)
     src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """``obj`` as JSON at ``path``, atomically, never through a symlink (runfiles.replace_file)."""
+    from .runfiles import replace_file
+    replace_file(path, json.dumps(obj, indent=1))

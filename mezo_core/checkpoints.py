@@ -6,7 +6,9 @@ leaves a folder that resumes to the uninterrupted trajectory.
     out_dir/metrics.jsonl            one row per step
     out_dir/checkpoints/step-NNNNNNN/  adapter + state.json [+ <extra>.safetensors] + manifest.json
     out_dir/checkpoints/latest       the name of the newest checkpoint
-    out_dir/adapter/                 the final adapter
+    out_dir/last/                    the trained adapter at the last step (always)
+    out_dir/best/                    the adapter selected on validation (with eval_every)
+    out_dir/adapter/                 the run's result: a copy of best/ or of last/ (summary.json 'result')
 
 A checkpoint is written to ``.step-NNNNNNN.tmp``, checked (every tensor finite),
 given a manifest (size and sha256 of every file) and renamed into place; only
@@ -36,11 +38,19 @@ from omegaconf import OmegaConf
 
 from .adapter import check_finite, replace_dir
 from .errors import MezoError
+from .runfiles import (one_line, open_fd, open_own, open_text, read_bytes, refuse_link,
+                       replace_file, utf8_lines, write_new)
 
 STEP = re.compile(r"step-(\d{7,})")
 LEFTOVER = re.compile(r".+\.tmp\d*")          # .step-N.tmp, latest.tmp, adapter.tmp<pid>, x.json.tmp<pid>
 TENSOR_FILES = ("adapter_model.safetensors", "mezo_params.safetensors")  # what backends write
 RESERVED = {"adapter_model", "mezo_params", "state", "manifest", "adapter_config"}
+#: What a run keeps in out_dir (and ``checkpoints/``, all of it): a symlink at any of these
+#: names, or at its ``.old`` swap, is refused (runfiles.py: the run folder is a boundary).
+RUN_ENTRIES = ("run.lock", "config.yaml", "metrics.jsonl", "evals.jsonl", "metrics.csv", "evals.csv",
+               "summary.json", "training.png", "wandb-run-id", "checkpoints", "adapter", "best", "last",
+               "tensorboard", "wandb")
+ADAPTER_FOLDERS = ("adapter", "best", "last")   # their files are checked too (best/ is copied, read back)
 
 #: Config fields that cannot change the trajectory: a --resume may change them freely.
 #: (the data and model paths are compared by content instead: FINGERPRINTED)
@@ -227,7 +237,7 @@ def _sync_tree(folder: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
+    with os.fdopen(open_fd(path, os.O_RDONLY), "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -239,34 +249,48 @@ class RunFolder:
         self.ckpts = self.out / "checkpoints"
         self.lock_file = self.out / "run.lock"
         self._lock_fd = None
+        self._dir_fd = None
 
     # -- the lock ---------------------------------------------------------------------
     def lock(self) -> None:
-        """Hold ``run.lock`` (flock) for the life of the run. The kernel drops the
-        flock when its process dies, so a lock left by a killed run is simply taken
-        over; a live holder is named in the refusal."""
+        """Hold the run folder for the life of the run: an exclusive flock on the folder
+        itself (a descriptor the run keeps open; deleting or replacing ``run.lock``
+        does not free it) and on ``run.lock``, which names the holder (pid, host,
+        start). The kernel drops both when the process dies, so a lock left by a
+        killed run is simply taken over; a live holder is named in the refusal. The
+        folder is then checked for symlinks where run files belong (refused)."""
+        if self._lock_fd is not None:
+            return   # held already (a --resume that starts the run over)
         while True:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+                dir_fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as exc:
                 raise MezoError(f"out_dir {self.out}: cannot create the run folder or its lock "
                                 f"({exc.strerror})") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 4096).decode(errors="replace").strip() or "a run"
-                os.close(fd)
-                raise MezoError(f"out_dir {self.out} is in use by another run ({holder}; lock file "
-                                f"{self.lock_file}): wait for it to end, or choose another out_dir=...") from None
-            try:
-                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+                os.close(dir_fd)
+                self._refuse_held()
+            except OSError:   # a file system without flock on folders (NFS): run.lock alone
+                pass
+            try:   # the check: the folder locked is still the one at out_dir (not renamed away)
+                here, held = os.stat(self.out), os.fstat(dir_fd)
+                same = (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
             except FileNotFoundError:
                 same = False
             if same:
                 break
-            os.close(fd)  # the holder removed the file as we opened it: lock the new one
-        previous = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(dir_fd)
+        self._dir_fd = dir_fd
+        try:
+            self.refuse_links()
+            fd = self._lock_file()
+        except BaseException:
+            self._unlock()
+            raise
+        previous = one_line(os.read(fd, 4096).decode(errors="replace"))
         if previous:
             warn(f"taking over the lock of a run that ended without releasing it ({previous})")
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -276,12 +300,65 @@ class RunFolder:
         self._lock_fd = fd
         fault("lock")
 
+    def _lock_file(self) -> int:
+        """``run.lock`` opened (never through a symlink) and flocked."""
+        while True:
+            try:
+                fd = open_own(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise MezoError(f"out_dir {self.out}: cannot create the run folder or its lock "
+                                f"({exc.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse_held()
+            try:
+                same = os.stat(self.lock_file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+
+    def _refuse_held(self):
+        try:
+            holder = one_line(read_bytes(self.lock_file, 4096).decode(errors="replace"))
+        except (OSError, MezoError):
+            holder = ""
+        raise MezoError(f"out_dir {self.out} is in use by another run ({holder or 'a run'}; lock file "
+                        f"{self.lock_file}): wait for it to end, or choose another out_dir=...") from None
+
+    def _unlock(self) -> None:
+        for fd in (self._lock_fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._dir_fd = None
+
     def release(self) -> None:
         if self._lock_fd is None:
             return
         self.lock_file.unlink(missing_ok=True)  # before unlocking: a waiter then sees a new inode
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        self._unlock()
+
+    def refuse_links(self) -> None:
+        """A MezoError naming the first symlink where a run file or folder belongs: a
+        name of RUN_ENTRIES (or its ``.old``), anything in ``checkpoints/`` or in a
+        checkpoint, a file of adapter/, best/ or last/. (A link at a temp name is only
+        ever unlinked: RunFolder.clean, runfiles.write_new.)"""
+        for name in RUN_ENTRIES:
+            refuse_link(self.out / name)
+            refuse_link(self.out / f"{name}.old")
+        folders = [self.out / name for name in ADAPTER_FOLDERS]
+        if self.ckpts.is_dir():
+            for p in sorted(self.ckpts.iterdir()):
+                if not LEFTOVER.fullmatch(p.name):
+                    refuse_link(p)
+                    folders.append(p)
+        for folder in folders:
+            if folder.is_dir():
+                for p in sorted(folder.iterdir()):
+                    refuse_link(p)
 
     # -- start ------------------------------------------------------------------------
     def clean(self) -> None:
@@ -313,17 +390,18 @@ class RunFolder:
             raise MezoError(f"out_dir {self.out} already holds a run: pass --resume to continue it, "
                             f"or choose another out_dir=...")
         self.write_config(cfg)
-        (self.out / "metrics.jsonl").write_text("")
+        replace_file(self.out / "metrics.jsonl", "")
 
     def write_config(self, cfg) -> None:
-        tmp = self.out / f"config.yaml.tmp{os.getpid()}"
-        tmp.write_text(OmegaConf.to_yaml(cfg))
-        os.replace(tmp, self.out / "config.yaml")
+        replace_file(self.out / "config.yaml", OmegaConf.to_yaml(cfg))
 
     def saved_config(self):
         path = self.out / "config.yaml"
         try:
-            return OmegaConf.load(path)
+            with open_text(path) as f:
+                return OmegaConf.load(f)
+        except MezoError:
+            raise
         except Exception as exc:
             raise MezoError(f"--resume: cannot read the run's config {path}: {exc}") from None
 
@@ -332,15 +410,17 @@ class RunFolder:
         again) and a row cut short by a kill."""
         path = self.out / "metrics.jsonl"
         kept = []
-        for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            lines = utf8_lines(read_bytes(path))   # a line of other bytes is dropped too
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
             try:
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 pass
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(r + "\n" for r in kept))
-        os.replace(tmp, path)
+        replace_file(path, "".join(r + "\n" for r in kept))
 
     # -- checkpoints ------------------------------------------------------------------
     def write_checkpoint(self, backend, state: dict, keep: int, extra: dict | None = None) -> Path:
@@ -353,6 +433,7 @@ class RunFolder:
         tmp = self.ckpts / f".{name}.tmp"
         _remove(tmp)
         self.ckpts.mkdir(parents=True, exist_ok=True)
+        refuse_link(self.ckpts)
         backend.save_adapter(tmp)
         fault("ckpt-tmp")
         for key, tensors in (extra or {}).items():
@@ -381,26 +462,30 @@ class RunFolder:
         return self.ckpts / name
 
     def _point_latest(self, name: str) -> None:
+        refuse_link(self.ckpts / "latest")
         tmp = self.ckpts / "latest.tmp"
-        with tmp.open("w") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
+        write_new(tmp, name, sync=True)
         tmp.replace(self.ckpts / "latest")
 
     def verify(self, folder: Path) -> dict:
-        """The state of an intact checkpoint; _Damaged(reason) otherwise."""
+        """The state of an intact checkpoint; _Damaged(reason) otherwise (a symlink in
+        it: a MezoError naming it)."""
+        for f in folder.iterdir():
+            refuse_link(f)
         try:
-            manifest = json.loads((folder / "manifest.json").read_text())["files"]
+            manifest = json.loads(read_bytes(folder / "manifest.json"))["files"]
         except FileNotFoundError:
             raise _Damaged("no manifest.json") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise _Damaged(f"manifest.json is not valid ({exc.__class__.__name__})") from None
+        if not isinstance(manifest, dict) or not all(
+                isinstance(w, dict) and re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", n) for n, w in manifest.items()):
+            raise _Damaged("manifest.json is not valid (its files are not plain names with a size and sha256)")
         if "state.json" not in manifest or not any(f in manifest for f in TENSOR_FILES):
             raise _Damaged("manifest.json does not list state.json and the adapter")
         for fname, want in manifest.items():
             f = folder / fname
-            if "/" in fname or not f.is_file():
+            if not f.is_file():
                 raise _Damaged(f"{fname} is missing")
             if f.stat().st_size != want.get("size"):
                 raise _Damaged(f"{fname} has {f.stat().st_size} bytes, the manifest says {want.get('size')}")
@@ -408,10 +493,10 @@ class RunFolder:
                 raise _Damaged(f"{fname} does not match its sha256 in the manifest")
             if fname.endswith(".json"):
                 try:
-                    json.loads(f.read_text())
+                    json.loads(read_bytes(f))
                 except ValueError:
                     raise _Damaged(f"{fname} is not valid JSON") from None
-        state = json.loads((folder / "state.json").read_text())
+        state = json.loads(read_bytes(folder / "state.json"))
         if not isinstance(state, dict) or state.get("step") != _step_of(folder):
             raise _Damaged("state.json does not hold this checkpoint's step")
         try:
@@ -423,14 +508,15 @@ class RunFolder:
     def _latest(self) -> tuple[str | None, str | None]:
         """(the checkpoint ``latest`` names, or None; what is wrong with it, or None)."""
         path = self.ckpts / "latest"
+        refuse_link(path)
         if not path.exists():
             return None, None
         try:
-            name = path.read_text().strip()
-        except (OSError, UnicodeDecodeError):
+            name = read_bytes(path, 64).decode("ascii", errors="replace").strip()
+        except OSError:
             return None, "checkpoints/latest is unreadable"
-        if not STEP.fullmatch(name):
-            return None, f"checkpoints/latest holds {name[:40]!r}, not a checkpoint name"
+        if not STEP.fullmatch(name):   # its content is never echoed: it may not be the run's
+            return None, "checkpoints/latest holds text that is not a checkpoint name (not shown)"
         if not (self.ckpts / name).is_dir():
             return name, f"checkpoints/latest names {name}, which is missing"
         return name, None
@@ -443,6 +529,8 @@ class RunFolder:
             return None
         latest, problem = self._latest()
         problems = [problem] if problem else []
+        for p in self.ckpts.iterdir():
+            refuse_link(p)   # e.g. a step folder linked to another run's checkpoint
         folders = sorted((p for p in self.ckpts.iterdir() if p.is_dir() and STEP.fullmatch(p.name)),
                          key=_step_of, reverse=True)
         for folder in folders:

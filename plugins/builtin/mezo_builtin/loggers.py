@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import csv
 import importlib
+import io
 import json
 import os
 from pathlib import Path
+
+from mezo_core.runfiles import open_append, read_bytes, replace_file, utf8_lines
 
 
 def _is_eval(metrics: dict) -> bool:
@@ -43,6 +46,15 @@ def _missing(module: str, package: str) -> str | None:
     return None
 
 
+def _lines(path: Path) -> list[str]:
+    """The UTF-8 lines of a run file, never read through a symlink (a line of other
+    bytes is dropped); [] when it is missing."""
+    try:
+        return utf8_lines(read_bytes(path))
+    except FileNotFoundError:
+        return []
+
+
 def _rows_until(path: Path, step: int, parse) -> list:
     """The rows of ``path`` up to ``step`` (a row cut short by a kill is dropped)."""
     kept = []
@@ -61,7 +73,7 @@ class _Line(dict):
 
 def _jsonl_rows(path: Path) -> list:
     rows = []
-    for line in path.read_text().splitlines():
+    for line in _lines(path):
         try:
             row = _Line(json.loads(line))
         except (ValueError, TypeError):
@@ -72,9 +84,11 @@ def _jsonl_rows(path: Path) -> list:
 
 
 def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_file(path, text)   # atomic; a symlink at path is refused, never followed
+
+
+def _csv_text(path: Path) -> str:
+    return "".join(line + "\n" for line in _lines(path))
 
 
 class JsonlLogger:
@@ -87,7 +101,7 @@ class JsonlLogger:
             path = Path(out_dir) / f"{kind}.jsonl"
             if path.exists():  # a resumed run: rows after its checkpoint are written again
                 _replace(path, "".join(r.text + "\n" for r in _rows_until(path, start_step, _jsonl_rows)))
-            self.files[kind] = path.open("a")
+            self.files[kind] = open_append(path)
 
     def log(self, step, metrics):
         f = self.files["evals" if _is_eval(metrics) else "metrics"]
@@ -117,10 +131,9 @@ class CsvLogger:
         self.fields = {kind: [] for kind in self.paths}
         for kind, path in self.paths.items():
             if path.exists():
-                rows = _rows_until(path, start_step, lambda p: list(csv.DictReader(p.open(newline=""))))
-                self.rows[kind] = rows
-                with path.open(newline="") as f:
-                    self.fields[kind] = next(csv.reader(f), [])
+                text = _csv_text(path)
+                self.rows[kind] = _rows_until(path, start_step, lambda p: list(csv.DictReader(io.StringIO(text))))
+                self.fields[kind] = next(csv.reader(io.StringIO(text)), [])
                 self._rewrite(kind)
 
     def log(self, step, metrics):
@@ -132,17 +145,15 @@ class CsvLogger:
             self.fields[kind] += new
             self._rewrite(kind)
         else:
-            with self.paths[kind].open("a", newline="") as f:
+            with open_append(self.paths[kind], newline="") as f:
                 csv.DictWriter(f, self.fields[kind]).writerow(row)
 
     def _rewrite(self, kind):
-        path = self.paths[kind]
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.fields[kind])
-            writer.writeheader()
-            writer.writerows(self.rows[kind])
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.fields[kind])
+        writer.writeheader()
+        writer.writerows(self.rows[kind])
+        _replace(self.paths[kind], text.getvalue())
 
     def close(self):
         pass
@@ -195,7 +206,7 @@ class WandbLogger:
         from omegaconf import OmegaConf
         out = Path(out_dir)
         id_file = out / self.ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else None
+        run_id = "".join(_lines(id_file)).strip() or None
         if run_id is None:
             run_id = wandb.util.generate_id() if hasattr(wandb, "util") else os.urandom(4).hex()
             _replace(id_file, run_id + "\n")
