@@ -18,6 +18,8 @@ from .errors import MezoError
 
 DEFAULT_RECIPE = "sst2"
 DEFAULT_CONFIG = f"conf/{DEFAULT_RECIPE}.yaml"  # in the working directory, else the packaged recipe
+#: ranges beyond which a value is a mistake, not a setting (issue #31: each was a traceback or silent)
+MAX_Q, MIN_EPS, MAX_LORA_R, MAX_TEMPLATE, MAX_THREADS = 4096, 1e-7, 65536, 10_000, 1024
 #: best_correction's values (mezo_core.trainer.best_level applies them)
 BEST_CORRECTIONS = ("bonferroni", "none")
 
@@ -431,15 +433,35 @@ def validate(cfg: DictConfig) -> None:
     """Value checks that the types alone cannot express."""
     def need(ok, key, what):
         if not ok:
-            raise MezoError(f"config field {key!r}: {what} (got {OmegaConf.select(cfg, key)!r})")
-    need(cfg.mezo.steps >= 0, "mezo.steps", "must be >= 0")
-    need(cfg.mezo.batch_size > 0, "mezo.batch_size", "must be > 0")
-    need(cfg.mezo.q >= 1, "mezo.q", "must be >= 1")
-    need(math.isfinite(cfg.mezo.eps) and cfg.mezo.eps > 0, "mezo.eps", "must be a finite number > 0")
-    need(math.isfinite(cfg.mezo.lr) and cfg.mezo.lr >= 0, "mezo.lr", "must be a finite number >= 0")
-    need(cfg.mezo.z in ("gaussian", "rademacher"), "mezo.z", "must be 'gaussian' or 'rademacher'")
-    need(cfg.lora.r > 0, "lora.r", "must be > 0")
+            got = repr(OmegaConf.select(cfg, key))
+            raise MezoError(f"config field {key!r}: {what} (got {got if len(got) <= 80 else got[:60] + '...'})")
+    m = cfg.mezo
+    need(m.steps >= 0, "mezo.steps", "must be >= 0")
+    need(m.batch_size > 0, "mezo.batch_size", "must be > 0")
+    need(1 <= m.q <= MAX_Q, "mezo.q", f"must be in [1, {MAX_Q}] (directions per step, 2q forwards each)")
+    # below ~1e-7 a perturbation of fp32 weights of size ~1 is lost to rounding: no signal at all
+    need(math.isfinite(m.eps) and MIN_EPS <= m.eps <= 1, "mezo.eps", f"must be a number in [{MIN_EPS}, 1]")
+    need(math.isfinite(m.lr) and m.lr >= 0, "mezo.lr", "must be a finite number >= 0")
+    for key in ("eps_end", "lr_end"):
+        value = m[key]
+        need(value is None or (math.isfinite(value) and value >= 0), f"mezo.{key}", "must be a finite number >= 0 or null")
+    need(m.warmup_steps >= 0, "mezo.warmup_steps", "must be >= 0")
+    need(math.isfinite(m.weight_decay) and m.weight_decay >= 0, "mezo.weight_decay", "must be >= 0")
+    need(m.lr * m.weight_decay < 1, "mezo.weight_decay",
+         f"times mezo.lr ({m.lr}) must be < 1: each step scales the weights by 1 - lr * weight_decay")
+    need(m.z in ("gaussian", "rademacher"), "mezo.z", "must be 'gaussian' or 'rademacher'")
+    need(1 <= cfg.lora.r <= MAX_LORA_R, "lora.r", f"must be in [1, {MAX_LORA_R}]")
+    need(math.isfinite(cfg.lora.alpha) and 0 < cfg.lora.alpha <= 1e6, "lora.alpha",
+         "must be a finite number in (0, 1e6] (the adapter's scale is alpha / r)")
+    need(cfg.lora.layers is None or (len(cfg.lora.layers) > 0 and min(cfg.lora.layers) >= 0), "lora.layers",
+         "must list layer indices >= 0, or be null for every layer")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+    t = cfg.task
+    need(t.k_per_class is None or t.k_per_class >= 1, "task.k_per_class",
+         "must be >= 1, or null (then task.n_train rows, or every row)")
+    need(t.n_train is None or t.n_train >= 1, "task.n_train", "must be >= 1 or null (every row)")
+    need(t.n_dev is None or t.n_dev >= 1, "task.n_dev", "must be >= 1 or null (every row)")
+    need(len(t.template) <= MAX_TEMPLATE, "task.template", f"must be at most {MAX_TEMPLATE} characters")
     need(cfg.task.kind in ("classification", "multiple_choice", "completion"), "task.kind",
          "must be 'classification', 'multiple_choice' or 'completion'")
     verbalizer = cfg.task.verbalizer
@@ -449,7 +471,7 @@ def validate(cfg: DictConfig) -> None:
     words = list(verbalizer.values()) if mapping else list(verbalizer)
     need(all(isinstance(w, str) for w in words), "task.verbalizer", "must hold words (strings)")
     need(cfg.task.max_tokens is None or cfg.task.max_tokens > 0, "task.max_tokens", "must be > 0 or null")
-    need(cfg.threads is None or cfg.threads > 0, "threads", "must be > 0 or null")
+    need(cfg.threads is None or 0 < cfg.threads <= MAX_THREADS, "threads", f"must be in [1, {MAX_THREADS}] or null")
     need(len(set(cfg.report_to)) == len(cfg.report_to), "report_to", "names a logger twice")
     if cfg.task.kind == "classification":
         need(len(words) >= 2, "task.verbalizer", "needs a word for each of >= 2 labels")

@@ -69,7 +69,7 @@ def content_digest(path: Path) -> str:
     import json
     stat = path.stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    index_file = cache_root() / "models" / "digests.json"
+    index_file = cache_root() / "digests.json"
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
         if not isinstance(index, dict):

@@ -151,6 +151,29 @@ CONFIG_CASES = {   # override: needles
     # a plugin's typed section is read like the core's: a string field takes the text as written
     "hf.cache_budget_mb={lru": ["hf.cache_budget_mb", "cannot parse"],
     "hf.trunk_cache=maybe": ["hf.trunk_cache", "maybe"],
+    # issue #31: values that were a traceback or accepted silently
+    "lora.alpha=nan": ["lora.alpha", "(0, 1e6]"],
+    "lora.alpha=inf": ["lora.alpha", "inf"],
+    "lora.alpha=-inf": ["lora.alpha", "-inf"],
+    "lora.alpha=0": ["lora.alpha", "(0, 1e6]"],
+    "lora.alpha=-1": ["lora.alpha", "-1"],
+    "lora.alpha=1e308": ["lora.alpha", "1e+308"],
+    "lora.layers=[]": ["lora.layers", "null for every layer"],
+    "lora.layers=[-1]": ["lora.layers", ">= 0"],
+    "lora.r=100000000": ["lora.r", "[1, 65536]"],
+    "task.k_per_class=0": ["task.k_per_class", ">= 1"],
+    "task.k_per_class=-1": ["task.k_per_class", ">= 1"],
+    "task.n_dev=-3": ["task.n_dev", ">= 1"],
+    "task.n_train=0": ["task.n_train", ">= 1"],
+    "mezo.weight_decay=1e30": ["mezo.weight_decay", "1 - lr * weight_decay"],
+    "mezo.warmup_steps=-10": ["mezo.warmup_steps", ">= 0"],
+    "mezo.q=1000000": ["mezo.q", "[1, 4096]"],
+    "mezo.eps=1e-45": ["mezo.eps", "[1e-07, 1]"],
+    "mezo.eps_end=nan": ["mezo.eps_end", "finite"],
+    "threads=100000": ["threads", "[1, 1024]"],
+    "task.template=" + "x" * 20000 + " {text}": ["task.template", "at most 10000 characters"],
+    "hf.cache_budget_mb=nan": ["hf.cache_budget_mb", "not a size"],
+    "hf.cache_budget_mb=inf": ["hf.cache_budget_mb", "not a size"],
 }
 
 

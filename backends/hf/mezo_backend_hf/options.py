@@ -2,6 +2,7 @@
 the combinations that cannot work together, checked here and nowhere else."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -40,8 +41,9 @@ class HFOptions:
             raise MezoError(f"config field 'hf.cache_device': expected a device name, got {self.cache_device!r}")
         if self.lora_dtype not in LORA_DTYPES:
             raise MezoError(f"config field 'hf.lora_dtype': {self.lora_dtype!r} is neither 'float32' nor 'model'")
-        if self.cache_budget_mb < 0:
-            raise MezoError(f"config field 'hf.cache_budget_mb': {self.cache_budget_mb} is negative")
+        if not (math.isfinite(self.cache_budget_mb) and self.cache_budget_mb >= 0):
+            raise MezoError(f"config field 'hf.cache_budget_mb': {self.cache_budget_mb} is not a size "
+                            f"(a finite number of MiB >= 0)")
         if self.prefix_min_tokens < 1:
             raise MezoError(f"config field 'hf.prefix_min_tokens': {self.prefix_min_tokens} (at least 1)")
         if self.full_params is not None and self.pm_batch:
