@@ -363,13 +363,18 @@ class RunFolder:
     # -- start ------------------------------------------------------------------------
     def clean(self) -> None:
         """Remove what a killed run left half-written (temp files and folders); a
-        ``X.old`` whose ``X`` is missing (a kill inside a folder swap) goes back to ``X``."""
+        ``X.old`` whose ``X`` is missing (a kill inside a folder swap) goes back to ``X``.
+        Before config.yaml exists only the temp files of run entries (``config.yaml.tmp<pid>``:
+        a kill inside the first write) are removed: other files may not be the run's."""
         for folder in (self.out, self.ckpts):
-            if not folder.is_dir() or not (self.out / "config.yaml").exists():
+            ours = (self.out / "config.yaml").exists()
+            if not folder.is_dir() or not (ours or folder == self.out):
                 continue  # not a run folder (yet): nothing of ours to clean
             for p in sorted(folder.iterdir()):
-                if LEFTOVER.fullmatch(p.name):
+                if LEFTOVER.fullmatch(p.name) and (ours or re.sub(r"\.tmp\d*$", "", p.name) in RUN_ENTRIES):
                     _remove(p)
+                elif not ours:
+                    continue
                 elif p.name.endswith(".old"):
                     live = p.with_name(p.name[:-4])
                     if live.exists():

@@ -236,9 +236,13 @@ def test_a_run_killed_before_its_config_resumes_by_starting(tiny_llama, tmp_path
     _, err = child.communicate(timeout=600)
     assert child.returncode == -signal.SIGKILL, err
     assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    (run / "config.yaml.tmp1").write_text("seed: 1")   # as if killed inside the first write of the config
+    (run / "notes.tmp1").write_text("not the run's")   # not a run entry's temp name: kept
     assert train(cfg, "--resume") == 0
     err = capsys.readouterr().err
     assert f"--resume: {run} holds no run yet (stopped before its config.yaml): starting it" in err, err
+    assert (run / "notes.tmp1").read_text() == "not the run's"
+    (run / "notes.tmp1").unlink()
     assert_same_run(run, _plain_reference(tiny_llama, tmp_path))
 
 
