@@ -30,6 +30,7 @@ class Step:
     argv: tuple[str, ...]      # after ``python -m``
     timeout: int = 600
     out: bool = True           # the module takes --out FILE.json
+    out_dir: bool = False      # the module takes --out-dir DIR and names its own JSON there (seed7b)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,14 @@ def _engine_suites(engine):
                                     "--steps", "30", "--batch-pool", "4"), 280),
         ), needs=(engine,)),
     }
+
+
+def _seed(name, rows, shape="7b", needs=(), about=""):
+    """A suite of the seed's experiment (benchmarks/seed7b.py): rows that fit one device
+    call (<= 10 min), written to OUT_DIR/seed-7b-DATE-GPU.json (rows of earlier calls merged)."""
+    step = Step(name, ("benchmarks.seed7b", "--shape", shape, "--rows", rows, "--budget-s", "530"), 560,
+                out=False, out_dir=True)
+    return Suite(about, "cuda", (step,), needs=needs)
 
 
 REUSE_GPU = ("benchmarks.bench_reuse", "--device", "cuda", "--shape", "llama-1.1b", "--batch", "16", "--seq", "256",
@@ -142,6 +151,19 @@ SUITES: dict[str, Suite] = {
     "sglang-big": Suite("SGLang on the SmolLM2-135M shape", "cuda", (
         Step("sglang-big", ("benchmarks.gpu_sglang", "--big-only"), 300),
     ), needs=("sglang",)),
+    "seed-7b": _seed("seed-7b", "ref,hf,hf-fast,hf-prefix", about="the seed's experiment at 7B (issue 27): "
+                     "MeZO reference vs hf default, hf's fastest all-layer options, hf prefix sharing"),
+    "seed-7b-more": _seed("seed-7b-more", "ref,hf-fast-nopm,hf-pm,hf-lora-model",
+                          about="the seed's experiment at 7B: the hf options one at a time"),
+    "seed-7b-8bit": _seed("seed-7b-8bit", "ref,hf,hf-int8,hf-fp8,hf-fast-fp8", needs=("sglang",),
+                          about="the seed's experiment at 7B, 8-bit frozen weights in hf (torchao, carried by the "
+                                "SGLang bundle)"),
+    "seed-7b-sglang": _seed("seed-7b-sglang", "sglang,sglang-prime,sglang-fp8", needs=("sglang",),
+                            about="the seed's experiment at 7B on SGLang: bf16, primed prefix, fp8"),
+    "seed-7b-vllm": _seed("seed-7b-vllm", "vllm,vllm-fp8", needs=("vllm",),
+                          about="the seed's experiment at 7B on vLLM: bf16, fp8"),
+    "seed-13b": _seed("seed-13b", "hf,hf-int8,hf-fp8", shape="13b", needs=("sglang",),
+                      about="the seed's experiment at the 13B shape: hf memory, bf16 and 8-bit"),
     "accuracy-gpu": Suite("SST-2 accuracy on the GPU: MeZO recipes side by side, backprop, zero-shot", "cuda", (
         Step("accuracy", ("benchmarks.accuracy", "--suite", "gpu"), 3600),)),
     "accuracy-gpu-grid": Suite("the robustness grid alone (lr x k_per_class), as one device call affords", "cuda", (
@@ -188,6 +210,8 @@ def run(name: str, out_dir: Path | None = None, env: dict | None = None, command
         target = work / f"{step.name}.json"
         if step.out:
             argv += ["--out", str(target)]
+        if step.out_dir:
+            argv += ["--out-dir", str(out_dir)]
         print(f"== {step.name}: {' '.join(_quoted(argv[1:]))}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
