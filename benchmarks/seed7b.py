@@ -35,9 +35,10 @@ Rows (``--rows``; ``python -m benchmarks.seed7b --list`` prints them):
   (pm_batch, lora_dtype=model, cuda_graphs, compile); ``hf-fast-nopm`` the same
   without pm_batch (the README's all-layer recipe); ``hf-prefix``
   hf.prefix_sharing; ``hf-int8`` / ``hf-fp8`` / ``hf-fp8w`` (and ``hf-fast-*``):
-  the frozen base linears of the decoder layers quantized by torchao after the
-  model is built (Int8WeightOnlyConfig; Float8DynamicActivationFloat8WeightConfig
-  per row: FP8 arithmetic; Float8WeightOnlyConfig), LoRA and MeZO unchanged.
+  ``model.quantization`` (int8 | fp8 | fp8w: the frozen base linears of the
+  decoder layers quantized by torchao block by block while the model is loaded;
+  Int8WeightOnlyConfig; Float8DynamicActivationFloat8WeightConfig per row: FP8
+  arithmetic; Float8WeightOnlyConfig), LoRA and MeZO unchanged.
 * ``sglang``, ``sglang-prime`` (prime_min_tokens=16), ``sglang-fp8``; ``vllm``,
   ``vllm-fp8``: the engine backends as configured by default (seeds only, in-place
   LoRA slots, both signs in one engine call, prefix caches on), given the memory
@@ -595,6 +596,8 @@ def backend_config(spec: RowSpec, info, args, device_total=None, fallback=False)
     overrides = [f"backend={backend}", f"model.path={info['model_dir']}", f"model.device={args.device}",
                  f"model.dtype={args.dtype}", "seed=0", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
                  f"lora.target_modules=[{','.join(TARGETS)}]", f"mezo.eps={EPS}"]
+    if spec.quant and spec.kind == "hf":   # the product path: quantized block by block while loading
+        overrides.append(f"model.quantization={spec.quant}")
     cfg = load_config(None, overrides)
     opts = dict(spec.options)
     if spec.kind in ("sglang", "vllm"):
@@ -647,32 +650,6 @@ def parse_opts(items) -> dict:
             raise SystemExit(f"engine option {item!r}: expected KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-def quantize_base(model, kind: str) -> dict:
-    """torchao on the frozen linears of the decoder layers (not the LoRA factors,
-    not the embeddings or lm_head); returns what was done."""
-    import torch
-    import torchao
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
-                                      Int8WeightOnlyConfig, PerRow, quantize_)
-    config = {"int8": lambda: Int8WeightOnlyConfig(),
-              "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              "fp8w": lambda: Float8WeightOnlyConfig()}[kind]()
-    names = []
-
-    def frozen_linear(module, fqn):
-        ok = isinstance(module, torch.nn.Linear) and ".layers." in fqn and "lora_" not in fqn
-        if ok:
-            names.append(fqn)
-        return ok
-
-    quantize_(model, config, filter_fn=frozen_linear)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return {"library": f"torchao {torchao.__version__}", "config": type(config).__name__,
-            "modules": len(names)}
 
 
 def device_used(device):
@@ -761,7 +738,11 @@ def run_row(args) -> dict:
                 out["engine_options"] = dict(cfg[spec.kind]["engine"])
                 backend = entry.obj(cfg, registry)
         if spec.quant and spec.kind == "hf":
-            out["quantization"] = quantize_base(backend.model, spec.quant)
+            import torchao
+            quantized = sum(type(getattr(m, "weight", None)).__name__.startswith(("Int8", "Float8"))
+                            for m in backend.model.modules())
+            out["quantization"] = {"library": f"torchao {torchao.__version__}", "config": f"model.quantization={spec.quant}",
+                                   "modules": quantized}
         elif spec.quant:
             out["quantization"] = {"engine": spec.kind, "quantization": "fp8"}
     out["build_s" if spec.kind in ("ref", "hf") else "engine_start_s"] = round(time.perf_counter() - t0, 1)

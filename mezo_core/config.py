@@ -20,6 +20,8 @@ DEFAULT_RECIPE = "sst2"
 DEFAULT_CONFIG = f"conf/{DEFAULT_RECIPE}.yaml"  # in the working directory, else the packaged recipe
 #: ranges beyond which a value is a mistake, not a setting (issue #31: each was a traceback or silent)
 MAX_Q, MIN_EPS, MAX_LORA_R, MAX_TEMPLATE, MAX_THREADS = 4096, 1e-7, 65536, 10_000, 1024
+#: model.quantization's values (the hf backend: torchao; the engines: their fp8)
+QUANTIZATIONS = (None, "int8", "fp8", "fp8w")
 #: best_correction's values (mezo_core.trainer.best_level applies them)
 BEST_CORRECTIONS = ("bonferroni", "none")
 
@@ -53,6 +55,9 @@ class ModelConfig:
     path: str = "${assets}/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
     dtype: str = "float32"                 # float32 | bfloat16 | float16
     device: str = "cpu"                    # cpu | cuda | cuda:N | mps
+    # frozen base weights in 8 bits (the adapter and MeZO unchanged): int8 (weight-only), fp8 (fp8 weights
+    # and activations: FP8 matmuls, GPUs of compute capability >= 8.9), fp8w (fp8 weight-only); null: off
+    quantization: Optional[str] = None
 
 
 @dataclass
@@ -507,5 +512,7 @@ def validate(cfg: DictConfig) -> None:
     need(g.max_recoveries >= 0, "guard.max_recoveries", "must be >= 0")
     need(cfg.mezo.weight_decay >= 0, "mezo.weight_decay", "must be >= 0")
     need(cfg.mezo.ema_half_life >= 0, "mezo.ema_half_life", "must be >= 0 (steps; 0: off)")
+    need(cfg.model.quantization in QUANTIZATIONS, "model.quantization",
+         f"must be one of {', '.join(str(q) for q in QUANTIZATIONS[1:])}, or null")
     need(re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.model.device) is not None, "model.device",
          "must be cpu, cuda, cuda:N or mps")
