@@ -77,17 +77,99 @@ def read_peft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
     return read_tensors(path, "adapter_model.safetensors", "a PEFT adapter folder")
 
 
+#: adapter_config.json fields of PEFT LoRA variants that the backends do not apply: an adapter
+#: using one would be evaluated, trained or merged as another adapter. field -> its plain value
+UNSUPPORTED_LORA = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
+                    "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def read_lora_config(conf: str | Path) -> dict:
+    """``{"r", "alpha", "target_modules", "layers"}`` of a PEFT adapter's
+    ``adapter_config.json``, every field checked before use (one line naming the file
+    and the field): ``peft_type`` LORA (others are refused, not half-applied), ``r``
+    an integer in [1, MAX_LORA_R], ``lora_alpha`` a finite number in (0, 1e6] (as the
+    config's lora.r and lora.alpha), module names, layer indices >= 0, and none of
+    the variants of UNSUPPORTED_LORA."""
+    from .config import MAX_LORA_R
+    from .errors import MezoError
+    where = f"--adapter: {conf}"
+    try:
+        data = json.loads(Path(conf).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:   # UnicodeDecodeError is a ValueError
+        raise MezoError(f"--adapter: cannot read {conf}: {(str(exc).splitlines() or [type(exc).__name__])[0][:120]}"
+                        ) from None
+    if not isinstance(data, dict):
+        raise MezoError(f"--adapter: cannot read {conf}: not a JSON object")
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise MezoError(f"{where}: peft_type {str(peft_type)[:40]!r} is not supported (mezo-run reads, trains and "
+                        f"merges LoRA adapters: peft_type 'LORA')")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in data:
+            raise MezoError(f"--adapter: {conf} has no {key!r} field")
+    r, alpha, modules, layers = data["r"], data["lora_alpha"], data["target_modules"], data.get("layers_to_transform")
+
+    def bad(key, value, what):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise MezoError(f"--adapter: cannot read {conf}: field {key!r}: {shown} {what}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_LORA_R:
+        bad("r", r, f"is not an integer in [1, {MAX_LORA_R}]")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
+            math.isfinite(alpha) and 0 < alpha <= 1e6):
+        bad("lora_alpha", alpha, "is not a finite number in (0, 1e6] (the adapter's scale is lora_alpha / r)")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        bad("target_modules", modules, "is not a list of module names")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if layers is not None and (not isinstance(layers, list) or not layers or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1_000_000 for i in layers)):
+        bad("layers_to_transform", layers, "is not a list of layer indices >= 0 (or null: every layer)")
+    for key, plain in UNSUPPORTED_LORA.items():
+        if data.get(key, plain) not in (plain, None, {}, []):
+            bad(key, data[key], f"is not supported (only plain LoRA, {key}: {json.dumps(plain)}, is applied)")
+    return {"r": r, "alpha": float(alpha), "target_modules": list(modules), "layers": layers}
+
+
+def check_adapter_tensors(state: dict[str, torch.Tensor], shapes: dict, source) -> None:
+    """Tensors read from outside checked against the adapter the model holds
+    (``shapes``: name -> shape) before any is used: none missing, none extra, each of
+    its exact shape (``copy_`` would broadcast a [1, n] tensor into [4, n]) and of a
+    floating-point dtype (an int64 tensor would be cast without a word)."""
+    from .errors import MezoError
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing:
+        raise MezoError(f"{source}: adapter lacks {len(missing)} tensors, e.g. {missing[0]} (not an adapter of "
+                        "this model and lora config)")
+    if extra:
+        raise MezoError(f"{source}: tensor {extra[0]!r} is not part of this model's adapter ({len(extra)} such; "
+                        "r, target_modules and layers come from the adapter's adapter_config.json)")
+    for name in sorted(shapes):
+        tensor = state[name]
+        if tuple(tensor.shape) != tuple(shapes[name]):
+            raise MezoError(f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the model's adapter "
+                            f"needs {list(shapes[name])}")
+        if not tensor.dtype.is_floating_point:
+            raise MezoError(f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, not a "
+                            "floating-point type")
+
+
 def write_tensors(state: dict[str, torch.Tensor], out: str | Path, filename: str, extra=None) -> Path:
     """A folder holding ``filename`` (fp32 safetensors), written to a temp folder
-    and renamed into place; ``extra(tmp)`` may add files first."""
+    and renamed into place; ``extra(tmp)`` may add files first. A failed write (a
+    full disk) is one line naming the file, the temp folder removed."""
     from safetensors.torch import save_file
+
+    from .runfiles import writing
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     _remove_tree(tmp)
-    tmp.mkdir(parents=True)
+    with writing(out, cleanup=tmp):
+        tmp.mkdir(parents=True)
     if extra is not None:
-        extra(tmp)
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, tmp / filename)
+        with writing(out, cleanup=tmp):   # e.g. adapter_config.json
+            extra(tmp)
+    with writing(out / filename, cleanup=tmp):
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, tmp / filename)
     replace_dir(tmp, out)
     return out
 

@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from .adapter import check_finite, replace_dir
 from .errors import MezoError
 from .runfiles import (one_line, open_fd, open_own, open_text, read_bytes, refuse_link,
-                       replace_file, utf8_lines, write_new)
+                       replace_file, utf8_lines, write_error, write_new, writing)
 
 STEP = re.compile(r"step-(\d{7,})")
 LEFTOVER = re.compile(r".+\.tmp\d*")          # .step-N.tmp, latest.tmp, adapter.tmp<pid>, x.json.tmp<pid>
@@ -114,13 +114,15 @@ def write_adapter(backend, path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     _remove(tmp)
-    backend.save_adapter(tmp)
+    with writing(path, cleanup=tmp):   # a full disk: one line naming the file, no temp folder left
+        backend.save_adapter(tmp)
     try:
         check_finite_folder(tmp, f"adapter {path}")
     except MezoError as exc:
         _remove(tmp)
         raise MezoError(f"{exc}: not written (the training diverged)") from None
-    _sync_tree(tmp)
+    with writing(path, cleanup=tmp):
+        _sync_tree(tmp)
     fault("adapter-written")
     replace_dir(tmp, path)
     return path
@@ -294,9 +296,14 @@ class RunFolder:
         if previous:
             warn(f"taking over the lock of a run that ended without releasing it ({previous})")
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:   # a full disk: the lock is not left behind
+            self._lock_fd = fd
+            self.release()
+            raise write_error(self.lock_file, exc) from None
         self._lock_fd = fd
         fault("lock")
 
@@ -437,24 +444,30 @@ class RunFolder:
         name = step_name(state["step"])
         tmp = self.ckpts / f".{name}.tmp"
         _remove(tmp)
-        self.ckpts.mkdir(parents=True, exist_ok=True)
+        with writing(self.ckpts):
+            self.ckpts.mkdir(parents=True, exist_ok=True)
         refuse_link(self.ckpts)
-        backend.save_adapter(tmp)
+        # a failed write (a full disk) is one line naming the file; the temp folder goes, the
+        # last checkpoint stays
+        with writing(tmp, cleanup=tmp):
+            backend.save_adapter(tmp)
         fault("ckpt-tmp")
         for key, tensors in (extra or {}).items():
             if not re.fullmatch(r"[A-Za-z0-9_-]+", key) or key in RESERVED:
                 raise ValueError(f"checkpoint extra {key!r}: not a plain name, or a reserved one")
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{key}.safetensors")
+            with writing(tmp / f"{key}.safetensors", cleanup=tmp):
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{key}.safetensors")
         try:
             check_finite_folder(tmp, f"checkpoint {name}")
         except MezoError as exc:
             _remove(tmp)
             raise MezoError(f"{exc}: not written (the training diverged; the last checkpoint stays)") from None
         fault("ckpt-files")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
-        _sync_tree(tmp)
+        with writing(tmp, cleanup=tmp):
+            write_new(tmp / "state.json", json.dumps(state, indent=1))
+            files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            write_new(tmp / "manifest.json", json.dumps({"files": files}, indent=1))
+            _sync_tree(tmp)
         replace_dir(tmp, self.ckpts / name)
         _sync_tree(self.ckpts)
         fault("ckpt-renamed")

@@ -66,19 +66,13 @@ def adapter_lora(cfg, adapter) -> None:
     conf = path / "adapter_config.json"
     if not conf.exists():
         return
+    from .adapter import read_lora_config
+    lora = read_lora_config(conf)   # each field checked, one line naming the file and the field
     try:
-        data = json.loads(conf.read_text(encoding="utf-8"))
-        layers = data.get("layers_to_transform")
-        lora = {"r": data["r"], "alpha": data["lora_alpha"], "target_modules": data["target_modules"],
-                "layers": [layers] if isinstance(layers, int) else layers}
-        if not isinstance(lora["target_modules"], list):
-            raise ValueError(f"target_modules {lora['target_modules']!r} is not a list of module names")
         cfg.merge_with({"lora": lora})
-    except KeyError as exc:
-        raise MezoError(f"--adapter: {conf} has no {exc} field") from None
-    except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException) as exc:
-        raise MezoError(f"--adapter: cannot read {conf}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
-    validate(cfg)
+        validate(cfg)
+    except (MezoError, ValueError, TypeError, OmegaConfBaseException) as exc:
+        raise MezoError(f"--adapter: cannot use {conf}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
 def cmd_train(args, cfg, registry):
@@ -114,7 +108,9 @@ def cmd_eval(args, cfg, registry):
         if rows is not None:
             out = Path(args.predictions)
             tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")   # complete or absent, never a part
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            from .runfiles import writing
+            with writing(out, cleanup=tmp):   # a full disk: one line naming the file, no part left
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             os.replace(tmp, out)
             result["predictions"] = str(args.predictions)
         if cfg.task.max_tokens:
@@ -228,7 +224,9 @@ def cmd_init(args) -> None:
             raise MezoError("init custom: name your data: task.train=FILE task.dev=FILE (and task.template, "
                             "task.verbalizer for its labels)")
         base = known[DEFAULT_RECIPE]
-        sized = write_recipe(base, load_config(base, args.overrides), args.overrides, out)
+        from .runfiles import writing
+        with writing(out):
+            sized = write_recipe(base, load_config(base, args.overrides), args.overrides, out)
         print("\n".join([f"wrote {out}:", *(f"  {line}" for line in sized["why"]),
                          f"edit it, then: mezo-run train -c {out}"]))
         return
@@ -242,7 +240,9 @@ def cmd_init(args) -> None:
     if out.exists() and not args.force:
         raise MezoError(f"init: {out} exists (pass --force to overwrite it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(known[args.recipe].read_text(encoding="utf-8"), encoding="utf-8")
+    from .runfiles import writing
+    with writing(out):
+        out.write_text(known[args.recipe].read_text(encoding="utf-8"), encoding="utf-8")
     print(f"wrote {out}; edit it, then: mezo-run train -c {out}")
 
 
@@ -253,8 +253,8 @@ def cmd_export(args, cfg, registry):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .adapter import read_peft_adapter, read_tensors, replace_dir
-    from .models import resolve_model_dir, torch_dtype
+    from .adapter import adapter_shapes, check_adapter_tensors, read_peft_adapter, read_tensors, replace_dir
+    from .models import load_pretrained, resolve_model_dir, torch_dtype
     out = Path(args.merge)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MezoError(f"export: {out} exists and is not an empty folder")
@@ -265,10 +265,18 @@ def cmd_export(args, cfg, registry):
     if not full.exists():
         adapter_lora(cfg, adapter)  # a malformed adapter_config.json, in one line
     model_dir = resolve_model_dir(cfg.model.path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.model.dtype))
+    if not full.exists():   # shapes and dtypes against the model's adapter, before the model is read
+        try:
+            shapes = adapter_shapes(model_dir, cfg.lora)
+        except (ValueError, RuntimeError, KeyError) as exc:   # e.g. target modules the model lacks
+            raise MezoError(f"export: cannot apply {adapter} to {cfg.model.path}: "
+                            f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+        check_adapter_tensors(state, shapes, adapter / "adapter_model.safetensors")
+    model = load_pretrained(AutoModelForCausalLM, model_dir, dtype=torch_dtype(cfg.model.dtype))
     if full.exists():
         params = dict(model.named_parameters())
-        bad = sorted(n for n in state if n not in params or params[n].shape != state[n].shape)
+        bad = sorted(n for n in state if n not in params or params[n].shape != state[n].shape
+                     or not state[n].dtype.is_floating_point)
         if bad:
             raise MezoError(f"export: {full} holds {bad[0]!r}, not a weight of that shape in {cfg.model.path}")
         with torch.no_grad():
@@ -282,8 +290,11 @@ def cmd_export(args, cfg, registry):
             raise MezoError(f"export: cannot apply {adapter} to {cfg.model.path}: "
                             f"{(str(exc).splitlines() or [''])[0][:200]}") from None
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    tokenizer = load_pretrained(AutoTokenizer, model_dir)
+    from .runfiles import writing
+    with writing(out, cleanup=tmp):   # a full disk: one line naming the folder, no part left
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
     replace_dir(tmp, out)

@@ -9,6 +9,14 @@ quoting when the file quotes its fields) or JSONL, one object a line:
 word, or its name when ``task.verbalizer`` is a mapping ``{name: word}``; a
 multiple-choice label is the index of its candidate or the candidate itself.
 Or a Hugging Face dataset (``task.hf_dataset``) with the same fields.
+
+Limits (each broken one is an error naming the file and line): a line holds at most
+``MAX_LINE_CHARS`` characters (128 Ki: the csv module's own field limit, which TSV
+files always had; about 30k tokens of English, far past the prompts MeZO tunes on,
+and a row of megabytes would only fail later, out of memory, in the first forward);
+a label written as text or as a JSON number has at most ``MAX_LABEL_CHARS``
+characters (it is an index or a label name); texts are valid Unicode (a JSON
+``\\ud800`` escape without its pair is a lone surrogate: no tokenizer takes it).
 """
 from __future__ import annotations
 
@@ -29,6 +37,9 @@ import torch
 from .errors import MezoError
 from .interfaces import Example
 from .perturb import mix
+
+MAX_LINE_CHARS = 131072   # characters in one line of a data file (see the module's docstring)
+MAX_LABEL_CHARS = 100     # characters of a label: an index or a name
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,12 @@ def verbalizer_words(verbalizer) -> list[str]:
     return list(verbalizer.values()) if hasattr(verbalizer, "keys") else list(verbalizer)
 
 
+def _show(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_label(value, labels, where):
     """A label name (when the verbalizer is a mapping), an int, or a string holding
     one (TSV labels are text); returns the label's index. Floats and booleans are
@@ -63,13 +80,17 @@ def _check_label(value, labels, where):
     if names and isinstance(value, str) and value.strip() in names:
         return names.index(value.strip())
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise MezoError(f"{where}: label {value!r} is not an integer")
+        raise MezoError(f"{where}: label {_show(value)} is not an integer")
+    if isinstance(value, int) and value.bit_length() > 64 or isinstance(value, str) and len(value) > MAX_LABEL_CHARS:
+        size = f"{len(value)} characters" if isinstance(value, str) else f"an integer of {value.bit_length()} bits"
+        raise MezoError(f"{where}: label {_show(value, 40)} is {size}: not a label (an index, or a name; "
+                        f"at most {MAX_LABEL_CHARS} characters)")
     try:
         label = int(value)
     except ValueError:
-        hint = (f"not one of the label names {names}" if names else
+        hint = (f"not one of the label names {_show(names, 120)}" if names else
                 "not an integer (for label names give task.verbalizer as a mapping {name: word})")
-        raise MezoError(f"{where}: label {value!r} is {hint}") from None
+        raise MezoError(f"{where}: label {_show(value)} is {hint}") from None
     if not 0 <= label < num_labels:
         raise MezoError(f"{where}: label {label} out of range 0..{num_labels - 1} (task.verbalizer has {num_labels} words)")
     return label
@@ -81,6 +102,11 @@ def _check_text(value, name, where, empty_ok=False):
         raise MezoError(f"{where}: field {name!r} must be a string (got {value!r:.40})")
     if not empty_ok and not value.strip():
         raise MezoError(f"{where}: field {name!r} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:   # only lone surrogates fail: a JSON \\udXXX escape without its pair
+        raise MezoError(f"{where}: field {name!r} holds a lone surrogate {value[exc.start]!r} at character "
+                        f"{exc.start} (invalid Unicode: a \\ud800-\\udfff escape without its pair)") from None
     return value
 
 
@@ -156,6 +182,16 @@ def _parse_tsv(path, text, labels, quoted) -> list[Record]:
     return records
 
 
+def _check_line_lengths(path: Path, text: str) -> None:
+    """Every line within MAX_LINE_CHARS (checked before parsing: the first long line is named)."""
+    if len(text) <= MAX_LINE_CHARS:
+        return
+    for n, line in enumerate(text.split("\n"), 1):
+        if len(line) > MAX_LINE_CHARS:
+            raise MezoError(f"{path}, line {n}: {len(line)} characters, more than the {MAX_LINE_CHARS} a line "
+                            f"may hold (mezo_core.data.MAX_LINE_CHARS): a row is one example, not a document")
+
+
 def _read_jsonl(path: Path, text: str, kind: str, labels) -> list[Record]:
     records = []
     for n, line in enumerate(text.split("\n"), 1):
@@ -168,6 +204,9 @@ def _read_jsonl(path: Path, text: str, kind: str, labels) -> list[Record]:
             raise MezoError(f"{where}: malformed JSON: {exc.msg}") from None
         except RecursionError:
             raise MezoError(f"{where}: malformed JSON: nested too deeply") from None
+        except ValueError:   # Python's limit on the digits of an int read from text
+            raise MezoError(f"{where}: a number of more than {sys.get_int_max_str_digits()} digits "
+                            "(a label is an index, or a name)") from None
         if not isinstance(obj, dict):
             raise MezoError(f"{where}: expected a JSON object")
         records.append(_record(obj, kind, labels, where))
@@ -247,6 +286,7 @@ def read_records(path: str | Path, kind: str, labels=2, field: str = "task.train
         raise MezoError(f"{field}: {path}: TSV files hold classification data (sentence, label); "
                         f"{kind} data is JSONL {FIELDS[kind]}")
     text = _read_text(path, field)
+    _check_line_lengths(path, text)
     if path.suffix == ".tsv":
         records = _read_tsv(path, text, labels)
     else:
@@ -521,7 +561,9 @@ class Task:
         return ids
 
     def _make_prompt(self, record: Record) -> tuple[int, ...]:
-        if self.kind != "classification":
+        """Classification and multiple choice: ``task.template`` around the text (cut
+        to task.max_tokens from the text's tail); completion: the prompt as written."""
+        if self.kind == "completion":
             ids = tuple(self._ids(record.text))
             room = None if not self.max_tokens else self.max_tokens - len(self._ids(record.completion, special=False))
             if room is not None and len(ids) > room:

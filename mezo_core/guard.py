@@ -9,7 +9,17 @@ on SST-2 after ~1000 steps at lr 1e-2). The guard watches three signals:
 * a projected gradient far outside its running scale: clipped to
   ``clip`` x the running RMS (zeroth-order gradient clipping), kept as an event;
 * a sustained rise of the smoothed training loss: the EMA (span ``window``)
-  stays more than ``rise`` (relative) above its best for ``patience`` steps.
+  stays more than ``rise`` (relative) above its best for ``patience`` steps;
+* an absurd but finite state: after an update, a weight larger than
+  ``MAX_WEIGHT_RATIO`` (1000) x the starting weights' largest |w| (at least
+  ``MIN_START_SCALE``) -- rolled back as a non-finite step. Why 1000: LoRA starts
+  with B = 0 and A ~ U(+-1/sqrt(d)), so the largest |w| is 1/sqrt(d) (0.016 at
+  d = 4096), and MeZO moves a weight by lr * |g| * |z| per step (lr 1e-6..1e-2):
+  a run that learns stays within a few times its start. A B entry 1000/sqrt(d)
+  makes adapter deltas (alpha/r) * B @ A of order alpha * 1000 / d -- hundreds of
+  times the base weights' own scale (~1/sqrt(d)): the model is destroyed well
+  before, and such a state (mezo.lr=1e30 wrote weights of 1e22) is never written;
+  full-parameter runs start from the base weights, where 1000 x their largest is as far.
 
 Rolling back restores the anchor -- a snapshot of the weights taken where the
 smoothed loss was at its best -- and multiplies the step size by ``cut``
@@ -23,6 +33,9 @@ from __future__ import annotations
 import math
 
 from .errors import DivergedError
+
+MAX_WEIGHT_RATIO = 1000.0   # a weight beyond this x the start's largest |w| is a divergence (see above)
+MIN_START_SCALE = 0.01      # ... the start's largest |w| taken as at least this
 
 
 class Guard:
@@ -39,6 +52,23 @@ class Guard:
         self.events = 0
         self.anchor = None         # tensors (by name) of the best state; the trainer fills it
         self.anchor_step = 0
+        self.start_scale = None    # the starting weights' largest |w| (the bound's unit)
+
+    def weight_limit(self) -> float:
+        return MAX_WEIGHT_RATIO * max(self.start_scale or 0.0, MIN_START_SCALE)
+
+    def check_weights(self, max_abs: float | None) -> dict | None:
+        """An event when the largest |w| after an update (clean weights) is not finite or
+        past ``weight_limit``: an absurd state, rolled back like a non-finite step."""
+        if not self.cfg.enabled or max_abs is None or self.start_scale is None:
+            return None
+        limit = self.weight_limit()
+        if math.isfinite(max_abs) and max_abs <= limit:
+            return None
+        return {"event": "weights", "max_abs": _num(max_abs), "limit": limit,
+                "cause": ("the weights went non-finite in an update" if not math.isfinite(max_abs) else
+                          f"the weights grew to |w| = {max_abs:.3g}, past {MAX_WEIGHT_RATIO:g} x the starting "
+                          f"weights' largest |w| ({self.start_scale:.3g})") + ": lower mezo.lr"}
 
     # -- before the update ---------------------------------------------------------
     def check(self, result) -> dict | None:
@@ -47,8 +77,11 @@ class Guard:
         if not self.cfg.enabled:
             return None
         if not result.finite:
+            losses = all(math.isfinite(v) for v in (*result.losses_plus, *result.losses_minus))
             return {"event": "nonfinite", "loss_plus": _num(result.loss_plus),
-                    "loss_minus": _num(result.loss_minus)}
+                    "loss_minus": _num(result.loss_minus),
+                    "cause": ("the projected gradient overflowed (the losses are finite): lower mezo.lr" if losses
+                              else "the training loss went non-finite: lower mezo.lr (or mezo.eps)")}
         event = None
         if self.cfg.clip and self.g_sq is not None and self.seen >= self.cfg.warmup:
             limit = self.cfg.clip * math.sqrt(self.g_sq)
@@ -78,7 +111,9 @@ class Guard:
             self.above += 1
             if self.above >= self.cfg.patience:
                 return False, {"event": "rise", "smoothed_loss": self.ema, "best_smoothed_loss": self.best,
-                               "best_step": self.best_step}
+                               "best_step": self.best_step,
+                               "cause": f"the smoothed training loss stayed above its best for "
+                                        f"{self.cfg.patience} steps: lower mezo.lr"}
         else:
             self.above = 0
         return False, None
@@ -92,15 +127,16 @@ class Guard:
         event.update(step=step, lr_scale=self.lr_scale, recoveries=self.recoveries,
                      rolled_back_to=self.anchor_step)
         if self.recoveries > self.cfg.max_recoveries:
+            cause = event.get("cause") or "lower mezo.lr (or mezo.eps)"
             raise DivergedError(
                 f"training diverged: {event['event']} at step {step} after {self.cfg.max_recoveries} "
-                f"roll-backs (step size cut to {self.lr_scale:.3g} x mezo.lr). Lower mezo.lr (or mezo.eps) "
-                f"and start again; checkpoints hold only finite weights from before the divergence")
+                f"roll-backs (step size cut to {self.lr_scale:.3g} x mezo.lr): {cause}, and start again; "
+                f"checkpoints hold only finite weights from before the divergence")
         return event
 
     def state_dict(self) -> dict:
         keys = ("lr_scale", "ema", "best", "best_step", "above", "g_sq", "seen", "recoveries", "events",
-                "anchor_step")
+                "anchor_step", "start_scale")
         return {k: _num(getattr(self, k)) for k in keys}
 
     def load_state_dict(self, state: dict) -> None:

@@ -43,6 +43,7 @@ def resolve_model_dir(path: str, field: str = "model.path") -> Path:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise MezoError(f"{field}: {p} is a folder without config.json (not a Hugging Face model)")
+        check_model_dir(p, field)
         return p
     if p.suffix != ".gguf":
         raise MezoError(f"{field}: {p} is neither a model folder nor a .gguf file")
@@ -55,6 +56,55 @@ def resolve_model_dir(path: str, field: str = "model.path") -> Path:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"mezo-run: {out.name}: {size / 1e6:.0f} MB, kept for later runs of the same file", file=sys.stderr)
     return out
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_dir(p: Path, field: str = "model.path") -> None:
+    """A model folder from outside, checked before anything in it is loaded (one line
+    naming the file): ``config.json`` is a JSON object whose ``model_type`` the installed
+    transformers knows -- code that its ``auto_map`` names is never run (remote code
+    stays off), so a model that needs it is refused here, not in a traceback -- and the
+    weights are safetensors: a folder holding only pickle weights (``pytorch_model.bin``)
+    is refused, as unpickling can run code and mezo-run unpickles nothing."""
+    import json
+    conf = p / "config.json"
+    try:
+        data = json.loads(conf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MezoError(f"{field}: cannot read {conf}: {(str(exc).splitlines() or [''])[0][:120]}") from None
+    if not isinstance(data, dict):
+        raise MezoError(f"{field}: {conf} is not a JSON object")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        import transformers
+        code = data.get("auto_map")
+        names = ", ".join(map(str, code.values())) if isinstance(code, dict) else code
+        why = (f"needs code of its own (auto_map: {names}), which mezo-run never runs" if code
+               else "is no architecture transformers ships")
+        raise MezoError(f"{field}: {conf}: model_type {str(model_type)[:40]!r} {why}: use a model of an architecture "
+                        f"transformers {transformers.__version__} knows")
+    if not any(f.suffix == ".safetensors" for f in p.iterdir()):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise MezoError(f"{field}: {p / pickles[0]} holds pickle weights and {p} no safetensors: mezo-run never "
+                            "unpickles a model (unpickling can run code); convert it once where you trust it: "
+                            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT) writes safetensors")
+        raise MezoError(f"{field}: {p} holds no weights (*.safetensors)")
+
+
+def load_pretrained(cls, model_dir, **kwargs):
+    """``cls.from_pretrained(model_dir)`` (a transformers Auto class), remote code off,
+    a failure in one line naming the folder (a damaged file fails in many ways)."""
+    try:
+        return cls.from_pretrained(model_dir, trust_remote_code=False, **kwargs)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- transformers, safetensors and tokenizers raise many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MezoError(f"model.path: cannot load {model_dir} ({cls.__name__}): {first}") from None
 
 
 def converted_dir(path: Path) -> Path:
@@ -116,11 +166,14 @@ def _convert_gguf(src: Path, out: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    from .runfiles import is_write_error, write_error
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(out)
-    except OSError as exc:
+    except Exception as exc:   # an OSError, or safetensors' own error type (a full disk)
+        if not is_write_error(exc):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "config.json").exists():  # else another process converted it first
-            raise MezoError(f"model.path: cannot write the converted model to {out}: {exc.strerror}") from None
+            raise MezoError(f"model.path: cannot write the converted model: {write_error(out, exc)}") from None

@@ -12,11 +12,19 @@ outside it).
   rename(2), which replaces the directory entry at the destination, never a
   link's target; a destination that is a symlink is refused before that;
 - folders: ``lstat`` before use (``O_NOFOLLOW`` guards only a path's last part).
+
+A write that fails (the disk full, a quota, any OS error, safetensors' own error
+type included) is one line naming the file (``writing``, ``write_error``), its
+temp file or folder removed; the run's lock is released on the way out
+(Trainer), so nothing half-written or stale stays behind.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -88,8 +96,87 @@ def open_own(path, flags: int, mode: int = 0o666) -> int:
 
 def open_append(path, newline: str | None = None):
     """``path`` for appending UTF-8 text (created if missing), see ``open_own``."""
-    fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    return os.fdopen(fd, "a", encoding="utf-8", newline=newline)
+    with writing(path):
+        fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return _AppendFile(os.fdopen(fd, "a", encoding="utf-8", newline=newline), path)
+
+
+#: errnos of a full disk: no space, a quota, a file past RLIMIT_FSIZE
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """An OSError, or safetensors' SafetensorError (raised for any failed save, its I/O error inside)."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+
+
+def shown_path(path) -> str:
+    """A run file as the user knows it: temp names (``.step-0000004.tmp``, ``last.tmp123``,
+    ``config.yaml.tmp123``) shown as the file or folder they become."""
+    parts = [re.sub(r"^\.?(.+?)\.tmp\d*$", r"\1", part) for part in Path(path).parts]
+    return str(Path(*parts)) if parts else str(path)
+
+
+def write_error(path, exc: BaseException) -> MezoError:
+    """A failed write as one line naming the file; a full disk says so, with what to do."""
+    text = str(exc)
+    full = getattr(exc, "errno", None) in DISK_FULL or "No space left" in text or "os error 28" in text
+    if full:
+        reason = ("no space left on device: free some space, then run again (a training run continues "
+                  "from its last checkpoint with --resume)")
+    else:
+        reason = getattr(exc, "strerror", None) or (text.splitlines() or [type(exc).__name__])[0][:200]
+    return MezoError(f"{shown_path(path)}: cannot write: {reason}")
+
+
+def remove_tree(path) -> None:
+    """Remove a folder, or unlink whatever else is at ``path`` (a symlink: never followed)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        remove_entry(path)
+
+
+@contextlib.contextmanager
+def writing(path, cleanup=None):
+    """Writes of ``path`` inside: a failure (``is_write_error``) becomes one line naming
+    it (``write_error``); on any failure ``cleanup`` (a temp file or folder) is removed."""
+    try:
+        yield
+    except BaseException as exc:
+        if cleanup is not None:
+            remove_tree(cleanup)
+        if isinstance(exc, MezoError) or not is_write_error(exc):
+            raise
+        raise write_error(path, exc) from None
+
+
+class _AppendFile:
+    """A text file of the run opened for appending whose failed writes name it."""
+
+    def __init__(self, f, path):
+        self._f, self.path = f, path
+
+    def write(self, text):
+        with writing(self.path):
+            return self._f.write(text)
+
+    def flush(self):
+        with writing(self.path):
+            self._f.flush()
+
+    def close(self):
+        with writing(self.path):
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def remove_entry(path) -> None:
@@ -104,11 +191,12 @@ def write_new(path, data: bytes | str, sync: bool = False) -> None:
     """``data`` as a new file at ``path``, a temp name of the run: whatever is there is
     unlinked first, then the file is created exclusively (never through a link)."""
     remove_entry(path)
-    with os.fdopen(open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
+    with writing(path, cleanup=path):   # a full disk: one line naming the file, no part left
+        with os.fdopen(open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def replace_file(path, data: bytes | str, sync: bool = False) -> None:

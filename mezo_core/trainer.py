@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import shutil
 import time
@@ -121,6 +122,9 @@ class Trainer:
             self._save(state)
         if self.guard.anchor is None:
             self._take_anchor(state["step"])  # the guard can always roll back to the start
+        if self.guard.start_scale is None:    # the unit of the guard's bound on |w|
+            self.guard.start_scale = max((float(t.abs().max()) for t in self.guard.anchor.values()
+                                          if t.numel()), default=0.0)
         if self.average.enabled and self.average.tensors is None:
             self.average.reset(self.guard.anchor)
         if "noise" not in state:
@@ -131,6 +135,7 @@ class Trainer:
         for step in range(state["step"], m.steps):
             batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
             eps = self.eps(step, m.steps)
+            _check_schedule("mezo.eps_schedule", m.eps_schedule, "eps", eps, step, positive=True)
             stats_before = self.backend.get_stats()
             start = time.perf_counter()
             # 1. the forwards: L+/L- and the projected gradients
@@ -149,15 +154,22 @@ class Trainer:
             rejected = bool(event) and event["event"] in ("nonfinite", "rise")
             # 3. the update (restore + decay + step + the next step's +eps z in one pass)
             lr = 0.0 if rejected else self.guard.lr_scale * self.lr(step, m.steps)
+            _check_schedule("mezo.lr_schedule", m.lr_schedule, "lr", lr, step)
             next_direction = None
             if m.fuse_steps and not (rejected or self._pauses_after(step + 1) or self._anchors(step + 1, new_best)):
                 next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
             applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction,
                              decay_mask=self.decay_mask)
+            if not rejected and next_direction is None:  # clean weights: an absurd state diverged too
+                too_large = self.guard.check_weights(self._max_abs(self._pauses_after(step + 1)))
+                if too_large:
+                    event, rejected = too_large, True
             if rejected:  # back to the best state seen, with a smaller step
-                cut = cfg.guard.nonfinite_cut if event["event"] == "nonfinite" else cfg.guard.cut
-                event = self.guard.roll_back(step + 1, event, cut)
+                cut = cfg.guard.nonfinite_cut if event["event"] in ("nonfinite", "weights") else cfg.guard.cut
                 self.backend.restore(self.guard.anchor)
+                if event["event"] == "nonfinite":
+                    self._nonfinite_cause(event, batch, step)
+                event = self.guard.roll_back(step + 1, event, cut)
                 if self.average.enabled:  # the average forgets the weights rolled back
                     self.average.reset(self.guard.anchor)
                 state.setdefault("guard_events", []).append(event)
@@ -261,6 +273,37 @@ class Trainer:
 
     def _take_anchor(self, step: int) -> None:
         self.guard.anchor, self.guard.anchor_step = self.backend.snapshot(), step
+
+    def _max_abs(self, pausing: bool) -> float | None:
+        """The largest |w| of the trainable tensors (the guard's bound): every clean step
+        where the backend holds them; at pauses (evaluations, checkpoints, the end: before
+        anything is written) from a snapshot otherwise. None: not measured this step."""
+        tensors = getattr(self.backend, "trainable_tensors", None)
+        if tensors is not None:
+            tensors = [t for t in tensors() if t.numel()]
+            import torch
+            return float(torch.stack(torch._foreach_norm(tensors, float("inf"))).max()) if tensors else 0.0
+        if pausing:
+            return max((float(t.abs().max()) for t in self.backend.snapshot().values() if t.numel()), default=0.0)
+        return None
+
+    def _nonfinite_cause(self, event: dict, batch, step: int) -> None:
+        """Name what went non-finite (``event["cause"]``): the loss of this batch at the
+        anchor itself (the weights restored: the start, or the best state since) is not
+        finite -- then no roll-back or step size helps, the model, adapter or data give
+        NaN/inf, and the run stops here (MezoError) --, or the perturbation alone (no
+        update since the anchor: mezo.eps), or the updates since the anchor (mezo.lr)."""
+        loss = self.backend.objective(batch).double()
+        total = sum_over_ranks([float(loss.sum()), float(len(batch))])
+        if not math.isfinite(total[0]):
+            where = ("the starting weights (no update applied yet)" if self.guard.anchor_step == 0
+                     else f"the weights of step {self.guard.anchor_step} (the guard's anchor)")
+            raise MezoError(f"the training loss of step {step + 1}'s batch is not finite at {where}: the "
+                            f"model (model.dtype={self.cfg.model.dtype}), the adapter or the data give NaN/inf, "
+                            f"not mezo.lr (nothing was written from this step)")
+        if self.guard.anchor_step == step:
+            event["cause"] = (f"the training loss went non-finite at the weights +- mezo.eps z alone (no update "
+                              f"since step {step}): lower mezo.eps")
 
     def _forward_noise(self, step: int) -> float | None:
         """The noise of a batch's mean loss, for schedules that need it: the same batch
@@ -411,15 +454,28 @@ class Trainer:
         return load_file(str(path / f"{name}.safetensors"))
 
     def _release(self) -> None:
-        self._close_loggers()
-        folder = getattr(self, "folder", None)
-        if folder is not None:
-            folder.release()
+        """However the run ends; a logger whose file cannot be flushed (a full disk, the
+        error already on its way out) does not keep the lock from being released."""
+        try:
+            self._close_loggers()
+        except Exception:   # noqa: BLE001 -- the run's own error, if any, is the one reported
+            self.loggers = []
+        finally:
+            folder = getattr(self, "folder", None)
+            if folder is not None:
+                folder.release()
 
     def _barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
             dist.barrier()
+
+
+def _check_schedule(field: str, name: str, what: str, value: float, step: int, positive: bool = False) -> None:
+    """A schedule's value is finite (and > 0 for eps): else the run stops naming the schedule."""
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise MezoError(f"config field {field!r}: schedule {name!r} gave {what}={value} at step {step + 1} "
+                        f"(mezo.{what}, mezo.{what}_end): not a finite number {'> 0' if positive else '>= 0'}")
 
 
 def _scores(evaluation: dict) -> dict:
@@ -430,9 +486,11 @@ def _scores(evaluation: dict) -> dict:
 def _copy_adapter(src: Path, dst: Path) -> None:
     """``dst`` becomes a copy of the adapter folder ``src``, atomically (copied beside, renamed)."""
     from .adapter import replace_dir
+    from .runfiles import writing
     tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("best.json"))
+    with writing(dst, cleanup=tmp):   # a full disk: one line naming the folder, no part left
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("best.json"))
     replace_dir(tmp, dst)
 
 

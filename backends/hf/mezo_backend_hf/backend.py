@@ -11,12 +11,12 @@ from typing import ClassVar, Sequence
 import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
-from mezo_core.adapter import (initial_adapter, peft_lora_config, read_peft_adapter, read_tensors,
-                               write_peft_adapter, write_tensors)
+from mezo_core.adapter import (check_adapter_tensors, initial_adapter, peft_lora_config, read_peft_adapter,
+                               read_tensors, write_peft_adapter, write_tensors)
 from mezo_core.config import options_from, plugin_options
 from mezo_core.interfaces import BackendStats, BoundForwards
 from mezo_core.registry import or_installed
-from mezo_core.models import resolve_model_dir
+from mezo_core.models import load_pretrained, resolve_model_dir
 from mezo_core.perturb import configured_dist
 
 from .forward import Forwards, target_losses
@@ -42,7 +42,7 @@ class HFBackend(LocalTensorsBackend):
             raise MezoError("model.device: cuda requested but no CUDA device is available")
         if opts.cuda_graphs and self.device.type != "cuda":
             raise MezoError("hf.cuda_graphs: CUDA graphs need model.device: cuda")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_pretrained(AutoTokenizer, model_dir)
         self.model_dir, self.lora = model_dir, cfg.lora
         self.model_name = str(cfg.model.path)  # what saved adapters name: the user's model, not the cache
         self.z_dist = configured_dist(cfg)
@@ -169,19 +169,19 @@ class HFBackend(LocalTensorsBackend):
             write_tensors(state, path, FULL_PARAMS_FILE)
 
     def load_adapter(self, path):
+        from pathlib import Path
         if self.opts.full_params is None:
-            self._load_state(read_peft_adapter(path), source=path)
+            self._load_state(read_peft_adapter(path), source=Path(path) / "adapter_model.safetensors")
         else:
-            self._load_state(read_tensors(path, FULL_PARAMS_FILE), source=path)
+            self._load_state(read_tensors(path, FULL_PARAMS_FILE), source=Path(path) / FULL_PARAMS_FILE)
 
     def restore(self, snapshot):
         self._load_state(snapshot, source="snapshot")
 
     @torch.no_grad()
     def _load_state(self, state, source="initial adapter"):
-        missing = set(self._names) - set(state)
-        if missing:
-            raise MezoError(f"{source}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        # names, exact shapes, floating dtypes: nothing broadcast or cast on the way in
+        check_adapter_tensors(state, {n: t.shape for n, t in zip(self._names, self._tensors)}, source)
         for name, tensor in zip(self._names, self._tensors):
             tensor.copy_(state[name])
         self._sync_model_adapter()

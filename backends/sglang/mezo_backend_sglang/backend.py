@@ -50,7 +50,7 @@ import torch
 from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.config import options_from
 from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types
-from mezo_core.adapter import (adapter_shapes, initial_adapter, read_peft_adapter,
+from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
@@ -496,14 +496,10 @@ class SGLangBackend(LocalTensorsBackend):
 
     def load_adapter(self, path):
         state = read_peft_adapter(path)
-        missing = set(self._names) - set(state)
-        if missing:
-            raise MezoError(f"{path}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        # names, exact shapes, floating dtypes: nothing broadcast or cast on the way in
+        check_adapter_tensors(state, {n: t.shape for n, t in zip(self._names, self._tensors)}, path)
         with torch.no_grad():
             for name, tensor in zip(self._names, self._tensors):
-                if tuple(state[name].shape) != tuple(tensor.shape):
-                    raise MezoError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
-                                    f"expected {tuple(tensor.shape)}")
                 tensor.copy_(state[name])
         self._dirty = True
         if self.in_place:

@@ -72,7 +72,8 @@ import torch
 from mezo_core import Backend, Example, MezoError
 from mezo_core.config import options_from
 from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types
-from mezo_core.adapter import adapter_shapes, initial_adapter, read_peft_adapter, write_peft_adapter
+from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
+                               write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
 
@@ -181,7 +182,7 @@ class VLLMBackend(Backend):
         from vllm.lora.request import LoRARequest
 
         shapes = adapter_shapes(model_dir, cfg.lora)
-        self._names = sorted(shapes)
+        self._names, self._shapes = sorted(shapes), shapes
         self._workdir = Path(tempfile.mkdtemp(prefix="mezo-vllm-"))
         adapter_dir = write_peft_adapter(initial_adapter(shapes, cfg.seed), cfg.lora, model_dir,
                                          self._workdir / "adapter")
@@ -401,9 +402,8 @@ class VLLMBackend(Backend):
 
     def load_adapter(self, path):
         state = read_peft_adapter(path)  # validates the folder here, with a MezoError
-        missing = set(self._names) - set(state)
-        if missing:
-            raise MezoError(f"{path}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        # names, exact shapes, floating dtypes, before the engine reads the folder
+        check_adapter_tensors(state, self._shapes, path)
         self._rpc("mezo_load", str(Path(path).resolve()))
         self._changed()
 
