@@ -30,6 +30,7 @@ from .errors import MezoError
 from .guard import Guard
 from .interfaces import Signals
 from .mezo import decayed, direction_seeds, probe, update
+from .runlog import RunLog
 from .selection import Selection, best_level, best_tests, sign_test_p  # noqa: F401 (re-exported)
 
 
@@ -112,7 +113,9 @@ class Trainer:
         state = self._resume() if resume else self._fresh()
         self._restore_run_state(state)
         if self.writes:
-            self.loggers = [cls(self.out, cfg, state["step"]) for cls in self.logger_classes]
+            # the run's record first, whatever report_to says (jsonl there names it: not twice)
+            self.loggers = [RunLog(self.out, cfg, state["step"])] + [
+                cls(self.out, cfg, state["step"]) for cls in self.logger_classes if cls is not RunLog]
             if cfg.eval_every and "note" in self.selection.plan:
                 warn(f"best/ selection: {self.selection.plan['note']}")
         if cfg.zero_shot and "zero_shot" not in state:

@@ -234,3 +234,21 @@ def test_wandb_unavailable_is_one_line(tmp_path, tiny_llama, capsys, fresh_regis
     err = capsys.readouterr().err
     assert code == 2 and "logger 'wandb' is unavailable" in err and "pip install wandb" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_run_record_is_written_whatever_report_to_says(tmp_path, tiny_llama, fresh_registry):
+    """report_to=[csv]: metrics.jsonl and evals.jsonl are still the run's record (the
+    core writes them: --resume trims them, training.png reads them), and csv holds the
+    same steps. report_to=[jsonl, csv] writes each jsonl row once."""
+    rows = {}
+    for name, report in (("csv", "report_to=[csv]"), ("both", "report_to=[jsonl,csv]")):
+        _, code = train(tmp_path / name, tiny_llama, report, "plot=true", steps=3)
+        assert code == 0
+        run = tmp_path / name / "run"
+        rows[name] = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows[name]] == [1, 2, 3]
+        with (run / "metrics.csv").open() as f:
+            assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+        evals = (run / "evals.jsonl").read_text().splitlines()
+        assert len(evals) == len(set(evals)) and evals
+    assert [r["loss"] for r in rows["csv"]] == [r["loss"] for r in rows["both"]]

@@ -16,11 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from mezo_core.runfiles import open_append, read_bytes, replace_file, utf8_lines
-
-
-def _is_eval(metrics: dict) -> bool:
-    return metrics.get("event") == "eval"
+from mezo_core.runfiles import open_append
+from mezo_core.runlog import RunLog, _is_eval, _lines, _replace, _rows_until
 
 
 def _scalars(metrics: dict) -> dict:
@@ -46,72 +43,13 @@ def _missing(module: str, package: str) -> str | None:
     return None
 
 
-def _lines(path: Path) -> list[str]:
-    """The UTF-8 lines of a run file, never read through a symlink (a line of other
-    bytes is dropped); [] when it is missing."""
-    try:
-        return utf8_lines(read_bytes(path))
-    except FileNotFoundError:
-        return []
-
-
-def _rows_until(path: Path, step: int, parse) -> list:
-    """The rows of ``path`` up to ``step`` (a row cut short by a kill is dropped)."""
-    kept = []
-    for row in parse(path) if path.exists() else []:
-        try:
-            if int(row["step"]) <= step:
-                kept.append(row)
-        except (KeyError, TypeError, ValueError):
-            pass
-    return kept
-
-
-class _Line(dict):
-    """A parsed JSONL row that keeps its text (rows are kept byte for byte)."""
-
-
-def _jsonl_rows(path: Path) -> list:
-    rows = []
-    for line in _lines(path):
-        try:
-            row = _Line(json.loads(line))
-        except (ValueError, TypeError):
-            continue
-        row.text = line
-        rows.append(row)
-    return rows
-
-
-def _replace(path: Path, text: str) -> None:
-    replace_file(path, text)   # atomic; a symlink at path is refused, never followed
-
-
 def _csv_text(path: Path) -> str:
     return "".join(line + "\n" for line in _lines(path))
 
 
-class JsonlLogger:
-    """``metrics.jsonl`` (one JSON object per step) and ``evals.jsonl`` (per evaluation)."""
-    name = "jsonl"
-
-    def __init__(self, out_dir, cfg, start_step: int = 0):
-        self.files = {}
-        for kind in ("metrics", "evals"):
-            path = Path(out_dir) / f"{kind}.jsonl"
-            if path.exists():  # a resumed run: rows after its checkpoint are written again
-                _replace(path, "".join(r.text + "\n" for r in _rows_until(path, start_step, _jsonl_rows)))
-            self.files[kind] = open_append(path)
-
-    def log(self, step, metrics):
-        f = self.files["evals" if _is_eval(metrics) else "metrics"]
-        f.write(json.dumps(metrics) + "\n")
-        f.flush()
-
-    def close(self):
-        for f in self.files.values():
-            f.close()
-        self.files = {}
+#: the run's own record (metrics.jsonl, evals.jsonl) is the core's, written whatever
+#: report_to says; ``jsonl`` in report_to names it (mezo_core.runlog.RunLog)
+JsonlLogger = RunLog
 
 
 def _cell(value):
