@@ -53,3 +53,12 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture
+def fresh_registry():
+    """The installed plugins, loaded anew for the test (a test may register its own)."""
+    from mezo_core.registry import get_registry
+    get_registry.cache_clear()
+    yield get_registry()
+    get_registry.cache_clear()

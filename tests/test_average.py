@@ -20,13 +20,6 @@ SEED = 4321
 ADAPTER = "adapter_model.safetensors"
 
 
-@pytest.fixture
-def fresh_registry():
-    get_registry.cache_clear()
-    yield get_registry()
-    get_registry.cache_clear()
-
-
 def _train(folder, tiny_llama, over, *args, plugin=None):
     cfg = write_run_config(folder, tiny_llama, over)
     get_registry.cache_clear()

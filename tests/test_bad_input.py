@@ -28,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def fresh_registry():
-    get_registry.cache_clear()
-    yield get_registry()
-    get_registry.cache_clear()
-
-
-@pytest.fixture
 def run_cfg(tmp_path, tiny_llama, monkeypatch, fresh_registry):
     """The tiny task's run YAML (8 train / 6 dev JSONL lines, k=3 per class, batch 2);
     GGUF conversions go to a temp cache."""

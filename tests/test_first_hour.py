@@ -20,17 +20,9 @@ from safetensors.torch import load_file
 
 from mezo_core.cli import main
 from mezo_core.config import load_config
-from mezo_core.registry import get_registry
 
 SEED = 2612
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-@pytest.fixture
-def fresh_registry():
-    get_registry.cache_clear()
-    yield get_registry()
-    get_registry.cache_clear()
 
 
 def cue_task(folder: Path, labels: dict, n_train=200, n_dev=100, seed=SEED) -> tuple[Path, Path]:
@@ -89,7 +81,7 @@ def test_trained_weights_are_kept_reported_and_plotted(tmp_path, tiny_llama, cap
     assert summary["result"]["step"] == (want_best if source == "best" else 40)
     # the CLI names both, with their steps and figures
     out = captured.out
-    assert f"last (step 40)" in out and f"{summary['final']['dev_accuracy']:.4f}" in out
+    assert "last (step 40)" in out and f"{summary['final']['dev_accuracy']:.4f}" in out
     assert f"best (step {want_best})" in out and f"{summary['best']['dev_accuracy']:.4f}" in out
     # the plot marks both (its legend), from the same state
     from mezo_core.plot import plot_run

@@ -26,13 +26,6 @@ from tiny import InterruptAt, write_run_config
 SEED = 1234
 
 
-@pytest.fixture
-def fresh_registry():
-    get_registry.cache_clear()
-    yield get_registry()
-    get_registry.cache_clear()
-
-
 def guard(**kw):
     return Guard(OmegaConf.structured(GuardConfig(**kw)))
 

@@ -4,7 +4,6 @@ classification objective, perturbation, PEFT adapter folders, LoRA options."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from mezo_core import Backend, Example, MezoError
 from mezo_core.config import load_config
 from mezo_backend_hf.backend import HFBackend
+from tiny import replay_seed
 
 TARGETS = {"llama": "[q_proj,v_proj]", "gpt2": "[c_attn,c_fc]"}
 ARCHS = ["llama", "gpt2"]
@@ -29,11 +29,7 @@ def make_backend(model_dir, arch, *overrides):
 
 
 def seeded(default):
-    """A generator seeded by MEZO_TEST_SEED or ``default``; the seed is printed
-    (pytest shows it with a failure), so a failing draw can be replayed."""
-    seed = int(os.environ.get("MEZO_TEST_SEED", default))
-    print(f"seed {seed} (replay: MEZO_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(replay_seed(default))
 
 
 def random_examples(vocab, n=6, seed=0, choices=None):

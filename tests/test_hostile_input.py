@@ -27,7 +27,7 @@ from mezo_core.cli import main
 from mezo_core.config import MAX_LORA_R, load_config
 from mezo_core.data import MAX_LABEL_CHARS, MAX_LINE_CHARS, Task, read_records
 from mezo_core.registry import Registry, get_registry, make_plugin_manager
-from test_bad_input import FUZZ, GOOD, _jsonl, fresh_registry, one_error_line, refused, run_cfg  # noqa: F401
+from test_bad_input import FUZZ, GOOD, _jsonl, one_error_line, refused, run_cfg  # noqa: F401
 from tiny import write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

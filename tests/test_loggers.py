@@ -17,13 +17,6 @@ def jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture
-def fresh_registry():
-    get_registry.cache_clear()
-    yield get_registry()
-    get_registry.cache_clear()
-
-
 def train(tmp_path, model, *overrides, steps=5, registry=None):
     cfg = write_run_config(tmp_path, model, {"mezo.steps": steps, "checkpoint_every": 2, "eval_every": 2,
                                              "load_best_at_end": False})

@@ -1,6 +1,5 @@
 """The frozen-trunk cache against the plain computation, on fresh random inputs."""
 import gc
-import os
 
 import pytest
 import torch
@@ -10,16 +9,13 @@ from mezo_core.config import load_config
 from mezo_core.registry import get_registry
 from mezo_backend_hf.backend import HFBackend
 from mezo_backend_hf.trunk import RadixCache
+from tiny import replay_seed
 
 TOL = 1e-5  # fp32 on CPU: batched layouts differ only in reduction order
 
 
 def seeded(default):
-    """A generator seeded by MEZO_TEST_SEED or ``default``; the seed is printed
-    (pytest shows it with a failure), so a failing draw can be replayed."""
-    seed = int(os.environ.get("MEZO_TEST_SEED", default))
-    print(f"seed {seed} (replay: MEZO_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(replay_seed(default))
 
 
 def plain_backend(model_dir, arch, extra=()):

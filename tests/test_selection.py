@@ -5,11 +5,11 @@ an adapter that won by noise; the level is shared out over the run's evaluations
 from __future__ import annotations
 
 import math
-import os
 import random
 from types import SimpleNamespace
 
 import pytest
+from tiny import replay_seed
 
 from mezo_core.config import load_config
 from mezo_core.selection import MAX_GATE_FLOOR, Selection, best_level, best_tests, min_wins, plan, sign_test_p
@@ -18,11 +18,7 @@ SEED = 20261202
 
 
 def seeded(default):
-    """A generator seeded by MEZO_TEST_SEED or ``default``; the seed is printed
-    (pytest shows it with a failure), so a failing draw can be replayed."""
-    seed = int(os.environ.get("MEZO_TEST_SEED", default))
-    print(f"seed {seed} (replay: MEZO_TEST_SEED={seed})")
-    return random.Random(seed)
+    return random.Random(replay_seed(default))
 
 
 def test_sign_test_p_by_hand():

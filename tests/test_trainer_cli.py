@@ -38,13 +38,6 @@ def comparable(row, stats=("forward_tokens",)):
     return {k: v for k, v in row.items() if k not in TIMING and k not in stats}
 
 
-@pytest.fixture
-def fresh_registry():
-    get_registry.cache_clear()
-    yield get_registry()
-    get_registry.cache_clear()
-
-
 # -- a whole run ------------------------------------------------------------------
 def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registry):
     cfg = write_config(tmp_path, tiny_llama, steps=5, plot=True)

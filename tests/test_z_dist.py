@@ -14,7 +14,6 @@ from mezo_backend_hf.backend import HFBackend
 from mezo_core import Example
 from mezo_core.cli import main
 from mezo_core.config import load_config
-from mezo_core.registry import get_registry
 from test_perturb import _rademacher_py, _seed
 from tiny import write_run_config
 
@@ -60,13 +59,6 @@ def test_hf_side_by_side_adapters_use_the_configured_distribution(tiny_llama):
     for (gp, gm), (wp, wm) in zip(got, want):
         torch.testing.assert_close(gp, wp, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(gm, wm, rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture
-def fresh_registry():
-    get_registry.cache_clear()
-    yield get_registry()
-    get_registry.cache_clear()
 
 
 def _run(tmp_path, tiny_llama, steps, *overrides):
