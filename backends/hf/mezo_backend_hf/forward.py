@@ -72,7 +72,7 @@ class Forwards:
         positions and, with the trunk cache, the states entering layer k0."""
         ids, mask, positions = self.tensors(rows, GRAPH_WIDTH if graphed else 1)
         if self.trunk is not None and states is None:
-            states = self.trunk.states(rows, self.tensors)
+            states = self.trunk.states(rows)
         inputs = dict(input_ids=ids, attention_mask=causal_mask(self.model, mask, positions) if graphed else mask,
                       position_ids=positions)
         if states is not None:

@@ -35,7 +35,7 @@ def shared_prefix_logits(fwd, rows, keep, adapters, min_tokens):
     states = None
     if fwd.trunk is not None:
         fwd.fresh_generation()
-        states = fwd.trunk.states(rows, fwd.tensors)  # one capture for all misses
+        states = fwd.trunk.states(rows)  # one capture per width for all misses
 
     def pick(members):
         return None if states is None else [states[i] for i in members]

@@ -9,6 +9,23 @@ and any prefix of a cached sequence is a hit too (causal attention).
 Never stale: entries are valid only for one fingerprint of the trunk (the
 storage and in-place version counter of every weight below k0, and the model's
 dtype); any change to those weights empties the cache.
+
+Bit for bit a function of the row: a state's bits must not depend on which batch
+computed it, or a run resumed with a cold cache drifts from the uninterrupted one
+(#26). Kernels are not batch-invariant: a row left-padded in a batch (its tokens
+shifted, an explicit mask) differs in the last bits from the row alone, attention
+kernels reduce in an order that depends on the sequence length, and cuBLAS picks
+its GEMM kernel by shape. So the trunk runs every row in one canonical layout:
+right-padded to its *canonical width* (its length rounded up to ``WIDTH_STEP``
+tokens), positions from 0, no mask (causal: no real token sees the padding). On
+the CPU rows of one width share a pass freely: MKL gives a row the same bits in
+any matrix of >= 4 rows (a canonical width has >= 16), and the attention kernel
+treats each row alone (measured, 1 and 2 threads, fp32 and bf16). Elsewhere (CUDA)
+a pass of width w has a fixed shape, ``slots(w)`` rows, and each row a fixed slot
+in it, a hash of its tokens (empty slots hold a copy of a real row): the kernels
+and the place of the row in every matrix are then fixed. Entries live in a tree per
+(width, slot), so a token's state is a function of the tokens up to it, whichever
+rows shared its pass or inserted its prefix first.
 """
 from __future__ import annotations
 
@@ -26,8 +43,22 @@ class _Node:
         self.children: dict[int, _Node] = {}
 
 
+#: the trunk runs a row right-padded to its length rounded up to a multiple of this
+WIDTH_STEP = 16
+#: where rows need fixed slots (not the CPU): a pass of width w holds SLOT_TOKENS // w
+#: rows, at most MAX_SLOTS, at least one
+SLOT_TOKENS, MAX_SLOTS = 2048, 32
+
+
+def canonical_width(length: int) -> int:
+    """The width a row of ``length`` tokens is computed at in the trunk."""
+    return -(-length // WIDTH_STEP) * WIDTH_STEP
+
+
 class RadixCache:
-    """Per-token tensors in a radix tree keyed by token ids, under a byte budget."""
+    """Per-token tensors in a radix tree keyed by token ids, under a byte budget.
+    ``space``: entries of different spaces (e.g. widths a row was computed at)
+    never share a node, each space a tree of its own."""
 
     def __init__(self, budget_bytes: int, make_policy, device=None):
         """``make_policy()`` builds a fresh eviction policy (each ``clear`` starts one)."""
@@ -40,16 +71,29 @@ class RadixCache:
         """Drop every entry; ``generation`` counts clears, so a caller holding
         states it looked up knows to look them up again."""
         self.generation = getattr(self, "generation", -1) + 1
-        self.root = _Node(0, (), None, None)
+        self.roots: dict = {}
         self.nodes: dict[int, _Node] = {}
         self.bytes = 0
         self.policy = self.make_policy()
 
-    def lookup(self, tokens) -> torch.Tensor | None:
-        """The stacked per-token values of ``tokens`` if every token is cached."""
+    @property
+    def root(self):
+        """The tree of the default space (None)."""
+        return self._root(None)
+
+    def _root(self, space):
+        root = self.roots.get(space)
+        if root is None:
+            root = self.roots[space] = _Node(0, (), None, None)
+        return root
+
+    def lookup(self, tokens, space=None) -> torch.Tensor | None:
+        """The stacked per-token values of ``tokens`` if every token is cached (in ``space``)."""
         self.stats["lookups"] += 1
         self.stats["tokens_looked_up"] += len(tokens)
-        node, i, parts, path = self.root, 0, [], []
+        node, i, parts, path = self.roots.get(space), 0, [], []
+        if node is None:
+            return None
         while i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None:
@@ -77,8 +121,8 @@ class RadixCache:
         self.stats["tokens_looked_up"] += tokens
         self.stats["tokens_reused"] += tokens
 
-    def insert(self, tokens, hidden: torch.Tensor) -> None:
-        node, i = self.root, 0
+    def insert(self, tokens, hidden: torch.Tensor, space=None) -> None:
+        node, i = self._root(space), 0
         if self.device is not None and hidden.device != torch.device(self.device):
             hidden = hidden.to(self.device)  # spill: e.g. GPU states kept in pinned CPU memory
             if hidden.device.type == "cpu" and torch.cuda.is_available():
@@ -291,6 +335,10 @@ class FrozenTrunk(LayerStack):
             self.k0, top_ids = 0, {id(p) for p in model.parameters()}
         self.trunk_params = [p for p in model.parameters() if id(p) not in top_ids]
         self.top = list(self.layers)[self.k0:]
+        self.device = next(model.parameters()).device
+        # whether rows of one width share a pass in any number and order (the CPU:
+        # module docstring); otherwise each has its slot in a pass of fixed shape
+        self.batch_rows = self.device.type == "cpu"
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self):
@@ -312,16 +360,53 @@ class FrozenTrunk(LayerStack):
         ``past_key_values`` may come from an earlier call with ``use_cache=True``."""
         return self.run(hidden, self.k0, None, **inputs)
 
-    def states(self, rows, tensors):
-        """Per row, the hidden states entering layer k0: cached, or computed once
-        (``tensors(rows)``: their padded ids, mask and positions). The caller has
-        checked the trunk's weights (``check_fresh``)."""
-        states = [self.cache.lookup(r) for r in rows]
-        missing = [i for i, s in enumerate(states) if s is None]
-        if missing:
-            ids, mask, positions = tensors([rows[i] for i in missing])
-            hidden = self.capture(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-            for j, i in enumerate(missing):
-                states[i] = hidden[j, hidden.shape[1] - len(rows[i]):]
-                self.cache.insert(rows[i], states[i])
+    def states(self, rows):
+        """Per row, the hidden states entering layer k0: cached, or computed once in
+        the canonical layout (module docstring). The caller has checked the trunk's
+        weights (``check_fresh``)."""
+        spaces = [self.space(r) for r in rows]
+        states = [self.cache.lookup(r, space=sp) for r, sp in zip(rows, spaces)]
+        by_width: dict[int, list[int]] = {}
+        for i, s in enumerate(states):
+            if s is None:
+                by_width.setdefault(spaces[i][0], []).append(i)
+        for width, members in sorted(by_width.items()):
+            for layout in self._passes(width, members, spaces):
+                hidden = self.capture(**self.canonical_inputs([rows[i] for i in layout], width))
+                for j, i in enumerate(layout):
+                    if spaces[i][1] == (j if self.slots(width) else 0):  # not a copy in an empty slot
+                        states[i] = hidden[j, :len(rows[i])]
+                        self.cache.insert(rows[i], states[i], space=spaces[i])
         return states
+
+    def slots(self, width) -> int:
+        """Rows in a pass of ``width`` (0: any number, in any order)."""
+        return 0 if self.batch_rows else max(1, min(MAX_SLOTS, SLOT_TOKENS // width))
+
+    def space(self, row):
+        """(canonical width, slot) of a row: where its states are computed and kept."""
+        width = canonical_width(len(row))
+        n = self.slots(width)
+        return width, (hash(tuple(row)) % n if n > 1 else 0)  # a tuple of ints hashes alike in every process
+
+    def _passes(self, width, members, spaces):
+        """The layouts (row indices) of the passes that compute the missing rows of one width."""
+        n = self.slots(width)
+        if not n:
+            return [members]
+        queues = [[] for _ in range(n)]
+        for i in members:
+            queues[spaces[i][1]].append(i)
+        layouts = []
+        for k in range(max(map(len, queues))):
+            layout = [q[k] if k < len(q) else None for q in queues]
+            filler = next(i for i in layout if i is not None)
+            layouts.append([filler if i is None else i for i in layout])
+        return layouts
+
+    def canonical_inputs(self, rows, width):
+        """Rows right-padded to ``width`` (with their own first token: any id does,
+        no real token attends to a later one), positions from 0, no mask."""
+        host = torch.tensor([list(r) + [r[0]] * (width - len(r)) for r in rows], dtype=torch.long)
+        positions = torch.arange(width).repeat(len(rows), 1)
+        return dict(input_ids=host.to(self.device), position_ids=positions.to(self.device), use_cache=False)
