@@ -1,6 +1,10 @@
 """mezo_core: the MeZO step, the perturbation engine, the trainer and the
 interfaces that plugins implement. Read in this order: interfaces, perturb,
 mezo, registry, config, data, trainer, cli."""
+from .threads import passive_wait_for_the_cli
+
+passive_wait_for_the_cli()  # before anything imports torch: OpenMP reads it when torch loads it
+
 from .hookspecs import hookimpl
 from .interfaces import Backend, BackendStats, EvictionPolicy, Example, LocalTensorsBackend, Schedule, Signals
 from .errors import MezoError

@@ -32,6 +32,7 @@ from .interfaces import Signals
 from .mezo import decayed, direction_seeds, probe, update
 from .runlog import RunLog
 from .selection import Selection, best_level, best_tests, sign_test_p  # noqa: F401 (re-exported)
+from .threads import SlowStepWatch
 
 
 def make_schedule(registry, field, name, start, end, warmup, options, q):
@@ -135,12 +136,14 @@ class Trainer:
         bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
                    disable=not (cfg.progress and self.writes))
         applied = 0.0  # multiple of this step's first z already on the weights
+        slow = SlowStepWatch(enabled=self.writes and str(cfg.model.device).startswith("cpu"))  # a hint, once
         for step in range(state["step"], m.steps):
             batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
             eps = self.eps(step, m.steps)
             _check_schedule("mezo.eps_schedule", m.eps_schedule, "eps", eps, step, positive=True)
             stats_before = self.backend.get_stats()
             start = time.perf_counter()
+            slow.begin()
             # 1. the forwards: L+/L- and the projected gradients
             result = probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
                            reduce=sum_over_ranks, applied=applied)
@@ -183,6 +186,7 @@ class Trainer:
             if event:
                 self.guard.events += 1
             seconds = time.perf_counter() - start
+            slow.end()
             tokens = 2 * m.q * sum(e.num_tokens for e in batch)
             row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
                    "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
