@@ -47,7 +47,7 @@ def passive_wait_for_the_cli(environ=None, argv0=None, torch_loaded=None) -> boo
 def slow_step_hint(threads: int, cores: int, load: float, cpu_seconds: float, wall_seconds: float,
                    passive: bool = True, pressure: float | None = None) -> str | None:
     """A one-line hint when a step ran far slower than its threads could: they had
-    their cores less than 3/4 of the time (``cpu_seconds`` of the process over
+    their cores less than 3/4 of the time (one thread: half; ``cpu_seconds`` of the process over
     ``wall_seconds`` x ``threads``) while other work competes for the cores: Linux's
     CPU ``pressure`` (the share of the last 10 s in which some task waited for a core,
     in %) at least 20, or where it is not known, the 1-minute ``load`` average above the
@@ -57,7 +57,7 @@ def slow_step_hint(threads: int, cores: int, load: float, cpu_seconds: float, wa
         return None
     share = cpu_seconds / (wall_seconds * threads)
     contended = pressure >= 20 if pressure is not None else load > cores
-    if share >= 0.75 or not contended:
+    if share >= (0.75 if threads > 1 else 0.5) or not contended:  # one thread: said at half speed or worse
         return None
     where = f"load average {load:.1f} on {cores} usable core{'s' if cores != 1 else ''}"
     if pressure is not None:
