@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .perturb import mix
+from .philox import mix
 
 
 def peft_lora_config(lora, base_model: str = ""):
