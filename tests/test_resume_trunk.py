@@ -174,11 +174,11 @@ def random_model(device, dtype, seed):
 
 def trunk_of(model, layout):
     """A FrozenTrunk below the top layer (k0 = 3). ``layout``: None (the device's
-    own), "slots" (fixed shape and hashed slot, CUDA's) or "free" (the CPU's)."""
+    own), "slots" (fixed shape and hashed slot, CUDA's), "free" (the CPU's) or "alone"."""
     from mezo_backend_hf.trunk import FrozenTrunk, RadixCache
     trunk = FrozenTrunk(model, RadixCache(1 << 40, Policy), list(model.model.layers[3].parameters()))
     if layout is not None:
-        trunk.batch_rows = layout == "free"
+        trunk.layout = layout
     assert trunk.k0 == 3
     return trunk
 
@@ -228,10 +228,22 @@ def small_slots(monkeypatch):
     monkeypatch.setattr(trunk, "MAX_SLOTS", 8)
 
 
-@pytest.mark.parametrize("layout", ["free", "slots"])
+@pytest.mark.parametrize("layout", ["free", "alone", "slots"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_trunk_states_are_a_function_of_the_row(layout, dtype, small_slots):
     trunk_states_are_functions_of_the_row(torch.device("cpu"), dtype, layout, seed_of(2600))
+
+
+def test_the_cpu_layout_is_checked_once_on_synthetic_rows(monkeypatch):
+    """Rows share CPU passes only where the check finds a row's bits alike alone and
+    in a pass of several (here: MKL); where they differ, one row a pass."""
+    model = random_model(torch.device("cpu"), torch.float32, seed_of(2603))
+    trunk = trunk_of(model, None)
+    assert trunk.layout == "free"            # this machine's kernels (measured: MKL, AVX-512)
+    unlike = trunk_of(model, None)
+    real = unlike.capture
+    monkeypatch.setattr(unlike, "capture", lambda **inputs: real(**inputs) + inputs["input_ids"].shape[0])
+    assert unlike.layout == "alone" and unlike.slots(16) == 1
 
 
 def test_the_slots_layout_runs_passes_of_one_shape(small_slots):
@@ -254,4 +266,4 @@ def test_the_slots_layout_runs_passes_of_one_shape(small_slots):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_trunk_states_are_a_function_of_the_row_on_cuda(dtype):
     trunk = trunk_states_are_functions_of_the_row(torch.device("cuda"), dtype, None, seed_of(2602))
-    assert not trunk.batch_rows
+    assert trunk.layout == "slots"

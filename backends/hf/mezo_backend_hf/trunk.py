@@ -20,7 +20,8 @@ right-padded to its *canonical width* (its length rounded up to ``WIDTH_STEP``
 tokens), positions from 0, no mask (causal: no real token sees the padding). On
 the CPU rows of one width share a pass freely: MKL gives a row the same bits in
 any matrix of >= 4 rows (a canonical width has >= 16), and the attention kernel
-treats each row alone (measured, 1 and 2 threads, fp32 and bf16). Elsewhere (CUDA)
+treats each row alone (measured, 1 and 2 threads, fp32 and bf16; checked once per
+process on synthetic rows, else a CPU pass holds one row). Elsewhere (CUDA)
 a pass of width w has a fixed shape, ``slots(w)`` rows, and each row a fixed slot
 in it, a hash of its tokens (empty slots hold a copy of a real row): the kernels
 and the place of the row in every matrix are then fixed. Entries live in a tree per
@@ -336,9 +337,7 @@ class FrozenTrunk(LayerStack):
         self.trunk_params = [p for p in model.parameters() if id(p) not in top_ids]
         self.top = list(self.layers)[self.k0:]
         self.device = next(model.parameters()).device
-        # whether rows of one width share a pass in any number and order (the CPU:
-        # module docstring); otherwise each has its slot in a pass of fixed shape
-        self.batch_rows = self.device.type == "cpu"
+        self._layout = None  # found on first use (layout)
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self):
@@ -379,9 +378,43 @@ class FrozenTrunk(LayerStack):
                         self.cache.insert(rows[i], states[i], space=spaces[i])
         return states
 
+    @property
+    def layout(self) -> str:
+        """How the passes of one width hold their rows: "free" (any number, any order:
+        the CPU, where its GEMMs give a row the same bits in a pass of one row as in
+        passes of several -- module docstring -- checked once on fixed synthetic rows,
+        a function of the machine, never of the data), "alone" (one row a pass: the
+        CPU where that check fails) or "slots" (a fixed shape, each row in its slot:
+        any other device)."""
+        if self._layout is None:
+            if self.device.type != "cpu":
+                self._layout = "slots"
+            else:
+                self._layout = "free" if self._rows_batch_alike() else "alone"
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: str):
+        if value not in ("free", "alone", "slots"):
+            raise ValueError(f"trunk layout {value!r}")
+        self._layout = value
+
+    def _rows_batch_alike(self) -> bool:
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        with torch.inference_mode():
+            for width, n in ((WIDTH_STEP, 5),):
+                rows = torch.randint(vocab, (n, width), generator=gen).tolist()
+                together = self.capture(**self.canonical_inputs(rows, width))
+                for j in (0, n - 1):
+                    if not torch.equal(self.capture(**self.canonical_inputs([rows[j]], width))[0], together[j]):
+                        return False
+        return True
+
     def slots(self, width) -> int:
         """Rows in a pass of ``width`` (0: any number, in any order)."""
-        return 0 if self.batch_rows else max(1, min(MAX_SLOTS, SLOT_TOKENS // width))
+        layout = self.layout
+        return 0 if layout == "free" else 1 if layout == "alone" else max(1, min(MAX_SLOTS, SLOT_TOKENS // width))
 
     def space(self, row):
         """(canonical width, slot) of a row: where its states are computed and kept."""
