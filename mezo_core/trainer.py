@@ -110,18 +110,55 @@ class Trainer:
     # -- the run ---------------------------------------------------------------
     @_releases_the_lock
     def train(self, resume: bool = False) -> dict:
+        """The run, top to bottom: start (or resume), evaluate the starting adapter, then
+        steps -- forwards, the guard's verdict, the schedules, the update -- with the
+        evaluations and checkpoints they are due, then the final evaluation and files."""
         cfg, m = self.cfg, self.cfg.mezo
         state = self._resume() if resume else self._fresh()
         self._restore_run_state(state)
+        self._open_logs(state)
+        self._prepare(state)
+        bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.writes))
+        slow = SlowStepWatch(enabled=self.writes and str(cfg.model.device).startswith("cpu"))  # a hint, once
+        applied = 0.0  # multiple of this step's first z already on the weights
+        for step in range(state["step"], m.steps):
+            slow.begin()
+            row, applied = self._step(state, step, applied)
+            slow.end()
+            state["step"] = step + 1
+            stop = self._evaluate_if_due(state, row)
+            self._record(row, bar)
+            if stop:  # early stopping: evaluations stopped improving
+                state["stopped_early"] = state["step"]
+                break
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                self._save(state)
+        bar.close()
+        self._finish(state)
+        summary = self._summary(state)
+        self._close_loggers()
         if self.writes:
-            # the run's record first, whatever report_to says (jsonl there names it: not twice)
-            self.loggers = [RunLog(self.out, cfg, state["step"])] + [
-                cls(self.out, cfg, state["step"]) for cls in self.logger_classes if cls is not RunLog]
-            if cfg.eval_every and "note" in self.selection.plan:
-                warn(f"best/ selection: {self.selection.plan['note']}")
-        if cfg.zero_shot and "zero_shot" not in state:
+            self._write_outputs(state, summary)
+        return summary
+
+    # -- its parts, in the order train() calls them --------------------------------
+    def _open_logs(self, state: dict) -> None:
+        """The run's record first, whatever report_to says (jsonl there names it: not twice)."""
+        if not self.writes:
+            return
+        self.loggers = [RunLog(self.out, self.cfg, state["step"])] + [
+            cls(self.out, self.cfg, state["step"]) for cls in self.logger_classes if cls is not RunLog]
+        if self.cfg.eval_every and "note" in self.selection.plan:
+            warn(f"best/ selection: {self.selection.plan['note']}")
+
+    def _prepare(self, state: dict) -> None:
+        """Before the first step: the zero-shot evaluation (the starting adapter is a
+        candidate for best/: a run never ends below it), the guard's anchor and scale,
+        the weight average, the forward noise the schedules may need."""
+        if self.cfg.zero_shot and "zero_shot" not in state:
             state["zero_shot"], outcomes = self.evaluate_all("zero-shot", state["step"])
-            if cfg.eval_every:  # the starting adapter is a candidate too: a run never ends below it
+            if self.cfg.eval_every:
                 self._consider_best(state, state["zero_shot"], outcomes)
             self._save(state)
         if self.guard.anchor is None:
@@ -133,101 +170,118 @@ class Trainer:
             self.average.reset(self.guard.anchor)
         if "noise" not in state:
             state["noise"] = self._forward_noise(state["step"])
-        bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.writes))
-        applied = 0.0  # multiple of this step's first z already on the weights
-        slow = SlowStepWatch(enabled=self.writes and str(cfg.model.device).startswith("cpu"))  # a hint, once
-        for step in range(state["step"], m.steps):
-            batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
-            eps = self.eps(step, m.steps)
-            _check_schedule("mezo.eps_schedule", m.eps_schedule, "eps", eps, step, positive=True)
-            stats_before = self.backend.get_stats()
-            start = time.perf_counter()
-            slow.begin()
-            # 1. the forwards: L+/L- and the projected gradients
-            result = probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
-                           reduce=sum_over_ranks, applied=applied)
-            # 2. the guard judges them before anything moves; the schedules see them
-            event = self.guard.check(result)
-            new_best = False
-            if result.finite:
-                signals = Signals(step, m.steps, eps, tuple(result.losses_plus), tuple(result.losses_minus),
-                                  tuple(result.grads), state["noise"])
-                self.lr.observe(signals)
-                self.eps.observe(signals)
-                new_best, rise = self.guard.observe_loss(step + 1, result.loss)
-                event = rise or event
-            rejected = bool(event) and event["event"] in ("nonfinite", "rise")
-            # 3. the update (restore + decay + step + the next step's +eps z in one pass)
-            lr = 0.0 if rejected else self.guard.lr_scale * self.lr(step, m.steps)
-            _check_schedule("mezo.lr_schedule", m.lr_schedule, "lr", lr, step)
-            next_direction = None
-            if m.fuse_steps and not (rejected or self._pauses_after(step + 1) or self._anchors(step + 1, new_best)):
-                next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
-            applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction,
-                             decay_mask=self.decay_mask)
-            if not rejected and next_direction is None:  # clean weights: an absurd state diverged too
-                too_large = self.guard.check_weights(self._max_abs(self._pauses_after(step + 1)))
-                if too_large:
-                    event, rejected = too_large, True
-            if rejected:  # back to the best state seen, with a smaller step
-                cut = cfg.guard.nonfinite_cut if event["event"] in ("nonfinite", "weights") else cfg.guard.cut
-                self.backend.restore(self.guard.anchor)
-                if event["event"] == "nonfinite":
-                    self._nonfinite_cause(event, batch, step)
-                event = self.guard.roll_back(step + 1, event, cut)
-                if self.average.enabled:  # the average forgets the weights rolled back
-                    self.average.reset(self.guard.anchor)
-                state.setdefault("guard_events", []).append(event)
-            elif self._anchors(step + 1, new_best):
-                self._take_anchor(step + 1)
-            if not rejected and self.average.due(step + 1):
-                self.average.update(self.backend.snapshot())
-            if event:
-                self.guard.events += 1
-            seconds = time.perf_counter() - start
-            slow.end()
-            tokens = 2 * m.q * sum(e.num_tokens for e in batch)
-            row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
-                   "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
-                   "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
-                   **per_step(self.backend.get_stats(), stats_before)}
-            if event:
-                row["guard"] = event
-            state["step"] = step + 1
-            stop = False
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < m.steps:
-                with self._averaged_weights():
-                    evaluation, outcomes = self.evaluate_all(f"step {state['step']}")
-                    stop = self._consider_best(state, evaluation, outcomes)
-                row.update(evaluation)
-                state.setdefault("evals", []).append({"step": state["step"], **evaluation})
-            if self.writes:
-                self._log(state["step"], row)
-                self.hook.on_step_end(step=state["step"], metrics=row)
-            postfix = dict(loss=f"{result.loss:.4f}", eps=f"{eps:.1e}", lr=f"{lr:.1e}", tok_s=f"{tokens / seconds:.0f}")
-            if self.guard.events:
-                postfix["guard"] = self.guard.events
-            bar.set_postfix(**postfix)
-            bar.update(1)
-            if stop:  # early stopping: evaluations stopped improving
-                state["stopped_early"] = state["step"]
-                break
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                self._save(state)
-        bar.close()
-        if "final" not in state:
-            if self.average.enabled:  # training is over: the run ends on the averaged weights
-                self.backend.restore(self.average.tensors)
-            state["final"], outcomes = self.evaluate_all("fine-tuned", state["step"])
-            if cfg.eval_every:
-                self._consider_best(state, state["final"], outcomes)
-                if state["best"]["step"] != state["step"]:  # evals.jsonl names best/ beside the last adapter
-                    self._log_eval(state["step"], "best", _scores(state["best"]), adapter_step=state["best"]["step"])
-            self._save(state)  # the trained weights: best/ never replaces them
-        result = self._result(state)
+
+    def _step(self, state: dict, step: int, applied: float) -> tuple[dict, float]:
+        """One MeZO step: the forwards (L+/L- and the projected gradients), the guard's
+        verdict before anything moves, the update (restore + decay + step + the next
+        step's +eps z in one pass); a rejected step rolls back. Returns the step's
+        metrics row and the multiple of the next step's z already applied."""
+        cfg, m = self.cfg, self.cfg.mezo
+        batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
+        eps = self.eps(step, m.steps)
+        _check_schedule("mezo.eps_schedule", m.eps_schedule, "eps", eps, step, positive=True)
+        stats_before = self.backend.get_stats()
+        start = time.perf_counter()
+        result = probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
+                       reduce=sum_over_ranks, applied=applied)
+        event, new_best = self._judge(result, step, eps, state)
+        rejected = bool(event) and event["event"] in ("nonfinite", "rise")
+        lr = 0.0 if rejected else self.guard.lr_scale * self.lr(step, m.steps)
+        _check_schedule("mezo.lr_schedule", m.lr_schedule, "lr", lr, step)
+        next_direction = None
+        if m.fuse_steps and not (rejected or self._pauses_after(step + 1) or self._anchors(step + 1, new_best)):
+            next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
+        applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction,
+                         decay_mask=self.decay_mask)
+        if not rejected and next_direction is None:  # clean weights: an absurd state diverged too
+            too_large = self.guard.check_weights(self._max_abs(self._pauses_after(step + 1)))
+            if too_large:
+                event, rejected = too_large, True
+        if rejected:
+            event = self._roll_back(state, event, batch, step)
+        elif self._anchors(step + 1, new_best):
+            self._take_anchor(step + 1)
+        if not rejected and self.average.due(step + 1):
+            self.average.update(self.backend.snapshot())
+        if event:
+            self.guard.events += 1
+        seconds = time.perf_counter() - start
+        tokens = 2 * m.q * sum(e.num_tokens for e in batch)
+        row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
+               "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
+               "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
+               **per_step(self.backend.get_stats(), stats_before), **({"guard": event} if event else {})}
+        return row, applied
+
+    def _judge(self, result, step: int, eps: float, state: dict) -> tuple[dict | None, bool]:
+        """The guard's verdict on the forwards (non-finite, clipped, a sustained rise) and,
+        on finite ones, the schedules' observations; (event, a new best of the smoothed loss)."""
+        event = self.guard.check(result)
+        if not result.finite:
+            return event, False
+        m = self.cfg.mezo
+        signals = Signals(step, m.steps, eps, tuple(result.losses_plus), tuple(result.losses_minus),
+                          tuple(result.grads), state["noise"])
+        self.lr.observe(signals)
+        self.eps.observe(signals)
+        new_best, rise = self.guard.observe_loss(step + 1, result.loss)
+        return rise or event, new_best
+
+    def _roll_back(self, state: dict, event: dict, batch, step: int) -> dict:
+        """Back to the guard's anchor (the best state seen) with a smaller step."""
+        g = self.cfg.guard
+        cut = g.nonfinite_cut if event["event"] in ("nonfinite", "weights") else g.cut
+        self.backend.restore(self.guard.anchor)
+        if event["event"] == "nonfinite":
+            self._nonfinite_cause(event, batch, step)
+        event = self.guard.roll_back(step + 1, event, cut)
+        if self.average.enabled:  # the average forgets the weights rolled back
+            self.average.reset(self.guard.anchor)
+        state.setdefault("guard_events", []).append(event)
+        return event
+
+    def _evaluate_if_due(self, state: dict, row: dict) -> bool:
+        """A periodic evaluation (eval_every, before the last step), its figures added to
+        the step's row; True when early stopping should stop the run."""
+        cfg = self.cfg
+        if not (cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.mezo.steps):
+            return False
+        with self._averaged_weights():
+            evaluation, outcomes = self.evaluate_all(f"step {state['step']}")
+            stop = self._consider_best(state, evaluation, outcomes)
+        row.update(evaluation)
+        state.setdefault("evals", []).append({"step": state["step"], **evaluation})
+        return stop
+
+    def _record(self, row: dict, bar) -> None:
+        """The step's row to the loggers and the plugins' hook; the progress bar."""
+        if self.writes:
+            self._log(row["step"], row)
+            self.hook.on_step_end(step=row["step"], metrics=row)
+        postfix = dict(loss=f"{row['loss']:.4f}", eps=f"{row['eps']:.1e}", lr=f"{row['lr']:.1e}",
+                       tok_s=f"{row['tokens_per_second']:.0f}")
+        if self.guard.events:
+            postfix["guard"] = self.guard.events
+        bar.set_postfix(**postfix)
+        bar.update(1)
+
+    def _finish(self, state: dict) -> None:
+        """The final evaluation of the trained (or averaged) weights, best/'s last chance,
+        and their checkpoint: the trained weights, which best/ never replaces."""
+        if "final" in state:
+            return
+        if self.average.enabled:  # training is over: the run ends on the averaged weights
+            self.backend.restore(self.average.tensors)
+        state["final"], outcomes = self.evaluate_all("fine-tuned", state["step"])
+        if self.cfg.eval_every:
+            self._consider_best(state, state["final"], outcomes)
+            if state["best"]["step"] != state["step"]:  # evals.jsonl names best/ beside the last adapter
+                self._log_eval(state["step"], "best", _scores(state["best"]), adapter_step=state["best"]["step"])
+        self._save(state)
+
+    def _summary(self, state: dict) -> dict:
         summary = {k: state.get(k) for k in ("zero_shot", "final", "best", "step", "stopped_early")}
-        summary["result"] = result
+        summary["result"] = self._result(state)
         if summary["best"]:
             summary["best"] = {k: v for k, v in summary["best"].items() if k != "outcomes"}
             summary["selection"] = self.selection.plan
@@ -237,19 +291,20 @@ class Trainer:
             summary["train_rows_overlapping_val"] = self.task.overlap_dropped   # left out of training
         summary["guard"] = {"events": self.guard.events, "roll_backs": self.guard.recoveries,
                             "lr_scale": self.guard.lr_scale, "roll_back_log": state.get("guard_events", [])}
-        self._close_loggers()
-        if not self.writes:
-            return summary
-        write_adapter(self.backend, self.out / "last")  # the trained weights, always kept
-        if result["adapter"] == "best":   # adapter/: the run's result, a copy of best/ or of last/
+        return summary
+
+    def _write_outputs(self, state: dict, summary: dict) -> None:
+        """last/ (the trained weights, always), adapter/ (the run's result: a copy of best/
+        or of last/), summary.json and training.png."""
+        write_adapter(self.backend, self.out / "last")
+        if summary["result"]["adapter"] == "best":
             _copy_adapter(self.out / "best", self.out / "adapter")
         else:
             write_adapter(self.backend, self.out / "adapter")  # checked finite, atomic
         write_json_atomic(self.out / "summary.json", summary)
-        if cfg.plot:
+        if self.cfg.plot:
             from .plot import plot_run
             plot_run(self.out / "metrics.jsonl", state, self.out / "training.png")
-        return summary
 
     def _result(self, state: dict) -> dict:
         """The adapter the run hands over in adapter/: best/ when the run selects one
