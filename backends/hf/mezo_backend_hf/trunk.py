@@ -370,9 +370,9 @@ class FrozenTrunk(LayerStack):
             if s is None:
                 by_width.setdefault(spaces[i][0], []).append(i)
         for width, members in sorted(by_width.items()):
-            for layout in self._passes(width, members, spaces):
-                hidden = self.capture(**self.canonical_inputs([rows[i] for i in layout], width))
-                for j, i in enumerate(layout):
+            for part in self._passes(width, members, spaces):
+                hidden = self.capture(**self.canonical_inputs([rows[i] for i in part], width))
+                for j, i in enumerate(part):
                     if spaces[i][1] == (j if self.slots(width) else 0):  # not a copy in an empty slot
                         states[i] = hidden[j, :len(rows[i])]
                         self.cache.insert(rows[i], states[i], space=spaces[i])
@@ -423,19 +423,19 @@ class FrozenTrunk(LayerStack):
         return width, (hash(tuple(row)) % n if n > 1 else 0)  # a tuple of ints hashes alike in every process
 
     def _passes(self, width, members, spaces):
-        """The layouts (row indices) of the passes that compute the missing rows of one width."""
+        """The passes (row indices, in order) that compute the missing rows of one width."""
         n = self.slots(width)
         if not n:
             return [members]
         queues = [[] for _ in range(n)]
         for i in members:
             queues[spaces[i][1]].append(i)
-        layouts = []
+        passes = []
         for k in range(max(map(len, queues))):
-            layout = [q[k] if k < len(q) else None for q in queues]
-            filler = next(i for i in layout if i is not None)
-            layouts.append([filler if i is None else i for i in layout])
-        return layouts
+            part = [q[k] if k < len(q) else None for q in queues]
+            filler = next(i for i in part if i is not None)
+            passes.append([filler if i is None else i for i in part])
+        return passes
 
     def canonical_inputs(self, rows, width):
         """Rows right-padded to ``width`` (with their own first token: any id does,
