@@ -273,7 +273,7 @@ def test_outside_backend_options_show_with_defaults(toy_plugin, capsys):
     assert shown["toy"] == {"width": 4, "label": "round"} and "toy-off" not in shown
     assert main(["config", "--reference"]) == 0
     table = capsys.readouterr().out
-    assert "| `toy.width` | `4` | how wide the toy is |" in table
+    assert "| `toy.width` | `4` |  | how wide the toy is |" in table   # no recipe value: the empty column
     assert "| `toy.label` | `'plain'` | what it is called |" in table
 
 
