@@ -274,7 +274,7 @@ def test_outside_backend_options_show_with_defaults(toy_plugin, capsys):
     assert main(["config", "--reference"]) == 0
     table = capsys.readouterr().out
     assert "| `toy.width` | `4` |  | how wide the toy is |" in table   # no recipe value: the empty column
-    assert "| `toy.label` | `'plain'` | what it is called |" in table
+    assert "| `toy.label` | `'plain'` |  | what it is called |" in table
 
 
 def test_options_of_other_kinds_and_section_clashes(tmp_path):
