@@ -345,6 +345,8 @@ def main(argv=None, registry: Registry | None = None) -> int:
         if args.command == "init":
             cmd_init(args)
             return 0
+        from .models import quiet_torchao_import
+        quiet_torchao_import()   # peft imports it where installed: its import-time log noise, silenced
         init_from_env()  # torchrun: join the data-parallel group
         registry = registry or Registry(make_plugin_manager())
         config_file = None if args.command == "backends" else (args.config or default_config())

@@ -177,3 +177,25 @@ def _convert_gguf(src: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "config.json").exists():  # else another process converted it first
             raise MezoError(f"model.path: cannot write the converted model: {write_error(out, exc)}") from None
+
+
+def quiet_torchao_import() -> None:
+    """peft imports torchao wherever it is installed (to wrap quantized linears), and that
+    import logs warnings about torchao's C++ extensions and torch's pytree API -- noise in
+    every run that has nothing to do with it. Import it first, those loggers quiet."""
+    import importlib.util
+    import logging
+    import sys
+    if "torchao" in sys.modules or importlib.util.find_spec("torchao") is None:
+        return
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401
+    except Exception:  # noqa: BLE001 -- a broken torchao fails again, loudly, where it is used
+        pass
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

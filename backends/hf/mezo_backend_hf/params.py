@@ -8,12 +8,13 @@ import torch
 
 from mezo_core import MezoError
 from mezo_core.adapter import canonical_name, peft_lora_config
-from mezo_core.models import load_pretrained, torch_dtype
+from mezo_core.models import load_pretrained, quiet_torchao_import, torch_dtype
 
 
 def load_model(cfg, opts, model_dir, device):
     """(model, {canonical name: trainable tensor}), the model in eval mode on
     ``device`` with autograd off everywhere (MeZO never needs it)."""
+    quiet_torchao_import()   # before peft imports it
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
