@@ -192,8 +192,10 @@ def quiet_torchao_import() -> None:
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
-    try:
-        import torchao  # noqa: F401
+    import importlib
+    try:  # the modules peft and transformers' quantizers import (each registers its types once)
+        for name in ("torchao", "torchao.quantization", "torchao.prototype.mx_formats"):
+            importlib.import_module(name)
     except Exception:  # noqa: BLE001 -- a broken torchao fails again, loudly, where it is used
         pass
     finally:

@@ -260,3 +260,19 @@ def test_train_eval_export_raise_no_deprecation_warnings(tmp_path, tiny_llama, c
     old = [f"{w.category.__name__} {w.filename}:{w.lineno}: {w.message}" for w in caught
            if issubclass(w.category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning))]
     assert not old, old
+
+
+def test_a_run_prints_no_library_noise(tmp_path, tiny_llama):
+    """A fresh `mezo-run` process (imports as a user's are: peft pulls in torchao where it is
+    installed) prints nothing on stderr but its own lines and progress bars: no library
+    deprecation notices, no failed extension loads."""
+    import subprocess
+    import sys
+    from tiny import write_run_config
+    cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 2, "eval_every": 1})
+    proc = subprocess.run([sys.executable, "-m", "mezo_core.cli", "train", "-c", str(cfg), "progress=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    noise = [line for line in proc.stderr.splitlines()
+             if line.strip() and not line.startswith("mezo-run:") and "it/s]" not in line and "s/it]" not in line]
+    assert not noise, noise
