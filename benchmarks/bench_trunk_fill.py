@@ -21,25 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from mezo_builtin.eviction import FIFO
 
 SEED = 26
-
-
-class KeepAll:
-    def __init__(self):
-        self.keys = {}
-
-    def insert(self, key, nbytes):
-        self.keys[key] = nbytes
-
-    def touch(self, key):
-        pass
-
-    def remove(self, key):
-        self.keys.pop(key)
-
-    def victim(self):
-        return next(iter(self.keys))
 
 
 def old_states(trunk, rows):
@@ -69,7 +53,7 @@ def main():
     times = {(w, layout): [] for w in workloads for layout in ("old", "canonical")}
     rng = random.Random(SEED)
     start = time.perf_counter()
-    layout = FrozenTrunk(model, RadixCache(1 << 34, KeepAll), trainable).layout  # the once-a-process check
+    layout = FrozenTrunk(model, RadixCache(1 << 34, FIFO), trainable).layout  # the once-a-process check
     probe_ms = round((time.perf_counter() - start) * 1000, 1)
     with torch.inference_mode():
         for r in range(args.rounds + 1):  # round 0 warms up
@@ -78,7 +62,7 @@ def main():
                 if sort:
                     rows.sort(key=len)
                 for kind in (("old", "canonical") if r % 2 else ("canonical", "old")):
-                    trunk = FrozenTrunk(model, RadixCache(1 << 34, KeepAll), trainable)
+                    trunk = FrozenTrunk(model, RadixCache(1 << 34, FIFO), trainable)
                     trunk.layout = layout
                     assert trunk.k0 == 26
                     start = time.perf_counter()

@@ -190,15 +190,21 @@ def test_kill_mid_step_then_resume_is_bitwise(killed, reference, capsys):
     assert_same_run(run, reference)
 
 
+def lock_holder(cfg, run):
+    """A child run stopped (SIGSTOP) once it holds ``run``'s lock."""
+    holder = start_child(cfg, "lock", sig="SIGSTOP")
+    deadline = time.monotonic() + 120
+    while not (run / "run.lock").exists() or f"pid {holder.pid} " not in (run / "run.lock").read_text():
+        assert time.monotonic() < deadline and holder.poll() is None
+        time.sleep(0.05)
+    return holder
+
+
 def test_second_run_is_refused_and_a_killed_holder_lock_is_taken_over(reference, tmp_path, tiny_llama, capsys):
     cfg = config(tmp_path, tiny_llama)
     run = tmp_path / "run"
-    holder = start_child(cfg, "lock", sig="SIGSTOP")   # holds the lock, stopped
+    holder = lock_holder(cfg, run)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "run.lock").exists() or f"pid {holder.pid} " not in (run / "run.lock").read_text():
-            assert time.monotonic() < deadline and holder.poll() is None
-            time.sleep(0.05)
         for args in ([], ["--resume"]):
             assert train(cfg, *args) == 2
             err = error_text(capsys.readouterr().err)

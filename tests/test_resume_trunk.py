@@ -12,14 +12,13 @@ import random
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mezo_core.cli import main
-from mezo_core.registry import get_registry
+from mezo_builtin.eviction import FIFO
+from test_faults import train
 from tiny import write_run_config
 
 STEPS = 12
@@ -55,14 +54,6 @@ def config(folder, model, task, steps=STEPS):
         "mezo.steps": steps, "mezo.batch_size": 4, "checkpoint_every": 2, "eval_every": 4,
         "task.train": str(task / "train.jsonl"), "task.dev": str(task / "dev.jsonl"),
         "task.k_per_class": 8, "task.n_val": 6, "lora.layers": [2, 3], "eval_batch_size": 4})
-
-
-def train(cfg, *args):
-    get_registry.cache_clear()
-    try:
-        return main(["train", "-c", str(cfg), *args])
-    finally:
-        get_registry.cache_clear()
 
 
 def rows(run):
@@ -144,25 +135,6 @@ def test_extending_steps_by_resume_is_bitwise_with_the_trunk_cache(reference, ti
 
 
 # -- the trunk's states of a row: a function of the row ---------------------------------
-class Policy:
-    """Keep everything (the unit test below never evicts)."""
-
-    def __init__(self):
-        self.keys = {}
-
-    def insert(self, key, nbytes):
-        self.keys[key] = nbytes
-
-    def touch(self, key):
-        pass
-
-    def remove(self, key):
-        self.keys.pop(key)
-
-    def victim(self):
-        return next(iter(self.keys))
-
-
 def random_model(device, dtype, seed):
     """A Llama of SmolLM2-135M's widths (576 hidden, 9 heads, 3 KV heads), 4 layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -176,7 +148,7 @@ def trunk_of(model, layout):
     """A FrozenTrunk below the top layer (k0 = 3). ``layout``: None (the device's
     own), "slots" (fixed shape and hashed slot, CUDA's), "free" (the CPU's) or "alone"."""
     from mezo_backend_hf.trunk import FrozenTrunk, RadixCache
-    trunk = FrozenTrunk(model, RadixCache(1 << 40, Policy), list(model.model.layers[3].parameters()))
+    trunk = FrozenTrunk(model, RadixCache(1 << 40, FIFO), list(model.model.layers[3].parameters()))  # FIFO: never evicts under this budget
     if layout is not None:
         trunk.layout = layout
     assert trunk.k0 == 3

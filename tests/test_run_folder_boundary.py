@@ -17,13 +17,12 @@ import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from mezo_core.errors import MezoError
-from test_faults import (ADAPTER, FolderBackend, assert_clean, assert_same_run, config, error_text, rows,
+from test_faults import (ADAPTER, lock_holder, FolderBackend, assert_clean, assert_same_run, config, error_text,
                          start_child, train)
 
 SECRET = "root:x:0:0:SECRET-OUTSIDE-CONTENT:/root:/bin/bash\ndaemon:x:1:1:another secret line\n"
@@ -196,12 +195,8 @@ def test_deleting_run_lock_does_not_free_the_folder(tiny_llama, tmp_path, capsys
     deleted or replaced, a second run or --resume is still refused while it lives."""
     cfg = config(tmp_path, tiny_llama)
     run = tmp_path / "run"
-    holder = start_child(cfg, "lock", sig="SIGSTOP")   # holds the lock, stopped
+    holder = lock_holder(cfg, run)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "run.lock").exists() or f"pid {holder.pid} " not in (run / "run.lock").read_text():
-            assert time.monotonic() < deadline and holder.poll() is None
-            time.sleep(0.05)
         (run / "run.lock").unlink()
         for args, holder_named in ((["--resume"], "a run"), ([], "a run"),
                                    (["--resume"], "pid 1 on elsewhere, started then")):
