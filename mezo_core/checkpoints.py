@@ -31,13 +31,12 @@ import re
 import shutil
 import signal
 import socket
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from .adapter import check_finite, replace_dir
-from .errors import MezoError
+from .errors import MezoError, warn  # noqa: F401 (warn: re-exported, the trainer and tests import it here)
 from .runfiles import (one_line, open_fd, open_own, open_text, read_bytes, refuse_link,
                        replace_file, utf8_lines, write_error, write_new, writing)
 
@@ -67,10 +66,6 @@ def step_name(step: int) -> str:
 
 def _step_of(path: Path) -> int:
     return int(STEP.fullmatch(path.name)[1])
-
-
-def warn(message: str) -> None:
-    print(f"mezo-run: warning: {message}", file=sys.stderr, flush=True)
 
 
 # -- test hook ------------------------------------------------------------------------

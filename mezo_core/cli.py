@@ -26,6 +26,7 @@ from .config import DEFAULT_CONFIG, DEFAULT_RECIPE, default_config, load_config,
 from .distributed import init_from_env, rank_and_world
 from .errors import DivergedError, MezoError
 from .registry import Registry, make_plugin_manager
+from .threads import usable_cores
 
 
 def make_backend(cfg, registry):
@@ -162,17 +163,6 @@ def set_threads(cfg) -> None:
         torch.set_num_threads(cfg.threads)
     elif not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores())))
-
-
-def usable_cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:  # cgroup v2 quota: "max 100000" or "200000 100000"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
 
 
 def _unavailable(obj):

@@ -325,7 +325,7 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
         raise MezoError(f"config field {key!r}: {msg}") from None
     validate(cfg)
     for key in dict.fromkeys(literal_escapes(cfg)):
-        from .checkpoints import warn
+        from .errors import warn
         warn(f"config field {key!r} holds a backslash and n or t as two characters, not a newline or "
              f"tab: in YAML write the string in double quotes (\"...\\n...\"), on the command line "
              f"\\\\n is a literal backslash-n")

@@ -1,5 +1,7 @@
 """One exception type for everything a user can get wrong: the CLI prints its
-message and exits non-zero, without a traceback."""
+message and exits non-zero, without a traceback; and ``warn``, the one-line
+warning every part of a run prints the same way."""
+import sys
 
 
 class MezoError(Exception):
@@ -8,3 +10,7 @@ class MezoError(Exception):
 
 class DivergedError(MezoError):
     """Training diverged and the convergence guard could not recover it (exit 3)."""
+
+
+def warn(message: str) -> None:
+    print(f"mezo-run: warning: {message}", file=sys.stderr, flush=True)

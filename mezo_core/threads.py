@@ -99,7 +99,6 @@ class SlowStepWatch:
             import torch
             self.threads = torch.get_num_threads()
         if enabled and cores is None:
-            from .cli import usable_cores
             self.cores = usable_cores()
         self.passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
         self._cpu = self._wall = None
@@ -124,3 +123,15 @@ class SlowStepWatch:
         if hint and self.streak >= self.patience:
             self.said = hint
             print(f"mezo-run: note: {hint}", file=self.out or sys.stderr, flush=True)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: CPU affinity and the cgroup quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # cgroup v2 quota: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores

@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from .adapter import write_json_atomic
 from .average import WeightAverage
-from .checkpoints import (RunFolder, check_resume, config_diff, fingerprints, warn,
+from .checkpoints import (RunFolder, check_resume, config_diff, fingerprints,
                           write_adapter)
 from .data import Task
 from .distributed import rank_and_world, shard, sum_over_ranks
-from .errors import MezoError
+from .errors import MezoError, warn
 from .guard import Guard
 from .interfaces import Signals
 from .mezo import decayed, direction_seeds, probe, update
