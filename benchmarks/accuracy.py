@@ -57,7 +57,7 @@ SUITES = {
                                                                  "mezo.steps=3000"]),
             ("old-prompt-top4-k16-lr1e-2-no-guard", OLD_PROMPT + TOP4 + [
                 "task.k_per_class=16", "mezo.lr=1e-2", "mezo.steps=3000", "guard.enabled=false",
-                "load_best_at_end=false"]),
+                "selection.load_best_at_end=false"]),
         ],
         # the CPU demo's candidates, in fp32 as on the CPU (selected on validation)
         cpu_candidates=[

@@ -149,7 +149,7 @@ def _print_summary(summary, cfg):
         print(f"  guard               : {guard['events']} event(s), {guard['roll_backs']} roll-back(s), "
               f"step size x{guard['lr_scale']:.3g} (metrics.jsonl rows with 'guard')")
     if summary.get("stopped_early"):
-        print(f"  stopped early at step {summary['stopped_early']} (early_stop_patience)")
+        print(f"  stopped early at step {summary['stopped_early']} (selection.early_stop_patience)")
     print(f"  run folder: {cfg.out_dir} (metrics.jsonl, training.png, adapter/ = {result}/)")
 
 

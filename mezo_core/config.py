@@ -22,7 +22,7 @@ DEFAULT_CONFIG = f"conf/{DEFAULT_RECIPE}.yaml"  # in the working directory, else
 MAX_Q, MIN_EPS, MAX_LORA_R, MAX_TEMPLATE, MAX_THREADS = 4096, 1e-7, 65536, 10_000, 1024
 #: model.quantization's values (the hf backend: torchao; the engines: their fp8)
 QUANTIZATIONS = (None, "int8", "fp8", "fp8w")
-#: best_correction's values (mezo_core.trainer.best_level applies them)
+#: selection.correction's values (mezo_core.selection.best_level applies them)
 BEST_CORRECTIONS = ("bonferroni", "none")
 
 
@@ -150,6 +150,29 @@ class GuardConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which evaluated adapter best/ keeps and the run hands over (mezo_core/selection.py);
+    evaluations come every ``eval_every`` steps."""
+    significance: float = 0.05             # best/ changes only for an adapter right on significantly more examples
+                                           # (one-sided paired sign test; the level of the whole run, see
+                                           # correction; 0: any gain)
+    correction: str = "bonferroni"         # bonferroni: the first move off the first adapter is tested at
+                                           # significance / ceil(mezo.steps / eval_every), so noise alone moves
+                                           # best/ with probability <= significance over the run; later moves at
+                                           # significance; none: every test at significance (noise passes far
+                                           # more often)
+    load_best_at_end: bool = True          # with eval_every: adapter/, the run's result, is best/ (selected on
+                                           # task.n_val's validation set, or dev without one); false: the last
+                                           # adapter. last/ (the trained weights) and best/ are always kept
+    early_stop_patience: int = 0           # stop after this many evaluations without a new best (0: never)
+
+
+#: fields that moved into a section: an old key is an error naming the new one
+MOVED = {"best_significance": "selection.significance", "best_correction": "selection.correction",
+         "load_best_at_end": "selection.load_best_at_end", "early_stop_patience": "selection.early_stop_patience"}
+
+
+@dataclass
 class RunConfig:
     backend: str = "hf"                    # a backend plugin: hf, vllm, sglang, ... (mezo-run backends)
     seed: int = 0                          # the batches and z directions are functions of (seed, step)
@@ -159,18 +182,6 @@ class RunConfig:
     eval_batch_size: int = 32              # rows per evaluation forward
     checkpoint_every: int = 50             # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2              # newest checkpoints kept
-    early_stop_patience: int = 0           # stop after this many evaluations without a new best (0: never)
-    best_significance: float = 0.05        # best/ changes only for an adapter right on significantly more examples
-                                           # (one-sided paired sign test; the level of the whole run, see
-                                           # best_correction; 0: any gain)
-    best_correction: str = "bonferroni"    # bonferroni: the first move off the first adapter is tested at
-                                           # best_significance / ceil(mezo.steps / eval_every), so noise alone
-                                           # moves best/ with probability <= best_significance over the run;
-                                           # later moves at best_significance; none: every test at
-                                           # best_significance (noise passes far more often)
-    load_best_at_end: bool = True          # with eval_every: adapter/, the run's result, is best/ (selected on
-                                           # task.n_val's validation set, or dev without one); false: the last
-                                           # adapter. last/ (the trained weights) and best/ are always kept
     zero_shot: bool = True                 # evaluate before the first step
     plot: bool = True                      # write training.png at the end
     progress: bool = True                  # progress bars
@@ -181,6 +192,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     mezo: MezoConfig = field(default_factory=MezoConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     # + one section per plugin with options (hf, vllm, ...): plugin_sections()
 
 
@@ -311,6 +323,9 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
             raise MezoError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise MezoError(f"{path}: the top level must be a mapping of keys")
+        for key in data:
+            if key in MOVED:
+                raise MezoError(f"{path}{_line_of(text, key)}: field {key!r} is now {MOVED[key]!r}")
         try:
             cfg = OmegaConf.merge(_replaceable(cfg, data), OmegaConf.create(data))
         except OmegaConfBaseException as exc:
@@ -345,6 +360,8 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
         raise MezoError(f"override {item!r}: expected key=value")
     if not re.fullmatch(r"\w+(\.\w+)*", key):
         raise MezoError(f"override {item!r}: {key!r} is not a dotted field name like mezo.lr")
+    if key in MOVED:
+        raise MezoError(f"override {item!r}: field {key!r} is now {MOVED[key]!r}")
     node = _schema_node(cfg, key)
     try:
         if isinstance(node, StringNode):
@@ -496,9 +513,9 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
     need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: only zero-shot and final)")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-    need(cfg.early_stop_patience >= 0, "early_stop_patience", "must be >= 0")
-    need(0 <= cfg.best_significance < 1, "best_significance", "must be in [0, 1)")
-    need(cfg.best_correction in BEST_CORRECTIONS, "best_correction",
+    need(cfg.selection.early_stop_patience >= 0, "selection.early_stop_patience", "must be >= 0")
+    need(0 <= cfg.selection.significance < 1, "selection.significance", "must be in [0, 1)")
+    need(cfg.selection.correction in BEST_CORRECTIONS, "selection.correction",
          f"must be one of {', '.join(map(repr, BEST_CORRECTIONS))}")
     need(cfg.task.n_val >= 0, "task.n_val", "must be >= 0")
     need(cfg.task.val_overlap_words >= 0, "task.val_overlap_words", "must be >= 0 (0: no check)")

@@ -53,7 +53,7 @@ def size(cfg) -> dict:
     select = val_file or n_val > 0
     sized = {"task.k_per_class": None, "task.n_train": n_train, "task.n_val": n_val,
              "mezo.batch_size": batch, "mezo.steps": steps, "eval_every": 100 if select else 0,
-             "checkpoint_every": 100, "load_best_at_end": select}
+             "checkpoint_every": 100, "selection.load_best_at_end": select}
     why = [f"{rows} train rows: {n_train} to train on"
            + (f", {n_val} held out for validation (best/ selects on them; dev is only reported)" if n_val else "")
            + (", validation from task.val" if val_file else "")]

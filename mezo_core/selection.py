@@ -45,16 +45,16 @@ def best_level(cfg, first_move: bool = True) -> float:
     """The level of a best/ sign test: of the first move off the run's first adapter
     (``first_move``), or of a later one.
 
-    A test at ``best_significance`` repeated at every evaluation lets noise through
+    A test at ``selection.significance`` repeated at every evaluation lets noise through
     far more often (12 evaluations at 0.05: up to 46 %). ``bonferroni`` splits
-    ``best_significance`` over the ``best_tests`` evaluations for the first move: until
+    ``selection.significance`` over the ``best_tests`` evaluations for the first move: until
     best/ first moves, every test compares a candidate with the first adapter, so by
-    the union bound noise alone moves it with probability <= best_significance. Later
+    the union bound noise alone moves it with probability <= selection.significance. Later
     candidates face an adapter already shown better than the start, at
-    ``best_significance``. ``none``: every evaluation at ``best_significance``."""
-    if cfg.best_correction == "none" or not first_move:
-        return cfg.best_significance
-    return cfg.best_significance / best_tests(cfg)
+    ``selection.significance``. ``none``: every evaluation at ``selection.significance``."""
+    if cfg.selection.correction == "none" or not first_move:
+        return cfg.selection.significance
+    return cfg.selection.significance / best_tests(cfg)
 
 
 def min_wins(level: float) -> int:
@@ -70,7 +70,7 @@ def plan(cfg, rows: int, split: str) -> dict:
     level = best_level(cfg)
     wins = min_wins(level)
     out = {"split": split, "examples": rows, "rule": "sign_test" if level > 0 else "best_score",
-           "significance": cfg.best_significance, "first_move_level": level}
+           "significance": cfg.selection.significance, "first_move_level": level}
     if level > 0:
         floor = wins / rows if rows else math.inf
         out.update(min_wins=wins, min_gain=round(floor, 4))
@@ -108,11 +108,11 @@ class Selection:
             better = sign_test_p(outcomes, best["outcomes"]) < level
         if better:
             # the level a later candidate must reach against this adapter: corrected while
-            # best/ holds the run's first adapter, best_significance once it has moved
+            # best/ holds the run's first adapter, selection.significance once it has moved
             state["best"] = {"step": state["step"], "score": score, "selected_on": key, **evaluation,
                              "evals_since": 0, "significance_per_eval": self.level(best is None),
                              "outcomes": outcomes}
             return True, False
         best["evals_since"] += 1
-        patience = self.cfg.early_stop_patience
+        patience = self.cfg.selection.early_stop_patience
         return False, bool(patience) and best["evals_since"] >= patience

@@ -308,9 +308,9 @@ class Trainer:
 
     def _result(self, state: dict) -> dict:
         """The adapter the run hands over in adapter/: best/ when the run selects one
-        (eval_every, load_best_at_end) and it is not the last, else the last one."""
+        (eval_every, selection.load_best_at_end) and it is not the last, else the last one."""
         best = state.get("best")
-        if self.cfg.eval_every and self.cfg.load_best_at_end and best and best["step"] != state["step"]:
+        if self.cfg.eval_every and self.cfg.selection.load_best_at_end and best and best["step"] != state["step"]:
             return {"adapter": "best", "step": best["step"], **_scores(best)}
         return {"adapter": "last", "step": state["step"], **_scores(state.get("final") or {})}
 

@@ -55,7 +55,7 @@ def test_run_saves_and_selects_the_average_of_its_raw_trajectory(tmp_path, tiny_
     print("seed", SEED)
     half_life, steps = 40, 10                                # an update every 2 steps
     common = {"mezo.steps": steps, "seed": SEED, "checkpoint_every": 2, "keep_checkpoints": 100,
-              "eval_every": 4, "task.n_val": 0, "best_significance": 0.0, "load_best_at_end": False,
+              "eval_every": 4, "task.n_val": 0, "selection.significance": 0.0, "selection.load_best_at_end": False,
               "guard.enabled": False, "mezo.lr": 0.3}
     assert _train(tmp_path / "raw", tiny_llama, common) == 0
     assert _train(tmp_path / "avg", tiny_llama, {**common, "mezo.ema_half_life": half_life}) == 0

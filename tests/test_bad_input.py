@@ -139,7 +139,8 @@ CONFIG_CASES = {   # override: needles
     "eval_every=-1": ["eval_every", ">= 0"],
     "mezo.weight_decay=-0.01": ["mezo.weight_decay", ">= 0"],
     "keep_checkpoints=0": ["keep_checkpoints", ">= 1"],
-    "best_correction=holm": ["best_correction", "'bonferroni', 'none'", "'holm'"],
+    "selection.correction=holm": ["selection.correction", "'bonferroni', 'none'", "'holm'"],
+    "best_significance=0.1": ["best_significance", "is now 'selection.significance'"],
     "mezo.steps=[": ["mezo.steps", "cannot parse"],
     # a plugin's typed section is read like the core's: a string field takes the text as written
     "hf.cache_budget_mb={lru": ["hf.cache_budget_mb", "cannot parse"],
@@ -440,3 +441,11 @@ def test_options_may_stand_between_overrides(capsys):
     assert "unrecognized arguments: --nope" in capsys.readouterr().err
     assert main(["config", "-c", str(recipe), "task.n_val=3", "loose"]) == 2
     assert "override 'loose': expected key=value" in capsys.readouterr().err
+
+
+def test_a_moved_field_in_a_recipe_names_its_new_place(tmp_path, capsys, fresh_registry):
+    """The selection fields moved under `selection:` (issue #28): an old recipe is one line
+    naming the file, the line and the new key, not a silent default."""
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("seed: 1\nload_best_at_end: false\n")
+    refused(capsys, ["config", "-c", str(recipe)], str(recipe), "line 2", "'load_best_at_end' is now 'selection.load_best_at_end'")

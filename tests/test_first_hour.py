@@ -95,7 +95,7 @@ def test_the_gate_that_holds_still_keeps_the_trained_adapter(tmp_path, tiny_llam
     rule that is not relaxed) leaves best/ at step 0, adapter/ its copy, and last/ trained."""
     from tiny import write_run_config
     cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 6, "eval_every": 3, "seed": SEED,
-                                                  "best_significance": 1e-9})
+                                                  "selection.significance": 1e-9})
     assert main(["train", "-c", str(cfg), "mezo.lr=0.5"]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -156,7 +156,7 @@ def test_init_custom_sizes_from_the_data(tmp_path, capsys, fresh_registry):
         assert task["n_val"] == want_val, n_train
         assert task["n_train"] == n_train - want_val and task["k_per_class"] is None
         assert recipe["mezo"]["batch_size"] == min(want_batch, (n_train - want_val) // 2)
-        assert recipe["eval_every"] == (100 if want_val else 0) and recipe["load_best_at_end"] == bool(want_val)
+        assert recipe["eval_every"] == (100 if want_val else 0) and recipe["selection"]["load_best_at_end"] == bool(want_val)
         cfg = load_config(out)   # the file is a valid recipe
         assert cfg.task.n_val == want_val
     capsys.readouterr()

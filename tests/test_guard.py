@@ -231,7 +231,7 @@ def test_best_adapter_is_kept_and_early_stopping(tmp_path, tiny_llama, capsys, f
     print("seed", SEED)
     cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 12, "seed": SEED, "eval_every": 2,
                                                   "checkpoint_every": 4, "task.n_val": 0,
-                                                  "load_best_at_end": False, "best_significance": 0})
+                                                  "selection.load_best_at_end": False, "selection.significance": 0})
     assert main(["train", "-c", str(cfg)]) == 0
     capsys.readouterr()
     run = tmp_path / "run"
@@ -281,13 +281,13 @@ def test_resume_after_roll_backs_is_bitwise(tmp_path, tiny_llama, capsys, fresh_
 @pytest.mark.parametrize("significance", [0.0, 0.05])
 def test_run_ends_on_the_best_adapter_zero_shot_included(tmp_path, tiny_llama, capsys, fresh_registry,
                                                          significance):
-    """load_best_at_end: adapter/ is best/'s, and the zero-shot adapter is a
+    """selection.load_best_at_end: adapter/ is best/'s, and the zero-shot adapter is a
     candidate: the final validation score is the maximum of all evaluations (with
     the significance rule: never below the zero-shot one)."""
     print("seed", SEED)
     cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 8, "seed": SEED, "eval_every": 2,
                                                   "checkpoint_every": 4, "task.n_val": 0,
-                                                  "best_significance": significance})
+                                                  "selection.significance": significance})
     assert main(["train", "-c", str(cfg), "mezo.lr=0.5"]) == 0
     capsys.readouterr()
     run = tmp_path / "run"
@@ -303,7 +303,7 @@ def test_run_ends_on_the_best_adapter_zero_shot_included(tmp_path, tiny_llama, c
     last = load_file(str(run / "last" / "adapter_model.safetensors"))
     ckpt = load_file(str(run / "checkpoints" / "step-0000008" / "adapter_model.safetensors"))
     assert all(last[k].equal(ckpt[k]) for k in last) and any(last[k].abs().sum() > 0 for k in last if "lora_B" in k)
-    # best_correction=bonferroni: 8 steps, eval_every 2: 4 evaluations after step 0 can replace best/,
+    # selection.correction=bonferroni: 8 steps, eval_every 2: 4 evaluations after step 0 can replace best/,
     # the first move at 0.05 / 4, which needs 7 wins: more than the 6 dev rows selected on, so the
     # run falls back to the plain best score (issue #26) and says so in its summary
     best = json.loads((run / "best" / "best.json").read_text())

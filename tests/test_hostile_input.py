@@ -342,7 +342,7 @@ def _can_mount_tmpfs(folder):
 @pytest.mark.slow   # ~20 s a case: a training run and its --resume per page of free space
 @pytest.mark.parametrize("overrides", [
     {"checkpoint_every": 2, "eval_every": 2, "zero_shot": True, "plot": True, "report_to": ["jsonl", "csv"],
-     "best_significance": 0, "task.n_val": 0},
+     "selection.significance": 0, "task.n_val": 0},
     {"checkpoint_every": 0, "zero_shot": False, "plot": False}], ids=["checkpoints-best-csv-plot", "last-adapter"])
 def test_disk_full_at_every_write_point(overrides, tmp_path, tiny_llama):
     """A real full disk: a run on a small tmpfs (a user and mount namespace of its own)

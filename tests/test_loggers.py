@@ -19,7 +19,7 @@ def jsonl(path):
 
 def train(tmp_path, model, *overrides, steps=5, registry=None):
     cfg = write_run_config(tmp_path, model, {"mezo.steps": steps, "checkpoint_every": 2, "eval_every": 2,
-                                             "load_best_at_end": False})
+                                             "selection.load_best_at_end": False})
     return cfg, main(["train", "-c", str(cfg), *overrides], registry)
 
 

@@ -1,7 +1,7 @@
 """best/ selection: an adapter replaces the kept one only for a significant gain on
 the validation examples (paired one-sided sign test), so a run does not end on
 an adapter that won by noise; the level is shared out over the run's evaluations
-(best_correction), so that noise rarely wins at any of them."""
+(selection.correction), so that noise rarely wins at any of them."""
 from __future__ import annotations
 
 import math
@@ -40,7 +40,8 @@ def test_sign_test_p_against_a_simulation():
 
 
 def _trainer(significance, tmp_path, correction="none", steps=30, eval_every=10, rows=100):
-    cfg = SimpleNamespace(best_significance=significance, best_correction=correction, early_stop_patience=0,
+    cfg = SimpleNamespace(selection=SimpleNamespace(significance=significance, correction=correction,
+                                                    early_stop_patience=0),
                           eval_every=eval_every, mezo=SimpleNamespace(steps=steps))
     return Selection(cfg, rows, "val")
 
@@ -85,7 +86,7 @@ def test_the_number_of_tests_is_the_evaluations_after_step_0(steps, eval_every):
     assert best_level(cfg) == pytest.approx(0.05 / best_tests(cfg))
     # a function of the config's schedule alone: early stopping and the zero-shot
     # evaluation do not change it (nor does a --resume, which reads the same config)
-    other = load_config(None, [f"mezo.steps={steps}", f"eval_every={eval_every}", "early_stop_patience=2",
+    other = load_config(None, [f"mezo.steps={steps}", f"eval_every={eval_every}", "selection.early_stop_patience=2",
                                "zero_shot=false"])
     assert best_level(other) == best_level(cfg)
 
@@ -95,9 +96,9 @@ def test_levels_by_hand():
         return best_level(load_config(None, list(overrides)))
     assert level("mezo.steps=3000", "eval_every=250") == pytest.approx(0.05 / 12)        # the GPU grid
     assert level("mezo.steps=300", "eval_every=150") == pytest.approx(0.025)             # conf/sst2.yaml
-    assert level("mezo.steps=30", "eval_every=10", "best_significance=0.1") == pytest.approx(0.1 / 3)
-    assert level("mezo.steps=3000", "eval_every=250", "best_correction=none") == 0.05
-    assert level("mezo.steps=3000", "eval_every=250", "best_significance=0") == 0
+    assert level("mezo.steps=30", "eval_every=10", "selection.significance=0.1") == pytest.approx(0.1 / 3)
+    assert level("mezo.steps=3000", "eval_every=250", "selection.correction=none") == 0.05
+    assert level("mezo.steps=3000", "eval_every=250", "selection.significance=0") == 0
 
 
 @pytest.mark.parametrize("correction, steps, wins, moves", [
@@ -123,7 +124,7 @@ def test_a_gain_against_the_corrected_level(tmp_path, correction, steps, wins, m
 
 def test_after_the_first_move_candidates_face_the_plain_level(tmp_path):
     """The correction guards the first move off the run's first adapter; a later gain
-    over an adapter already shown better is tested at best_significance."""
+    over an adapter already shown better is tested at selection.significance."""
     me = _trainer(0.05, tmp_path, "bonferroni", steps=40, eval_every=10)   # first move at 0.05/4
     state = {"step": 0}
     zero = "0" * 20 + "10" * 40
@@ -233,7 +234,8 @@ def test_issue_26_a_real_gain_on_25_rows_moves_best(tmp_path):
     assert zero.count("1") == 14 and trained.count("1") == 19
     assert sign_test_p(trained, zero) == pytest.approx(8 / 128)   # P(X >= 6), X ~ Bin(7, 1/2)
     for fallback, kept_step in ((False, 0), (True, 100)):
-        cfg = SimpleNamespace(best_significance=0.05, best_correction="bonferroni", early_stop_patience=0,
+        cfg = SimpleNamespace(selection=SimpleNamespace(significance=0.05, correction="bonferroni",
+                                                        early_stop_patience=0),
                               eval_every=50, mezo=SimpleNamespace(steps=100))
         me = Selection(cfg, 25 if fallback else 1000, "val")   # 1000 rows: the gate stays on
         state = {"step": 0}

@@ -43,7 +43,7 @@ def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registr
     cfg = write_config(tmp_path, tiny_llama, steps=5, plot=True)
     run = tmp_path / "run"
     assert main(["train", "-c", str(cfg), "mezo.lr_schedule=cosine", "mezo.lr_end=1e-3",
-                 "mezo.warmup_steps=1", "eval_every=2", "load_best_at_end=false"]) == 0
+                 "mezo.warmup_steps=1", "eval_every=2", "selection.load_best_at_end=false"]) == 0
     out = capsys.readouterr().out
     assert "zero-shot" in out and "last (step 5)" in out and "best (step " in out
     metrics = rows(run)
@@ -63,7 +63,7 @@ def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registr
     for key, label in (("zero_shot", "zero-shot"), ("final", "final")):   # one figure, wherever it is shown
         assert summary[key]["dev_accuracy"] == evals[label]["accuracy"] and summary[key]["dev_examples"] == 6
     assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for folder in ("adapter", "last"):   # load_best_at_end=false: adapter/ is the last adapter
+    for folder in ("adapter", "last"):   # selection.load_best_at_end=false: adapter/ is the last adapter
         assert sorted(p.name for p in (run / folder).iterdir()) == ["adapter_config.json",
                                                                     "adapter_model.safetensors"]
     assert summary["result"]["adapter"] == "last" and summary["result"]["step"] == 5
