@@ -1,5 +1,5 @@
 """The reference table of every config field, generated from the schema itself
-(``mezo_core/config.py``: the dataclasses, their defaults and the comment on
+(``mezo_core/schema.py``: the dataclasses, their defaults and the comment on
 each field's line; then each plugin's ``options`` dataclass, read the same way
 from its own module), so the README's table cannot drift: a test compares them.
 
