@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from .adapter import write_json_atomic
 from .average import WeightAverage
-from .checkpoints import (RunFolder, check_resume, config_diff, fingerprints,
-                          write_adapter)
+from .checkpoints import write_adapter
 from .data import Task
 from .distributed import rank_and_world, shard, sum_over_ranks
 from .errors import MezoError, warn
@@ -31,6 +30,7 @@ from .guard import Guard
 from .interfaces import Signals
 from .mezo import decayed, direction_seeds, probe, update
 from .runlog import RunLog
+from .runstate import RunState
 from .selection import Selection, best_level, best_tests, sign_test_p  # noqa: F401 (re-exported)
 from .threads import SlowStepWatch
 
@@ -88,7 +88,6 @@ class Trainer:
     def __init__(self, cfg, backend, registry):
         self.cfg, self.backend, self.registry = cfg, backend, registry
         self.out = Path(cfg.out_dir)
-        self.ckpt_dir = self.out / "checkpoints"
         m = cfg.mezo
         self.eps = make_schedule(registry, "mezo.eps_schedule", m.eps_schedule, m.eps, m.eps_end, 0,
                                  m.eps_schedule_options, m.q)
@@ -106,6 +105,7 @@ class Trainer:
         # data parallel: every rank steps alike on its shard; rank 0 alone writes files
         self.rank, self.world = rank_and_world()
         self.writes = self.rank == 0
+        self.run = RunState(cfg, backend, self.writes, self.world)   # the folder: start/resume, checkpoints
 
     # -- the run ---------------------------------------------------------------
     @_releases_the_lock
@@ -114,8 +114,8 @@ class Trainer:
         steps -- forwards, the guard's verdict, the schedules, the update -- with the
         evaluations and checkpoints they are due, then the final evaluation and files."""
         cfg, m = self.cfg, self.cfg.mezo
-        state = self._resume() if resume else self._fresh()
-        self._restore_run_state(state)
+        state = self.run.start(resume, {"mezo.eps_schedule": self.eps, "mezo.lr_schedule": self.lr})
+        self.run.restore(state, self.lr, self.eps, self.guard, self.average)
         self._open_logs(state)
         self._prepare(state)
         bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
@@ -416,27 +416,6 @@ class Trainer:
             write_json_atomic(self.out / "best" / "best.json", state["best"])
         return stop
 
-    def _save(self, state: dict) -> None:
-        """A checkpoint with everything a bitwise resume needs: schedules' and the
-        guard's state, and the guard's anchor tensors."""
-        state["schedules"] = {"lr": self.lr.state_dict(), "eps": self.eps.state_dict()}
-        state["guard"] = self.guard.state_dict()
-        extra = {"guard_anchor": self.guard.anchor} if self.guard.anchor else {}
-        if self.average.tensors is not None:
-            state["average"] = self.average.state_dict()
-            extra["weight_average"] = self.average.tensors
-        self._checkpoint(state, extra=extra or None)
-
-    def _restore_run_state(self, state: dict) -> None:
-        if "schedules" in state:
-            self.lr.load_state_dict(state["schedules"]["lr"])
-            self.eps.load_state_dict(state["schedules"]["eps"])
-        if "guard" in state:
-            self.guard.load_state_dict(state["guard"])
-            self.guard.anchor = self.load_extra("guard_anchor")
-        if "average" in state:
-            self.average.load_state_dict(state["average"], self.load_extra("weight_average"))
-
     def _pauses_after(self, step: int) -> bool:
         """Whether the weights must be clean (theta itself) after ``step`` steps: the
         run ends, evaluates, checkpoints or averages there."""
@@ -452,68 +431,8 @@ class Trainer:
         bar.close()
         return result
 
-    # -- state and checkpoints (the files: mezo_core/checkpoints.py) ------------------
-    def _fresh(self, folder: RunFolder | None = None) -> dict:
-        """A new run: out_dir locked and cleaned of leftovers, config written, the data
-        and model fingerprinted (a --resume checks them). ``folder``: already locked."""
-        self.folder = folder or RunFolder(self.out)
-        if self.writes:
-            self.folder.start(self.cfg)
-        self._barrier()  # every rank starts after rank 0 has checked and written
-        return {"step": 0, "fingerprints": fingerprints(self.cfg)} if self.writes else {"step": 0}
-
-    def _resume(self) -> dict:
-        """The newest intact checkpoint (falling back past damaged ones), after checking
-        that the config, data and model continue its trajectory."""
-        self.folder = RunFolder(self.out)
-        if not self.out.is_dir():
-            raise MezoError(f"--resume: no checkpoint in {self.ckpt_dir}")
-        if self.writes:
-            self.folder.lock()
-            self.folder.clean()
-        if not (self.out / "config.yaml").exists():
-            if self.folder.holds_checkpoints():
-                raise MezoError(f"--resume: {self.out / 'config.yaml'} is missing beside the checkpoints in "
-                                f"{self.ckpt_dir}: restore it, or start a new run in another out_dir")
-            if self.writes:  # stopped before its config was written: nothing was lost, the run starts
-                warn(f"--resume: {self.out} holds no run yet (stopped before its config.yaml): starting it")
-            return self._fresh(self.folder)
-        self._barrier()  # rank 0 has cleaned and repaired ``latest``: every rank finds the same
-        found = self.folder.find(repair=self.writes)
-        if found is None:  # stopped before its first checkpoint: the run starts over
-            state = {"step": 0, "fingerprints": fingerprints(self.cfg)}
-            if self.writes:
-                warn(f"--resume: {self.out} holds no checkpoint yet: starting from step 0")
-        else:
-            self._resumed_from, state = found
-        changed = check_resume(self.folder.saved_config(), self.cfg, state,
-                               {"mezo.eps_schedule": self.eps, "mezo.lr_schedule": self.lr},
-                               self.out / "config.yaml")
-        if self.cfg.mezo.steps > state["step"]:
-            state.pop("final", None)  # mezo.steps was extended: the run goes on
-        if found is not None:
-            self.backend.load_adapter(found[0])
-        if self.writes:
-            self.folder.keep_metrics_until(state["step"])
-            if changed:
-                self.folder.write_config(self.cfg)
-        return state
-
-    def _checkpoint(self, state: dict, extra: dict | None = None) -> None:
-        """Adapter + state (+ ``extra``: name -> {tensor name: tensor}, written as
-        ``<name>.safetensors``; read back after a resume with ``load_extra(name)``),
-        atomically (checkpoints.RunFolder.write_checkpoint)."""
-        if self.writes:
-            self.folder.write_checkpoint(self.backend, state, self.cfg.keep_checkpoints, extra)
-
-    def load_extra(self, name: str):
-        """The ``extra`` tensors ``name`` of the checkpoint this run resumed from (None
-        if it started fresh or that checkpoint holds none)."""
-        path = getattr(self, "_resumed_from", None)
-        if path is None or not (path / f"{name}.safetensors").exists():
-            return None
-        from safetensors.torch import load_file
-        return load_file(str(path / f"{name}.safetensors"))
+    def _save(self, state: dict) -> None:
+        self.run.save(state, self.lr, self.eps, self.guard, self.average)
 
     def _release(self) -> None:
         """However the run ends; a logger whose file cannot be flushed (a full disk, the
@@ -523,14 +442,7 @@ class Trainer:
         except Exception:   # noqa: BLE001 -- the run's own error, if any, is the one reported
             self.loggers = []
         finally:
-            folder = getattr(self, "folder", None)
-            if folder is not None:
-                folder.release()
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
+            self.run.release()
 
 
 def _check_schedule(field: str, name: str, what: str, value: float, step: int, positive: bool = False) -> None:
@@ -554,7 +466,3 @@ def _copy_adapter(src: Path, dst: Path) -> None:
     with writing(dst, cleanup=tmp):   # a full disk: one line naming the folder, no part left
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("best.json"))
     replace_dir(tmp, dst)
-
-
-def _diff(a, b, prefix="") -> list[str]:
-    return config_diff(a, b, prefix)

@@ -474,7 +474,7 @@ def test_extra_tensors_rotation_and_a_non_finite_refusal(tmp_path, capsys):
 
     from mezo_core.checkpoints import RunFolder
     from mezo_core.errors import MezoError
-    from mezo_core.trainer import Trainer
+    from mezo_core.runstate import RunState
     seed = 1234
     print("seed", seed)
     gen = torch.Generator().manual_seed(seed)
@@ -492,9 +492,9 @@ def test_extra_tensors_rotation_and_a_non_finite_refusal(tmp_path, capsys):
         assert path.name == "step-0000003" and state == {"step": 3, "guard": {"bad": 3}}
         manifest = json.loads((path / "manifest.json").read_text())["files"]
         assert set(manifest) == {ADAPTER, "anchor.safetensors", "state.json"}
-        got = Trainer.load_extra(SimpleNamespace(_resumed_from=path), "anchor")
+        got = RunState.load_extra(SimpleNamespace(resumed_from=path), "anchor")
         assert got.keys() == anchor.keys() and all(got[k].equal(anchor[k]) for k in anchor)
-        assert Trainer.load_extra(SimpleNamespace(_resumed_from=path), "other") is None
+        assert RunState.load_extra(SimpleNamespace(resumed_from=path), "other") is None
         # a NaN anywhere (here in the extra tensors) is refused, and nothing changes on disk
         spoiled = {**anchor, "b": torch.tensor([1.0, float("nan")])}
         with pytest.raises(MezoError, match=r"checkpoint step-0000004, anchor.safetensors: tensor 'b' holds 1 "
