@@ -136,3 +136,20 @@ def candidate_losses(backend, prompts, candidates) -> list[torch.Tensor]:
             out[i] = flat[pos:pos + len(candidates[i])]
             pos += len(candidates[i])
     return out
+
+
+def evaluate_splits(task, backend, batch_size: int, label: str, progress: bool) -> tuple[dict, str | None]:
+    """A run's evaluation: the dev set, and the validation set when there is one, each
+    with a progress bar. Returns the metrics (``dev_*``, ``val_*``) and the selection
+    split's per-example outcomes (best/ compares adapters on them)."""
+    from tqdm.auto import tqdm
+    result = {}
+    for split, records in (("dev", task.dev), ("val", task.val)):
+        if not records:
+            continue
+        bar = tqdm(total=len(records), desc=f"eval {label} ({split})", leave=False, disable=not progress,
+                   dynamic_ncols=True)
+        result.update(evaluate(task, backend, batch_size, bar, split=split))
+        bar.close()
+    outcomes = {k: result.pop(k) for k in [k for k in result if k.endswith("_outcomes")]}
+    return result, outcomes.get(f"{'val' if task.val else 'dev'}_outcomes")

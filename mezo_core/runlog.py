@@ -77,3 +77,39 @@ class RunLog:
         for f in self.files.values():
             f.close()
         self.files = {}
+
+
+class Loggers:
+    """A run's loggers: its own record (RunLog) first, then the plugins ``report_to``
+    names (``jsonl`` there is the record: not twice). Rank 0 alone opens them."""
+
+    def __init__(self, classes):
+        self.classes, self.items = list(classes), []
+
+    def open(self, out_dir, cfg, start_step: int) -> None:
+        self.items = [RunLog(out_dir, cfg, start_step)] + [
+            cls(out_dir, cfg, start_step) for cls in self.classes if cls is not RunLog]
+
+    def log(self, step: int, row: dict) -> None:
+        for logger in self.items:
+            logger.log(step, row)
+
+    def log_eval(self, step: int, label: str, evaluation: dict, **extra) -> None:
+        """One row per split: ``{"step", "event": "eval", "label", "split", "accuracy", "loss", ...}``."""
+        for split in ("dev", "val"):
+            values = {k[len(split) + 1:]: v for k, v in evaluation.items() if k.startswith(split + "_")}
+            if values:
+                self.log(step, {"step": step, "event": "eval", "label": label, "split": split, **values, **extra})
+
+    def close(self) -> None:
+        """Every logger closed; one that cannot flush (a full disk) does not keep the
+        others open, and its error comes last."""
+        items, self.items = self.items, []
+        errors = []
+        for logger in items:
+            try:
+                logger.close()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        if errors:
+            raise errors[0]

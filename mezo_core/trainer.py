@@ -24,12 +24,13 @@ from .adapter import write_json_atomic
 from .average import WeightAverage
 from .checkpoints import write_adapter
 from .data import Task
+from .evaluation import evaluate_splits
 from .distributed import rank_and_world, shard, sum_over_ranks
 from .errors import MezoError, warn
 from .guard import Guard
 from .interfaces import Signals
 from .mezo import decayed, direction_seeds, probe, update
-from .runlog import RunLog
+from .runlog import Loggers
 from .runstate import RunState
 from .selection import Selection, best_level, best_tests, sign_test_p  # noqa: F401 (re-exported)
 from .threads import SlowStepWatch
@@ -99,8 +100,7 @@ class Trainer:
         self.task = Task(cfg.task, backend.tokenizer, batch_size=cfg.mezo.batch_size)
         split = "val" if self.task.val else "dev"
         self.selection = Selection(cfg, len(self.task.val if self.task.val else self.task.dev), split)
-        self.logger_classes = [logger_class(registry, name) for name in cfg.report_to]  # checked before any file
-        self.loggers = []
+        self.logs = Loggers([logger_class(registry, name) for name in cfg.report_to])  # checked before any file
         self.hook = registry.hook()
         # data parallel: every rank steps alike on its shard; rank 0 alone writes files
         self.rank, self.world = rank_and_world()
@@ -137,18 +137,16 @@ class Trainer:
         bar.close()
         self._finish(state)
         summary = self._summary(state)
-        self._close_loggers()
+        self.logs.close()
         if self.writes:
             self._write_outputs(state, summary)
         return summary
 
     # -- its parts, in the order train() calls them --------------------------------
     def _open_logs(self, state: dict) -> None:
-        """The run's record first, whatever report_to says (jsonl there names it: not twice)."""
         if not self.writes:
             return
-        self.loggers = [RunLog(self.out, self.cfg, state["step"])] + [
-            cls(self.out, self.cfg, state["step"]) for cls in self.logger_classes if cls is not RunLog]
+        self.logs.open(self.out, self.cfg, state["step"])
         if self.cfg.eval_every and "note" in self.selection.plan:
             warn(f"best/ selection: {self.selection.plan['note']}")
 
@@ -256,7 +254,7 @@ class Trainer:
     def _record(self, row: dict, bar) -> None:
         """The step's row to the loggers and the plugins' hook; the progress bar."""
         if self.writes:
-            self._log(row["step"], row)
+            self.logs.log(row["step"], row)
             self.hook.on_step_end(step=row["step"], metrics=row)
         postfix = dict(loss=f"{row['loss']:.4f}", eps=f"{row['eps']:.1e}", lr=f"{row['lr']:.1e}",
                        tok_s=f"{row['tokens_per_second']:.0f}")
@@ -276,7 +274,7 @@ class Trainer:
         if self.cfg.eval_every:
             self._consider_best(state, state["final"], outcomes)
             if state["best"]["step"] != state["step"]:  # evals.jsonl names best/ beside the last adapter
-                self._log_eval(state["step"], "best", _scores(state["best"]), adapter_step=state["best"]["step"])
+                self.logs.log_eval(state["step"], "best", _scores(state["best"]), adapter_step=state["best"]["step"])
         self._save(state)
 
     def _summary(self, state: dict) -> dict:
@@ -379,33 +377,12 @@ class Trainer:
         return float(max((a.mean() - b.mean()).abs(), (a - b).std() / len(batch) ** 0.5 if len(batch) > 1 else 0))
 
     def evaluate_all(self, label: str, step: int | None = None) -> tuple[dict, str | None]:
-        """The dev set, and the validation set when there is one; logged as eval rows.
-        Returns the metrics and the selection split's per-example outcomes."""
-        result = self.evaluate(label)
-        if self.task.val:
-            result.update(self.evaluate(label, split="val"))
-        outcomes = {k: result.pop(k) for k in [k for k in result if k.endswith("_outcomes")]}
-        outcomes = outcomes.get(f"{'val' if self.task.val else 'dev'}_outcomes")
+        """evaluation.evaluate_splits, logged as eval rows; (metrics, selection outcomes)."""
+        result, outcomes = evaluate_splits(self.task, self.backend, self.cfg.eval_batch_size, label,
+                                           bool(self.cfg.progress and self.writes))
         kind = "zero-shot" if label == "zero-shot" else "final" if label == "fine-tuned" else "periodic"
-        self._log_eval(step if step is not None else int(label.split()[-1]), kind, result)
+        self.logs.log_eval(step if step is not None else int(label.split()[-1]), kind, result)
         return result, outcomes
-
-    # -- loggers (report_to: jsonl, csv, tensorboard, plugins) -----------------------
-    def _log(self, step: int, row: dict) -> None:
-        for logger in self.loggers:
-            logger.log(step, row)
-
-    def _log_eval(self, step: int, label: str, evaluation: dict, **extra) -> None:
-        """One row per split: ``{"step", "event": "eval", "label", "split", "accuracy", "loss", ...}``."""
-        for split in ("dev", "val"):
-            values = {k[len(split) + 1:]: v for k, v in evaluation.items() if k.startswith(split + "_")}
-            if values:
-                self._log(step, {"step": step, "event": "eval", "label": label, "split": split, **values, **extra})
-
-    def _close_loggers(self) -> None:
-        for logger in self.loggers:
-            logger.close()
-        self.loggers = []
 
     def _consider_best(self, state: dict, evaluation: dict, outcomes: str | None = None) -> bool:
         """best/ follows the selection rule (mezo_core/selection.py); True when early
@@ -423,14 +400,6 @@ class Trainer:
         return (step >= cfg.mezo.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
                 or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.average.due(step))
 
-    def evaluate(self, label: str, split: str = "dev") -> dict:
-        records = self.task.val if split == "val" else self.task.dev
-        bar = tqdm(total=len(records), desc=f"eval {label} ({split})", leave=False,
-                   disable=not (self.cfg.progress and self.writes), dynamic_ncols=True)
-        result = self.task.evaluate(self.backend, self.cfg.eval_batch_size, bar, split=split)
-        bar.close()
-        return result
-
     def _save(self, state: dict) -> None:
         self.run.save(state, self.lr, self.eps, self.guard, self.average)
 
@@ -438,9 +407,9 @@ class Trainer:
         """However the run ends; a logger whose file cannot be flushed (a full disk, the
         error already on its way out) does not keep the lock from being released."""
         try:
-            self._close_loggers()
+            self.logs.close()
         except Exception:   # noqa: BLE001 -- the run's own error, if any, is the one reported
-            self.loggers = []
+            pass
         finally:
             self.run.release()
 
