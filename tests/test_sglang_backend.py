@@ -58,8 +58,10 @@ def test_plugin_registers_without_sglang():
     from mezo_core.registry import get_registry
     cls = get_registry().get("backends", "sglang")
     assert cls is SGLangBackend
-    if _gpu_skip_reason() is not None:
-        reason = cls.unavailable_reason()
+    reason = cls.unavailable_reason()
+    if _gpu_skip_reason() is None:      # sglang and a GPU here: the backend can run
+        assert reason is None
+    else:                               # else it says why, naming what is missing
         assert reason and ("sglang" in reason or "CUDA" in reason)
 
 
@@ -275,11 +277,11 @@ def test_slot_views_place_tensors_like_sglang(modules):
     for view, name in zip(slot_views(names, [shapes[n] for n in names], pool.A_buffer, pool.B_buffer, empty),
                           names):
         view.copy_(tensors[name])
-    for bufs in (pool.A_buffer, pool.B_buffer):
-        for layers in bufs.values():
-            for layer in layers:
-                if layer is not None:
-                    assert torch.equal(layer[empty], layer[slot])
+    compared = [layer for bufs in (pool.A_buffer, pool.B_buffer) for layers in bufs.values()
+                for layer in layers if layer is not None]
+    assert compared    # the copy reached real buffers, and each now equals the loaded slot
+    for layer in compared:
+        assert torch.equal(layer[empty], layer[slot])
 
 
 def test_slot_views_refuse_what_they_cannot_place():
