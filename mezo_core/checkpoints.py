@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from .adapter import check_finite, replace_dir
 from .errors import MezoError, warn  # noqa: F401 (warn: re-exported, the trainer and tests import it here)
 from .runfiles import (one_line, open_fd, open_own, open_text, read_bytes, refuse_link,
-                       replace_file, utf8_lines, write_error, write_new, writing)
+                       replace_file, write_error, write_new, writing)
 
 STEP = re.compile(r"step-(\d{7,})")
 LEFTOVER = re.compile(r".+\.tmp\d*")          # .step-N.tmp, latest.tmp, adapter.tmp<pid>, x.json.tmp<pid>
@@ -162,28 +162,12 @@ class RunFolder:
         folder is then checked for symlinks where run files belong (refused)."""
         if self._lock_fd is not None:
             return   # held already (a --resume that starts the run over)
-        while True:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                dir_fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise MezoError(f"out_dir {self.out}: cannot create the run folder or its lock "
-                                f"({exc.strerror})") from None
-            try:
-                fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(dir_fd)
-                self._refuse_held()
-            except OSError:   # a file system without flock on folders (NFS): run.lock alone
-                pass
-            try:   # the check: the folder locked is still the one at out_dir (not renamed away)
-                here, held = os.stat(self.out), os.fstat(dir_fd)
-                same = (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(dir_fd)
+        def open_folder():
+            self.out.mkdir(parents=True, exist_ok=True)
+            return os.open(self.out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # out_dir itself may be a link (followed); a file system without flock on folders
+        # (NFS) leaves run.lock alone to hold the run
+        dir_fd = self._flocked(self.out, open_folder, follow=True, flock_optional=True)
         self._dir_fd = dir_fd
         try:
             self.refuse_links()
@@ -208,9 +192,16 @@ class RunFolder:
 
     def _lock_file(self) -> int:
         """``run.lock`` opened (never through a symlink) and flocked."""
+        return self._flocked(self.lock_file, lambda: open_own(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644),
+                             follow=False)
+
+    def _flocked(self, path: Path, open_fd, follow: bool, flock_optional: bool = False) -> int:
+        """``open_fd()``, exclusively flocked and still what stands at ``path`` (a holder
+        may remove or rename it while we open it: then again). A live holder is named
+        in the refusal; ``flock_optional``: where flock is not supported, go on."""
         while True:
             try:
-                fd = open_own(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = open_fd()
             except OSError as exc:
                 raise MezoError(f"out_dir {self.out}: cannot create the run folder or its lock "
                                 f"({exc.strerror})") from None
@@ -219,13 +210,16 @@ class RunFolder:
             except BlockingIOError:
                 os.close(fd)
                 self._refuse_held()
+            except OSError:
+                if not flock_optional:
+                    raise
             try:
-                same = os.stat(self.lock_file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                here, held = os.stat(path, follow_symlinks=follow), os.fstat(fd)
+                if (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino):
+                    return fd
             except FileNotFoundError:
-                same = False
-            if same:
-                return fd
-            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+                pass
+            os.close(fd)
 
     def _refuse_held(self):
         try:
@@ -316,24 +310,6 @@ class RunFolder:
         except Exception as exc:
             raise MezoError(f"--resume: cannot read the run's config {path}: {exc}") from None
 
-    def keep_metrics_until(self, step: int) -> None:
-        """Drop metric rows written after the checkpoint (the resumed run writes them
-        again) and a row cut short by a kill."""
-        path = self.out / "metrics.jsonl"
-        kept = []
-        try:
-            lines = utf8_lines(read_bytes(path))   # a line of other bytes is dropped too
-        except FileNotFoundError:
-            lines = []
-        for line in lines:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
-        replace_file(path, "".join(r + "\n" for r in kept))
-
-    # -- checkpoints ------------------------------------------------------------------
     def write_checkpoint(self, backend, state: dict, keep: int, extra: dict | None = None) -> Path:
         """Adapter, ``extra`` tensors (name -> {tensor name: tensor}, as
         ``<name>.safetensors``), state.json and a manifest into a temp folder;

@@ -167,10 +167,8 @@ class RunState:
             state.pop("final", None)  # mezo.steps was extended: the run goes on
         if found is not None:
             self.backend.load_adapter(found[0])
-        if self.writes:
-            self.folder.keep_metrics_until(state["step"])
-            if changed:
-                self.folder.write_config(self.cfg)
+        if self.writes and changed:   # the logs past the checkpoint are trimmed as they open (runlog)
+            self.folder.write_config(self.cfg)
         return state
 
     def save(self, state: dict, lr, eps, guard, average) -> None:
