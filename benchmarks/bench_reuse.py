@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.common import SHAPES, Stepper, build_random_model, environment, make_batches, timed, write_result
 from mezo_core.config import load_config
+from mezo_core.stats import stats_of
 
 ROWS = {  # name: (lora layers, hf options)
     "plain (LoRA all layers)": ("all", {"trunk_cache": False}),
@@ -94,7 +95,7 @@ def memory_of_row(model_dir, args, name):
             "graph_pool_gib": sum(seg["total_size"] for seg in pools) / 2**30,
             "allocated_gib_by_stream": by_stream,
             "graphs": getattr(getattr(backend, "graphs", None), "captures", 0),
-            "cache_gib": backend.get_stats().get("bytes", 0) / 2**30}
+            "cache_gib": stats_of(backend).get("bytes", 0) / 2**30}
 
 
 def one_forward_memory(model_dir, args):
@@ -190,7 +191,7 @@ def main(argv=None):
         rows = list(failed)
         for name, stepper in steppers.items():
             med = statistics.median(times[name])
-            stats = stepper.backend.get_stats()
+            stats = stats_of(stepper.backend)
             rows.append({"row": name, "step_ms": 1e3 * med, "speedup_vs_plain_top_quarter": base / med,
                          "tokens_per_second": 2 * args.batch * args.seq / med,
                          "hit_rate": stats.get("hit_rate"), "token_reuse": stats.get("token_reuse"),
@@ -204,7 +205,7 @@ def main(argv=None):
             stepper = Stepper(b, batches, eps)
             for _ in range(args.eps_steps):
                 stepper()
-            s = b.get_stats()
+            s = stats_of(b)
             eps_rows.append({"eps": eps, "hit_rate": s["hit_rate"], "token_reuse": s["token_reuse"],
                              "lookups": s["lookups"], "hits": s["hits"]})
             b.close()

@@ -27,6 +27,7 @@ import torch
 
 from mezo_core import Example
 from mezo_core.mezo import direction_seeds, mezo_step
+from mezo_core.stats import stats_of
 
 from .common import SHAPES, build_random_model, workload
 
@@ -123,7 +124,7 @@ def start_engine(model_dir, eviction):
 def step_time(sg, hf16, batch, label, steps):
     sg.reset_stats()
     t_sg, all_sg = timed_steps(sg, batch, steps)
-    st = sg.get_stats()
+    st = stats_of(sg)
     n = steps + 2
     t_hf, all_hf = timed_steps(hf16, batch, steps)
     tokens = sum(e.num_tokens for e in batch)
@@ -213,7 +214,7 @@ def main(argv=None):
     sg = holder["sg"]
     hf16 = HFBackend(make_config(model_dir))
     rep.section("step_time_small", timings, sg, hf16, SHAPES["tiny"]["vocab_size"], args.steps)
-    rep.data["final_stats"] = sg.get_stats()
+    rep.data["final_stats"] = stats_of(sg)
     sg.close()
     hf16.close()
     del sg, hf16

@@ -12,7 +12,7 @@ import torch
 
 from .errors import MezoError
 from .evaluation import candidate_losses, evaluate, exact_match, normalize_answer  # noqa: F401 (public)
-from .interfaces import Example
+from .forwards import Example
 from .philox import mix
 from .readers import (MAX_LABEL_CHARS, MAX_LINE_CHARS, Record, hf_dataset_spec, label_names,  # noqa: F401
                       load_hf_split, read_records, verbalizer_words)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from .errors import MezoError
-from .interfaces import Example
+from .forwards import Example
 from .readers import Record, label_names
 
 

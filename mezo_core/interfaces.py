@@ -1,7 +1,8 @@
 """The three interfaces plugins implement: Backend, EvictionPolicy, Schedule.
 
 Data flows one way: config -> registry -> backend -> trainer. The trainer only
-talks to a backend through the methods below, so a backend may keep its model in
+talks to a backend through ``Backend``'s ten methods (and the optional protocols
+``Snapshots`` here and ``stats.Instrumented``), so a backend may keep its model in
 another process (vLLM, SGLang) as long as it can apply a seeded perturbation to
 its trainable tensors in place (see ``mezo_core.perturb``).
 """
@@ -11,88 +12,12 @@ import abc
 import tempfile
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from .errors import MezoError
-
-
-@dataclass(frozen=True)
-class Example:
-    """One scored sequence: the loss is the mean cross-entropy of ``target_ids``
-    given ``prompt_ids`` (prompt tokens are context only)."""
-
-    prompt_ids: tuple[int, ...]
-    target_ids: tuple[int, ...]
-    #: classification (the verbalizer's words, shared by every row) and multiple choice
-    #: (the row's own candidates): the candidate completions; the loss MeZO minimises is
-    #: then the cross-entropy of ``target_ids`` among them (MeZO's train_as_classification)
-    choices: tuple[tuple[int, ...], ...] | None = None
-
-    def __post_init__(self):
-        if not self.target_ids or not self.prompt_ids:
-            raise ValueError("an Example needs at least one prompt token and one target token")
-        if self.choices is not None and self.target_ids not in self.choices:
-            raise ValueError("Example target must be one of its choices")
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.target_ids)
-
-
-@dataclass(frozen=True)
-class BackendStats:
-    """What a backend counted since it was built or since ``reset_stats``, in
-    one vocabulary for every backend (None: this backend does not measure it).
-    The reuse cache is the hf backend's frozen-trunk cache or an engine's prefix
-    (radix) KV cache. ``bytes``, ``layers_skipped`` and ``adapter_version`` are
-    gauges (a value now); every other number is a counter."""
-
-    # -- the forwards
-    forward_tokens: int | None = None       # tokens the model's forwards ran over (hf)
-    prefix_tokens_saved: int | None = None  # prompt tokens not recomputed thanks to hf.prefix_sharing (hf)
-    requests: int | None = None             # requests sent to the engine (vllm, sglang)
-    computed_tokens: int | None = None      # tokens the engine computed: uncached prompt tokens + decode steps (vllm)
-    target_tokens: int | None = None        # target tokens scored (sglang)
-    generate_calls: int | None = None       # engine generate() calls (sglang)
-    generate_s: float | None = None         # seconds spent in them (sglang)
-    primed_batches: int | None = None       # batches whose shared prefix was sent ahead (sglang.prime_min_tokens)
-    # -- the reuse cache
-    lookups: int | None = None              # rows (hf) or requests (engines) looked up in the cache
-    hits: int | None = None                 # lookups served from it (hf: the whole row; engines: any prefix)
-    tokens_looked_up: int | None = None     # tokens of those lookups (engines: prompt tokens)
-    tokens_reused: int | None = None        # of which served from the cache (engines: cached prompt tokens)
-    evictions: int | None = None            # entries dropped for the byte budget (hf)
-    invalidations: int | None = None        # cache emptied because a frozen weight changed (hf)
-    bytes: int | None = None                # gauge: bytes the cache holds (hf)
-    layers_skipped: int | None = None       # gauge: decoder layers a cached row skips (hf: k0)
-    # -- the adapter inside an engine
-    adapter_version: int | None = None      # gauge: versions of the adapter the engine has seen (vllm, sglang)
-    adapter_loads: int | None = None        # adapter versions loaded into the engine (sglang)
-    adapter_unloads: int | None = None      # and unloaded from it (sglang)
-    adapter_load_s: float | None = None     # seconds spent loading and unloading (sglang)
-    adapter_writes: int | None = None       # in-place writes of seeded perturbations into engine slots (sglang)
-    adapter_write_s: float | None = None    # seconds spent in them, round trips included (sglang)
-
-    @property
-    def hit_rate(self) -> float | None:
-        """hits / lookups (0.0 before any lookup; None without a cache)."""
-        return None if self.lookups is None else self.hits / self.lookups if self.lookups else 0.0
-
-    @property
-    def token_reuse(self) -> float | None:
-        """tokens_reused / tokens_looked_up (0.0 before any lookup; None without a cache)."""
-        if self.tokens_looked_up is None:
-            return None
-        return self.tokens_reused / self.tokens_looked_up if self.tokens_looked_up else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """The measured values, hit_rate and token_reuse included: the metrics log's columns."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        if self.lookups is not None:
-            out.update(hit_rate=self.hit_rate, token_reuse=self.token_reuse)
-        return out
+from .forwards import Example, Terms, each_direction
 
 
 def check_option_types(options, prefix: str) -> None:
@@ -113,19 +38,19 @@ def check_option_types(options, prefix: str) -> None:
                             f"(like the default {default!r}), got {value!r}")
 
 
-# A perturbation: theta <- decay * theta + sum(coef * z(seed)) over the terms.
-Terms = Sequence[tuple[int, float]]
-
-
 class Backend(abc.ABC):
     """Supplies per-example losses under the current adapter, and moves the
-    adapter along seeded random directions.
+    adapter along seeded random directions: the whole contract a trainer needs.
 
     Subclasses set ``name`` and ``capabilities`` and are constructed as
     ``cls(cfg, registry)``: the whole run config (an OmegaConf node: ``model``,
     ``lora`` and the section named after the backend, e.g. ``cfg.hf``) and the
     ``mezo_core.registry.Registry`` of the run (eviction policies and other
     plugins come from there, never from a global lookup).
+
+    Optional capabilities live in protocols of their own: counters and caches
+    (``mezo_core.stats.Instrumented``), fast copies of the trainable state
+    (``Snapshots``; ``snapshot``/``restore`` below fall back to adapter folders).
     """
 
     name: ClassVar[str]
@@ -134,102 +59,17 @@ class Backend(abc.ABC):
     #: the dataclass of the backend's config section (``cfg.<name>``), or None
     options: ClassVar[type | None] = None
 
+    tokenizer: Any  # a transformers tokenizer for the loaded model
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why this backend cannot run here (engine not installed, no GPU), or None."""
         return None
 
-    tokenizer: Any  # a transformers tokenizer for the loaded model
-
-    @abc.abstractmethod
-    def trainable_names(self) -> list[str]:
-        """Canonical PEFT names of the trainable tensors, in z-index order
-        (sorted). Tensor i of this list gets z(seed, i) in every backend."""
-
-    @abc.abstractmethod
-    def perturb(self, terms: Terms, decay: float = 1.0) -> None:
-        """In place: theta <- decay*theta + sum(coef * z(seed)) (one pass)."""
-
+    # -- the forwards --------------------------------------------------------------
     @abc.abstractmethod
     def losses(self, batch: Sequence[Example]) -> torch.Tensor:
-        """Per-example mean cross-entropy over target tokens, float64, CPU, shape [B]."""
-
-    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float, applied: float = 0.0):
-        """L+ and L- of one SPSA direction.
-
-        ``applied`` is the multiple of z(seed) already on the weights (the
-        previous step's last pass may have applied +eps*z: ``mezo_step``'s
-        fused schedule). Returns ``(loss_plus, loss_minus, offset)`` where
-        ``offset`` is the multiple of z(seed) left applied on return, so the
-        trainer can fuse the restore into the update. The plain sequence
-        leaves the weights at theta - eps*z (offset = -eps); a backend that
-        evaluates both signs side by side may return offset 0.
-        """
-        if eps != applied:
-            self.perturb([(seed, eps - applied)])
-        loss_plus = self.objective(batch)
-        self.perturb([(seed, -2.0 * eps)])
-        loss_minus = self.objective(batch)
-        return loss_plus, loss_minus, -eps
-
-    def population_losses(self, batch: Sequence[Example], seeds: Sequence[int], eps: float,
-                          applied: float = 0.0):
-        """L+ and L- of every direction of a step.
-
-        ``applied``: the multiple of z(seeds[0]) already on the weights.
-        Returns ``([(loss_plus, loss_minus), ...], offset)`` with ``offset`` the
-        multiple of z(seeds[-1]) left applied to the weights. The default runs
-        the directions one after another; a backend that can hold several
-        perturbed states side by side evaluates them in one batch.
-        """
-        pairs, offset = [], 0.0
-        for i, seed in enumerate(seeds):
-            if offset:
-                self.perturb([(seeds[i - 1], -offset)])  # restore before the next direction
-            loss_plus, loss_minus, offset = self.plus_minus_losses(batch, seed, eps, applied if i == 0 else 0.0)
-            pairs.append((loss_plus, loss_minus))
-        return pairs, offset
-
-    def objective(self, batch: Sequence[Example]) -> torch.Tensor:
-        """The per-example losses MeZO minimises: ``losses`` for plain examples;
-        for examples with ``choices``, the cross-entropy of the gold choice over
-        the choices, each scored by its mean token loss (MeZO's length-normalised
-        score, the one its evaluation ranks candidates by).
-
-        A batch that shares one set of choices (a verbalizer) scores them with
-        ``choice_losses``. Rows with candidates of their own (multiple-choice
-        tasks) are scored by ``losses`` in one pass per candidate index, each
-        over all rows of the batch: every pass keeps the batch's rows in order,
-        so the per-row routing of a side-by-side batch (``BoundForwards``'
-        adapters: ``hf.pm_batch``, vLLM's paired signs) still fits its rows."""
-        with_choices = [e.choices is not None for e in batch]
-        if not any(with_choices):
-            return self.losses(batch)
-        if not all(with_choices):
-            raise ValueError("a batch mixes examples with and without choices")
-        choices = batch[0].choices
-        if all(e.choices == choices for e in batch):
-            scores = self.choice_losses([e.prompt_ids for e in batch], choices)
-            gold = torch.tensor([choices.index(e.target_ids) for e in batch], device=scores.device)
-            return torch.nn.functional.cross_entropy(-scores, gold, reduction="none")
-        width = max(len(e.choices) for e in batch)
-        passes = []
-        for j in range(width):  # a row with fewer candidates repeats its last one, masked below
-            passes.append(self.losses([Example(e.prompt_ids, e.choices[min(j, len(e.choices) - 1)])
-                                       for e in batch]))
-        scores = torch.stack(passes, 1)
-        device = scores.device  # the hf backend keeps a step's losses on its device
-        n_choices = torch.tensor([len(e.choices) for e in batch], device=device)
-        scores = scores.masked_fill(torch.arange(width, device=device)[None, :] >= n_choices[:, None], float("inf"))
-        gold = torch.tensor([e.choices.index(e.target_ids) for e in batch], device=device)
-        return torch.nn.functional.cross_entropy(-scores, gold, reduction="none")
-
-    def generate(self, prompts: Sequence[tuple[int, ...]], max_new_tokens: int) -> list[tuple[int, ...]]:
-        """Greedy continuations of ``prompts`` under the current adapter, at most
-        ``max_new_tokens`` each, ending at (and without) the tokenizer's EOS; used
-        for the exact-match metric of completion tasks. A backend that cannot
-        generate keeps this default: evaluation then reports the loss only."""
-        raise MezoError(f"backend {getattr(self, 'name', type(self).__name__)!r} cannot generate text")
+        """Per-example mean cross-entropy over target tokens, float64, shape [B]."""
 
     def choice_losses(self, prompts: Sequence[tuple[int, ...]],
                       choices: Sequence[tuple[int, ...]]) -> torch.Tensor:
@@ -238,25 +78,32 @@ class Backend(abc.ABC):
         batch = [Example(p, c) for p in prompts for c in choices]
         return self.losses(batch).view(len(prompts), len(choices))
 
-    def stats(self) -> BackendStats:
-        """What this backend counted (see BackendStats); nothing by default."""
-        return BackendStats()
+    def generate(self, prompts: Sequence[tuple[int, ...]], max_new_tokens: int) -> list[tuple[int, ...]]:
+        """Greedy continuations of ``prompts`` under the current adapter, at most
+        ``max_new_tokens`` each, ending at (and without) the tokenizer's EOS; used
+        for the exact-match metric of completion tasks. A backend that cannot
+        generate keeps this default: evaluation then reports the loss only."""
+        raise MezoError(f"backend {getattr(self, 'name', type(self).__name__)!r} cannot generate text")
 
-    def get_stats(self) -> dict[str, float]:
-        """``stats()`` as a flat dict of the measured values (the metrics log's columns)."""
-        return self.stats().as_dict()
+    def population_losses(self, batch: Sequence[Example], seeds: Sequence[int], eps: float,
+                          applied: float = 0.0):
+        """L+ and L- of every direction of a step (``forwards.each_direction``):
+        ``([(loss_plus, loss_minus), ...], offset)``, ``offset`` the multiple of
+        z(seeds[-1]) left on the weights; ``applied`` the multiple of z(seeds[0])
+        already on them. The default runs the directions and signs one after another;
+        a backend that holds several perturbed states side by side evaluates them in
+        one batch or one engine call."""
+        return each_direction(self, batch, seeds, eps, applied)
 
-    def reset_stats(self) -> None:
-        """Start the counters of ``stats()`` from zero (gauges keep their values)."""
+    # -- the trainable state ------------------------------------------------------
+    @abc.abstractmethod
+    def trainable_names(self) -> list[str]:
+        """Canonical PEFT names of the trainable tensors, in z-index order
+        (sorted). Tensor i of this list gets z(seed, i) in every backend."""
 
-    def reset_cache(self) -> None:
-        """Drop every reusable entry (trunk states, KV prefixes): for
-        measurements only, as a cache is never stale."""
-
-    def base_losses(self, batch: Sequence[Example]) -> torch.Tensor:
-        """``losses`` of the model without its trained adapter, by a plain forward
-        that uses no cache: the baseline a benchmark compares a step with."""
-        raise NotImplementedError(f"backend {self.name!r} does not evaluate the base model alone")
+    @abc.abstractmethod
+    def perturb(self, terms: Terms, decay: float = 1.0) -> None:
+        """In place: theta <- decay*theta + sum(coef * z(seed)) (one pass)."""
 
     @abc.abstractmethod
     def save_adapter(self, path: str) -> None:
@@ -269,43 +116,41 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release engines, processes and device memory."""
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """fp32 CPU copies of the trainable tensors by canonical name: the state the
-        convergence guard rolls back to. The default goes through ``save_adapter``,
-        so any backend has it; backends holding the tensors locally copy them."""
-        from safetensors.torch import load_file
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_adapter(tmp)
-            return {n: t.clone() for f in sorted(Path(tmp).glob("*.safetensors"))
-                    for n, t in load_file(str(f)).items()}
 
-    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        """Set the trainable tensors to a ``snapshot`` (through ``load_adapter`` by default:
-        a folder of this backend's own layout, its tensors replaced)."""
-        from safetensors.torch import load_file, save_file
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_adapter(tmp)
-            for f in Path(tmp).glob("*.safetensors"):
-                save_file({n: snapshot[n].contiguous() for n in load_file(str(f))}, str(f))
-            self.load_adapter(tmp)
+@runtime_checkable
+class Snapshots(Protocol):
+    """Optional: fp32 CPU copies of the trainable tensors by canonical name, taken
+    and put back without a trip through files (``LocalTensorsBackend`` has it)."""
+
+    def snapshot(self) -> dict[str, torch.Tensor]: ...
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None: ...
 
 
-class BoundForwards:
-    """A backend's ``losses``/``choice_losses`` with keyword arguments bound
-    (e.g. per-example ``adapters`` of a side-by-side batch), so that
-    ``Backend.objective``, which knows nothing of them, runs over that batch:
-    the routing travels as arguments, never as state on the backend."""
+def snapshot(backend: Backend) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the trainable tensors by canonical name: the state the
+    convergence guard rolls back to. Through ``save_adapter`` for a backend
+    without ``Snapshots``."""
+    if isinstance(backend, Snapshots):
+        return backend.snapshot()
+    from safetensors.torch import load_file
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.save_adapter(tmp)
+        return {n: t.clone() for f in sorted(Path(tmp).glob("*.safetensors"))
+                for n, t in load_file(str(f)).items()}
 
-    objective = Backend.objective
 
-    def __init__(self, backend: Backend, **kwargs):
-        self.backend, self.kwargs = backend, kwargs
-
-    def losses(self, batch):
-        return self.backend.losses(batch, **self.kwargs)
-
-    def choice_losses(self, prompts, choices):
-        return self.backend.choice_losses(prompts, choices, **self.kwargs)
+def restore(backend: Backend, state: dict[str, torch.Tensor]) -> None:
+    """Set the trainable tensors to a ``snapshot``: through ``load_adapter`` for a
+    backend without ``Snapshots`` (a folder of its own layout, tensors replaced)."""
+    if isinstance(backend, Snapshots):
+        return backend.restore(state)
+    from safetensors.torch import load_file, save_file
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.save_adapter(tmp)
+        for f in Path(tmp).glob("*.safetensors"):
+            save_file({n: state[n].contiguous() for n in load_file(str(f))}, str(f))
+        backend.load_adapter(tmp)
 
 
 class LocalTensorsBackend(Backend):

@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .interfaces import Backend, Example
+from .forwards import Example
+from .interfaces import Backend
 from .perturb import mix
 
 

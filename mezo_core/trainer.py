@@ -28,10 +28,12 @@ from .evaluation import evaluate_splits
 from .distributed import rank_and_world, shard, sum_over_ranks
 from .errors import MezoError, warn
 from .guard import Guard
-from .interfaces import Signals
+from .forwards import objective
+from .interfaces import Signals, restore, snapshot
 from .mezo import decayed, direction_seeds, probe, update
 from .runlog import Loggers
 from .runstate import RunState
+from .stats import per_step, stats_of
 from .selection import Selection, best_level, best_tests, sign_test_p  # noqa: F401 (re-exported)
 from .threads import SlowStepWatch
 
@@ -48,20 +50,6 @@ def make_schedule(registry, field, name, start, end, warmup, options, q):
     except (ValueError, TypeError, ZeroDivisionError) as exc:
         raise MezoError(f"config field {field!r}: schedule {name!r} cannot run: {exc}") from None
     return schedule
-
-
-#: backend stats that are not counters: no per-step ``_step`` value
-GAUGES = ("bytes", "layers_skipped", "adapter_version", "hit_rate", "token_reuse")
-
-
-def per_step(stats: dict, before: dict) -> dict:
-    """The backend's counters (cumulative since the process started, as named) and,
-    beside each, ``<name>_step``: what this step alone counted."""
-    out = dict(stats)
-    for k, v in stats.items():
-        if k not in GAUGES and isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{k}_step"] = v - before.get(k, 0)
-    return out
 
 
 def logger_class(registry, name: str):
@@ -178,7 +166,7 @@ class Trainer:
         batch = shard(self.task.train_batch(cfg.seed, step, m.batch_size), self.rank, self.world)
         eps = self.eps(step, m.steps)
         _check_schedule("mezo.eps_schedule", m.eps_schedule, "eps", eps, step, positive=True)
-        stats_before = self.backend.get_stats()
+        stats_before = stats_of(self.backend)
         start = time.perf_counter()
         result = probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
                        reduce=sum_over_ranks, applied=applied)
@@ -200,7 +188,7 @@ class Trainer:
         elif self._anchors(step + 1, new_best):
             self._take_anchor(step + 1)
         if not rejected and self.average.due(step + 1):
-            self.average.update(self.backend.snapshot())
+            self.average.update(snapshot(self.backend))
         if event:
             self.guard.events += 1
         seconds = time.perf_counter() - start
@@ -208,7 +196,7 @@ class Trainer:
         row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
                "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
                "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
-               **per_step(self.backend.get_stats(), stats_before), **({"guard": event} if event else {})}
+               **per_step(stats_of(self.backend), stats_before), **({"guard": event} if event else {})}
         return row, applied
 
     def _judge(self, result, step: int, eps: float, state: dict) -> tuple[dict | None, bool]:
@@ -229,7 +217,7 @@ class Trainer:
         """Back to the guard's anchor (the best state seen) with a smaller step."""
         g = self.cfg.guard
         cut = g.nonfinite_cut if event["event"] in ("nonfinite", "weights") else g.cut
-        self.backend.restore(self.guard.anchor)
+        restore(self.backend, self.guard.anchor)
         if event["event"] == "nonfinite":
             self._nonfinite_cause(event, batch, step)
         event = self.guard.roll_back(step + 1, event, cut)
@@ -269,7 +257,7 @@ class Trainer:
         if "final" in state:
             return
         if self.average.enabled:  # training is over: the run ends on the averaged weights
-            self.backend.restore(self.average.tensors)
+            restore(self.backend, self.average.tensors)
         state["final"], outcomes = self.evaluate_all("fine-tuned", state["step"])
         if self.cfg.eval_every:
             self._consider_best(state, state["final"], outcomes)
@@ -324,15 +312,15 @@ class Trainer:
         if not self.average.enabled:
             yield
             return
-        raw = self.backend.snapshot()
-        self.backend.restore(self.average.tensors)
+        raw = snapshot(self.backend)
+        restore(self.backend, self.average.tensors)
         try:
             yield
         finally:
-            self.backend.restore(raw)
+            restore(self.backend, raw)
 
     def _take_anchor(self, step: int) -> None:
-        self.guard.anchor, self.guard.anchor_step = self.backend.snapshot(), step
+        self.guard.anchor, self.guard.anchor_step = snapshot(self.backend), step
 
     def _max_abs(self, pausing: bool) -> float | None:
         """The largest |w| of the trainable tensors (the guard's bound): every clean step
@@ -344,7 +332,7 @@ class Trainer:
             import torch
             return float(torch.stack(torch._foreach_norm(tensors, float("inf"))).max()) if tensors else 0.0
         if pausing:
-            return max((float(t.abs().max()) for t in self.backend.snapshot().values() if t.numel()), default=0.0)
+            return max((float(t.abs().max()) for t in snapshot(self.backend).values() if t.numel()), default=0.0)
         return None
 
     def _nonfinite_cause(self, event: dict, batch, step: int) -> None:
@@ -353,7 +341,7 @@ class Trainer:
         finite -- then no roll-back or step size helps, the model, adapter or data give
         NaN/inf, and the run stops here (MezoError) --, or the perturbation alone (no
         update since the anchor: mezo.eps), or the updates since the anchor (mezo.lr)."""
-        loss = self.backend.objective(batch).double()
+        loss = objective(self.backend, batch).double()
         total = sum_over_ranks([float(loss.sum()), float(len(batch))])
         if not math.isfinite(total[0]):
             where = ("the starting weights (no update applied yet)" if self.guard.anchor_step == 0
@@ -372,8 +360,8 @@ class Trainer:
             return None
         m = self.cfg.mezo
         batch = shard(self.task.train_batch(self.cfg.seed, step, m.batch_size), self.rank, self.world)
-        a = self.backend.objective(batch).double()
-        b = self.backend.objective(batch[::-1]).double().flip(0)
+        a = objective(self.backend, batch).double()
+        b = objective(self.backend, batch[::-1]).double().flip(0)
         return float(max((a.mean() - b.mean()).abs(), (a - b).std() / len(batch) ** 0.5 if len(batch) > 1 else 0))
 
     def evaluate_all(self, label: str, step: int | None = None) -> tuple[dict, str | None]:

@@ -6,6 +6,7 @@ import torch
 from mezo_core import Example, MezoError
 from mezo_core.config import load_config
 from mezo_core.mezo import direction_seeds, mezo_step
+from mezo_core.stats import stats_of
 from mezo_backend_hf.backend import HFBackend
 
 LAYER3 = "['.*layers\\.3\\..*']"
@@ -34,7 +35,7 @@ def test_subset_trains_only_matching_weights_above_a_frozen_trunk(tiny_llama):
         assert torch.allclose(cached.losses(batch()), plain.losses(batch()), atol=1e-5, rtol=0)
     assert all(not torch.equal(before[n], t) for n, t in zip(names, cached.trainable_tensors()))
     assert torch.equal(frozen, cached.model.model.layers[2].mlp.up_proj.weight)
-    assert cached.get_stats()["hits"] > 0
+    assert stats_of(cached)["hits"] > 0
 
 
 def test_all_parameters_leave_nothing_to_cache_and_mezo_lowers_the_loss(tiny_llama):

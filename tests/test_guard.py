@@ -21,6 +21,7 @@ from mezo_core.guard import Guard
 from mezo_core.interfaces import Signals
 from mezo_core.mezo import StepResult
 from mezo_core.registry import get_registry
+from mezo_core.interfaces import restore, snapshot
 from tiny import InterruptAt, write_run_config
 
 SEED = 1234
@@ -219,11 +220,11 @@ def test_snapshot_restore_is_exact(tiny_llama, fresh_registry):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(write_run_config(Path(tmp), tiny_llama), ["mezo.steps=0", "zero_shot=false"])
         backend = get_registry().get("backends", "hf")(cfg)
-        anchor = backend.snapshot()
+        anchor = snapshot(backend)
         backend.perturb([(7, 0.5)])
-        assert any(not backend.snapshot()[k].equal(anchor[k]) for k in anchor)
-        backend.restore(anchor)
-        now = backend.snapshot()
+        assert any(not snapshot(backend)[k].equal(anchor[k]) for k in anchor)
+        restore(backend, anchor)
+        now = snapshot(backend)
         assert all(now[k].equal(anchor[k]) for k in anchor)
 
 
@@ -345,9 +346,9 @@ def test_default_snapshot_goes_through_the_adapter_files(tmp_path):
 
     print("seed", SEED)
     b = FileBackend()
-    snap = b.snapshot()
+    snap = snapshot(b)
     want = {k: v.clone() for k, v in b.state.items()}
     b.perturb([(1, 0.25)], decay=0.5)
     assert not b.state["a.lora_A.weight"].equal(want["a.lora_A.weight"])
-    b.restore(snap)
+    restore(b, snap)
     assert b.state.keys() == want.keys() and all(b.state[k].equal(want[k]) for k in want)

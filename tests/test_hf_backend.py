@@ -10,6 +10,8 @@ import torch
 
 from mezo_core import Backend, Example, MezoError
 from mezo_core.config import load_config
+from mezo_core.forwards import objective, one_direction
+from mezo_core.stats import stats_of
 from mezo_backend_hf.backend import HFBackend
 from tiny import replay_seed
 
@@ -129,7 +131,7 @@ def test_objective_with_choices_is_the_cross_entropy_among_choices(model_dir, ar
     backend = make_backend(model_dir, arch)
     nudge(backend, seed=5)
     batch = random_examples(len(backend.tokenizer), n=4, seed=6, choices=choices)
-    got = backend.objective(batch)
+    got = objective(backend, batch)
     for i, e in enumerate(batch):
         scores = [float(backend.losses([Example(e.prompt_ids, c)])[0]) for c in choices]
         gold = choices.index(e.target_ids)
@@ -137,14 +139,14 @@ def test_objective_with_choices_is_the_cross_entropy_among_choices(model_dir, ar
         assert float(got[i]) == pytest.approx(float(scores[gold] + logz), rel=1e-5, abs=1e-5)
     # plain examples: objective is losses
     plain = random_examples(len(backend.tokenizer), n=3, seed=7)
-    torch.testing.assert_close(backend.objective(plain), backend.losses(plain))
+    torch.testing.assert_close(objective(backend, plain), backend.losses(plain))
     # rows with choices of their own (multiple choice; tests/test_tasks.py checks the numbers)
     own = Example((5,), (11,), ((11,), (99,)))
-    mixed = backend.objective([batch[0], own])
+    mixed = objective(backend, [batch[0], own])
     torch.testing.assert_close(mixed[:1], got[:1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mixed[1:], backend.objective([own]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1:], objective(backend, [own]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mixes examples with and without choices"):
-        backend.objective([batch[0], plain[0]])
+        objective(backend, [batch[0], plain[0]])
 
 
 # -- perturbation --------------------------------------------------------------------
@@ -166,7 +168,7 @@ def test_perturb_changes_losses_and_restoring_returns_them(model_dir, arch):
         torch.testing.assert_close(t, t0, rtol=0, atol=1e-7)
     torch.testing.assert_close(backend.losses(batch), before, rtol=1e-6, atol=1e-6)
     # the default plus_minus_losses leaves theta - eps z applied
-    lp, lm, offset = backend.plus_minus_losses(batch, 42, 1e-2)
+    lp, lm, offset = one_direction(backend, batch, 42, 1e-2)
     assert offset == -1e-2
     torch.testing.assert_close(lp, moved, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lm, other, rtol=1e-6, atol=1e-6)
@@ -184,10 +186,10 @@ def test_trainable_tensors_are_the_lora_weights_in_name_order(tiny_llama):
         assert params[n.replace(".weight", ".default.weight")] is t
     for n, t in zip(names, backend.trainable_tensors()):
         assert (t == 0).all() == (".lora_B." in n)
-    assert backend.get_stats()["forward_tokens"] == 0
+    assert stats_of(backend)["forward_tokens"] == 0
     batch = random_examples(len(backend.tokenizer), n=3)
     backend.losses(batch)
-    assert backend.get_stats()["forward_tokens"] == sum(e.num_tokens for e in batch)
+    assert stats_of(backend)["forward_tokens"] == sum(e.num_tokens for e in batch)
 
 
 def test_initial_adapter_depends_on_the_run_seed(tiny_llama):
@@ -357,7 +359,7 @@ def test_one_layer_model_without_trunk_cache(tmp_path):
                           ["hf.trunk_cache=false", f"hf.trim_last_layer={trim}"])
         backend = get_registry().get("backends", "hf")(cfg)
         task = Task(cfg.task, backend.tokenizer)
-        losses.append(backend.objective(task.train_examples[:4]))
+        losses.append(objective(backend, task.train_examples[:4]))
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
 
 
@@ -381,7 +383,7 @@ def test_hf_options_are_validated_in_one_place():
 
 def test_backend_stats_record(tiny_llama):
     import dataclasses
-    from mezo_core.interfaces import BackendStats
+    from mezo_core.stats import BackendStats
     assert BackendStats().as_dict() == {} and BackendStats().hit_rate is None   # nothing measured
     s = BackendStats(lookups=4, hits=1, tokens_looked_up=10, tokens_reused=5, bytes=64)
     assert s.as_dict() == {"lookups": 4, "hits": 1, "tokens_looked_up": 10, "tokens_reused": 5, "bytes": 64,

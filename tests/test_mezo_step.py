@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mezo_core import Backend, Example
+from mezo_core.forwards import each_direction, objective
 from mezo_core.mezo import decayed, direction_seeds, mezo_step
 from mezo_core.perturb import apply_z, z_like
 
@@ -47,11 +48,14 @@ class QuadraticBackend(Backend):
 class SideBySideBackend(QuadraticBackend):
     """Evaluates both signs and leaves the weights where they were: offset 0."""
 
-    def plus_minus_losses(self, batch, seed, eps, applied=0.0):
+    def population_losses(self, batch, seeds, eps, applied=0.0):
+        return each_direction(self, batch, seeds, eps, applied, pair=self._side_by_side)
+
+    def _side_by_side(self, batch, seed, eps, applied):
         self.perturb([(seed, eps - applied)])
-        lp = self.objective(batch)
+        lp = objective(self, batch)
         self.perturb([(seed, -2 * eps)])
-        lm = self.objective(batch)
+        lm = objective(self, batch)
         self.perturb([(seed, eps)])
         return lp, lm, 0.0
 
@@ -120,7 +124,7 @@ def test_fused_restore_and_offset_zero_give_the_same_step():
 
 
 def test_the_plain_step_touches_the_weights_q_plus_1_times_per_direction_pair():
-    """Plain plus_minus_losses: 2 perturbations per direction, one restore between
+    """Plain plus_minus: 2 perturbations per direction, one restore between
     directions, and the last restore fused with the update: 3q perturb calls."""
     backend = QuadraticBackend()
     mezo_step(backend, BATCH, direction_seeds(1, 0, 3), 1e-3, 1e-2)

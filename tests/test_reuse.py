@@ -7,6 +7,8 @@ import torch
 from mezo_core import Example
 from mezo_core.config import load_config
 from mezo_core.registry import get_registry
+from mezo_core.forwards import one_direction
+from mezo_core.stats import stats_of
 from mezo_backend_hf.backend import HFBackend
 from mezo_backend_hf.trunk import RadixCache
 from tiny import replay_seed
@@ -54,7 +56,7 @@ def test_cached_losses_equal_uncached(arch, tiny_llama, tiny_gpt2):
             prompts = [e.prompt_ids for e in batch]
             assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
                                   cached.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
-    stats = cached.get_stats()
+    stats = stats_of(cached)
     assert stats["hits"] > 0 and stats["invalidations"] == 0 and stats["layers_skipped"] == 2
     assert 0 < stats["token_reuse"] <= 1
 
@@ -63,14 +65,14 @@ def test_no_stale_hit_after_trunk_weights_change(tiny_llama):
     plain, cached = plain_backend(tiny_llama, "llama"), backend(tiny_llama, "llama", True)
     batch = random_batch(torch.Generator().manual_seed(3))
     cached.losses(batch)  # fill the cache
-    assert cached.losses(batch).shape == (len(batch),) and cached.get_stats()["hits"] == len(batch)
+    assert cached.losses(batch).shape == (len(batch),) and stats_of(cached)["hits"] == len(batch)
     # change a weight BELOW k0 in place (as a mis-configured perturbation would)
     for b in (plain, cached):
         layer0 = b.trunk.layers[0] if b.trunk else b.model.base_model.model.model.layers[0]
         with torch.no_grad():
             layer0.mlp.up_proj.weight.add_(0.05)
     assert torch.allclose(plain.losses(batch), cached.losses(batch), atol=TOL, rtol=0)
-    assert cached.get_stats()["invalidations"] == 1
+    assert stats_of(cached)["invalidations"] == 1
 
 
 def test_radix_tree_shares_prefixes_and_serves_prefixes():
@@ -97,7 +99,7 @@ def test_budget_and_eviction(policy, tiny_llama):
         batch = random_batch(gen, n=4, shared_prefix=0)
         assert torch.allclose(plain.losses(batch), cached.losses(batch), atol=TOL, rtol=0)
         assert cached.trunk.cache.bytes <= budget_tokens * 64 * 4
-    assert cached.get_stats()["evictions"] > 0
+    assert stats_of(cached)["evictions"] > 0
 
 
 def test_all_layer_lora_has_no_trunk(tiny_llama):
@@ -176,7 +178,7 @@ def test_prefix_sharing_equals_plain(arch, pm, trunk, tiny_llama, tiny_gpt2):
         if not pm:  # sequential passes leave -eps applied
             for b in (plain, shared):
                 b.perturb([(50 + step, 1e-2)])
-    stats = shared.get_stats()
+    stats = stats_of(shared)
     assert stats["prefix_tokens_saved"] > 0
     if trunk:
         assert stats["hits"] > 0 and stats["invalidations"] == 0 and stats["layers_skipped"] == 2
@@ -227,7 +229,7 @@ def test_graph_inputs_give_the_plain_losses(arch, trunk, tiny_llama, tiny_gpt2):
         assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
                               graphed.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
     assert graphed.forwards.graphs.calls == 4
-    assert (graphed.get_stats().get("hits", 0) > 0) == trunk
+    assert (stats_of(graphed).get("hits", 0) > 0) == trunk
 
 
 @pytest.mark.parametrize("trunk,graphs", [(False, False), (True, False), (False, True), (True, True)])
@@ -246,15 +248,15 @@ def test_second_pass_reuses_the_first_pass_inputs(trunk, graphs, tiny_llama, mon
     for step in range(3):
         batch = [Example(tuple(torch.randint(4, 250, (len(e.prompt_ids),), generator=gen).tolist()),
                          e.target_ids) for e in shape]
-        want = plain.plus_minus_losses(batch, 10 + step, 0.05)
-        got = reusing.plus_minus_losses(batch, 10 + step, 0.05)
+        want = one_direction(plain, batch, 10 + step, 0.05)
+        got = one_direction(reusing, batch, 10 + step, 0.05)
         assert want[2] == got[2] == -0.05
         for x, y in zip(want[:2], got[:2]):
             assert x.device.type == "cpu" and torch.allclose(x, y, atol=TOL, rtol=0)
         assert not torch.allclose(got[0], got[1], atol=1e-4)   # the second pass saw -eps z
         assert len(built) == step + 1                          # one build per step
     if trunk:
-        stats = reusing.get_stats()
+        stats = stats_of(reusing)
         assert stats["lookups"] == 2 * 3 * len(shape) and stats["hits"] == 3 * len(shape)
 
 
@@ -270,8 +272,8 @@ def test_compiled_layers_give_the_plain_losses(trunk, tiny_llama):
     gen = seeded(103)
     batch = random_batch(gen, n=5)
     for step in range(2):
-        want = plain.plus_minus_losses(batch, 30 + step, 0.05)
-        got = compiled.plus_minus_losses(batch, 30 + step, 0.05)
+        want = one_direction(plain, batch, 30 + step, 0.05)
+        got = one_direction(compiled, batch, 30 + step, 0.05)
         for x, y in zip(want[:2], got[:2]):
             assert torch.allclose(x, y, atol=TOL, rtol=0)
 
@@ -291,7 +293,7 @@ def test_trimmed_last_layer_gives_the_plain_losses(arch, trunk, graphs, tiny_lla
     gen = seeded(104)
     batch = random_batch(gen, n=5) + [Example((7,), (9,)), Example((5, 6), (9, 10, 11))]  # keep = 4 > 2 tokens
     for step in range(2):
-        want, got = plain.plus_minus_losses(batch, 40 + step, 0.05), trim.plus_minus_losses(batch, 40 + step, 0.05)
+        want, got = one_direction(plain, batch, 40 + step, 0.05), one_direction(trim, batch, 40 + step, 0.05)
         for x, y in zip(want[:2], got[:2]):
             assert torch.allclose(x, y, atol=TOL, rtol=0)
         prompts = [e.prompt_ids for e in batch]

@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from mezo_core import Backend, Example, MezoError
-from mezo_core.interfaces import BoundForwards
 from mezo_core.mezo import direction_seeds, mezo_step
+from mezo_core.forwards import one_direction
+from mezo_core.stats import stats_of
+from mezo_core.interfaces import restore, snapshot
 from sglang_support import FakeEngine, ScriptedEngine, build_llama, examples, make_config, scripted_logprob
 
 # the backend package (backends/sglang): installed by `make test`; a host that installs only
@@ -340,7 +342,7 @@ def test_in_place_paired_signs_one_call(in_place, tmp_path):
     theta = {n: t.clone() for n, t in sg.state_dict().items()}
     engine.requests.clear()
     n = len(engine.calls)
-    plus, minus, offset = sg.plus_minus_losses(batch, 21, 0.25)
+    plus, minus, offset = one_direction(sg, batch, 21, 0.25)
     assert offset == 0.25
     assert engine.calls[n:] == [("rpc", "mezo_perturb"), ("flush",), ("rpc", "mezo_fill"), ("flush",),
                                 ("generate", 6)]
@@ -355,8 +357,7 @@ def test_in_place_paired_signs_one_call(in_place, tmp_path):
     # choices ride along: one request per (prompt, slot)
     engine.requests.clear()
     prompts = [e.prompt_ids for e in batch]
-    both = BoundForwards(sg, adapters=[0, 0, 0, 1, 1, 1])
-    got = both.choice_losses(prompts + prompts, [(7,), (9,)])
+    got = sg.choice_losses(prompts + prompts, [(7,), (9,)], adapters=[0, 0, 0, 1, 1, 1])
     assert [r["lora_path"] for r in engine.requests] == ["mezo"] * 3 + ["mezo-minus"] * 3
     torch.testing.assert_close(got[:3], sg.choice_losses(prompts, [(7,), (9,)]), rtol=0, atol=0)
 
@@ -387,7 +388,7 @@ def test_in_place_training_matches_versioned_loads(llama, tmp_path):
 def test_in_place_load_and_restore_reach_the_scheduler(in_place, tmp_path):
     sg = in_place
     batch = examples(2, 5, 2, seed=4)
-    snap = sg.snapshot()
+    snap = snapshot(sg)
     sg.perturb([(3, 0.7)])
     saved = sg.losses(batch)
     sg.save_adapter(tmp_path / "a")
@@ -395,7 +396,7 @@ def test_in_place_load_and_restore_reach_the_scheduler(in_place, tmp_path):
     assert (sg.losses(batch) - saved).abs().max() > 1e-4
     sg.load_adapter(tmp_path / "a")
     torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=1e-9)
-    sg.restore(snap)
+    restore(sg, snap)
     mine = worker_state(sg, tmp_path)
     assert all(torch.equal(mine[n], snap[n]) for n in snap)
 
@@ -500,7 +501,7 @@ def test_gpu_shared_prefix_is_cached(gpu):
         plain = sg.losses(batch)
         sg.reset_stats()
         sg.losses(batch)                   # same adapter version: the prefix is in the radix tree
-        stats = sg.get_stats()
+        stats = stats_of(sg)
         assert stats["tokens_reused"] >= 8 * len(prefix), stats
         assert stats["hit_rate"] == 1.0 and stats["token_reuse"] > 0.8
     finally:
@@ -509,7 +510,7 @@ def test_gpu_shared_prefix_is_cached(gpu):
     sg.reset_cache()
     sg.reset_stats()
     primed = sg.losses(batch)
-    stats = sg.get_stats()
+    stats = stats_of(sg)
     assert stats["primed_batches"] == 1 and stats["tokens_reused"] >= 7 * len(prefix), stats
     torch.testing.assert_close(primed, plain, rtol=0, atol=0.03)
     sg.prime_min_tokens = 0
@@ -557,7 +558,7 @@ def test_gpu_in_place_slots_equal_sglangs_own_load(gpu, tmp_path):
     sg, _ = gpu
     assert sg.in_place and sg.paired
     sg.perturb([(80, 0.3)])                       # B != 0: every tensor matters
-    sg.plus_minus_losses(examples(4, 10, 3, seed=19), 81, 0.05)  # plus: theta + eps z, minus: theta - eps z
+    one_direction(sg, examples(4, 10, 3, seed=19), 81, 0.05)  # plus: theta + eps z, minus: theta - eps z
     names = sg.trainable_names()
     minus = [t.clone() for t in sg.trainable_tensors()]
     apply_z(minus, [(81, -0.1)], dist=sg.z_dist)  # the scheduler's arithmetic, here
@@ -582,11 +583,11 @@ def test_gpu_paired_signs_match_the_sequence(gpu):
     (two calls, one state each), to bf16 batch-composition noise."""
     sg, _ = gpu
     batch = examples(8, 16, 4, seed=20)
-    paired = sg.plus_minus_losses(batch, 82, 0.5)
+    paired = one_direction(sg, batch, 82, 0.5)
     sg.perturb([(82, -0.5)])
     sg.paired = False
     try:
-        plain = sg.plus_minus_losses(batch, 82, 0.5)
+        plain = one_direction(sg, batch, 82, 0.5)
     finally:
         sg.paired = True
     sg.perturb([(82, 0.5)])

@@ -13,6 +13,7 @@ import torch
 from mezo_core.config import load_config
 from mezo_core.data import Task, read_records
 from mezo_core.errors import MezoError
+from mezo_core.forwards import objective
 
 SEED = 1515
 
@@ -177,11 +178,11 @@ def test_multiple_choice_objective_and_evaluation_match_a_plain_forward(mc_backe
     gold = [r.label for r in task.dev]
     # the training loss: cross-entropy of the gold candidate over the row's candidates
     want = torch.stack([torch.logsumexp(-s, 0) + s[g] for s, g in zip(oracle, gold)])
-    got = backend.objective(task.train_examples)                     # rows of different choices: one batch
+    got = objective(backend, task.train_examples)                     # rows of different choices: one batch
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # in another order and split in two: the same per-row losses
     order = [3, 0, 5, 2]
-    torch.testing.assert_close(backend.objective([task.train_examples[i] for i in order]), want[order],
+    torch.testing.assert_close(objective(backend, [task.train_examples[i] for i in order]), want[order],
                                atol=1e-5, rtol=0)
     # evaluation: accuracy by the lowest mean loss, loss of the gold candidate
     for batch_size in (1, 4, 32):
@@ -202,7 +203,7 @@ def test_shared_choices_keep_the_verbalizer_path(mc_backend):
     real = backend.choice_losses
     backend.choice_losses = lambda p, c: calls.append(len(p)) or real(p, c)
     try:
-        got = backend.objective(shared)
+        got = objective(backend, shared)
     finally:
         del backend.choice_losses
     assert calls == [2]

@@ -23,6 +23,8 @@ import torch
 
 from mezo_core import Example, MezoError
 from mezo_core.adapter import read_peft_adapter
+from mezo_core.forwards import objective, one_direction
+from mezo_core.stats import stats_of
 
 pytestmark = pytest.mark.vllm
 
@@ -235,7 +237,7 @@ def test_fast_slot_writes_equal_vllms_own_conversion(pair):
     hold, bit for bit, what vLLM's own LoRAModel conversion writes for the same state."""
     vb, hb = pair
     vb.perturb([(56, 0.8)], decay=0.95)
-    vb.plus_minus_losses(mixed_batch(2), 57, 0.1)           # the minus slot too
+    one_direction(vb, mixed_batch(2), 57, 0.1)           # the minus slot too
     check_fast_writes_equal_vllms_conversion(vb)
     assert vb._rpc("mezo_fast_writes")[1] is True            # and the views are taken up again
 
@@ -281,17 +283,17 @@ def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
         batch = mixed_batch(5)
     eps = 1e-2
     vb.reset_stats()
-    vb.objective(batch)
+    objective(vb, batch)
     single_requests = vb.stats().requests
     vb.reset_stats()
-    lp, lm, offset = vb.plus_minus_losses(batch, 77, eps)
+    lp, lm, offset = one_direction(vb, batch, 77, eps)
     assert offset == eps
     assert vb.stats().requests == 2 * single_requests
     # hf, the plain sequence
     hb.perturb([(77, eps)])
-    hp = hb.objective(batch)
+    hp = objective(hb, batch)
     hb.perturb([(77, -2 * eps)])
-    hm = hb.objective(batch)
+    hm = objective(hb, batch)
     hb.perturb([(77, eps)])
     assert torch.allclose(lp, hp, atol=ATOL, rtol=0) and torch.allclose(lm, hm, atol=ATOL, rtol=0)
     assert (lp - lm).abs().max().item() > 10 * ATOL
@@ -299,7 +301,7 @@ def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
     assert max_state_diff(vb.state_dict(), hf_state(hb)) < 1e-6
     # vLLM's own plain sequence agrees closely with its side-by-side path
     monkeypatch.setattr(vb, "_paired", False)
-    sp, sm, soffset = vb.plus_minus_losses(batch, 77, eps)
+    sp, sm, soffset = one_direction(vb, batch, 77, eps)
     assert soffset == -eps
     assert torch.allclose(sp, lp, atol=1e-5, rtol=0) and torch.allclose(sm, lm, atol=1e-5, rtol=0)
 
@@ -332,7 +334,7 @@ def test_prefix_cache_hits_on_shared_prefix(pair):
     hb.perturb([(5, 0.5)])
     batch = shared_prefix_batch(0)
     losses = vb.losses(batch)
-    s = vb.get_stats()
+    s = stats_of(vb)
     print(f"\nshared 80-token prefix, {len(batch)} examples: {s}")
     assert s["lookups"] > 0 and s["hits"] > 0
     assert s["hit_rate"] > 0.5 and s["token_reuse"] > 0.4
@@ -340,7 +342,7 @@ def test_prefix_cache_hits_on_shared_prefix(pair):
     # the same batch again under the same weights: every prompt's full blocks are cached
     vb.reset_stats()
     assert torch.allclose(vb.losses(batch), losses, atol=1e-6, rtol=0)
-    s = vb.get_stats()
+    s = stats_of(vb)
     assert s["hit_rate"] == 1.0 and s["token_reuse"] > 0.7
 
 
@@ -445,11 +447,11 @@ def test_gpu_vllm_agrees_with_hf_and_writes_in_place(vllm_model_dir):
         for b in (vb, hb):
             b.perturb([(58, 0.7)])
         torch.testing.assert_close(vb.losses(batch), hb.losses(batch), rtol=0, atol=0.08)
-        paired = vb.plus_minus_losses(batch, 59, 0.3)
+        paired = one_direction(vb, batch, 59, 0.3)
         vb.perturb([(59, -0.3)])
         check_fast_writes_equal_vllms_conversion(vb)
         vb._paired = False
-        plain = vb.plus_minus_losses(batch, 59, 0.3)
+        plain = one_direction(vb, batch, 59, 0.3)
         vb._paired = True
         assert (plain[0] - plain[1]).abs().max() > 0.05
         for got, want in zip(paired[:2], plain[:2]):

@@ -14,7 +14,8 @@ from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (check_adapter_tensors, initial_adapter, peft_lora_config, read_peft_adapter,
                                read_tensors, write_peft_adapter, write_tensors)
 from mezo_core.config import options_from, plugin_options
-from mezo_core.interfaces import BackendStats, BoundForwards
+from mezo_core.forwards import each_direction, objective, plus_minus
+from mezo_core.stats import BackendStats
 from mezo_core.registry import or_installed
 from mezo_core.models import load_pretrained, resolve_model_dir
 from mezo_core.perturb import configured_dist
@@ -100,7 +101,7 @@ class HFBackend(LocalTensorsBackend):
         block of B rows under its own side adapter theta +/- eps z_i. The
         trained adapter never moves, so the offset is 0."""
         if not self.opts.pm_batch:
-            return super().population_losses(batch, seeds, eps, applied)
+            return each_direction(self, batch, seeds, eps, applied, pair=self._plus_minus_on_device)
         if applied:
             self.perturb([(seeds[0], -applied)])  # the side adapters start from theta itself
         names = []
@@ -108,21 +109,13 @@ class HFBackend(LocalTensorsBackend):
             for sign, name in ((1.0, f"mezo_p{i}"), (-1.0, f"mezo_m{i}")):
                 self.side.fill(name, self._tensors, [(seed, sign * eps)])
                 names.append(name)
-        rows = BoundForwards(self, adapters=[name for name in names for _ in batch])
-        losses = rows.objective(list(batch) * len(names)).view(len(names), len(batch))
+        rows = objective(self, list(batch) * len(names), adapters=[name for name in names for _ in batch])
+        losses = rows.view(len(names), len(batch))
         return [(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))], 0.0
 
-    def plus_minus_losses(self, batch, seed, eps, applied=0.0):
-        """The plain sequence, with the losses read back once at the end: the
-        -eps pass is queued while the +eps pass runs, so the device never waits
-        for the host between the two."""
-        on_device = BoundForwards(self, on_device=True)
-        if eps != applied:
-            self.perturb([(seed, eps - applied)])
-        loss_plus = on_device.objective(batch)
-        self.perturb([(seed, -2.0 * eps)])
-        loss_minus = on_device.objective(batch)
-        return loss_plus.cpu(), loss_minus.cpu(), -eps
+    def _plus_minus_on_device(self, batch, seed, eps, applied):
+        loss_plus, loss_minus, offset = plus_minus(self, batch, seed, eps, applied, on_device=True)
+        return loss_plus.cpu(), loss_minus.cpu(), offset
 
     # -- forward passes --------------------------------------------------------
     @torch.inference_mode()

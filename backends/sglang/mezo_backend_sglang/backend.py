@@ -48,8 +48,10 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
 import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
-from mezo_core.config import options_from
-from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types
+from mezo_core.config import options_from, setting
+from mezo_core.forwards import each_direction, objective
+from mezo_core.interfaces import check_option_types
+from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
@@ -307,19 +309,21 @@ class SGLangBackend(LocalTensorsBackend):
         else:
             self._dirty = True  # the engine gets the new version before the next forward
 
-    def plus_minus_losses(self, batch, seed, eps, applied=0.0):
+    def population_losses(self, batch, seeds, eps, applied=0.0):
+        """Every direction in turn, both signs of each in one engine call when paired."""
+        pair = self._both_signs if self.paired else None
+        return each_direction(self, batch, seeds, eps, applied, pair=pair)
+
+    def _both_signs(self, batch, seed, eps, applied):
         """L+ and L- in one generate call (in_place with ``paired_signs``): the plus
         slot moves to theta + eps*z as in the plain sequence, the scheduler fills
         the minus slot with (theta + eps*z) - 2*eps*z -- the sequential path's
         arithmetic -- and every request is sent once per slot. Leaves theta +
         eps*z: offset +eps."""
-        if not self.paired:
-            return super().plus_minus_losses(batch, seed, eps, applied)
         if eps != applied:
             self.perturb([(seed, eps - applied)])
         self._rpc("mezo_fill", terms=[(int(seed), -2.0 * float(eps))], dist=self.z_dist)
-        both = BoundForwards(self, adapters=[0] * len(batch) + [1] * len(batch))
-        losses = both.objective(list(batch) + list(batch))
+        losses = objective(self, list(batch) + list(batch), adapters=[0] * len(batch) + [1] * len(batch))
         return losses[:len(batch)], losses[len(batch):], eps
 
     def state_dict(self) -> dict[str, torch.Tensor]:

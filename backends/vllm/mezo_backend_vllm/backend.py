@@ -40,7 +40,7 @@ cached prefix -- is only context:
   per target token. (Also the single-token path on a vLLM without
   ``logprob_token_ids``: one forced one-token request per (prompt, token).)
 
-Both signs side by side. ``plus_minus_losses`` keeps a second adapter in the
+Both signs side by side. ``population_losses`` keeps a second adapter in the
 engine (``max_loras=2``): the worker fills it with theta - eps*z from memory,
 and each request is issued once per adapter in a single engine call (the
 hf backend's mixed-adapter batch, in vLLM terms). ``vllm.paired_signs=false``
@@ -70,8 +70,10 @@ from typing import Any, ClassVar, Dict, Sequence
 import torch
 
 from mezo_core import Backend, Example, MezoError
-from mezo_core.config import options_from
-from mezo_core.interfaces import BackendStats, BoundForwards, check_option_types
+from mezo_core.config import options_from, setting
+from mezo_core.forwards import each_direction, objective
+from mezo_core.interfaces import check_option_types
+from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
@@ -256,21 +258,23 @@ class VLLMBackend(Backend):
                 for n, (shape, data) in state.items()}
 
     # -- both signs side by side ---------------------------------------------------
-    def plus_minus_losses(self, batch: Sequence[Example], seed: int, eps: float, applied: float = 0.0):
+    def population_losses(self, batch, seeds, eps, applied=0.0):
+        """Every direction in turn, both signs of each in one engine call when paired."""
+        pair = self._both_signs if self._paired else None
+        return each_direction(self, batch, seeds, eps, applied, pair=pair)
+
+    def _both_signs(self, batch, seed, eps, applied):
         """L+ and L- in one engine call. The main adapter moves to theta + eps*z
         (as in the plain sequence); the worker fills a second adapter with
         (theta + eps*z) - 2*eps*z -- the very arithmetic of the sequential path --
         and every request is issued once per adapter. The objective runs once
         over ``batch + batch`` with the second half routed to the minus adapter,
         like the hf backend's mixed-adapter batch. Leaves theta + eps*z: offset +eps."""
-        if not self._paired:
-            return super().plus_minus_losses(batch, seed, eps, applied)
         if eps != applied:
             self.perturb([(seed, eps - applied)])
         self._rpc("mezo_fill", MINUS_ID, [(int(seed), -2.0 * float(eps))], self.z_dist)
         self._minus_version += 1
-        both = BoundForwards(self, adapters=[0] * len(batch) + [1] * len(batch))
-        losses = both.objective(list(batch) + list(batch))
+        losses = objective(self, list(batch) + list(batch), adapters=[0] * len(batch) + [1] * len(batch))
         return losses[:len(batch)], losses[len(batch):], eps
 
     @staticmethod
@@ -357,7 +361,7 @@ class VLLMBackend(Backend):
     @torch.inference_mode()
     def losses(self, batch: Sequence[Example], adapters=None) -> torch.Tensor:
         """``adapters``: an adapter slot per example (0: the trained adapter, 1:
-        the minus adapter of ``plus_minus_losses``; None: all 0)."""
+        the minus adapter of ``population_losses``; None: all 0)."""
         out = torch.empty(len(batch), dtype=torch.float64)
         keys = [(slot, tuple(e.prompt_ids)) for slot, e in zip(self._slots(adapters, len(batch)), batch)]
         single: dict[tuple, set[int]] = {}
