@@ -15,21 +15,26 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MezoError
+from .interfaces import check_option_types
 from .schema import (BEST_CORRECTIONS, DEFAULT_CONFIG, DEFAULT_RECIPE, MAX_LORA_R, MAX_Q,  # noqa: F401 (public)
                      MAX_TEMPLATE, MAX_THREADS, MIN_EPS, MOVED, QUANTIZATIONS, GuardConfig, LoraConfig,
                      MezoConfig, ModelConfig, RunConfig, SelectionConfig, TaskConfig, default_config,
-                     recipes, recipes_dir)
+                     recipes, recipes_dir, setting)
 
 
 def plugin_sections(registry) -> Dict[str, Any]:
     """Section name -> the options dataclass of the plugin of that name, or
     ``Dict[str, Any]`` for a backend without one (free-form: the backend checks its
     keys; none where its name is not an identifier). Plugins own their settings;
-    the core only merges them in, by name."""
+    the core only merges them in, by name. Schedules have no section: one schedule
+    may drive both lr and eps, so its settings sit beside the choice
+    (``mezo.lr_schedule_options``: ``schedule_options``)."""
     core = {f.name for f in fields(RunConfig)}
     sections: Dict[str, Any] = {}
     owners: Dict[str, str] = {}
     for kind, items in registry.items.items():
+        if kind == "epsilon_schedules":
+            continue
         for name, entry in sorted(items.items()):
             options = getattr(entry.obj, "options", None)
             if options is None and (kind != "backends" or not name.isidentifier()):
@@ -67,11 +72,15 @@ def plugin_options(cfg, cls) -> Any:
     return options_from(options, section, cls.name)
 
 
-def options_from(options: type, section, name: str) -> Any:
+def options_from(options: type, section, name: str, owner: str = "") -> Any:
     """An ``options`` dataclass from its config section ``name``: None (the defaults),
-    an instance, a typed node (``load_config``'s) or a plain mapping (tests,
-    notebooks). Unknown keys and the dataclass's own checks are one-line errors
-    naming ``name.key``."""
+    an instance, a typed node (``load_config``'s) or a plain mapping (a schedule's
+    ``mezo.lr_schedule_options``, tests, notebooks). A mapping gets the checks a typed
+    node gets from the schema: unknown keys refused, an int taken as a float where the
+    default is one, then every value of its default's type (``check_option_types``).
+    Errors are one line naming ``name.key`` and, where the section's name does not say
+    whose options these are, ``owner`` (e.g. "schedule 'rms'")."""
+    whose = f" ({owner})" if owner else ""
     if section is None:
         return options()
     if isinstance(section, options):
@@ -80,16 +89,41 @@ def options_from(options: type, section, name: str) -> Any:
         try:
             return OmegaConf.to_object(section)
         except (ValueError, TypeError, OmegaConfBaseException) as exc:  # the dataclass's own checks
-            raise MezoError(f"config field {name!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+            raise MezoError(f"config field {name!r}{whose}: {_first_line(exc)}") from None
     values = dict(OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section)
-    known = [f.name for f in fields(options)]
+    known = {f.name: f for f in fields(options)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise MezoError(f"config field '{name}.{unknown[0]}': unknown option (its keys: {', '.join(known)})")
+        keys = f"its keys: {', '.join(known)}" if known else "it takes none"
+        raise MezoError(f"config field '{name}.{unknown[0]}'{whose}: unknown option ({keys})")
+    for key, value in values.items():   # as the typed node would hold it: 2 -> 2.0
+        if type(value) is int and type(known[key].default) is float:
+            values[key] = float(value)
     try:
-        return options(**values)
+        made = options(**values)
     except (ValueError, TypeError) as exc:
-        raise MezoError(f"config field {name!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        raise MezoError(f"config field {name!r}{whose}: {_first_line(exc)}") from None
+    check_option_types(made, name)
+    return made
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def schedule_options(cls, section, name: str) -> Any:
+    """The settings of schedule ``cls`` from the mapping ``name`` (``mezo.lr_schedule_options``
+    or ``mezo.eps_schedule_options``: one schedule class may drive both, so its settings
+    live beside the choice, not in a section of its own): an instance of ``cls.options``,
+    checked by ``options_from`` as every plugin's are, or None for a schedule that
+    declares none (the mapping must then be empty)."""
+    options = getattr(cls, "options", None)
+    made = options_from(options or NO_OPTIONS, section, name, f"schedule {cls.name!r}")
+    return made if options else None
+
+
+#: the options of a plugin that declares none: any key is unknown
+NO_OPTIONS = make_dataclass("NoOptions", [])
 
 
 def _line_of(text: str, key: str) -> str:
@@ -172,6 +206,10 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
     for name, kind in plugin_sections(registry).items():
         if is_dataclass(kind):  # the options' own checks (__post_init__), before any work
             options_from(kind, cfg.get(name), name)
+    for which in ("lr", "eps"):  # a registered schedule's options, likewise (an unknown name: the trainer's error)
+        chosen = registry.items["epsilon_schedules"].get(cfg.mezo[f"{which}_schedule"])
+        if chosen is not None:
+            schedule_options(chosen.obj, cfg.mezo[f"{which}_schedule_options"], f"mezo.{which}_schedule_options")
     return cfg
 
 

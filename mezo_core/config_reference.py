@@ -1,58 +1,19 @@
 """The reference table of every config field, generated from the schema itself
-(``mezo_core/schema.py``: the dataclasses, their defaults and the comment on
-each field's line; then each plugin's ``options`` dataclass, read the same way
-from its own module), so the README's table cannot drift: a test compares them.
+(``mezo_core/schema.py``: the dataclasses, their defaults and each field's
+``metadata["help"]``; then each plugin's ``options`` dataclass, read the same
+way), so the README's table cannot drift: a test compares them.
 
     mezo-run config --reference      # prints the Markdown table
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import io
-import tokenize
 import typing
 from pathlib import Path
 
 from . import config
 
 BEGIN, END = "<!-- config-reference: begin -->", "<!-- config-reference: end -->"
-
-
-@functools.lru_cache(maxsize=None)
-def _comments(path: str) -> dict[int, str]:
-    """Line number of a field -> its comment in the module at ``path``: the comment
-    at the end of its line (with comment lines below it aligned to it: a
-    continuation), or the comment lines right above it."""
-    source = Path(path).read_text()
-    out, above, trailing = {}, [], None   # trailing: (field line, comment column)
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            text, line, col = tok.string.lstrip("#").lstrip(":").strip(), tok.start[0], tok.start[1]
-            if not tok.line.strip().startswith("#"):
-                out[line], trailing = text, (line, col)
-            elif trailing and col == trailing[1]:
-                out[trailing[0]] += " " + text
-            else:
-                above.append(text)
-                trailing = None
-        elif tok.type == tokenize.NAME and above and tok.start[1] == 4:
-            out[tok.start[0]] = " ".join(above)
-            above = []
-        elif tok.type == tokenize.NAME and tok.start[1] == 4:
-            trailing = None if trailing and tok.start[0] != trailing[0] else trailing
-    return out
-
-
-def _field_lines(cls) -> dict[str, int]:
-    lines, start = inspect.getsourcelines(cls)
-    found = {}
-    for offset, text in enumerate(lines):
-        name = text.strip().split(":", 1)[0]
-        if name.isidentifier() and ":" in text and not text.strip().startswith(("def ", "class ", "@")):
-            found.setdefault(name, start + offset)
-    return found
 
 
 def _default(field) -> str:
@@ -67,9 +28,13 @@ def _default(field) -> str:
     return "`null`" if value is None else f"`{value!r}`".replace("|", "\\|")
 
 
+def help_of(field: dataclasses.Field) -> str:
+    """A field's meaning: its ``metadata["help"]`` (``schema.setting`` puts it there)."""
+    return field.metadata.get("help", "")
+
+
 def rows(cls=config.RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, meaning) of every leaf field of ``cls``."""
-    comments, lines = _comments(inspect.getsourcefile(cls)), _field_lines(cls)
     hints = typing.get_type_hints(cls)
     out = []
     for field in dataclasses.fields(cls):
@@ -78,8 +43,7 @@ def rows(cls=config.RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(kind):
             out += rows(kind, name + ".")
             continue
-        note = comments.get(lines.get(field.name, -1), "")
-        out.append((name, _default(field), note.replace("|", "\\|")))
+        out.append((name, _default(field), help_of(field).replace("|", "\\|")))
     return out
 
 

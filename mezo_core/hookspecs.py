@@ -12,11 +12,12 @@ same way, so a third-party package is a first-class citizen.
 Every ``register_*`` hook gets one ``register(cls)``: the class's ``name`` is what
 users write (``backend=...``, ``report_to: [...]``, ``mezo.lr_schedule=...``).
 
-A class may declare its settings as a dataclass, like llm's ``Options``::
+A class of any kind may declare its settings as a dataclass, like llm's ``Options``;
+each field's ``metadata["help"]`` is its meaning in ``mezo-run config --reference``::
 
     @dataclass
     class MyOptions:
-        width: int = 4          # shown with its default in `mezo-run config`
+        width: int = field(default=4, metadata={"help": "how wide"})  # or setting(4, "how wide")
 
     class MyBackend(Backend):
         name = "mine"
@@ -25,10 +26,12 @@ A class may declare its settings as a dataclass, like llm's ``Options``::
 The run config then has a typed ``mine`` section (``mezo-run train backend=mine
 mine.width=8``): unknown keys and wrong types are refused with the file, line and
 field, like the core's own. The plugin reads it with ``mezo_core.config.plugin_options
-(cfg, cls)``. A backend without ``options`` gets a free-form section that it checks
-itself (engine settings passed through); other plugins without one get no section.
-Schedules take their settings from ``mezo.lr_schedule_options`` /
-``mezo.eps_schedule_options`` (one schedule class may drive both, differently).
+(cfg, cls)``; an eviction policy with options is built as ``cls(options)``. A backend
+without ``options`` gets a free-form section that it checks itself (engine settings
+passed through); other plugins without one get no section. A schedule's options are
+read, by the same checks, from ``mezo.lr_schedule_options`` / ``mezo.eps_schedule_options``
+rather than a section of its own (one schedule class may drive both, differently),
+and it is built as ``cls(start, end, warmup_steps, options)``.
 """
 import pluggy
 
@@ -57,7 +60,8 @@ def register_epsilon_schedules(register):
     """Register schedules: ``register(ScheduleSubclass)``.
 
     The same schedules drive the learning rate (``mezo.lr_schedule``) and the
-    perturbation size (``mezo.eps_schedule``).
+    perturbation size (``mezo.eps_schedule``); a schedule's ``options`` dataclass
+    is filled from ``mezo.lr_schedule_options`` / ``mezo.eps_schedule_options``.
     """
 
 

@@ -222,8 +222,11 @@ class Schedule(abc.ABC):
     """A value over training steps (used for epsilon and for the learning rate).
 
     ``start`` is the peak value, ``end`` the final one (where the shape has one),
-    ``warmup_steps`` ramps linearly from 0 to ``start`` first. ``options`` are the
-    schedule's own settings (``mezo.lr_schedule_options`` / ``eps_schedule_options``).
+    ``warmup_steps`` ramps linearly from 0 to ``start`` first. A schedule with
+    settings declares them as a dataclass, ``options``, and is built as
+    ``cls(start, end, warmup_steps, options)`` with the instance the run reads from
+    ``mezo.lr_schedule_options`` / ``mezo.eps_schedule_options``; one without as
+    ``cls(start, end, warmup_steps)``.
 
     Adaptive schedules read the run's signals: the trainer calls ``observe`` after
     the forwards of every step, then reads the lr of that step and the eps of the
@@ -234,13 +237,13 @@ class Schedule(abc.ABC):
     needs_noise: bool = False
     #: SPSA directions per step the schedule needs (mezo.q)
     min_directions: int = 1
+    #: the dataclass of its settings, or None
+    options: ClassVar[type | None] = None
 
-    def __init__(self, start: float, end: float | None = None, warmup_steps: int = 0, **options):
+    def __init__(self, start: float, end: float | None = None, warmup_steps: int = 0):
         self.start = float(start)
         self.end = float(start if end is None else end)
         self.warmup_steps = int(warmup_steps)
-        if options:
-            raise ValueError(f"unknown option {sorted(options)[0]!r} (this schedule takes none)")
 
     def observe(self, signals: Signals) -> None:
         """See one step's measurements (fixed schedules ignore them)."""

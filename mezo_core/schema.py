@@ -1,10 +1,10 @@
-"""The run configuration's fields: one dataclass a section, each field's default and,
-in the comment on its line, its meaning (``mezo-run config --reference`` prints them;
-``config`` loads and checks a run's values against them). Plugins add their own
-sections (``config.plugin_sections``)."""
+"""The run configuration's fields: one dataclass a section, each field's default and
+its meaning (``setting``: the field's ``metadata["help"]``; ``mezo-run config
+--reference`` prints them; ``config`` loads and checks a run's values against them).
+Plugins add their own sections (``config.plugin_sections``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +16,13 @@ MAX_Q, MIN_EPS, MAX_LORA_R, MAX_TEMPLATE, MAX_THREADS = 4096, 1e-7, 65536, 10_00
 QUANTIZATIONS = (None, "int8", "fp8", "fp8w")
 #: selection.correction's values (mezo_core.selection.best_level applies them)
 BEST_CORRECTIONS = ("bonferroni", "none")
+
+
+def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:
+    """A dataclass field with its meaning in ``metadata["help"]``, which ``mezo-run config
+    --reference`` prints; ``factory`` makes a mutable default (a list, a dict). A plugin's
+    options dataclass may use it too, or plain ``field(default=..., metadata={"help": ...})``."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 def recipes_dir() -> Path:
@@ -43,120 +50,121 @@ def default_config() -> Path:
 
 @dataclass
 class ModelConfig:
-    # a Hugging Face model folder or a .gguf file (converted once into ~/.cache/mezo-run)
-    path: str = "${assets}/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-    dtype: str = "float32"                 # float32 | bfloat16 | float16
-    device: str = "cpu"                    # cpu | cuda | cuda:N | mps
-    # frozen base weights in 8 bits (the adapter and MeZO unchanged): int8 (weight-only), fp8 (fp8 weights
-    # and activations: FP8 matmuls, GPUs of compute capability >= 8.9), fp8w (fp8 weight-only); null: off
-    quantization: Optional[str] = None
+    path: str = setting("${assets}/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+                        "a Hugging Face model folder or a .gguf file (converted once into ~/.cache/mezo-run)")
+    dtype: str = setting("float32", "float32 | bfloat16 | float16")
+    device: str = setting("cpu", "cpu | cuda | cuda:N | mps")
+    quantization: Optional[str] = setting(None, "frozen base weights in 8 bits (the adapter and MeZO "
+                                                "unchanged): int8 (weight-only), fp8 (fp8 weights and "
+                                                "activations: FP8 matmuls, GPUs of compute capability >= "
+                                                "8.9), fp8w (fp8 weight-only); null: off")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8                             # LoRA rank
-    alpha: float = 16.0                    # LoRA scaling numerator (scale = alpha / r)
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names to adapt
-    layers: Optional[List[int]] = None     # None: every layer
+    r: int = setting(8, "LoRA rank")
+    alpha: float = setting(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    target_modules: List[str] = setting(factory=lambda: ["q_proj", "v_proj"], help="module names to adapt")
+    layers: Optional[List[int]] = setting(None, "None: every layer")
 
 
 @dataclass
 class TaskConfig:
-    # classification (verbalizer words) | multiple_choice (each row's own "choices") | completion
-    kind: str = "classification"
-    train: str = "${assets}/data/sst2/train.tsv"  # .tsv (sentence, label) or .jsonl
-    dev: str = "${assets}/data/sst2/dev.tsv"      # the reported evaluation set
-    # a Hugging Face dataset instead of the files: "PATH" or "PATH:NAME" (glue:sst2), or a mapping
-    # {path, name, split_train, split_dev, split_val, text_field, label_field, ...} (needs `datasets`)
-    hf_dataset: Any = None
-    template: str = "{text} It was"        # classification/multiple-choice prompt; {text} is the input
-    # word of label i, or {label name: word} (the data's labels may then be the names)
-    verbalizer: Any = field(default_factory=lambda: [" terrible", " great"])
-    k_per_class: Optional[int] = 16        # MeZO-paper sampling: k train examples per class ...
-    n_train: Optional[int] = None          # ... or n examples (when k_per_class is null)
-    n_dev: Optional[int] = None            # a seeded random sample of n dev examples (null: all)
-    # validation examples drawn from the train file, disjoint from the training sample: what
-    # periodic evaluations select the best adapter and early-stop on (0: select on dev)
-    n_val: int = 0
-    # a validation file of its own (e.g. held-out data distributed like dev) instead of the
-    # train file; n_val then samples it (0: all of it)
-    val: Optional[str] = None
-    # a train row and a validation row where one is a run of >= this many words of the other
-    # are not both used: the train row is left out (treebank phrases such as SST-2's would
-    # otherwise train on pieces of the validation sentences); 0: no check
-    val_overlap_words: int = 4
-    sample_seed: int = 42                  # seed of the train/dev/validation sampling
-    # classification/multiple-choice loss: "choices" = cross-entropy among the candidates (the
-    # verbalizer's words or the row's choices, each scored by its mean token loss: MeZO's
-    # train_as_classification); "target" = LM loss of the gold candidate
-    train_loss: str = "choices"
-    # longest sequence (prompt + answer) in tokens: longer texts are cut, never the template's
-    # answer slot (null: no limit)
-    max_tokens: Optional[int] = None
-    group_by_length: bool = False          # training batches of rows of similar length (less padding)
-    # completion tasks: also score greedy generations against the gold completion (exact_match)
-    exact_match: bool = True
+    kind: str = setting("classification", "classification (verbalizer words) | multiple_choice (each row's "
+                                          "own \"choices\") | completion")
+    train: str = setting("${assets}/data/sst2/train.tsv", ".tsv (sentence, label) or .jsonl")
+    dev: str = setting("${assets}/data/sst2/dev.tsv", "the reported evaluation set")
+    hf_dataset: Any = setting(None, "a Hugging Face dataset instead of the files: \"PATH\" or \"PATH:NAME\" "
+                                    "(glue:sst2), or a mapping {path, name, split_train, split_dev, "
+                                    "split_val, text_field, label_field, ...} (needs `datasets`)")
+    template: str = setting("{text} It was", "classification/multiple-choice prompt; {text} is the input")
+    verbalizer: Any = setting(help="word of label i, or {label name: word} (the data's labels may then be "
+                                   "the names)", factory=lambda: [" terrible", " great"])
+    k_per_class: Optional[int] = setting(16, "MeZO-paper sampling: k train examples per class ...")
+    n_train: Optional[int] = setting(None, "... or n examples (when k_per_class is null)")
+    n_dev: Optional[int] = setting(None, "a seeded random sample of n dev examples (null: all)")
+    n_val: int = setting(0, "validation examples drawn from the train file, disjoint from the training "
+                            "sample: what periodic evaluations select the best adapter and early-stop on (0: "
+                            "select on dev)")
+    val: Optional[str] = setting(None, "a validation file of its own (e.g. held-out data distributed like "
+                                       "dev) instead of the train file; n_val then samples it (0: all of it)")
+    val_overlap_words: int = setting(4, "a train row and a validation row where one is a run of >= this many "
+                                        "words of the other are not both used: the train row is left out "
+                                        "(treebank phrases such as SST-2's would otherwise train on pieces of "
+                                        "the validation sentences); 0: no check")
+    sample_seed: int = setting(42, "seed of the train/dev/validation sampling")
+    train_loss: str = setting("choices", "classification/multiple-choice loss: \"choices\" = cross-entropy "
+                                         "among the candidates (the verbalizer's words or the row's choices, "
+                                         "each scored by its mean token loss: MeZO's "
+                                         "train_as_classification); \"target\" = LM loss of the gold candidate")
+    max_tokens: Optional[int] = setting(None, "longest sequence (prompt + answer) in tokens: longer texts are "
+                                              "cut, never the template's answer slot (null: no limit)")
+    group_by_length: bool = setting(False, "training batches of rows of similar length (less padding)")
+    exact_match: bool = setting(True, "completion tasks: also score greedy generations against the gold "
+                                      "completion (exact_match)")
 
 
 @dataclass
 class MezoConfig:
-    steps: int = 200                       # optimisation steps (2 q forward passes each)
-    batch_size: int = 16                   # examples per step
-    q: int = 1                             # directions per step
-    lr: float = 1e-4                       # step size (the peak, for shaped schedules)
-    lr_schedule: str = "constant"          # a schedule plugin: constant, linear, cosine, exponential, spall, fzoo, rms
-    lr_end: Optional[float] = None         # final lr of linear/cosine/exponential (null: lr)
-    warmup_steps: int = 0                  # linear lr warm-up from 0
-    eps: float = 1e-3                      # perturbation size
-    eps_schedule: str = "constant"         # a schedule plugin: constant, ..., spall_eps, noise_floor
-    eps_end: Optional[float] = None        # final eps of shaped schedules (null: eps)
-    weight_decay: float = 0.0              # decoupled decay, theta <- (1 - lr*wd) theta
-    # tensors whose name contains one of these are not decayed (MeZO's reference spares
-    # biases and layer norms; matters with hf.full_params)
-    weight_decay_exempt: List[str] = field(default_factory=lambda: ["bias", "norm"])
-    # fold restore + update + the next step's +eps*z into one pass over the weights
-    # (2 passes per step instead of 3), except before an evaluation or checkpoint
-    fuse_steps: bool = True
-    z: str = "gaussian"                    # distribution of z: gaussian (MeZO) or rademacher (+-1, SPSA)
-    # evaluate, select and save an exponential moving average of the weights, half of it from the
-    # last ema_half_life steps (mezo_core/average.py: SPSA iterate averaging); 0: the raw weights
-    ema_half_life: int = 0
-    lr_schedule_options: Dict[str, Any] = field(default_factory=dict)   # the schedule's own settings
-    eps_schedule_options: Dict[str, Any] = field(default_factory=dict)   # the eps schedule's settings
+    steps: int = setting(200, "optimisation steps (2 q forward passes each)")
+    batch_size: int = setting(16, "examples per step")
+    q: int = setting(1, "directions per step")
+    lr: float = setting(1e-4, "step size (the peak, for shaped schedules)")
+    lr_schedule: str = setting("constant", "a schedule plugin: constant, linear, cosine, exponential, spall, "
+                                           "fzoo, rms")
+    lr_end: Optional[float] = setting(None, "final lr of linear/cosine/exponential (null: lr)")
+    warmup_steps: int = setting(0, "linear lr warm-up from 0")
+    eps: float = setting(1e-3, "perturbation size")
+    eps_schedule: str = setting("constant", "a schedule plugin: constant, ..., spall_eps, noise_floor")
+    eps_end: Optional[float] = setting(None, "final eps of shaped schedules (null: eps)")
+    weight_decay: float = setting(0.0, "decoupled decay, theta <- (1 - lr*wd) theta")
+    weight_decay_exempt: List[str] = setting(help="tensors whose name contains one of these are not decayed "
+                                                  "(MeZO's reference spares biases and layer norms; matters "
+                                                  "with hf.full_params)", factory=lambda: ["bias", "norm"])
+    fuse_steps: bool = setting(True, "fold restore + update + the next step's +eps*z into one pass over the "
+                                     "weights (2 passes per step instead of 3), except before an evaluation "
+                                     "or checkpoint")
+    z: str = setting("gaussian", "distribution of z: gaussian (MeZO) or rademacher (+-1, SPSA)")
+    ema_half_life: int = setting(0, "evaluate, select and save an exponential moving average of the weights, "
+                                    "half of it from the last ema_half_life steps (mezo_core/average.py: SPSA "
+                                    "iterate averaging); 0: the raw weights")
+    lr_schedule_options: Dict[str, Any] = setting(factory=dict, help="the schedule's own settings")
+    eps_schedule_options: Dict[str, Any] = setting(factory=dict, help="the eps schedule's settings")
 
 
 @dataclass
 class GuardConfig:
     """The convergence guard (mezo_core/guard.py): roll back and cut the step size
     when losses go non-finite or the smoothed training loss keeps rising."""
-    enabled: bool = True                   # off: a run may collapse or go NaN unnoticed
-    window: int = 50                       # EMA span of the training loss and of g^2
-    warmup: int = 20                       # steps before the guard judges
-    rise: float = 0.2                      # tolerated rise of the smoothed loss over its best (relative) ...
-    rise_abs: float = 0.05                 # ... plus this much (absolute)
-    patience: int = 50                     # steps above that before a roll-back
-    cut: float = 0.5                       # step-size factor after a roll-back for a rise
-    nonfinite_cut: float = 0.1             # ... after a non-finite step
-    clip: float = 10.0                     # clip |g| to clip x its running RMS (0: off)
-    max_recoveries: int = 8                # roll-backs before the run stops (exit 3)
+    enabled: bool = setting(True, "off: a run may collapse or go NaN unnoticed")
+    window: int = setting(50, "EMA span of the training loss and of g^2")
+    warmup: int = setting(20, "steps before the guard judges")
+    rise: float = setting(0.2, "tolerated rise of the smoothed loss over its best (relative) ...")
+    rise_abs: float = setting(0.05, "... plus this much (absolute)")
+    patience: int = setting(50, "steps above that before a roll-back")
+    cut: float = setting(0.5, "step-size factor after a roll-back for a rise")
+    nonfinite_cut: float = setting(0.1, "... after a non-finite step")
+    clip: float = setting(10.0, "clip |g| to clip x its running RMS (0: off)")
+    max_recoveries: int = setting(8, "roll-backs before the run stops (exit 3)")
 
 
 @dataclass
 class SelectionConfig:
     """Which evaluated adapter best/ keeps and the run hands over (mezo_core/selection.py);
     evaluations come every ``eval_every`` steps."""
-    significance: float = 0.05             # best/ changes only for an adapter right on significantly more examples
-                                           # (one-sided paired sign test; the level of the whole run, see
-                                           # correction; 0: any gain)
-    correction: str = "bonferroni"         # bonferroni: the first move off the first adapter is tested at
-                                           # significance / ceil(mezo.steps / eval_every), so noise alone moves
-                                           # best/ with probability <= significance over the run; later moves at
-                                           # significance; none: every test at significance (noise passes far
-                                           # more often)
-    load_best_at_end: bool = True          # with eval_every: adapter/, the run's result, is best/ (selected on
-                                           # task.n_val's validation set, or dev without one); false: the last
-                                           # adapter. last/ (the trained weights) and best/ are always kept
-    early_stop_patience: int = 0           # stop after this many evaluations without a new best (0: never)
+    significance: float = setting(0.05, "best/ changes only for an adapter right on significantly more "
+                                        "examples (one-sided paired sign test; the level of the whole run, "
+                                        "see correction; 0: any gain)")
+    correction: str = setting("bonferroni", "bonferroni: the first move off the first adapter is tested at "
+                                            "significance / ceil(mezo.steps / eval_every), so noise alone "
+                                            "moves best/ with probability <= significance over the run; later "
+                                            "moves at significance; none: every test at significance (noise "
+                                            "passes far more often)")
+    load_best_at_end: bool = setting(True, "with eval_every: adapter/, the run's result, is best/ (selected "
+                                           "on task.n_val's validation set, or dev without one); false: the "
+                                           "last adapter. last/ (the trained weights) and best/ are always "
+                                           "kept")
+    early_stop_patience: int = setting(0, "stop after this many evaluations without a new best (0: never)")
 
 
 #: fields that moved into a section: an old key is an error naming the new one
@@ -166,19 +174,20 @@ MOVED = {"best_significance": "selection.significance", "best_correction": "sele
 
 @dataclass
 class RunConfig:
-    backend: str = "hf"                    # a backend plugin: hf, vllm, sglang, ... (mezo-run backends)
-    seed: int = 0                          # the batches and z directions are functions of (seed, step)
-    assets: str = "${oc.env:MEZO_ASSETS,../shared/assets}"  # folder with models/ and data/
-    out_dir: str = "runs/sst2"             # the run folder (locked while a run uses it)
-    eval_every: int = 0                    # 0: only zero-shot and final
-    eval_batch_size: int = 32              # rows per evaluation forward
-    checkpoint_every: int = 50             # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2              # newest checkpoints kept
-    zero_shot: bool = True                 # evaluate before the first step
-    plot: bool = True                      # write training.png at the end
-    progress: bool = True                  # progress bars
-    report_to: List[str] = field(default_factory=lambda: ["jsonl"])  # loggers: jsonl, csv, tensorboard, ...
-    threads: Optional[int] = None          # torch intra-op threads (null: OMP_NUM_THREADS, else the usable cores)
+    backend: str = setting("hf", "a backend plugin: hf, vllm, sglang, ... (mezo-run backends)")
+    seed: int = setting(0, "the batches and z directions are functions of (seed, step)")
+    assets: str = setting("${oc.env:MEZO_ASSETS,../shared/assets}", "folder with models/ and data/")
+    out_dir: str = setting("runs/sst2", "the run folder (locked while a run uses it)")
+    eval_every: int = setting(0, "0: only zero-shot and final")
+    eval_batch_size: int = setting(32, "rows per evaluation forward")
+    checkpoint_every: int = setting(50, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept")
+    zero_shot: bool = setting(True, "evaluate before the first step")
+    plot: bool = setting(True, "write training.png at the end")
+    progress: bool = setting(True, "progress bars")
+    report_to: List[str] = setting(factory=lambda: ["jsonl"], help="loggers: jsonl, csv, tensorboard, ...")
+    threads: Optional[int] = setting(None, "torch intra-op threads (null: OMP_NUM_THREADS, else the usable "
+                                           "cores)")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

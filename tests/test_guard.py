@@ -21,6 +21,7 @@ from mezo_core.guard import Guard
 from mezo_core.interfaces import Signals
 from mezo_core.mezo import StepResult
 from mezo_core.registry import get_registry
+from mezo_core.trainer import make_schedule
 from mezo_core.interfaces import restore, snapshot
 from tiny import InterruptAt, write_run_config
 
@@ -91,7 +92,8 @@ def test_guard_state_round_trips_through_json():
 
 # -- adaptive schedules ------------------------------------------------------------------
 def schedule(name, start, **options):
-    return get_registry().get("epsilon_schedules", name)(start, None, 0, **options)
+    """The schedule the trainer builds for ``mezo.lr_schedule=name`` with these options."""
+    return make_schedule(get_registry(), "mezo.lr_schedule", name, start, None, 0, options, q=8)
 
 
 def signals(step, grads, noise=None):
@@ -152,12 +154,45 @@ def test_bad_schedule_options_are_one_line(tmp_path, tiny_llama, capsys, fresh_r
     cfg = write_run_config(tmp_path, tiny_llama)
     assert main(["train", "-c", str(cfg), "mezo.lr_schedule=rms", "mezo.lr_schedule_options={betta: 0.9}"]) == 2
     err = capsys.readouterr().err
-    assert "mezo.lr_schedule" in err and "betta" in err and "Traceback" not in err
+    assert "'mezo.lr_schedule_options.betta' (schedule 'rms'): unknown option (its keys: beta, delta)" in err
+    assert "Traceback" not in err
     assert main(["train", "-c", str(cfg), "mezo.lr_schedule=fzoo"]) == 2     # q = 1
     assert "mezo.q >= 2" in capsys.readouterr().err
     assert main(["backends"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in ("spall", "noise_floor", "fzoo", "rms"))
+
+
+def test_schedule_options_are_checked_like_every_plugins(fresh_registry):
+    """A schedule's settings are its ``options`` dataclass, read from the mapping by the
+    path every plugin's options take: unknown keys and wrong types refused when the
+    config loads (before a model), ints taken as floats as a typed section takes them."""
+    from mezo_backend_hf.options import HFOptions
+    from mezo_core.config import load_config, options_from
+    from mezo_core.errors import MezoError
+    from mezo_builtin.schedules import RMSOptions, SpallOptions
+
+    registry = get_registry()
+    assert registry.get("epsilon_schedules", "rms").options is RMSOptions
+    cases = [(["mezo.lr_schedule=rms", "mezo.lr_schedule_options={beta: fast}"],
+              "config field 'mezo.lr_schedule_options.beta': expected a float (like the default 0.99), got 'fast'"),
+             (["mezo.eps_schedule=noise_floor", "mezo.eps_schedule_options={window: 2.5}"],
+              "config field 'mezo.eps_schedule_options.window': expected a int (like the default 20), got 2.5"),
+             (["mezo.eps_schedule_options={ratio: 2}"],   # the constant eps schedule takes none
+              "config field 'mezo.eps_schedule_options.ratio' (schedule 'constant'): unknown option (it takes none)"),
+             (["mezo.lr_schedule=spall", "mezo.lr_schedule_options={target_step: big}"],
+              "config field 'mezo.lr_schedule_options' (schedule 'spall'): target_step: expected a number or null")]
+    for overrides, message in cases:
+        with pytest.raises(MezoError) as caught:
+            load_config(None, overrides, registry)
+        assert str(caught.value).startswith(message), str(caught.value)
+    # the same messages as a backend's options from a mapping
+    with pytest.raises(MezoError, match=r"^config field 'hf.trunk_cache': expected a bool"):
+        options_from(HFOptions, {"trunk_cache": "maybe"}, "hf")
+    rms = schedule("rms", 1e-2, beta=1)
+    assert type(rms.beta) is float and rms.beta == 1.0 and type(rms.delta) is float
+    spall = schedule("spall", 0.1, target_step=2)
+    assert spall.target_step == 2 and spall.probe_steps == 10 and spall.alpha == SpallOptions().alpha
 
 
 # -- whole runs ------------------------------------------------------------------------

@@ -8,29 +8,33 @@ from typing import List, Optional
 
 from mezo_core import MezoError
 from mezo_core.interfaces import check_option_types
+from mezo_core.schema import setting
 
 LORA_DTYPES = ("float32", "model")
 
 
 @dataclass
 class HFOptions:
-    trunk_cache: bool = True            # cache hidden states below the first adapted layer
-    cache_budget_mb: float = 1024.0     # byte budget of that cache (MiB; fractions allowed)
-    cache_policy: str = "lru"           # an eviction policy plugin
-    cache_device: Optional[str] = None  # None: the model's device; "cpu": keep entries in (pinned) CPU memory
-    pm_batch: bool = False              # run both signs of all q directions as one batch of 2qB rows
-    prefix_sharing: bool = False        # rows of one pass sharing >= prefix_min_tokens compute that prefix once
-    prefix_min_tokens: int = 16         # the shortest prefix worth sharing
-    cuda_graphs: bool = False           # replay each forward as a CUDA graph (CUDA only; widths padded to
-                                        # multiples of GRAPH_WIDTH tokens so that few shapes occur)
-    compile: bool = False               # torch.compile the decoder layers a pass runs (fuses norms, rotary
-                                        # embeddings, activations; the first pass of each shape compiles)
-    lora_dtype: str = "float32"         # dtype of the adapter the forwards use: "float32", or "model" (e.g. bf16:
-                                        # no fp32 casts around the LoRA GEMMs); MeZO always moves fp32 masters
-    trim_last_layer: bool = True        # the last layer computes only keys and values for positions whose
-                                        # logits no loss reads (exact: those outputs reach no logit)
-    full_params: Optional[List[str]] = None  # full-parameter MeZO: regexes of parameter names to train
-                                        # instead of LoRA, e.g. [".*"] or ['.*layers\\.2[6-9]\\..*']
+    trunk_cache: bool = setting(True, "cache hidden states below the first adapted layer")
+    cache_budget_mb: float = setting(1024.0, "byte budget of that cache (MiB; fractions allowed)")
+    cache_policy: str = setting("lru", "an eviction policy plugin")
+    cache_device: Optional[str] = setting(None, "None: the model's device; \"cpu\": keep entries in (pinned) "
+                                                "CPU memory")
+    pm_batch: bool = setting(False, "run both signs of all q directions as one batch of 2qB rows")
+    prefix_sharing: bool = setting(False, "rows of one pass sharing >= prefix_min_tokens compute that prefix "
+                                          "once")
+    prefix_min_tokens: int = setting(16, "the shortest prefix worth sharing")
+    cuda_graphs: bool = setting(False, "replay each forward as a CUDA graph (CUDA only; widths padded to "
+                                       "multiples of GRAPH_WIDTH tokens so that few shapes occur)")
+    compile: bool = setting(False, "torch.compile the decoder layers a pass runs (fuses norms, rotary "
+                                   "embeddings, activations; the first pass of each shape compiles)")
+    lora_dtype: str = setting("float32", "dtype of the adapter the forwards use: \"float32\", or \"model\" (e.g. "
+                                         "bf16: no fp32 casts around the LoRA GEMMs); MeZO always moves fp32 "
+                                         "masters")
+    trim_last_layer: bool = setting(True, "the last layer computes only keys and values for positions whose "
+                                          "logits no loss reads (exact: those outputs reach no logit)")
+    full_params: Optional[List[str]] = setting(None, "full-parameter MeZO: regexes of parameter names to train "
+                                                     r'instead of LoRA, e.g. [".*"] or [".*layers\\.2[6-9]\\..*"]')
 
     def __post_init__(self):
         check_option_types(self, "hf")

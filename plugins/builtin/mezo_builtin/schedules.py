@@ -1,7 +1,13 @@
-"""Schedules from ``start`` to ``end`` over the steps after warm-up."""
+"""Schedules from ``start`` to ``end`` over the steps after warm-up, and adaptive
+ones that read the run's signals; an adaptive schedule's settings are its
+``options`` dataclass (the run reads them from ``mezo.lr_schedule_options`` /
+``mezo.eps_schedule_options``)."""
 import math
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
 
 from mezo_core import Schedule
+from mezo_core.schema import setting
 
 
 class Constant(Schedule):
@@ -37,18 +43,17 @@ class Exponential(Schedule):
 
 # -- adaptive schedules: they read the run's signals (Schedule.observe) -----------------
 class _Adaptive(Schedule):
-    """Options are keyword arguments with defaults (``OPTIONS``); state is JSON."""
+    """Built as ``cls(start, end, warmup_steps, options)`` with an instance of its
+    ``options`` dataclass (None: the defaults); each option becomes an attribute, so
+    the state (options and what the schedule learnt) is the instance's JSON values."""
 
-    OPTIONS: dict = {}
+    options: ClassVar[type]
 
-    def __init__(self, start, end=None, warmup_steps=0, **options):
+    def __init__(self, start, end=None, warmup_steps=0, options=None):
         super().__init__(start, end, warmup_steps)
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(self.OPTIONS))})")
-        for name, default in self.OPTIONS.items():
-            setattr(self, name, type(default)(options.get(name, default)) if default is not None
-                    else options.get(name))
+        options = self.options() if options is None else options
+        for f in fields(options):
+            setattr(self, f.name, getattr(options, f.name))
 
     def state_dict(self):
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -58,6 +63,22 @@ class _Adaptive(Schedule):
 
     def value(self, progress):  # the adaptive ones override __call__
         return self.start
+
+
+@dataclass
+class SpallOptions:
+    alpha: float = setting(0.602, "decay exponent of the step size a_k (Spall: 0.602)")
+    gamma: float = setting(0.101, "decay exponent of the perturbation c_k (Spall: 0.101)")
+    stability: float = setting(0.1, "the stability constant A as a fraction of the run's steps (Spall: "
+                                    "~10 %)")
+    target_step: Optional[float] = setting(None, "calibrate a so that a_0 x the median |g| of the probe steps "
+                                                 "is this (null: a_0 = start)")
+    probe_steps: int = setting(10, "steps whose |g| calibrate a (with target_step)")
+
+    def __post_init__(self):
+        step = self.target_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))):
+            raise ValueError(f"target_step: expected a number or null, got {step!r}")
 
 
 class Spall(_Adaptive):
@@ -74,11 +95,10 @@ class Spall(_Adaptive):
     amount); the probe steps use the uncalibrated a. As an eps schedule, c =
     ``start`` and the decay is c_k."""
     name = "spall"
+    options = SpallOptions
 
-    OPTIONS = {"alpha": 0.602, "gamma": 0.101, "stability": 0.1, "target_step": None, "probe_steps": 10}
-
-    def __init__(self, start, end=None, warmup_steps=0, **options):
-        super().__init__(start, end, warmup_steps, **options)
+    def __init__(self, start, end=None, warmup_steps=0, options=None):
+        super().__init__(start, end, warmup_steps, options)
         self.gains = []      # |g| of the probe steps
         self.a = None        # calibrated numerator (None: a_0 = start)
 
@@ -106,6 +126,13 @@ class SpallEps(Spall):
         return self.eps_at(step)
 
 
+@dataclass
+class NoiseFloorOptions:
+    ratio: float = setting(10.0, "|L+ - L-| kept at >= ratio x the forward's noise sigma")
+    window: int = setting(20, "steps whose median |g| sets eps")
+    max_eps: float = setting(0.1, "the largest eps it sets")
+
+
 class NoiseFloor(_Adaptive):
     """eps kept where |L+ - L-| stands clearly above the noise of the forward.
 
@@ -122,10 +149,10 @@ class NoiseFloor(_Adaptive):
     name = "noise_floor"
 
     needs_noise = True
-    OPTIONS = {"ratio": 10.0, "window": 20, "max_eps": 0.1}
+    options = NoiseFloorOptions
 
-    def __init__(self, start, end=None, warmup_steps=0, **options):
-        super().__init__(start, end, warmup_steps, **options)
+    def __init__(self, start, end=None, warmup_steps=0, options=None):
+        super().__init__(start, end, warmup_steps, options)
         self.recent = []
         self.eps = self.start
 
@@ -140,6 +167,11 @@ class NoiseFloor(_Adaptive):
         return self.eps
 
 
+@dataclass
+class FZOOOptions:
+    delta: float = setting(1e-8, "added to the spread of the projected gradients (no division by 0)")
+
+
 class FZOO(_Adaptive):
     """Step normalised by the spread of the q projected gradients (FZOO: Dang et
     al. 2025, "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large Language
@@ -152,10 +184,10 @@ class FZOO(_Adaptive):
     name = "fzoo"
 
     min_directions = 2
-    OPTIONS = {"delta": 1e-8}
+    options = FZOOOptions
 
-    def __init__(self, start, end=None, warmup_steps=0, **options):
-        super().__init__(start, end, warmup_steps, **options)
+    def __init__(self, start, end=None, warmup_steps=0, options=None):
+        super().__init__(start, end, warmup_steps, options)
         self.scale = 1.0
 
     def observe(self, signals):
@@ -168,6 +200,12 @@ class FZOO(_Adaptive):
         return Schedule.__call__(self, step, total_steps) * self.scale
 
 
+@dataclass
+class RMSOptions:
+    beta: float = setting(0.99, "decay of the running second moment of g")
+    delta: float = setting(1e-8, "added to its root (no division by 0)")
+
+
 class RMS(_Adaptive):
     """A memory-free adaptive step: one running scalar second moment of the
     projected gradient (Adam's v for a single number; cf. ZO-AdaMU / the scalar
@@ -178,11 +216,10 @@ class RMS(_Adaptive):
     A projected gradient that grows (a run heading for a sharper region) shrinks
     the step in proportion; no per-parameter state, so MeZO keeps its memory."""
     name = "rms"
+    options = RMSOptions
 
-    OPTIONS = {"beta": 0.99, "delta": 1e-8}
-
-    def __init__(self, start, end=None, warmup_steps=0, **options):
-        super().__init__(start, end, warmup_steps, **options)
+    def __init__(self, start, end=None, warmup_steps=0, options=None):
+        super().__init__(start, end, warmup_steps, options)
         self.v, self.seen = 0.0, 0
 
     def observe(self, signals):
