@@ -99,15 +99,16 @@ def test_vllm_perturbations_carry_the_distribution_to_the_worker():
     on the two halves without an engine (the engine tests run in test_vllm_backend)."""
     from mezo_backend_vllm.backend import VLLMBackend
     from mezo_backend_vllm.worker import MezoWorkerExtension
+    from mezo_core.engine_state import EngineState
 
     class Worker(MezoWorkerExtension):
         def __init__(self, tensors):
-            self._mezo_tensors, self._mezo_lora_id, self.pushed = tensors, 1, []
+            self._mezo, self._mezo_lora_id, self.pushed = EngineState(tensors, "cpu"), 1, []
 
-        def _mezo_push(self, lora_id=None, state=None):
+        def _mezo_write(self, lora_id=None, state=None):
             self.pushed.append((lora_id, state))
 
-    worker = Worker([torch.zeros(3000), torch.zeros(4, 70)])
+    worker = Worker({"a": torch.zeros(3000), "b": torch.zeros(4, 70)})
 
     class Engine:  # vllm.LLM.collective_rpc: the worker's method, called in the worker
         def collective_rpc(self, method, args=()):
@@ -117,9 +118,9 @@ def test_vllm_perturbations_carry_the_distribution_to_the_worker():
     driver.llm, driver.z_dist, driver._version = Engine(), "rademacher", 0
     seed, coef = _seed(), 0.25
     driver.perturb([(seed, coef)])
-    for index, t in enumerate(worker._mezo_tensors):
+    for index, t in enumerate(worker._mezo.tensors):
         want = torch.tensor([_rademacher_py(seed, index, j) for j in range(t.numel())]).view(t.shape) * coef
         assert torch.equal(t, want), index
     worker.mezo_fill(2, [(seed, -2 * coef)], "rademacher")    # the minus side: theta - coef z, on copies
     lora_id, state = worker.pushed[-1]
-    assert lora_id == 2 and all(torch.equal(s, -t) for s, t in zip(state, worker._mezo_tensors))
+    assert lora_id == 2 and all(torch.equal(s, -t) for s, t in zip(state, worker._mezo.tensors))

@@ -10,13 +10,12 @@ methods below to SGLang's ``Scheduler``. The driver reaches them with
 error's text). Nothing but seeds, coefficients and names crosses the process
 boundary; nothing touches the disk per step.
 
-The state. The worker holds the trainable tensors (fp32, PEFT layout, sorted
-canonical names: the z-index order of every mezo backend) on the scheduler's
-GPU and regenerates z(seed, i) there with ``mezo_core.perturb.apply_z`` -- the
-same call and the same z as the driver's copy on the same device type. Two
-adapters, loaded once from a PEFT folder and pinned, are its *slots*: ``plus``
-holds theta, ``minus`` a perturbed copy (the other sign of a step, evaluated in
-the same engine call).
+The state. The scheduler holds the seeded state of ``mezo_core.engine_state``
+(the fp32 master copy, z regenerated from seeds on its GPU). Two adapters,
+loaded once from a PEFT folder and pinned, are its *slots*: ``plus`` holds
+theta, ``minus`` a perturbed copy (the other sign of a step, evaluated in the
+same engine call). This module is SGLang's slot layout and how its scheduler
+is reached.
 
 Writing a slot. SGLang keeps every loaded adapter in a memory-pool slot:
 ``A_buffer[module][layer][slot, :c*r, :]`` and ``B_buffer[module][layer][slot,
@@ -42,6 +41,9 @@ import re
 from pathlib import Path
 
 import torch
+
+from mezo_core.adapter import read_peft_adapter
+from mezo_core.engine_state import EngineState, SeededWorker
 
 #: PEFT module -> (SGLang's stacked module, position in the stack, stack size)
 STACKED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": ("qkv_proj", 2, 3),
@@ -96,20 +98,6 @@ def slot_views(names, shapes, a_buffers, b_buffers, slot: int) -> list[torch.Ten
     return views
 
 
-class SlotState:
-    """The trainable state and the slot views of one engine (in the scheduler)."""
-
-    def __init__(self, state: dict[str, torch.Tensor], views: dict[str, list[torch.Tensor]], device):
-        self.names = sorted(state)
-        self.tensors = [state[n].to(device=device, dtype=torch.float32).contiguous() for n in self.names]
-        self.views = views  # role ("plus", "minus") -> one view per tensor
-
-    @torch.no_grad()
-    def write(self, role: str, tensors=None) -> None:
-        for view, tensor in zip(self.views[role], self.tensors if tensors is None else tensors):
-            view.copy_(tensor)
-
-
 def _manager(scheduler):
     mgr = getattr(scheduler.tp_worker.model_runner, "lora_manager", None)
     if mgr is None:
@@ -129,103 +117,75 @@ def _flush(scheduler) -> None:
         raise RuntimeError("mezo: the radix cache could not be flushed (requests in flight)")
 
 
-# -- the Scheduler methods ------------------------------------------------------------
-def mezo_attach(self, slots: dict, adapter_dir: str) -> None:
-    """Take the adapters named in ``slots`` (role -> adapter name; loaded from
-    ``adapter_dir`` and pinned) under mezo's control: the state is the folder's
-    tensors, each role's slot views are mapped."""
-    from mezo_core.adapter import read_peft_adapter
+class SchedulerMethods(SeededWorker):
+    """The ``mezo_*`` methods that ``add_methods`` grafts onto SGLang's Scheduler
+    (``self`` is the scheduler); the seeded-state ones come from ``SeededWorker``.
+    Slots are named by role: ``plus`` (the trained adapter), ``minus``."""
 
-    mgr = _manager(self)
-    if getattr(mgr, "tp_size", 1) != 1:
-        raise RuntimeError("mezo: in-place adapter updates need tp_size=1 "
-                           "(use sglang.adapter_transport=bucket)")
-    uids = {role: _uid(mgr, name) for role, name in slots.items()}
-    mgr.fetch_new_loras(set(uids.values()))  # into memory-pool slots (pinned: they stay there)
-    pool = mgr.memory_pool
-    state = read_peft_adapter(Path(adapter_dir))
-    names = sorted(state)
-    shapes = [tuple(state[n].shape) for n in names]
-    slots = {role: pool.uid_to_buffer_id[uid] for role, uid in uids.items()}
-    views = {role: slot_views(names, shapes, pool.A_buffer, pool.B_buffer, slot) for role, slot in slots.items()}
-    device = next(iter(views.values()))[0].device
-    self._mezo = SlotState(state, views, device)
-    self._mezo_uids, self._mezo_slots = uids, slots   # the views hold these slots
-    self._mezo_write("plus")
+    def mezo_attach(self, slots: dict, adapter_dir: str) -> None:
+        """Take the adapters named in ``slots`` (role -> adapter name; loaded from
+        ``adapter_dir`` and pinned) under mezo's control: the state is the folder's
+        tensors, each role's slot views are mapped."""
+        mgr = _manager(self)
+        if getattr(mgr, "tp_size", 1) != 1:
+            raise RuntimeError("mezo: in-place adapter updates need tp_size=1 "
+                               "(use sglang.adapter_transport=bucket)")
+        uids = {role: _uid(mgr, name) for role, name in slots.items()}
+        mgr.fetch_new_loras(set(uids.values()))  # into memory-pool slots (pinned: they stay there)
+        pool = mgr.memory_pool
+        state = read_peft_adapter(Path(adapter_dir))
+        names = sorted(state)
+        shapes = [tuple(state[n].shape) for n in names]
+        slots = {role: pool.uid_to_buffer_id[uid] for role, uid in uids.items()}
+        self._mezo_views = {role: slot_views(names, shapes, pool.A_buffer, pool.B_buffer, slot)
+                            for role, slot in slots.items()}  # role -> one view per tensor
+        self._mezo = EngineState(state, next(iter(self._mezo_views.values()))[0].device)
+        self._mezo_uids, self._mezo_slots = uids, slots   # the views hold these slots
+        self._mezo_write()
 
+    @torch.no_grad()
+    def _mezo_write(self, role: str = "plus", tensors=None) -> None:
+        pool = _manager(self).memory_pool
+        if pool.uid_to_buffer_id.get(self._mezo_uids[role]) != self._mezo_slots[role]:
+            # pinned adapters are never evicted nor moved; make sure, the views hold that slot
+            raise RuntimeError(f"mezo: adapter {role!r} left its memory-pool slot")
+        for view, tensor in zip(self._mezo_views[role], self._mezo.tensors if tensors is None else tensors):
+            view.copy_(tensor)
+        _flush(self)
 
-def _mezo_write(self, role: str, tensors=None) -> None:
-    pool = _manager(self).memory_pool
-    if pool.uid_to_buffer_id.get(self._mezo_uids[role]) != self._mezo_slots[role]:
-        # pinned adapters are never evicted nor moved; make sure, the views hold that slot
-        raise RuntimeError(f"mezo: adapter {role!r} left its memory-pool slot")
-    self._mezo.write(role, tensors)
-    _flush(self)
+    def mezo_fill(self, terms, dist: str = "gaussian") -> None:
+        """The minus slot <- theta + sum coef*z(seed, i), computed on copies."""
+        self._mezo_write("minus", self._mezo.filled(terms, dist))
 
-
-def mezo_perturb(self, terms, decay=1.0, dist: str = "gaussian") -> None:
-    """theta <- decay*theta + sum coef*z(seed, i), then into the plus slot."""
-    from mezo_core.perturb import apply_z
-    apply_z(self._mezo.tensors, [(int(s), c) for s, c in terms], decay, dist=str(dist))
-    self._mezo_write("plus")
-
-
-def mezo_fill(self, terms, dist: str = "gaussian") -> None:
-    """The minus slot <- theta + sum coef*z(seed, i), computed on copies."""
-    from mezo_core.perturb import apply_z
-    tensors = [t.clone() for t in self._mezo.tensors]
-    apply_z(tensors, [(int(s), c) for s, c in terms], dist=str(dist))
-    self._mezo_write("minus", tensors)
-
-
-def mezo_load(self, adapter_dir: str) -> None:
-    """theta <- a PEFT folder's tensors (the trained names), into the plus slot."""
-    from mezo_core.adapter import read_peft_adapter
-    state = read_peft_adapter(Path(adapter_dir))
-    if sorted(state) != self._mezo.names:
-        raise ValueError(f"{adapter_dir}: adapter tensors differ from the trained ones")
-    for name, tensor in zip(self._mezo.names, self._mezo.tensors):
-        tensor.copy_(state[name])
-    self._mezo_write("plus")
-
-
-def mezo_save(self, path: str) -> None:
-    """Write theta (fp32) to ``path`` as safetensors (tests compare it with the driver's)."""
-    from safetensors.torch import save_file
-    save_file({n: t.detach().cpu().contiguous() for n, t in zip(self._mezo.names, self._mezo.tensors)},
-              str(path))
-
-
-def mezo_compare_slot(self, role: str, reference: str) -> None:
-    """Raise unless the ``role`` slot equals, bit for bit over every mapped view,
-    the slot SGLang filled itself when it loaded adapter ``reference`` (tests)."""
-    mgr = _manager(self)
-    pool = mgr.memory_pool
-    uid = _uid(mgr, reference)
-    mgr.fetch_new_loras({uid, *self._mezo_uids.values()})
-    names = self._mezo.names
-    shapes = [tuple(t.shape) for t in self._mezo.tensors]
-    theirs = slot_views(names, shapes, pool.A_buffer, pool.B_buffer, pool.uid_to_buffer_id[uid])
-    for name, mine, ref in zip(names, self._mezo.views[role], theirs):
-        if not torch.equal(mine, ref):
-            diff = (mine.float() - ref.float()).abs().max().item()
-            raise AssertionError(f"mezo: slot {role!r} differs from SGLang's load of {reference!r} "
-                                 f"at {name} (max |diff| {diff:g})")
-    slot, ref_slot = self._mezo_slots[role], pool.uid_to_buffer_id[uid]
-    for module, layers in pool.A_buffer.items():  # rows no tensor owns are equal too
-        for a_layer, b_layer in zip(layers, pool.B_buffer[module]):
-            if not (torch.equal(a_layer[slot], a_layer[ref_slot]) and torch.equal(b_layer[slot], b_layer[ref_slot])):
-                raise AssertionError(f"mezo: slot {role!r} differs from {reference!r} in {module}")
-
-
-METHODS = {f.__name__: f for f in (mezo_attach, _mezo_write, mezo_perturb, mezo_fill, mezo_load,
-                                   mezo_save, mezo_compare_slot)}
+    def mezo_compare_slot(self, role: str, reference: str) -> None:
+        """Raise unless the ``role`` slot equals, bit for bit over every mapped view,
+        the slot SGLang filled itself when it loaded adapter ``reference`` (tests)."""
+        mgr = _manager(self)
+        pool = mgr.memory_pool
+        uid = _uid(mgr, reference)
+        mgr.fetch_new_loras({uid, *self._mezo_uids.values()})
+        names = self._mezo.names
+        shapes = [tuple(t.shape) for t in self._mezo.tensors]
+        theirs = slot_views(names, shapes, pool.A_buffer, pool.B_buffer, pool.uid_to_buffer_id[uid])
+        for name, mine, ref in zip(names, self._mezo_views[role], theirs):
+            if not torch.equal(mine, ref):
+                diff = (mine.float() - ref.float()).abs().max().item()
+                raise AssertionError(f"mezo: slot {role!r} differs from SGLang's load of {reference!r} "
+                                     f"at {name} (max |diff| {diff:g})")
+        slot, ref_slot = self._mezo_slots[role], pool.uid_to_buffer_id[uid]
+        for module, layers in pool.A_buffer.items():  # rows no tensor owns are equal too
+            for a_layer, b_layer in zip(layers, pool.B_buffer[module]):
+                if not (torch.equal(a_layer[slot], a_layer[ref_slot])
+                        and torch.equal(b_layer[slot], b_layer[ref_slot])):
+                    raise AssertionError(f"mezo: slot {role!r} differs from {reference!r} in {module}")
 
 
 def add_methods(cls) -> None:
-    """Give ``cls`` (SGLang's Scheduler, or a stand-in) the mezo_* methods."""
-    for name, func in METHODS.items():
-        setattr(cls, name, func)
+    """Give ``cls`` (SGLang's Scheduler, or a stand-in) the mezo methods."""
+    for klass in reversed(SchedulerMethods.__mro__):
+        for name, func in vars(klass).items():
+            if name.startswith(("mezo_", "_mezo_")):
+                setattr(cls, name, func)
 
 
 def register() -> None:

@@ -1,11 +1,10 @@
 """Runs inside the vLLM worker (mixed into its class through ``worker_extension_cls``).
 
-The worker holds the trainable state: an fp32 copy of the LoRA tensors in PEFT
-layout (canonical PEFT names, sorted: the z-index order of every mezo backend),
-on the worker's device. ``mezo_perturb`` regenerates z there from
-``(seed, index)`` with ``mezo_core.perturb.apply_z`` -- the same call and the
-same z as the hf backend on that device type -- so the driver only sends seeds,
-coefficients and the distribution of z, never tensors, and nothing touches the disk.
+The worker holds the seeded state of ``mezo_core.engine_state`` (the fp32 master
+copy, z regenerated from seeds on the worker's device, a second adapter for the
+other sign): the driver only sends seeds, coefficients and the distribution of
+z, never tensors, and nothing touches the disk. This module is vLLM's slot
+layout: how a state reaches the adapter's slot.
 
 The first time an adapter id is written (and whenever it changes slot), the PEFT
 tensors are converted to vLLM's layout by vLLM's own
@@ -33,16 +32,16 @@ from __future__ import annotations
 
 import inspect
 import re
-from pathlib import Path
 
 import torch
 
-from mezo_core.adapter import read_peft_adapter
-from mezo_core.perturb import apply_z
+from mezo_core.engine_state import EngineState, SeededWorker
 
 
-class MezoWorkerExtension:
-    """Methods reached with ``LLM.collective_rpc("mezo_...")``."""
+class MezoWorkerExtension(SeededWorker):
+    """Methods reached with ``LLM.collective_rpc("mezo_...")``; the seeded-state
+    ones (``mezo_perturb``, ``mezo_load``, ``mezo_state_bytes``, ``mezo_save``)
+    come from ``SeededWorker``. Slots are named by LoRA id."""
 
     # -- state ---------------------------------------------------------------------
     def mezo_attach(self, lora_int_id: int, adapter_dir: str) -> list[str]:
@@ -53,48 +52,16 @@ class MezoWorkerExtension:
         wm = self.model_runner.lora_manager
         self._mezo_lora_id = int(lora_int_id)
         self._mezo_peft_helper = PEFTHelper.from_local_dir(adapter_dir, wm.max_position_embeddings)
-        self._mezo_names = []
-        self._mezo_tensors = []
-        self.mezo_load(adapter_dir)
-        return list(self._mezo_names)
-
-    def mezo_load(self, adapter_dir: str) -> None:
-        """Replace the trainable state by a PEFT folder's tensors."""
-        state = read_peft_adapter(Path(adapter_dir))
-        if self._mezo_names and sorted(state) != self._mezo_names:
-            missing = sorted(set(self._mezo_names) - set(state))
-            extra = sorted(set(state) - set(self._mezo_names))
-            raise ValueError(f"{adapter_dir}: adapter tensors differ from the trained ones "
-                             f"(missing {missing[:2]}, unexpected {extra[:2]})")
-        device = self._mezo_device()
-        self._mezo_names = sorted(state)
-        self._mezo_tensors = [state[n].to(device=device, dtype=torch.float32).contiguous()
-                              for n in self._mezo_names]
-        self._mezo_push()
-
-    def mezo_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors (fp32, CPU copies) by canonical PEFT name."""
-        return {n: t.detach().to("cpu", copy=True) for n, t in zip(self._mezo_names, self._mezo_tensors)}
-
-    def mezo_state_bytes(self) -> dict[str, tuple[list[int], bytes]]:
-        """``mezo_state`` as (shape, raw fp32 bytes): survives any RPC serialiser."""
-        return {n: (list(t.shape), t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-                for n, t in zip(self._mezo_names, self._mezo_tensors)}
-
-    def mezo_perturb(self, terms, decay: float = 1.0, dist: str = "gaussian") -> None:
-        """theta <- decay*theta + sum coef*z(seed, i) (z of distribution ``dist``), then
-        into vLLM's slot."""
-        apply_z(self._mezo_tensors, [(int(s), float(c)) for s, c in terms], float(decay), dist=str(dist))
-        self._mezo_push()
+        self._mezo = EngineState.from_folder(adapter_dir, self._mezo_device())
+        self._mezo_write()
+        return list(self._mezo.names)
 
     def mezo_fill(self, lora_int_id: int, terms, dist: str = "gaussian") -> None:
         """Adapter ``lora_int_id`` (not the trained one) <- theta + sum coef*z(seed, i),
         computed on copies: the minus side of a side-by-side +/- evaluation."""
         if int(lora_int_id) == self._mezo_lora_id:
             raise ValueError("mezo_fill: that is the trained adapter")
-        tensors = [t.clone() for t in self._mezo_tensors]
-        apply_z(tensors, [(int(s), float(c)) for s, c in terms], dist=str(dist))
-        self._mezo_push(int(lora_int_id), tensors)
+        self._mezo_write(int(lora_int_id), self._mezo.filled(terms, dist))
 
     def mezo_slot_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """vLLM's stacked (A, B) of the adapter's slot per LoRA layer (tests)."""
@@ -134,7 +101,7 @@ class MezoWorkerExtension:
                 break
         device = self._mezo_device()
         # clones: vLLM scales lora_b in place (LoRALayerWeights.optimize)
-        tensors = {n: t.detach().clone() for n, t in zip(self._mezo_names, state)}
+        tensors = {n: t.detach().clone() for n, t in zip(self._mezo.names, state)}
         kwargs = dict(lora_model_id=lora_id, tensors=tensors,
                       peft_helper=self._mezo_peft_helper, device=str(device),
                       dtype=mgr.lora_config.lora_dtype, model_vocab_size=wm.vocab_size,
@@ -155,7 +122,7 @@ class MezoWorkerExtension:
                      for i, m in enumerate(members)}
         scaling = float(self._mezo_peft_helper.vllm_lora_scaling_factor)
         views = []
-        for name, tensor in zip(self._mezo_names, state):
+        for name, tensor in zip(self._mezo.names, state):
             m = re.search(r"(?:^|\.)(model\.layers\.\d+\..*)\.(\w+)\.lora_([AB])\.weight$", name)
             if m is None:
                 return None
@@ -178,14 +145,14 @@ class MezoWorkerExtension:
         return out if scaling is None else out.mul_(scaling)
 
     @torch.no_grad()
-    def _mezo_push(self, lora_id: int | None = None, state: list[torch.Tensor] | None = None) -> None:
+    def _mezo_write(self, lora_id: int | None = None, state: list[torch.Tensor] | None = None) -> None:
         """Register ``state`` (default: the trained state) as adapter ``lora_id``
         (default: the trained one), replacing its previous weights, and activate it
         (the same slot when it was active); straight into the slot once that is known
         to be exact (module docstring)."""
         mgr = self.model_runner.lora_manager._adapter_manager
         lora_id = self._mezo_lora_id if lora_id is None else lora_id
-        state = self._mezo_tensors if state is None else state
+        state = self._mezo.tensors if state is None else state
         fast = self.__dict__.setdefault("_mezo_fast", {})  # lora id -> (slot, views or None)
         slot, views = fast.get(lora_id, (None, None))
         if views is not None and lora_id in mgr.lora_index_to_id and mgr.lora_index_to_id.index(lora_id) == slot:
