@@ -17,7 +17,7 @@ in fp32 on the CPU:
 being dominated by the starting weights. A pure function of the weights the run
 visits, so a resume that restores it continues the same trajectory.
 
-Measured (benchmarks/RESULTS.md, ninth session): on SST-2 with LoRA on every
+Measured (benchmarks/RESULTS.md, the weight average): on SST-2 with LoRA on every
 layer it was within noise of the raw weights (ahead in 3 of 4 pairs at step
 2500, behind at 500), so ``mezo.ema_half_life`` stays 0 by default.
 """

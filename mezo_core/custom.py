@@ -1,7 +1,7 @@
 """``mezo-run init custom FILE task.train=... task.dev=...``: a recipe for a user's own
 data, sized from the data itself. The packaged SST-2 recipe samples 16 examples per
 class and 200 validation rows from a 67k-row file; on a file of a few hundred rows
-those numbers fail or leave nothing to select on (issue #26)."""
+those numbers fail or leave nothing to select on."""
 from __future__ import annotations
 
 from pathlib import Path

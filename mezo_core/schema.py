@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 DEFAULT_RECIPE = "sst2"
 DEFAULT_CONFIG = f"conf/{DEFAULT_RECIPE}.yaml"  # in the working directory, else the packaged recipe
-#: ranges beyond which a value is a mistake, not a setting (issue #31: each was a traceback or silent)
+#: ranges beyond which a value is a mistake, not a setting: refused in one line, not a traceback or a silent run
 MAX_Q, MIN_EPS, MAX_LORA_R, MAX_TEMPLATE, MAX_THREADS = 4096, 1e-7, 65536, 10_000, 1024
 #: model.quantization's values (the hf backend: torchao; the engines: their fp8)
 QUANTIZATIONS = (None, "int8", "fp8", "fp8w")

@@ -4,9 +4,9 @@ Every evaluation of a run (zero-shot included) is a candidate. With accuracies, 
 candidate replaces the kept adapter only when it is right on significantly more of
 the selection examples where the two disagree (a one-sided paired sign test): a
 gain of a few examples is noise, and keeping it would let a run end below its
-zero-shot adapter on unseen data (issue #13). The test needs enough examples to
-ever pass: on a small validation set it would keep the first adapter whatever
-training does (issue #26), so ``plan`` checks that first and falls back to the
+zero-shot adapter on unseen data. The test needs enough examples to ever pass:
+on a small validation set it would keep the first adapter whatever training
+does, so ``plan`` checks that first and falls back to the
 plain best score, saying so. ``best/`` never replaces the trained weights: the
 run always saves its last adapter too (``mezo_core.trainer``).
 """
@@ -16,7 +16,7 @@ import math
 
 #: the gate is usable when its floor -- the smallest accuracy gain that can pass at all,
 #: every disagreement won -- is at most this; above it the gate can practically never
-#: pass (MeZO's measured gains: 6-7 points on SST-2, issue #30)
+#: pass (MeZO's measured gains are 6-7 points on SST-2)
 MAX_GATE_FLOOR = 0.10
 
 

@@ -1,8 +1,8 @@
-"""torch's intra-op threads on the CPU (#26): OpenMP's wait policy for the CLI,
-and a hint when steps run slowly because other jobs hold the cores.
+"""torch's intra-op threads on the CPU: OpenMP's wait policy for the CLI, and a
+hint when steps run slowly because other jobs hold the cores.
 
 Measured on a 2-core machine shared with other jobs (``python -m
-benchmarks.bench_threads``, benchmarks/results/threads-cpu-2026-12-07.json; a
+benchmarks.bench_threads``, its threads-cpu-*.json under benchmarks/results/; a
 forward of the demo's shape, 4 rounds): with 2 busy processes beside it, 2 threads
 under OpenMP's default wait policy (threads spin while they wait for one another)
 took up to 4.2x as long as 1 thread in the same round (medians 1600 vs 537 ms); 2
