@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -300,7 +301,8 @@ def test_the_installed_command_exits_2_with_one_line(tmp_path):
         assert needle in proc.stderr, proc.stderr
 
 
-# -- properties: random input loads or is a MezoError, nothing else ---------------------
+# -- properties: random input loads (holding exactly what was written) or is one MezoError
+# line naming the file and the first bad line, or the override and its field
 # derandomize: the examples are a fixed function of each test (no seed to print); a failure
 # prints its minimal example and a blob that @reproduce_failure replays
 FUZZ = dict(derandomize=True, database=None, deadline=None, print_blob=True,
@@ -325,10 +327,16 @@ def valid(records, num_labels=2, kind="classification"):
 
 
 def loads_or_refuses(path, kind="classification", num_labels=2):
+    """The records, or None where the reader refused the file: with one MezoError line
+    naming the file and either a line of it or that it holds no examples."""
     try:
         records = read_records(path, kind, num_labels)
     except MezoError as exc:
-        assert "\n" not in str(exc) and str(path) in str(exc), str(exc)
+        msg = str(exc)
+        assert "\n" not in msg and str(path) in msg, msg
+        where = re.search(rf"{re.escape(str(path))}, line (\d+): ", msg)
+        lines = path.read_bytes().count(b"\n") + 1
+        assert where and 1 <= int(where[1]) <= lines or msg.endswith(f"{path} holds no examples"), msg
         event("refused")
         return None
     event("loaded")
@@ -336,12 +344,50 @@ def loads_or_refuses(path, kind="classification", num_labels=2):
     return records
 
 
+def refused_at(path, line, kind="classification"):
+    """Asserts the reader refuses ``path`` naming ``line`` (or, line None, as holding no examples)."""
+    with pytest.raises(MezoError) as err:
+        read_records(path, kind, 2)
+    want = f"{path}, line {line}: " if line else f"{path} holds no examples"
+    assert want in str(err.value), (want, str(err.value))
+
+
+def first_bad_line(path, kind="classification"):
+    """The line a refusal names is the first bad one: the lines before it load (or hold no
+    example). Not for a TSV with quote characters, whose reading depends on the whole file."""
+    msg = ""
+    try:
+        read_records(path, kind, 2)
+    except MezoError as exc:
+        msg = str(exc)
+    where = re.search(rf"{re.escape(str(path))}, line (\d+): ", msg)
+    if where is None or int(where[1]) == 1:
+        return
+    before = path.with_name("before" + path.suffix)
+    before.write_bytes(b"\n".join(path.read_bytes().split(b"\n")[:int(where[1]) - 1]) + b"\n")
+    try:
+        read_records(before, kind, 2)
+    except MezoError as exc:
+        assert str(exc).endswith("holds no examples"), (msg, str(exc))
+
+
 @settings(max_examples=300, **FUZZ)
 @given(data=st.binary(max_size=400), header=st.booleans(), suffix=st.sampled_from([".tsv", ".jsonl"]))
 def test_fuzz_random_bytes(fuzz_dir, data, header, suffix):
     f = fuzz_dir / f"bytes{suffix}"
     f.write_bytes((b"sentence\tlabel\n" if header and suffix == ".tsv" else b"") + data)
-    loads_or_refuses(f)
+    if loads_or_refuses(f) is None and (suffix == ".jsonl" or b'"' not in f.read_bytes()):
+        first_bad_line(f)
+
+
+def tsv_label(text):
+    """The label a TSV cell holds by the spec: an integer in 0..1 (spaces around it
+    allowed), else None."""
+    try:
+        label = int(text)
+    except ValueError:
+        return None
+    return label if label in (0, 1) else None
 
 
 @settings(max_examples=300, **FUZZ)
@@ -356,6 +402,11 @@ def test_fuzz_tsv_unicode(fuzz_dir, lines, tabs):
     records = loads_or_refuses(f)
     if records is not None:   # the oracle: each line is its sentence and int(label), in order
         assert [(r.text, r.label) for r in records] == [(s, int(label)) for s, label in lines]
+    if not any('"' in s for s, _ in lines):   # read as written: the oracle is the first bad row
+        ok = [tabs and bool(s.strip()) and tsv_label(label) is not None for s, label in lines]
+        assert (records is not None) == (all(ok) and bool(lines))
+        if records is None:
+            refused_at(f, ok.index(False) + 2 if not all(ok) else None)   # line 1 is the header
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True) | st.text(max_size=8),
@@ -383,11 +434,13 @@ def test_fuzz_jsonl_values(fuzz_dir, rows):
     f = fuzz_dir / "values.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     records = loads_or_refuses(f)
-    ok = [isinstance(r, dict) and "text" in r and "label" in r and isinstance(r["text"], str) and r["text"].strip()
-          and expected_label(r["label"]) is not None for r in rows]
+    ok = [isinstance(r, dict) and "text" in r and "label" in r and isinstance(r["text"], str)
+          and bool(r["text"].strip()) and expected_label(r["label"]) is not None for r in rows]
     assert (records is not None) == all(ok)
     if records is not None:
         assert records == [Record(r["text"], expected_label(r["label"])) for r in rows]
+    else:
+        refused_at(f, ok.index(False) + 1)
 
 
 @settings(max_examples=150, **FUZZ)
@@ -396,8 +449,13 @@ def test_fuzz_jsonl_completion(fuzz_dir, rows):
     f = fuzz_dir / "completion.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     records = loads_or_refuses(f, kind="completion")
-    ok = [isinstance(r["prompt"], str) and isinstance(r["completion"], str) and r["completion"].strip() for r in rows]
+    ok = [isinstance(r["prompt"], str) and isinstance(r["completion"], str) and bool(r["completion"].strip())
+          for r in rows]
     assert (records is not None) == all(ok)
+    if records is not None:   # as written: an empty prompt is kept (the tokenizer's BOS starts it)
+        assert [(r.text, r.completion) for r in records] == [(r["prompt"], r["completion"]) for r in rows]
+    else:
+        refused_at(f, ok.index(False) + 1, kind="completion")
 
 
 KEYS = ["seed", "out_dir", "eval_every", "keep_checkpoints", "backend", "model.device", "model.dtype",
@@ -414,18 +472,21 @@ VALUES = st.one_of(st.text(max_size=20), st.sampled_from(
 @given(key=st.one_of(*[st.sampled_from(KEYS)] * 3, st.text(max_size=10)), value=VALUES,
        eq=st.sampled_from(["=", "=", " = ", ""]))
 def test_fuzz_overrides(key, value, eq):
+    from omegaconf import OmegaConf
     from mezo_backend_hf.options import HFOptions
     from mezo_core.config import options_from
     item = f"{key}{eq}{value}"
     try:
         cfg = load_config(None, [item])
         options_from(HFOptions, cfg.hf, "hf")
-    except MezoError as exc:
-        assert "\n" not in str(exc), str(exc)
+    except MezoError as exc:   # one line naming the override as given, or its field
+        assert "\n" not in str(exc) and (f"override {item!r}" in str(exc) or f"'{key.strip()}'" in str(exc)), str(exc)
         event("refused")
         return
     event("loaded")
-    # loaded: the field holds the value given, as a string where the schema says string
+    # loaded: the override named a field, which holds the value given (as a string where
+    # the schema says string)
+    assert OmegaConf.select(cfg, item.split("=", 1)[0].strip(), default=KeyError) is not KeyError, item
     if key == "task.template" and eq == "=" and not value.startswith(("'", '"', "$")):
         assert cfg.task.template == value
 

@@ -40,51 +40,23 @@ def test_shipped_config_loads():
     assert cfg.model.path.startswith("/x/models/")
 
 
-def test_unknown_key_in_file_names_file_line_and_key(tmp_path):
-    f = write(tmp_path / "bad.yaml", """\
-        seed: 0
-        mezo:
-          steps: 5
-          stepz: 3
-        """)
-    with pytest.raises(MezoError) as err:
-        load_config(f)
-    msg = str(err.value)
-    assert str(f) in msg and "line 4" in msg and "mezo.stepz" in msg
-    assert "\n" not in msg
+CONFIG_FILE_ERRORS = {   # case: (the YAML, what the one-line error says)
+    "unknown key in a section": ("seed: 0\nmezo:\n  steps: 5\n  stepz: 3\n", r"bad\.yaml, line 4: field 'mezo\.stepz'"),
+    "unknown top-level key": ("seed: 0\nbackned: hf\n", r"bad\.yaml, line 2: field 'backned'"),
+    # a key known in another section is named at its own line
+    "key in the wrong section": ("mezo:\n  steps: 5\nmodel:\n  steps: 3\n", r"bad\.yaml, line 4: field 'model\.steps'"),
+    "value of the wrong type": ("mezo:\n  steps: lots\n", r"bad\.yaml, line 2: field 'mezo\.steps'.*'lots'"),
+    "invalid YAML": ("a: [\n", r"bad\.yaml.*invalid YAML"),
+    "a list at the top": ("- 1\n- 2\n", r"bad\.yaml.*top level must be a mapping"),
+}
 
 
-def test_unknown_top_level_key(tmp_path):
-    f = write(tmp_path / "bad.yaml", "seed: 0\nbackned: hf\n")
-    with pytest.raises(MezoError, match=r"bad\.yaml, line 2: field 'backned'"):
-        load_config(f)
-
-
-def test_unknown_key_in_the_wrong_section_names_its_own_line(tmp_path):
-    f = write(tmp_path / "bad.yaml", """\
-        mezo:
-          steps: 5
-        model:
-          steps: 3
-        """)
-    with pytest.raises(MezoError, match=r"line 4: field 'model\.steps'"):
-        load_config(f)
-
-
-def test_bad_value_type_in_file(tmp_path):
-    f = write(tmp_path / "bad.yaml", """\
-        mezo:
-          steps: lots
-        """)
-    with pytest.raises(MezoError, match=r"bad\.yaml, line 2: field 'mezo\.steps'.*'lots'"):
-        load_config(f)
-
-
-def test_invalid_yaml_and_non_mapping(tmp_path):
-    with pytest.raises(MezoError, match="invalid YAML"):
-        load_config(write(tmp_path / "a.yaml", "a: [\n"))
-    with pytest.raises(MezoError, match="top level must be a mapping"):
-        load_config(write(tmp_path / "b.yaml", "- 1\n- 2\n"))
+@pytest.mark.parametrize("case", list(CONFIG_FILE_ERRORS))
+def test_bad_config_file_is_one_line_naming_file_and_line(case, tmp_path):
+    text, match = CONFIG_FILE_ERRORS[case]
+    with pytest.raises(MezoError, match=match) as err:
+        load_config(write(tmp_path / "bad.yaml", text))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -125,8 +97,13 @@ def test_value_checks(override, key):
 
 
 # -- readers -------------------------------------------------------------------------
+def _jsonl_text(*rows):
+    """JSON lines: a dict as its JSON, a string as written."""
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
 def jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    path.write_text(_jsonl_text(*rows))
     return path
 
 
@@ -143,22 +120,6 @@ def test_glue_tsv_columns_in_any_order(tmp_path):
     assert read_records(f, "classification", 2) == [Record("nice", 1)]
 
 
-def test_glue_tsv_errors(tmp_path):
-    f = tmp_path / "t.tsv"
-    f.write_text("sentence\tlabel\nok\t1\nbroken line\n")
-    with pytest.raises(MezoError, match=r"t\.tsv, line 3: expected 2 tab-separated fields, got 1"):
-        read_records(f, "classification", 2)
-    f.write_text("text\tlabel\nok\t1\n")
-    with pytest.raises(MezoError, match=r"t\.tsv, line 1: expected a header"):
-        read_records(f, "classification", 2)
-    f.write_text("sentence\tlabel\nok\t2\n")
-    with pytest.raises(MezoError, match=r"t\.tsv, line 2: label 2 out of range 0\.\.1"):
-        read_records(f, "classification", 2)
-    f.write_text("sentence\tlabel\nok\t1\n")
-    with pytest.raises(MezoError, match="TSV files hold classification data"):
-        read_records(f, "completion")
-
-
 def test_jsonl_classification_and_completion(tmp_path):
     f = jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": 1}, "", {"text": "bad", "label": 0, "extra": 1}])
     assert read_records(f, "classification", 2) == [Record("good", 1), Record("bad", 0)]
@@ -169,45 +130,50 @@ def test_jsonl_classification_and_completion(tmp_path):
     assert read_records(h, "classification", 3) == [Record("x", 2)]
 
 
-def test_malformed_json_line_names_file_and_line(tmp_path):
-    f = jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": 0}, "", '{"text": "b", "label": 1',
-                                       {"text": "c", "label": 0}])
-    with pytest.raises(MezoError, match=r"bad\.jsonl, line 3: malformed JSON") as err:
-        read_records(f, "classification", 2)
-    assert "\n" not in str(err.value)
-    jsonl(f, ["[1, 2]"])
-    with pytest.raises(MezoError, match=r"line 1: expected a JSON object"):
-        read_records(f, "classification", 2)
+A0 = {"text": "a", "label": 0}
+READER_ERRORS = {   # case: (file name, its text, kind, what the one-line error says)
+    "TSV row short of a field": ("t.tsv", "sentence\tlabel\nok\t1\nbroken line\n", "classification",
+                                 r"t\.tsv, line 3: expected 2 tab-separated fields, got 1"),
+    "TSV without the header": ("t.tsv", "text\tlabel\nok\t1\n", "classification", r"t\.tsv, line 1: expected a header"),
+    "TSV label out of range": ("t.tsv", "sentence\tlabel\nok\t2\n", "classification",
+                               r"t\.tsv, line 2: label 2 out of range 0\.\.1"),
+    "TSV for a completion task": ("t.tsv", "sentence\tlabel\nok\t1\n", "completion", "TSV files hold classification data"),
+    "TSV broken quoting": ("bad.tsv", 'sentence\tlabel\n"fine"\t1\n"a\ttab" and more\t0\n', "classification",
+                           r"bad\.tsv, line 3: .*quot"),
+    # the line counts the file's lines, not the records: a quoted field spans three
+    "TSV field count after a multi-line field": ("m.tsv", 'sentence\tlabel\n"one\ntwo\nthree"\t1\nno label here\n',
+                                                 "classification",
+                                                 r"m\.tsv, line 5: expected 2 tab-separated fields, got 1"),
+    "JSONL malformed line": ("bad.jsonl", _jsonl_text(A0, "", '{"text": "b", "label": 1', A0), "classification",
+                             r"bad\.jsonl, line 3: malformed JSON"),
+    "JSONL not an object": ("bad.jsonl", _jsonl_text("[1, 2]"), "classification", r"line 1: expected a JSON object"),
+    "JSONL missing label": ("m.jsonl", _jsonl_text(A0, {"text": "b"}), "classification",
+                            r"m\.jsonl, line 2: missing field 'label'"),
+    "JSONL missing completion": ("g.jsonl", _jsonl_text({"prompt": "a"}), "completion",
+                                 r"g\.jsonl, line 1: missing field 'completion'"),
+    "JSONL label 2": ("l.jsonl", _jsonl_text(A0, {"text": "b", "label": 2}), "classification",
+                      r"l\.jsonl, line 2: label 2 out of range 0\.\.1"),
+    "JSONL label -1": ("l.jsonl", _jsonl_text({"text": "a", "label": -1}), "classification",
+                       r"line 1: label -1 out of range"),
+    "JSONL label a word": ("l.jsonl", _jsonl_text({"text": "a", "label": "pos"}), "classification",
+                           r"line 1: label 'pos' is not an integer"),
+    "JSONL of blank lines": ("empty.jsonl", "\n\n", "classification", "holds no examples"),
+}
 
 
-def test_missing_field(tmp_path):
-    f = jsonl(tmp_path / "m.jsonl", [{"text": "a", "label": 0}, {"text": "b"}])
-    with pytest.raises(MezoError, match=r"m\.jsonl, line 2: missing field 'label'"):
-        read_records(f, "classification", 2)
-    g = jsonl(tmp_path / "g.jsonl", [{"prompt": "a"}])
-    with pytest.raises(MezoError, match=r"g\.jsonl, line 1: missing field 'completion'"):
-        read_records(g, "completion")
+@pytest.mark.parametrize("case", list(READER_ERRORS))
+def test_bad_data_file_is_one_line_naming_file_and_line(case, tmp_path):
+    name, text, kind, match = READER_ERRORS[case]
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(MezoError, match=match) as err:
+        read_records(path, kind, 2)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_label_out_of_range_or_not_an_integer(tmp_path):
-    f = jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
-    with pytest.raises(MezoError, match=r"l\.jsonl, line 2: label 2 out of range 0\.\.1"):
-        read_records(f, "classification", 2)
-    jsonl(f, [{"text": "a", "label": -1}])
-    with pytest.raises(MezoError, match=r"line 1: label -1 out of range"):
-        read_records(f, "classification", 2)
-    jsonl(f, [{"text": "a", "label": "pos"}])
-    with pytest.raises(MezoError, match=r"line 1: label 'pos' is not an integer"):
-        read_records(f, "classification", 2)
-
-
-def test_missing_or_empty_data_file(tmp_path):
+def test_missing_data_file(tmp_path):
     with pytest.raises(MezoError, match=r"task\.dev: data file not found: .*nothere\.jsonl"):
         read_records(tmp_path / "nothere.jsonl", "classification", 2, field="task.dev")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n\n")
-    with pytest.raises(MezoError, match="holds no examples"):
-        read_records(empty, "classification", 2)
 
 
 # -- sampling ----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from mezo_core.cli import main
 from mezo_core.registry import get_registry
-from tiny import InterruptAt, write_run_config
+from tiny import InterruptAt, error_text, metric_rows, write_run_config
 
 STEPS = 6
 TRAJECTORY = ("step", "loss", "loss_plus", "loss_minus", "grads", "seeds", "eps", "lr")
@@ -63,18 +63,8 @@ def start_child(cfg, fault=None, code=None, sig="SIGKILL"):
                             stderr=subprocess.PIPE, text=True)
 
 
-def error_text(stderr):
-    """The CLI's one-line error (transformers may draw a progress bar before it)."""
-    assert "Traceback" not in stderr and "mezo-run: error: " in stderr, stderr
-    return stderr[stderr.index("mezo-run: error: "):]
-
-
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def trajectory(run):
-    return [{k: r[k] for k in TRAJECTORY} for r in rows(run)]
+    return [{k: r[k] for k in TRAJECTORY} for r in metric_rows(run)]
 
 
 def assert_same_run(run, reference, same_eval=True):
@@ -184,7 +174,7 @@ def test_kill_at_a_checkpoint_point_then_resume_is_bitwise(point, killed, refere
 def test_kill_mid_step_then_resume_is_bitwise(killed, reference, capsys):
     cfg = killed["mid-step"]
     run = cfg.parent / "run"
-    done = [r["step"] for r in rows(run)]
+    done = [r["step"] for r in metric_rows(run)]
     assert done == [1, 2, 3]                           # died in step 4, after step 2's checkpoint
     assert train(cfg, "--resume") == 0
     assert_same_run(run, reference)
@@ -238,6 +228,16 @@ def stopped_run(tmp_path_factory, tiny_llama):
     return cfg, tmp / "run"
 
 
+@pytest.fixture
+def stopped_copy(stopped_run, tmp_path):
+    """(config, folder): a copy of the stopped run in another place (out_dir names it), for a
+    test to damage or resume."""
+    cfg, stopped = stopped_run
+    run = tmp_path / "moved"
+    shutil.copytree(stopped, run)
+    return cfg, run
+
+
 def _nan_adapter(folder):
     """A NaN in the adapter, the manifest made to match: only the finite check can tell."""
     f = folder / ADAPTER
@@ -281,10 +281,8 @@ def _truncate(f):
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_checkpoint_falls_back_to_the_newest_intact(damage, stopped_run, reference, tmp_path, capsys):
-    cfg, stopped = stopped_run
-    run = tmp_path / "moved"                             # a moved run folder resumes too (out_dir is neutral)
-    shutil.copytree(stopped, run)
+def test_damaged_checkpoint_falls_back_to_the_newest_intact(damage, stopped_copy, reference, capsys):
+    cfg, run = stopped_copy                              # a moved run folder resumes too (out_dir is neutral)
     spoil, needle = DAMAGE[damage]
     spoil(run)
     assert train(cfg, "--resume", f"out_dir={run}") == 0
@@ -297,10 +295,8 @@ def test_damaged_checkpoint_falls_back_to_the_newest_intact(damage, stopped_run,
     assert_same_run(run, reference)
 
 
-def test_no_intact_checkpoint_is_one_clear_error(stopped_run, tmp_path, capsys):
-    cfg, stopped = stopped_run
-    run = tmp_path / "run"
-    shutil.copytree(stopped, run)
+def test_no_intact_checkpoint_is_one_clear_error(stopped_copy, capsys):
+    cfg, run = stopped_copy
     _truncate(run / "checkpoints/step-0000002" / ADAPTER)
     (run / STEP4 / "state.json").write_text("[]")
     assert train(cfg, "--resume", f"out_dir={run}") == 2
@@ -311,12 +307,10 @@ def test_no_intact_checkpoint_is_one_clear_error(stopped_run, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_kill_inside_a_folder_swap_keeps_the_checkpoint(stopped_run, reference, tmp_path, capsys):
+def test_kill_inside_a_folder_swap_keeps_the_checkpoint(stopped_copy, reference, capsys):
     """A kill between the two renames of rewriting a checkpoint (adapter.replace_dir):
     ``step-N.old`` holds it, ``step-N`` is gone; the start puts it back."""
-    cfg, stopped = stopped_run
-    run = tmp_path / "run"
-    shutil.copytree(stopped, run)
+    cfg, run = stopped_copy
     (run / STEP4).rename(run / (STEP4 + ".old"))
     shutil.copytree(run / (STEP4 + ".old"), run / "checkpoints/.step-0000004.tmp")
     with (run / "metrics.jsonl").open("a") as f:
@@ -327,10 +321,9 @@ def test_kill_inside_a_folder_swap_keeps_the_checkpoint(stopped_run, reference, 
 
 
 # -- what a --resume checks, and what it lets change ------------------------------------
-def test_changed_data_is_refused_on_resume(stopped_run, tmp_path, capsys):
-    cfg, stopped = stopped_run
-    run = tmp_path / "run"
-    shutil.copytree(stopped, run)
+def test_changed_data_is_refused_on_resume(stopped_run, stopped_copy, tmp_path, capsys):
+    _, stopped = stopped_run
+    cfg, run = stopped_copy
     data = Path(cfg).parent / "data"
     for name, key in (("train.jsonl", "task.train"), ("dev.jsonl", "task.dev")):
         f = data / name
@@ -367,12 +360,10 @@ def test_model_fingerprint_is_recorded(stopped_run):
     assert prints["model.path"]["size"] == sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
 
 
-def test_trajectory_neutral_changes_resume_bitwise(stopped_run, reference, tmp_path, capsys, monkeypatch):
+def test_trajectory_neutral_changes_resume_bitwise(stopped_copy, reference, capsys, monkeypatch):
     """Another out_dir (the folder moved), progress/plot/eval_batch_size/keep_checkpoints
     changed, and the training file named by a relative path: accepted."""
-    cfg, stopped = stopped_run
-    run = tmp_path / "moved"
-    shutil.copytree(stopped, run)
+    cfg, run = stopped_copy
     data = Path(cfg).parent
     monkeypatch.chdir(data)
     assert train(cfg, "--resume", f"out_dir={run}", "progress=true", "plot=true", "eval_batch_size=3",
@@ -382,10 +373,8 @@ def test_trajectory_neutral_changes_resume_bitwise(stopped_run, reference, tmp_p
     assert_same_run(run, reference, same_eval=False)
 
 
-def test_a_change_of_trajectory_is_refused_with_the_field(stopped_run, tmp_path, capsys):
-    cfg, stopped = stopped_run
-    run = tmp_path / "run"
-    shutil.copytree(stopped, run)
+def test_a_change_of_trajectory_is_refused_with_the_field(stopped_copy, capsys):
+    cfg, run = stopped_copy
     for override, field in (("seed=1", "seed"), ("checkpoint_every=3", "checkpoint_every"),
                             ("mezo.steps=3", "mezo.steps=3 is below the 4 steps")):
         assert train(cfg, "--resume", f"out_dir={run}", override) == 2
@@ -402,7 +391,7 @@ def test_extending_steps_of_a_constant_schedule(reference, tiny_llama, tmp_path,
     shutil.copytree(reference, run)
     assert train(cfg, "--resume", f"out_dir={run}", "mezo.steps=8") == 0
     capsys.readouterr()
-    assert [r["step"] for r in rows(run)] == list(range(1, 9))
+    assert [r["step"] for r in metric_rows(run)] == list(range(1, 9))
     assert json.loads((run / "summary.json").read_text())["step"] == 8
     assert_same_run(run, longer / "run")
 

@@ -14,7 +14,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -192,9 +191,7 @@ def test_eval_predictions_match_a_plain_peft_model(tmp_path, tiny_llama, capsys,
     """One JSON line per dev row, in file order; each row's candidate losses and prediction
     agree with a plain transformers + peft model scoring the same prompts by hand."""
     print("seed", SEED)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tiny import write_run_config
+    from tiny import plain_choice_losses, write_run_config
     cfg = write_run_config(tmp_path, tiny_llama, {"mezo.steps": 3, "seed": SEED})
     assert main(["train", "-c", str(cfg), "mezo.lr=0.5"]) == 0
     capsys.readouterr()
@@ -206,18 +203,8 @@ def test_eval_predictions_match_a_plain_peft_model(tmp_path, tiny_llama, capsys,
     dev = [json.loads(line) for line in (tmp_path / "data" / "dev.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == [d["text"] for d in dev] and [r["index"] for r in rows] == list(range(6))
     assert sum(r["correct"] for r in rows) / len(rows) == result["dev_accuracy"]
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                                      str(tmp_path / "run" / "adapter")).eval()
-    for row, d in zip(rows, dev):
-        prompt = tok(f"{d['text']} It was")["input_ids"]
-        losses = []
-        for word in (" great", " terrible"):
-            target = tok(word, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt + target])
-            with torch.no_grad():
-                logits = model(ids).logits[0, len(prompt) - 1:-1]
-            losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(target))))
+    oracle = plain_choice_losses(tiny_llama, tmp_path / "run" / "adapter", [d["text"] for d in dev])
+    for row, d, losses in zip(rows, dev, oracle):
         assert row["losses"] == pytest.approx(losses, abs=1e-4)
         assert row["prediction"] == min(range(2), key=lambda i: losses[i]) and row["label"] == d["label"]
 

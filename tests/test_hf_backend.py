@@ -13,7 +13,7 @@ from mezo_core.config import load_config
 from mezo_core.forwards import objective, one_direction
 from mezo_core.stats import stats_of
 from mezo_backend_hf.backend import HFBackend
-from tiny import replay_seed
+from tiny import seeded
 
 TARGETS = {"llama": "[q_proj,v_proj]", "gpt2": "[c_attn,c_fc]"}
 ARCHS = ["llama", "gpt2"]
@@ -28,10 +28,6 @@ def make_backend(model_dir, arch, *overrides):
     cfg = load_config(None, [f"model.path={model_dir}", "lora.r=4", "lora.alpha=8",
                              f"lora.target_modules={TARGETS[arch]}", *overrides])
     return HFBackend(cfg)
-
-
-def seeded(default):
-    return torch.Generator().manual_seed(replay_seed(default))
 
 
 def random_examples(vocab, n=6, seed=0, choices=None):

@@ -5,20 +5,15 @@ an adapter that won by noise; the level is shared out over the run's evaluations
 from __future__ import annotations
 
 import math
-import random
 from types import SimpleNamespace
 
 import pytest
-from tiny import replay_seed
+from tiny import seeded_random
 
 from mezo_core.config import load_config
 from mezo_core.selection import MAX_GATE_FLOOR, Selection, best_level, best_tests, min_wins, plan, sign_test_p
 
 SEED = 20261202
-
-
-def seeded(default):
-    return random.Random(replay_seed(default))
 
 
 def test_sign_test_p_by_hand():
@@ -32,8 +27,7 @@ def test_sign_test_p_by_hand():
 
 def test_sign_test_p_against_a_simulation():
     """The p-value is the chance of doing at least this well by coin flips."""
-    rng = random.Random(SEED)
-    print("seed", SEED)
+    rng = seeded_random(SEED)
     wins, losses = 9, 3
     hits = sum(sum(rng.random() < 0.5 for _ in range(wins + losses)) >= wins for _ in range(20000))
     assert abs(sign_test_p("1" * wins + "0" * losses, "0" * wins + "1" * losses) - hits / 20000) < 0.01
@@ -173,7 +167,7 @@ def test_noise_alone_moves_best_in_at_most_alpha_of_runs(tmp_path):
     at 75 %, 200 validation examples): the share of runs whose best/ leaves step 0
     is the family-wise error. With the correction it stays <= 0.05 (within binomial
     error); tested at 0.05 at each evaluation it is several times that."""
-    rng = seeded(SEED)
+    rng = seeded_random(SEED)
     runs, n, evaluations, alpha = 2000, 200, 12, 0.05
     rates = {}
     for correction in ("bonferroni", "none"):
@@ -192,7 +186,7 @@ def test_a_real_gain_is_still_kept(tmp_path):
     6 % of its wrong validation examples and spoil 2 % of its right ones: 15 and 15 of
     1000); from the 6th on they fix 25 % (about +4.7 points, p ~ 1e-8): the corrected
     rule ends on one of those in (almost) every run."""
-    rng = seeded(SEED)
+    rng = seeded_random(SEED)
     runs, n, evaluations = 200, 1000, 12
     me = _trainer(0.05, tmp_path, "bonferroni", steps=10 * evaluations, eval_every=10, rows=n)
 

@@ -49,20 +49,6 @@ def test_unquoted_tsv_keeps_bare_quotes(tmp_path):
     assert [r.text for r in read_records(path, "classification", 2)] == ['he said " no', '" a start', 'end "']
 
 
-def test_broken_quoting_names_the_line(tmp_path):
-    path = tmp_path / "bad.tsv"
-    path.write_text('sentence\tlabel\n"fine"\t1\n"a\ttab" and more\t0\n')
-    with pytest.raises(MezoError, match=r"bad\.tsv, line 3: .*quot"):
-        read_records(path, "classification", 2)
-
-
-def test_field_count_error_names_the_line_after_a_multiline_field(tmp_path):
-    path = tmp_path / "m.tsv"
-    path.write_text('sentence\tlabel\n"one\ntwo\nthree"\t1\nno label here\n')
-    with pytest.raises(MezoError, match=r"m\.tsv, line 5: expected 2 tab-separated fields, got 1"):
-        read_records(path, "classification", 2)
-
-
 def test_label_names(tmp_path):
     rows = [{"text": f"t{i}", "label": ["negative", "positive", 0, 1, "1"][i % 5]} for i in range(10)]
     data = tmp_path / "d.jsonl"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from mezo_core.cli import main
 from mezo_core.registry import get_registry
-from tiny import InterruptAt, write_run_config
+from tiny import InterruptAt, error_text, metric_rows, plain_choice_losses, read_jsonl, write_run_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
 TIMING = {"step_seconds", "tokens_per_second"}
@@ -20,16 +20,6 @@ TIMING = {"step_seconds", "tokens_per_second"}
 def write_config(tmp_path, model, steps=4, checkpoint_every=2, plot=False):
     return write_run_config(tmp_path, model, {"mezo.steps": steps, "checkpoint_every": checkpoint_every,
                                               "plot": plot, "mezo.q": 2, "mezo.weight_decay": 0.01})
-
-
-def error_text(stderr):
-    """The CLI's error message (transformers may draw a progress bar before it)."""
-    assert "Traceback" not in stderr and "mezo-run: error: " in stderr, stderr
-    return stderr[stderr.index("mezo-run: error: "):]
-
-
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def comparable(row, stats=("forward_tokens",)):
@@ -46,7 +36,7 @@ def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registr
                  "mezo.warmup_steps=1", "eval_every=2", "selection.load_best_at_end=false"]) == 0
     out = capsys.readouterr().out
     assert "zero-shot" in out and "last (step 5)" in out and "best (step " in out
-    metrics = rows(run)
+    metrics = metric_rows(run)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
     for r in metrics:
         assert {"loss", "loss_plus", "loss_minus", "grads", "seeds", "eps", "lr", "step_seconds",
@@ -62,6 +52,15 @@ def test_train_writes_the_run_folder(tmp_path, tiny_llama, capsys, fresh_registr
              if r["split"] == "dev"}
     for key, label in (("zero_shot", "zero-shot"), ("final", "final")):   # one figure, wherever it is shown
         assert summary[key]["dev_accuracy"] == evals[label]["accuracy"] and summary[key]["dev_examples"] == 6
+    # the figures themselves: a plain model (zero-shot: the initial adapter adds nothing) and a
+    # plain peft model with the saved adapter score the six dev rows one at a time
+    dev = read_jsonl(tmp_path / "data" / "dev.jsonl")
+    for key, adapter in (("zero_shot", None), ("final", run / "adapter")):
+        scores = plain_choice_losses(tiny_llama, adapter, [d["text"] for d in dev])
+        right = [min(range(2), key=s.__getitem__) == d["label"] for s, d in zip(scores, dev)]
+        assert summary[key]["dev_accuracy"] == sum(right) / 6, (key, scores)
+        assert summary[key]["dev_loss"] == pytest.approx(sum(s[d["label"]] for s, d in zip(scores, dev)) / 6,
+                                                         abs=1e-5)
     assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for folder in ("adapter", "last"):   # selection.load_best_at_end=false: adapter/ is the last adapter
         assert sorted(p.name for p in (run / folder).iterdir()) == ["adapter_config.json",
@@ -175,7 +174,7 @@ def test_resume_reproduces_the_uninterrupted_run(stop_at, uninterrupted, tmp_pat
     finally:
         fresh_registry.pm.unregister(stopper)
     assert "--resume" in capsys.readouterr().err
-    assert [r["step"] for r in rows(run)] == list(range(1, stop_at + 1))
+    assert [r["step"] for r in metric_rows(run)] == list(range(1, stop_at + 1))
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
 
     # a changed config is refused, and the run is left as it was
@@ -190,7 +189,7 @@ def test_resume_reproduces_the_uninterrupted_run(stop_at, uninterrupted, tmp_pat
     assert (run / "metrics.jsonl").read_text() == before
 
     assert main(["train", "-c", str(cfg), "--resume"]) == 0
-    want, got = rows(uninterrupted), rows(run)
+    want, got = metric_rows(uninterrupted), metric_rows(run)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     assert [comparable(r) for r in got] == [comparable(r) for r in want]
     a = load_file(str(uninterrupted / "adapter" / "adapter_model.safetensors"))
@@ -208,7 +207,7 @@ def test_fused_schedule_matches_the_unfused_run(tmp_path, tiny_llama, capsys, fr
     """fuse_steps=true folds restore + update + the next step's +eps z into one pass, except
     before an evaluation, a checkpoint or the end: the trajectory, the mid-run evaluation and
     checkpoint, and the final adapter match fuse_steps=false up to fp32 rounding."""
-    import mezo_core.trainer as trainer_mod
+    import mezo_core.stepper as trainer_mod
     real_update = trainer_mod.update
     carried = {True: [], False: []}                  # per step: did it take the next step's +eps z?
 
@@ -230,7 +229,7 @@ def test_fused_schedule_matches_the_unfused_run(tmp_path, tiny_llama, capsys, fr
     steps_that_carried = {k: [i + 1 for i, c in enumerate(v) if c] for k, v in carried.items()}
     assert steps_that_carried == {True: [1, 2, 5], False: []}
 
-    fused, plain = rows(runs[True]), rows(runs[False])
+    fused, plain = metric_rows(runs[True]), metric_rows(runs[False])
     assert [r["step"] for r in fused] == [r["step"] for r in plain] == [1, 2, 3, 4, 5, 6]
     tol = dict(rel=1e-4, abs=1e-6)                   # fp32 rounding only
     for f, p in zip(fused, plain):

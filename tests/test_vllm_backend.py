@@ -82,6 +82,12 @@ def hf_state(hb):
     return {n: t.detach().clone() for n, t in zip(hb.trainable_names(), hb.trainable_tensors())}
 
 
+def perturb_both(pair, *moves):
+    """The same perturbation on the vLLM backend and on its hf oracle."""
+    for b in pair:
+        b.perturb(list(moves))
+
+
 def max_state_diff(a, b):
     assert sorted(a) == sorted(b)
     return max((a[n].float() - b[n].float()).abs().max().item() for n in a)
@@ -199,8 +205,7 @@ def test_forced_decoding_path_for_single_tokens(pair, monkeypatch):
 def test_adapter_reaches_vllm_layout(pair):
     """The worker's slot holds B*alpha/r of the PEFT state, packed into qkv_proj."""
     vb, hb = pair
-    vb.perturb([(55, 1.0)])
-    hb.perturb([(55, 1.0)])
+    perturb_both(pair, (55, 1.0))
     state = hf_state(hb)
     slots = vb.llm.collective_rpc("mezo_slot_weights")[0]
     a_stack, b_stack = slots["model.layers.2.self_attn.qkv_proj"]
@@ -330,8 +335,7 @@ def test_mezo_run_decreases_training_loss(pair):
 @needs_vllm
 def test_prefix_cache_hits_on_shared_prefix(pair):
     vb, hb = pair
-    vb.perturb([(5, 0.5)])
-    hb.perturb([(5, 0.5)])
+    perturb_both(pair, (5, 0.5))
     batch = shared_prefix_batch(0)
     losses = vb.losses(batch)
     s = stats_of(vb)

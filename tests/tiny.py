@@ -11,3 +11,60 @@ def replay_seed(default: int) -> int:
     seed = int(os.environ.get("MEZO_TEST_SEED", default))
     print(f"seed {seed} (replay: MEZO_TEST_SEED={seed})")
     return seed
+
+
+def seeded(default: int):
+    """A torch generator seeded by :func:`replay_seed` (its seed printed)."""
+    import torch
+    return torch.Generator().manual_seed(replay_seed(default))
+
+
+def seeded_random(default: int):
+    """A ``random.Random`` seeded by :func:`replay_seed` (its seed printed)."""
+    import random
+    return random.Random(replay_seed(default))
+
+
+def read_jsonl(path) -> list:
+    """The rows of a JSON-lines file."""
+    import json
+    from pathlib import Path
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def metric_rows(run) -> list:
+    """A run folder's ``metrics.jsonl`` rows, one a step."""
+    from pathlib import Path
+    return read_jsonl(Path(run) / "metrics.jsonl")
+
+
+def error_text(stderr: str) -> str:
+    """The CLI's one-line error from a process's stderr (transformers may draw a
+    progress bar before it); asserts there is one and no traceback."""
+    assert "Traceback" not in stderr and "mezo-run: error: " in stderr, stderr
+    return stderr[stderr.index("mezo-run: error: "):]
+
+
+def plain_choice_losses(model_dir, adapter_dir, texts, template="{text} It was", words=(" great", " terrible")):
+    """Each text's loss of every verbalizer word (mean over the word's tokens) under a plain
+    transformers model, with the PEFT adapter at ``adapter_dir`` (None: the base model), one
+    prompt at a time: an oracle for the accuracies and losses a run reports."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    out = []
+    for text in texts:
+        prompt = tok(template.format(text=text))["input_ids"]
+        losses = []
+        for word in words:
+            target = tok(word, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1:-1]
+            losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(target))))
+        out.append(losses)
+    return out
