@@ -409,7 +409,7 @@ def test_the_divergence_names_eps_or_lr(at, cause, run_cfg, capsys, monkeypatch)
     """A probe whose losses go NaN at step ``at`` (the weights themselves are fine): at the
     first step nothing was updated, so the perturbation alone did it -- mezo.eps; later, the
     updates since the anchor -- mezo.lr."""
-    from mezo_core import trainer
+    from mezo_core import stepper as trainer
     real, calls = trainer.probe, itertools.count(1)
 
     def probe(*args, **kwargs):
@@ -464,7 +464,7 @@ def test_guard_weight_bound_and_its_state():
 
 @pytest.mark.parametrize("what, value", [("eps", float("nan")), ("eps", 0.0), ("lr", float("inf")), ("lr", -1.0)])
 def test_a_schedule_value_that_is_not_finite_names_the_schedule(what, value):
-    from mezo_core.trainer import _check_schedule
+    from mezo_core.stepper import _check_schedule
     with pytest.raises(MezoError, match=rf"^config field 'mezo\.{what}_schedule': schedule 'cosine' gave "
                                         rf"{what}={value} at step 3 \(mezo\.{what}, mezo\.{what}_end\): not a finite"):
         _check_schedule(f"mezo.{what}_schedule", "cosine", what, value, 2, positive=what == "eps")
