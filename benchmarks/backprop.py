@@ -56,7 +56,7 @@ class FrozenBelow:
     30 layers adapted that skips most of the forward."""
 
     def __init__(self, backend, params):
-        from mezo_backend_hf.trunk import LayerStack
+        from mezo_backend_hf.passes import LayerStack
         self.stack = LayerStack(backend.model)
         layer_of = {id(p): i for i, layer in enumerate(self.stack.layers) for p in layer.parameters()}
         where = [layer_of.get(id(p)) for p in params]

@@ -9,6 +9,7 @@ and on CUDA the device's busy time per step against the step's wall time: the
 difference is time the GPU waited for the host.
 """
 import argparse
+import functools
 import tempfile
 from pathlib import Path
 
@@ -17,15 +18,16 @@ import torch
 from benchmarks.bench_reuse import make_backend, pool
 from benchmarks.common import Stepper, build_random_model, synchronize, timed
 
-#: (attribute of the backend holding the part, or "" for the backend itself, method)
-REGIONS = (("", "perturb"), ("forwards", "forward_inputs"), ("forwards", "tensors"), ("trunk", "states"),
-           ("forwards", "padded"), ("", "losses"), ("", "choice_losses"))
+#: (attribute path from the backend to the part, or "" for the backend itself, method); a batch's
+#: inputs are built in ``forwards.last_logits`` outside the trunk's states and the passes
+REGIONS = (("", "perturb"), ("forwards", "last_logits"), ("trunk", "states"), ("forwards.passes", "logits"),
+           ("forwards.passes", "group_logits"), ("", "losses"), ("", "choice_losses"))
 
 
 def label_regions(backend):
     """Wrap the backend's parts in profiler labels (on these instances only)."""
     for owner_name, name in REGIONS:
-        owner = getattr(backend, owner_name) if owner_name else backend
+        owner = functools.reduce(getattr, owner_name.split("."), backend) if owner_name else backend
         if owner is None:  # e.g. no trunk cache
             continue
         fn = getattr(owner, name)

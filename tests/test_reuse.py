@@ -11,13 +11,9 @@ from mezo_core.forwards import one_direction
 from mezo_core.stats import stats_of
 from mezo_backend_hf.backend import HFBackend
 from mezo_backend_hf.trunk import RadixCache
-from tiny import replay_seed
+from tiny import seeded
 
 TOL = 1e-5  # fp32 on CPU: batched layouts differ only in reduction order
-
-
-def seeded(default):
-    return torch.Generator().manual_seed(replay_seed(default))
 
 
 def plain_backend(model_dir, arch, extra=()):
@@ -31,13 +27,18 @@ def backend(model_dir, arch, cache, layers="[2,3]", extra=()):
                                         f"lora.target_modules={mods}", f"hf.trunk_cache={cache}", *extra]))
 
 
-def random_batch(gen, n=6, shared_prefix=4):
+def random_batch(gen, n=6, shared_prefix=4, longest_body=8, short=0):
+    """``n`` rows of random token ids: a ``shared_prefix``-token prefix, a body of 1 to
+    ``longest_body`` tokens, a target of 1 or 2; the last ``short`` rows keep only the
+    prefix's first 3 tokens (too few for a prefix group of 4)."""
     prefix = torch.randint(4, 250, (shared_prefix,), generator=gen).tolist()
     batch = []
-    for _ in range(n):
-        body = torch.randint(4, 250, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+    for k in range(n):
+        body = torch.randint(4, 250, (int(torch.randint(1, longest_body + 1, (1,), generator=gen)),),
+                             generator=gen).tolist()
         target = torch.randint(4, 250, (int(torch.randint(1, 3, (1,), generator=gen)),), generator=gen).tolist()
-        batch.append(Example(tuple(prefix + body), tuple(target)))
+        head = prefix if k < n - short else prefix[:3]
+        batch.append(Example(tuple(head + body), tuple(target)))
     return batch
 
 
@@ -136,17 +137,6 @@ def test_side_by_side_batch_equals_sequential_passes(trunk, q, tiny_llama):
         assert torch.allclose(x, y, atol=1e-5, rtol=0)
 
 
-def shared_prefix_batch(gen, prefix_len=10, n=7):
-    prefix = torch.randint(4, 250, (prefix_len,), generator=gen).tolist()
-    rows = []
-    for k in range(n):
-        body = torch.randint(4, 250, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist()
-        head = prefix if k < n - 2 else prefix[:3]  # two rows share only 3 tokens: no group
-        target = torch.randint(4, 250, (1 + k % 2,), generator=gen).tolist()
-        rows.append(Example(tuple(head + body), tuple(target)))
-    return rows
-
-
 @pytest.mark.parametrize("arch,pm,trunk", [("llama", False, False), ("gpt2", False, False), ("llama", True, False),
                                            ("llama", False, True), ("gpt2", False, True), ("llama", True, True)])
 def test_prefix_sharing_equals_plain(arch, pm, trunk, tiny_llama, tiny_gpt2):
@@ -158,7 +148,7 @@ def test_prefix_sharing_equals_plain(arch, pm, trunk, tiny_llama, tiny_gpt2):
     shared = backend(model_dir, arch, trunk, extra=extra + ["hf.prefix_sharing=true", "hf.prefix_min_tokens=4"])
     assert (shared.trunk is not None and shared.trunk.k0 == 2) == trunk
     gen = torch.Generator().manual_seed(21)
-    rows = shared_prefix_batch(gen)
+    rows = random_batch(gen, n=7, shared_prefix=10, longest_body=5, short=2)  # two rows in no group
     multi = [Example(e.prompt_ids, (5, 7), ((5, 7), (9,))) for e in rows]
     before = None
     for step in range(2):  # the second step finds the trunk cache warm
@@ -218,7 +208,7 @@ class EagerGraphs:
 def test_graph_inputs_give_the_plain_losses(arch, trunk, tiny_llama, tiny_gpt2):
     model_dir = tiny_llama if arch == "llama" else tiny_gpt2
     plain, graphed = plain_backend(model_dir, arch), backend(model_dir, arch, trunk)
-    graphed.forwards.graphs = EagerGraphs(graphed.forwards.graph_forward)
+    graphed.forwards.passes.graphs = EagerGraphs(graphed.forwards.passes.graph_forward)
     gen = seeded(101)
     batch = random_batch(gen, n=5)
     for step in range(2):
@@ -228,7 +218,7 @@ def test_graph_inputs_give_the_plain_losses(arch, trunk, tiny_llama, tiny_gpt2):
         prompts = [e.prompt_ids for e in batch]
         assert torch.allclose(plain.choice_losses(prompts, [(5,), (9,)]),
                               graphed.choice_losses(prompts, [(5,), (9,)]), atol=TOL, rtol=0)
-    assert graphed.forwards.graphs.calls == 4
+    assert graphed.forwards.passes.graphs.calls == 4
     assert (stats_of(graphed).get("hits", 0) > 0) == trunk
 
 
@@ -239,22 +229,24 @@ def test_second_pass_reuses_the_first_pass_inputs(trunk, graphs, tiny_llama, mon
     so a stale reuse across batches would show)."""
     plain, reusing = plain_backend(tiny_llama, "llama"), backend(tiny_llama, "llama", trunk)
     if graphs:
-        reusing.forwards.graphs = EagerGraphs(reusing.forwards.graph_forward)
+        reusing.forwards.passes.graphs = EagerGraphs(reusing.forwards.passes.graph_forward)
     built = []
-    build = reusing.forwards.forward_inputs
-    monkeypatch.setattr(reusing.forwards, "forward_inputs", lambda *a: built.append(1) or build(*a))
+    from mezo_backend_hf import forward
+    build = forward.pass_inputs
+    monkeypatch.setattr(forward, "pass_inputs", lambda *a: built.append(1) or build(*a))  # either backend's
     gen = seeded(102)
     shape = random_batch(gen, n=4)
     for step in range(3):
         batch = [Example(tuple(torch.randint(4, 250, (len(e.prompt_ids),), generator=gen).tolist()),
                          e.target_ids) for e in shape]
         want = one_direction(plain, batch, 10 + step, 0.05)
+        before = len(built)
         got = one_direction(reusing, batch, 10 + step, 0.05)
         assert want[2] == got[2] == -0.05
         for x, y in zip(want[:2], got[:2]):
             assert x.device.type == "cpu" and torch.allclose(x, y, atol=TOL, rtol=0)
         assert not torch.allclose(got[0], got[1], atol=1e-4)   # the second pass saw -eps z
-        assert len(built) == step + 1                          # one build per step
+        assert len(built) - before == 1                        # one build per step
     if trunk:
         stats = stats_of(reusing)
         assert stats["lookups"] == 2 * 3 * len(shape) and stats["hits"] == 3 * len(shape)
@@ -266,7 +258,7 @@ def test_compiled_layers_give_the_plain_losses(trunk, tiny_llama):
     ones, with the graph inputs too, while the adapter moves."""
     plain = plain_backend(tiny_llama, "llama")
     compiled = backend(tiny_llama, "llama", trunk, extra=["hf.compile=true"])
-    compiled.forwards.graphs = EagerGraphs(compiled.forwards.graph_forward)
+    compiled.forwards.passes.graphs = EagerGraphs(compiled.forwards.passes.graph_forward)
     layers = compiled.trunk.top if trunk else compiled.model.base_model.model.model.layers
     assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in layers)
     gen = seeded(103)
@@ -287,9 +279,9 @@ def test_trimmed_last_layer_gives_the_plain_losses(arch, trunk, graphs, tiny_lla
     plain = plain_backend(model_dir, arch)
     trim = backend(model_dir, arch, trunk)  # on by default
     if graphs:
-        trim.forwards.graphs = EagerGraphs(trim.forwards.graph_forward)
+        trim.forwards.passes.graphs = EagerGraphs(trim.forwards.passes.graph_forward)
     widths = []  # of what the last layer's MLP sees
-    trim.forwards.stack.layers[-1].mlp.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    trim.forwards.passes.stack.layers[-1].mlp.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
     gen = seeded(104)
     batch = random_batch(gen, n=5) + [Example((7,), (9,)), Example((5, 6), (9, 10, 11))]  # keep = 4 > 2 tokens
     for step in range(2):
@@ -307,9 +299,9 @@ def test_trim_refuses_a_last_layer_that_bypasses_the_kv_cache(tiny_llama, monkey
     its kept positions attending to nothing: a clear error instead."""
     from mezo_core import MezoError
     from transformers import DynamicCache
-    from mezo_backend_hf import trunk
+    from mezo_backend_hf import passes
     b = backend(tiny_llama, "llama", True)
-    monkeypatch.setattr(trunk._KeysAndValuesOf, "update", DynamicCache.update)  # never stops the layer
+    monkeypatch.setattr(passes._KeysAndValuesOf, "update", DynamicCache.update)  # never stops the layer
     with pytest.raises(MezoError, match="hf.trim_last_layer"):
         b.losses(random_batch(torch.Generator().manual_seed(0), n=3))
 
@@ -349,5 +341,5 @@ def test_cuda_graph_replays_equal_eager_passes(trunk, compiled, trim, tiny_llama
         gc.garbage.clear()
         gc.set_debug(0)
         gc.enable()
-    assert graphed.forwards.graphs.captures >= 1 and graphed.forwards.graphs.replays == 6
+    assert graphed.forwards.passes.graphs.captures >= 1 and graphed.forwards.passes.graphs.replays == 6
     assert not left   # device memory held by uncollected cycles (torch.compile's first call makes some)

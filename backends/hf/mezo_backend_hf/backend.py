@@ -1,8 +1,9 @@
 """transformers + peft forward passes for MeZO: the Backend contract over the
-modules that do the work -- ``forward`` (the passes), ``inputs`` (padding and
-the reuse of a batch's inputs), ``prefix`` (shared prefixes), ``side`` (adapters
-side by side), ``trunk`` (the frozen-trunk cache), ``graphs`` (CUDA graphs,
-torch.compile) -- configured by ``options.HFOptions``."""
+modules that do the work, in the order a batch meets them -- ``forward`` (a
+batch's way through the others, and the reuse of its inputs), ``prefix`` (shared
+prefixes), ``trunk`` (the frozen-trunk cache), ``inputs`` (padding), ``passes``
+(the model's passes and the target losses) -- and ``side`` (adapters side by
+side), ``graphs`` (CUDA graphs, torch.compile), configured by ``options.HFOptions``."""
 from __future__ import annotations
 
 import functools
@@ -20,9 +21,11 @@ from mezo_core.registry import or_installed
 from mezo_core.models import load_pretrained, resolve_model_dir
 from mezo_core.perturb import configured_dist
 
-from .forward import Forwards, target_losses
+from .forward import Forwards
+from .inputs import batch_tensors
 from .options import HFOptions
 from .params import load_model, masters
+from .passes import target_losses
 
 FULL_PARAMS_FILE = "mezo_params.safetensors"
 
@@ -83,11 +86,11 @@ class HFBackend(LocalTensorsBackend):
         """hf.compile: the layers a pass runs (from k0 up with the trunk cache);
         hf.cuda_graphs: every forward replayed as a CUDA graph."""
         from .graphs import GraphedForward, compile_layers
-        from .trunk import decoder_layers
+        from .passes import decoder_layers
         if opts.compile:
             compile_layers(self.trunk.top if self.trunk is not None else decoder_layers(self.model)[2])
         if opts.cuda_graphs:
-            self.forwards.graphs = GraphedForward(self.forwards.graph_forward)
+            self.forwards.passes.graphs = GraphedForward(self.forwards.passes.graph_forward)
 
     @property
     def trunk(self):
@@ -99,7 +102,9 @@ class HFBackend(LocalTensorsBackend):
     def population_losses(self, batch, seeds, eps, applied=0.0):
         """hf.pm_batch: all 2q perturbed states in one batch of 2qB rows, each
         block of B rows under its own side adapter theta +/- eps z_i. The
-        trained adapter never moves, so the offset is 0."""
+        trained adapter never moves, so the offset is 0. Without it, the plain
+        sequence with the losses read back once at the end: the -eps pass is
+        queued while the +eps pass runs, so the device never waits for the host."""
         if not self.opts.pm_batch:
             return each_direction(self, batch, seeds, eps, applied, pair=self._plus_minus_on_device)
         if applied:
@@ -145,7 +150,8 @@ class HFBackend(LocalTensorsBackend):
         logits, no cache, no trimmed layer."""
         if self.opts.full_params is not None:
             raise NotImplementedError("hf.full_params: the base weights are the trained ones")
-        ids, mask, positions = self.forwards.tensors([e.prompt_ids + e.target_ids for e in batch])
+        ids, mask, positions = batch_tensors([e.prompt_ids + e.target_ids for e in batch], self.forwards.pad_id,
+                                             self.device)
         with self.model.disable_adapter():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
         for t in self._model_tensors:

@@ -1,7 +1,7 @@
 """Token rows as model inputs: left padding (every row ends at the last
 position, so the last K positions hold every row's targets), trunk states
-padded the same way, transformers' 4-D mask for a CUDA graph, and the last
-batch's inputs kept for the next pass over the same rows."""
+padded the same way, transformers' 4-D mask for a CUDA graph, and the inputs
+of rows sharing a prefix (the prefix alone, then the suffixes after it)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -53,22 +53,30 @@ def causal_mask(model, mask, positions):
                               past_key_values=None, position_ids=positions, allow_is_causal_skip=False)
 
 
-class LastInputs:
-    """The forward inputs of the last batch, for the next call with the same key:
-    the -eps pass of a step asks for the same rows, and then skips the trunk
-    lookups, the padding and (with CUDA graphs) the copies into the graph. The
-    key holds everything the inputs depend on; None never matches."""
+def pass_inputs(rows, states, pad_id, device, graph_model=None):
+    """The tensors of one padded pass over ``rows``: ids, mask, positions and,
+    with the trunk cache, ``hidden``: the ``states`` entering layer k0. With
+    ``graph_model`` (a CUDA graph's pass) the width is a multiple of
+    ``GRAPH_WIDTH`` and the mask is that model's 4-D one."""
+    ids, mask, positions = batch_tensors(rows, pad_id, device, GRAPH_WIDTH if graph_model is not None else 1)
+    if graph_model is not None:
+        mask = causal_mask(graph_model, mask, positions)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+    if states is not None:
+        inputs["hidden"] = left_padded(states, device, ids.shape[1])
+    return inputs
 
-    def __init__(self):
-        self.key, self.value = None, None
 
-    def clear(self):
-        self.key = self.value = None
-
-    def fetch(self, key, build):
-        """(inputs, reused): the kept inputs if ``key`` matches, else ``build()``'s."""
-        if key is not None and key == self.key:
-            return self.value, True
-        self.clear()  # freed before the new inputs exist: no two batches held
-        self.value, self.key = build(), key
-        return self.value, False
+def group_inputs(prefix, suffixes, states, pad_id, device):
+    """(prefix, suffixes): the inputs of rows that share ``prefix`` -- the prefix
+    as one row from position 0, the suffixes left-padded after it, their mask
+    covering the prefix. ``states``: the rows' trunk states over prefix + suffix
+    (None: no trunk cache)."""
+    n, p = len(suffixes), len(prefix)
+    head = dict(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(p, device=device)[None],
+                hidden=None if states is None else left_padded([states[0][:p]], device))
+    ids, mask, positions = batch_tensors(suffixes, pad_id, device)
+    full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    tail = dict(input_ids=ids, attention_mask=full_mask, position_ids=positions + p,
+                hidden=None if states is None else left_padded([s[p:] for s in states], device))
+    return head, tail

@@ -11,8 +11,8 @@ storage and in-place version counter of every weight below k0, and the model's
 dtype); any change to those weights empties the cache.
 
 Bit for bit a function of the row: a state's bits must not depend on which batch
-computed it, or a run resumed with a cold cache drifts from the uninterrupted one
-(#26). Kernels are not batch-invariant: a row left-padded in a batch (its tokens
+computed it, or a run resumed with a cold cache drifts from the uninterrupted one.
+Kernels are not batch-invariant: a row left-padded in a batch (its tokens
 shifted, an explicit mask) differs in the last bits from the row alone, attention
 kernels reduce in an order that depends on the sequence length, and cuBLAS picks
 its GEMM kernel by shape. So the trunk runs every row in one canonical layout:
@@ -33,7 +33,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-from transformers import DynamicCache
+
+from .passes import LayerStack
 
 
 class _Node:
@@ -189,138 +190,9 @@ def common_prefix(edge, tokens, start=0) -> int:
     return n
 
 
-def decoder_layers(model):
-    """(parent module, attribute name, ModuleList) of the decoder's layer stack."""
-    n = model.config.get_text_config().num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            parent_name, _, attr = name.rpartition(".")
-            return model.get_submodule(parent_name), attr, module
-    raise ValueError("cannot find the decoder layer list")
-
-
-class _Captured(Exception):
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-
-def _hidden_of(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-class LayerStack:
-    """Runs a causal LM over a slice of its decoder layers, through the model's
-    own forward (masks, rotary embeddings, norm and head as transformers does
-    them): the other layers are swapped out, hidden states are fed to the first
-    layer of the slice by a pre-hook, and a forward hook can stop after the last."""
-
-    def __init__(self, model):
-        self.model = model
-        self.parent, self.attr, self.layers = decoder_layers(model)
-        self._slices: dict = {}
-
-    def run(self, hidden, start: int, stop: int | None = None, **inputs):
-        """Layers [start, stop) with ``hidden`` entering layer ``start`` (None: the
-        embeddings, start 0). ``stop=None`` runs on through the head and returns the
-        model's output; otherwise the hidden states leaving layer stop-1. A
-        ``past_key_values`` may hold only layers >= start (see _stand_in_below)."""
-        stop_ = len(self.layers) if stop is None else stop
-        handles = []
-
-        def inject(module, args, kwargs):
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
-
-        def finish(module, args, output):
-            raise _Captured(_hidden_of(output))
-
-        if hidden is not None:
-            if inputs.get("past_key_values") is not None:
-                self._stand_in_below(inputs["past_key_values"], start)
-            ids = inputs.pop("input_ids")  # no embedding lookup: a stand-in of the right shape, no memory
-            inputs["inputs_embeds"] = hidden.new_zeros(()).expand(*ids.shape, hidden.shape[-1])
-            handles.append(self.layers[start].register_forward_pre_hook(inject, with_kwargs=True))
-        if stop is not None:
-            handles.append(self.layers[stop - 1].register_forward_hook(finish))
-        part = self._slices.get((start, stop_))
-        if part is None:
-            part = self._slices[(start, stop_)] = torch.nn.ModuleList(list(self.layers)[start:stop_])
-        setattr(self.parent, self.attr, part)
-        try:
-            return self.model(**inputs)
-        except _Captured as captured:
-            return captured.hidden
-        finally:
-            setattr(self.parent, self.attr, self.layers)
-            for handle in handles:
-                handle.remove()
-
-    def _stand_in_below(self, past, start):
-        """A KV cache filled from layer ``start`` up holds nothing for the layers
-        below, yet transformers sizes the attention mask by the cache length of
-        layer 0 (``create_causal_mask`` -> ``get_mask_sizes(q, 0)``) and would
-        drop the cached prefix from it. Those layers never run, so each gets a
-        zero stand-in of the right batch and length (one head of width one:
-        batch x length values), added through the layer's own ``update`` so
-        that every layer type keeps its length bookkeeping."""
-        length = past.get_seq_length(start)
-        if length == 0:
-            return
-        keys = past.layers[start].keys
-        stand_in = keys.new_zeros(()).expand(keys.shape[0], 1, length, 1)
-        for layer in past.layers[:start]:
-            if layer.get_seq_length() == 0:
-                layer.update(stand_in, stand_in)
-
-    def last_positions(self, hidden, start: int, **inputs):
-        """The model's output for the last ``keep`` positions only, exactly: the
-        last layer computes keys and values for every position (later positions
-        attend to them) but queries, attention, output projection and MLP only
-        for the kept ones -- the other positions' outputs reach no logit.
-        ``hidden`` enters layer ``start`` (None: the embeddings, start 0); keep is
-        ``logits_to_keep``; ``attention_mask`` is 2-D or transformers' 4-D mask."""
-        last, keep = len(self.layers) - 1, inputs["logits_to_keep"]
-        if start < last:
-            hidden = self.run(hidden, start, last, **inputs)
-        ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
-        cut = ids.shape[1] - keep
-        rest = {k: v for k, v in inputs.items()
-                if k not in ("input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep")}
-        cache = _KeysAndValuesOf(last, config=self.model.config)
-        head_mask = mask[:, :cut] if mask.dim() == 2 else mask[:, :, :cut, :cut]
-        if self.run(hidden[:, :cut], last, None, input_ids=ids[:, :cut], attention_mask=head_mask,
-                    position_ids=positions[:, :cut], past_key_values=cache, use_cache=True, **rest) is not None:
-            raise NoKeysAndValues("the last layer did not store its keys and values through the KV cache")
-        cache.stop_layer = None
-        tail_mask = mask if mask.dim() == 2 else mask[:, :, cut:, :]
-        return self.run(hidden[:, cut:], last, None, input_ids=ids[:, cut:], attention_mask=tail_mask,
-                        position_ids=positions[:, cut:], past_key_values=cache, use_cache=True,
-                        logits_to_keep=keep, **rest)
-
-
-class NoKeysAndValues(Exception):
-    """The model's last layer keeps its keys and values in some other way."""
-
-
-class _KeysAndValuesOf(DynamicCache):
-    """A KV cache that stops the forward once layer ``stop_layer`` has stored its
-    keys and values (None: never)."""
-
-    def __init__(self, stop_layer, **kwargs):
-        super().__init__(**kwargs)
-        self.stop_layer = stop_layer
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == self.stop_layer:
-            raise _Captured(None)
-        return out
-
-
 class FrozenTrunk(LayerStack):
-    """Runs a causal LM with layers below k0 replaced by cached hidden states."""
+    """The hidden states entering layer k0, per row: cached, or captured in the
+    canonical layout. A LayerStack, so the passes run layers k0.. on them."""
 
     def __init__(self, model, cache: RadixCache, trainable):
         """``trainable``: the tensors MeZO moves. k0 is the first layer holding one;
@@ -353,11 +225,6 @@ class FrozenTrunk(LayerStack):
     def capture(self, **inputs) -> torch.Tensor:
         """Hidden states entering layer k0 (the rest of the forward is skipped)."""
         return self.run(None, 0, self.k0, **inputs)
-
-    def forward_from_cache(self, hidden: torch.Tensor, **inputs):
-        """The model's forward with layers below k0 skipped and ``hidden`` fed to layer k0.
-        ``past_key_values`` may come from an earlier call with ``use_cache=True``."""
-        return self.run(hidden, self.k0, None, **inputs)
 
     def states(self, rows):
         """Per row, the hidden states entering layer k0: cached, or computed once in
