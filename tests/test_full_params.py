@@ -8,6 +8,7 @@ from mezo_core.config import load_config
 from mezo_core.mezo import direction_seeds, mezo_step
 from mezo_core.stats import stats_of
 from mezo_backend_hf.backend import HFBackend
+from tiny import seeded
 
 LAYER3 = "['.*layers\\.3\\..*']"
 
@@ -17,7 +18,7 @@ def backend(model_dir, *extra):
 
 
 def batch():
-    gen = torch.Generator().manual_seed(4)
+    gen = seeded(4)
     return [Example(tuple(torch.randint(4, 250, (n,), generator=gen).tolist()), (11, 12)) for n in (4, 6, 9, 5)]
 
 

@@ -9,6 +9,7 @@ from mezo_core import Backend, Example
 from mezo_core.forwards import each_direction, objective
 from mezo_core.mezo import decayed, direction_seeds, mezo_step
 from mezo_core.perturb import apply_z, z_like
+from tiny import seeded
 
 SHAPES = [(4, 3), (7,), (2, 5)]
 
@@ -232,8 +233,7 @@ def test_decayed_spares_the_names_that_hold_a_pattern():
 
 def test_apply_z_with_per_tensor_decay_and_coefficients():
     """The oracle: theta_i * d_i + sum_k c_ki z(seed_k, i), computed tensor by tensor."""
-    print("seed", 1)
-    gen = torch.Generator().manual_seed(1)
+    gen = seeded(1)
     tensors = [torch.randn(s, generator=gen) for s in SHAPES]
     before = [t.clone() for t in tensors]
     decays, terms = [0.9, 1.0, 0.9], [(11, 0.5), (12, [-0.25, 0.125, -0.25])]

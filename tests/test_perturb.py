@@ -11,6 +11,7 @@ import torch
 
 from mezo_core import perturb
 from mezo_core.perturb import apply_z, merge_terms, mix, z_like
+from tiny import seeded
 
 U = 2.0 ** -24  # fp32 unit roundoff (half an ulp, relative)
 SEED = 20261202  # every random draw below derives from it; the seed in use is printed
@@ -418,7 +419,7 @@ def test_triton_kernel_matches_the_torch_path(dist):
 
 # -- dtypes ------------------------------------------------------------------------
 def test_bf16_tensors_are_updated_in_fp32_and_rounded_once():
-    t = torch.randn(300, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    t = torch.randn(300, generator=seeded(1)).to(torch.bfloat16)
     t0 = t.clone()
     decay, terms = 0.99, [(3, 0.1), (4, -0.02)]
     apply_z([t], terms, decay=decay)

@@ -319,7 +319,8 @@ def test_run_folder_checkpoints_never_write_through_links(tmp_path, capsys):
     import torch
 
     from mezo_core.checkpoints import RunFolder
-    gen = torch.Generator().manual_seed(31)
+    from tiny import seeded
+    gen = seeded(31)
     adapter = {"a": torch.randn(3, 4, generator=gen)}
     target = outside(tmp_path)
     folder = RunFolder(tmp_path / "run")

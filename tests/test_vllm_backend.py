@@ -25,6 +25,7 @@ from mezo_core import Example, MezoError
 from mezo_core.adapter import read_peft_adapter
 from mezo_core.forwards import objective, one_direction
 from mezo_core.stats import stats_of
+from tiny import seeded_random
 
 pytestmark = pytest.mark.vllm
 
@@ -169,7 +170,7 @@ def test_choice_losses_agree_with_hf(pair):
     vb, hb = pair
     for b in (vb, hb):
         b.perturb([(7, 0.4)])
-    rng = random.Random(3)
+    rng = seeded_random(3)
     prompts = [rand_ids(rng, rng.randint(2, 40)) for _ in range(6)] + [rand_ids(rng, 5)] * 2
     single = [(17,), (29,), (101,)]
     multi = [(17, 5), (29,), (101, 33, 8)]
@@ -281,7 +282,7 @@ def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
     for b in (vb, hb):
         b.perturb([(61, 0.5)])
     if with_choices:
-        rng = random.Random(6)
+        rng = seeded_random(6)
         choices = ((17,), (29, 4), (101,))
         batch = [Example(rand_ids(rng, rng.randint(3, 30)), choices[i % 3], choices) for i in range(7)]
     else:
@@ -315,7 +316,7 @@ def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
 def test_mezo_run_decreases_training_loss(pair):
     from mezo_core.mezo import direction_seeds, mezo_step
     vb, hb = pair
-    rng = random.Random(1)
+    rng = seeded_random(1)
     batch = [Example(rand_ids(rng, rng.randint(5, 12)), (42,)) for _ in range(8)]
     start = vb.losses(batch).mean().item()
     results = []
