@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -207,6 +208,36 @@ def test_eval_predictions_match_a_plain_peft_model(tmp_path, tiny_llama, capsys,
     for row, d, losses in zip(rows, dev, oracle):
         assert row["losses"] == pytest.approx(losses, abs=1e-4)
         assert row["prediction"] == min(range(2), key=lambda i: losses[i]) and row["label"] == d["label"]
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="bug: evaluation.evaluate indexes the function `generations` instead of the "
+                          "row's generated texts for a completion task's --predictions")
+def test_eval_predictions_of_a_completion_task(tmp_path, tiny_llama, capsys, fresh_registry):
+    """One JSON line per dev row, in file order, with the loss a plain transformers model gives
+    its completion (mean cross-entropy of the completion's tokens after the prompt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny import write_run_config
+    data = tmp_path / "sums.jsonl"
+    dev = [{"prompt": f"{a}+{a}=", "completion": f" {2 * a}"} for a in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in dev))
+    cfg = write_run_config(tmp_path, tiny_llama, {"task.kind": "completion", "task.train": str(data),
+                                                  "task.dev": str(data), "task.k_per_class": None})
+    preds = tmp_path / "preds.jsonl"
+    assert main(["eval", "-c", str(cfg), "--predictions", str(preds)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in rows] == [(d["prompt"], d["completion"]) for d in dev]
+    assert sum(r["exact_match"] for r in rows) / 4 == result["dev_exact_match"]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    for row, d in zip(rows, dev):
+        prompt = tok(d["prompt"])["input_ids"]
+        target = tok(d["completion"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1:-1]
+        assert row["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor(target))),
+                                            abs=1e-4)
 
 
 def test_the_gguf_conversion_is_keyed_by_content(tmp_path, monkeypatch):
