@@ -39,7 +39,7 @@ def test_every_field_is_listed_with_its_metadata_help():
     assert [note for _, _, note in rows] == [help.replace("|", "\\|") for _, help in expected]
 
 
-def test_help_is_metadata_not_comments(tmp_path):
+def test_help_is_metadata_not_comments():
     """A dataclass whose fields carry comments but no metadata has no meanings: the
     reference reads field metadata alone, so comment layout is not code."""
     @dataclasses.dataclass
