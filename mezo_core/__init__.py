@@ -10,6 +10,7 @@ from .forwards import Example, objective
 from .interfaces import Backend, EvictionPolicy, LocalTensorsBackend, Schedule, Signals
 from .stats import BackendStats
 from .errors import MezoError
+from .estimator import Estimator
 
-__all__ = ["hookimpl", "Backend", "BackendStats", "LocalTensorsBackend", "EvictionPolicy", "Example", "objective", "Schedule", "Signals", "MezoError"]
+__all__ = ["hookimpl", "Backend", "BackendStats", "LocalTensorsBackend", "EvictionPolicy", "Example", "objective", "Schedule", "Signals", "MezoError", "Estimator"]
 __version__ = "0.1.0"

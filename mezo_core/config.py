@@ -28,7 +28,7 @@ def plugin_sections(registry) -> Dict[str, Any]:
     keys; none where its name is not an identifier). Plugins own their settings;
     the core only merges them in, by name. Schedules have no section: one schedule
     may drive both lr and eps, so its settings sit beside the choice
-    (``mezo.lr_schedule_options``: ``schedule_options``)."""
+    (``mezo.lr_schedule_options``: ``choice_options``)."""
     core = {f.name for f in fields(RunConfig)}
     sections: Dict[str, Any] = {}
     owners: Dict[str, str] = {}
@@ -111,14 +111,15 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def schedule_options(cls, section, name: str) -> Any:
-    """The settings of schedule ``cls`` from the mapping ``name`` (``mezo.lr_schedule_options``
-    or ``mezo.eps_schedule_options``: one schedule class may drive both, so its settings
-    live beside the choice, not in a section of its own): an instance of ``cls.options``,
-    checked by ``options_from`` as every plugin's are, or None for a schedule that
-    declares none (the mapping must then be empty)."""
+def choice_options(cls, section, name: str, kind: str = "schedule") -> Any:
+    """The settings of the chosen schedule or estimator ``cls`` from the mapping ``name``
+    (``mezo.lr_schedule_options``, ``mezo.eps_schedule_options``, ``mezo.estimator_options``:
+    one schedule class may drive both lr and eps, so settings live beside the choice, not
+    in a section of their own): an instance of ``cls.options``, checked by ``options_from``
+    as every plugin's are, or None for a plugin that declares none (the mapping must then
+    be empty). ``kind`` names the plugin kind in errors."""
     options = getattr(cls, "options", None)
-    made = options_from(options or NO_OPTIONS, section, name, f"schedule {cls.name!r}")
+    made = options_from(options or NO_OPTIONS, section, name, f"{kind} {cls.name!r}")
     return made if options else None
 
 
@@ -209,7 +210,10 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
     for which in ("lr", "eps"):  # a registered schedule's options, likewise (an unknown name: the trainer's error)
         chosen = registry.items["epsilon_schedules"].get(cfg.mezo[f"{which}_schedule"])
         if chosen is not None:
-            schedule_options(chosen.obj, cfg.mezo[f"{which}_schedule_options"], f"mezo.{which}_schedule_options")
+            choice_options(chosen.obj, cfg.mezo[f"{which}_schedule_options"], f"mezo.{which}_schedule_options")
+    chosen = registry.items["estimators"].get(cfg.mezo.estimator)   # an estimator's options, likewise
+    if chosen is not None:
+        choice_options(chosen.obj, cfg.mezo.estimator_options, "mezo.estimator_options", "estimator")
     return cfg
 
 

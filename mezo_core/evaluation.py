@@ -54,8 +54,8 @@ def evaluate(task, backend, batch_size: int, progress=None, split: str = "dev",
             if predictions is not None:
                 for i, (r, loss) in enumerate(zip(chunk, chunk_losses)):
                     rows_out[id(r)] = {"prompt": r.text, "completion": r.completion, "loss": loss,
-                                       **({"generation": generations[i], "exact_match": matched[i]}
-                                          if generations else {})}
+                                       **({"generation": texts[i], "exact_match": matched[i]}
+                                          if texts else {})}
         if progress:
             progress.update(len(chunk))
     out = {f"{split}_loss": sum(losses) / len(losses), f"{split}_examples": len(records)}

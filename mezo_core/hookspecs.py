@@ -78,6 +78,16 @@ def register_loggers(register):
 
 
 @hookspec
+def register_estimators(register):
+    """Register estimators: ``register(EstimatorSubclass)`` (``mezo_core.Estimator``).
+
+    ``mezo.estimator`` picks one: how a step's forwards become an update. It is
+    built as ``cls(options)``, its ``options`` dataclass filled from
+    ``mezo.estimator_options`` (None for one that declares none).
+    """
+
+
+@hookspec
 def on_step_end(step, metrics):
     """Called after every optimisation step with the metrics dict that is also
     written to ``metrics.jsonl``. Loggers (W&B, TensorBoard, ...) hook in here.

@@ -86,7 +86,8 @@ def decayed(names: Sequence[str], exempt: Sequence[str]) -> list[bool]:
 
 
 def update(backend: Backend, result: StepResult, lr: float, weight_decay: float = 0.0,
-           next_direction: tuple[int, float] | None = None, decay_mask: Sequence[bool] | None = None) -> float:
+           next_direction: tuple[int, float] | None = None, decay_mask: Sequence[bool] | None = None,
+           coefficients: Sequence[float] | None = None) -> float:
     """theta <- decay*(theta - offset*z_q) - lr/q * sum g_i z_i [+ eps'*z'] in one pass
     (theta here carries offset*z_q; decay = 1 - lr*wd applies to the clean weights).
 
@@ -95,11 +96,15 @@ def update(backend: Backend, result: StepResult, lr: float, weight_decay: float 
     ``next_direction = (seed, eps)`` of the next step's first direction folds its
     +eps*z into this pass; returns the multiple of it left applied.
     ``decay_mask``: per trainable tensor, whether it decays (``decayed``; None: all).
+    ``coefficients``: the multiple of each z(seed) the step moves (an estimator's
+    ``coefficients``); None: SPSA's -lr/q * g_i.
     """
     decay = 1.0 - lr * weight_decay
     if decay != 1.0 and decay_mask is not None and not all(decay_mask):
         decay = [decay if d else 1.0 for d in decay_mask]   # per tensor, restore term too
-    terms = [(seed, -lr * g / len(result.seeds)) for seed, g in zip(result.seeds, result.grads)] if lr else []
+    if coefficients is None:
+        coefficients = [-lr * g / len(result.seeds) for g in result.grads]
+    terms = list(zip(result.seeds, coefficients)) if lr else []
     if result.offset:
         restore = ([-d * result.offset for d in decay] if isinstance(decay, list)
                    else -decay * result.offset)

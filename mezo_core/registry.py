@@ -27,9 +27,10 @@ class Registry:
     KINDS = {"backends": "register_backends",
              "eviction_policies": "register_eviction_policies",
              "epsilon_schedules": "register_epsilon_schedules",
-             "loggers": "register_loggers"}
+             "loggers": "register_loggers",
+             "estimators": "register_estimators"}
     SINGULAR = {"backends": "backend", "eviction_policies": "eviction policy",
-                "epsilon_schedules": "epsilon schedule", "loggers": "logger"}
+                "epsilon_schedules": "epsilon schedule", "loggers": "logger", "estimators": "estimator"}
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm

@@ -128,6 +128,10 @@ class MezoConfig:
     ema_half_life: int = setting(0, "evaluate, select and save an exponential moving average of the weights, "
                                     "half of it from the last ema_half_life steps (mezo_core/average.py: SPSA "
                                     "iterate averaging); 0: the raw weights")
+    estimator: str = setting("mezo", "how a step's forwards become an update, an estimator plugin: mezo "
+                                     "(two-sided SPSA, 2q forwards), fzoo (one-sided, q+1 forwards, step "
+                                     "normalised by the spread of the losses)")
+    estimator_options: Dict[str, Any] = setting(factory=dict, help="the estimator's own settings")
     lr_schedule_options: Dict[str, Any] = setting(factory=dict, help="the schedule's own settings")
     eps_schedule_options: Dict[str, Any] = setting(factory=dict, help="the eps schedule's settings")
 

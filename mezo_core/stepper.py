@@ -17,13 +17,14 @@ from .distributed import shard, sum_over_ranks
 from .errors import MezoError
 from .forwards import objective
 from .interfaces import Signals, restore, snapshot
-from .mezo import direction_seeds, probe, update
+from .mezo import direction_seeds, update
 from .stats import per_step, stats_of
 
 
 class Stepper:
-    def __init__(self, cfg, backend, task, lr, eps, guard, average, decay_mask, rank: int = 0, world: int = 1):
-        self.cfg, self.backend, self.task = cfg, backend, task
+    def __init__(self, cfg, backend, task, estimator, lr, eps, guard, average, decay_mask,
+                 rank: int = 0, world: int = 1):
+        self.cfg, self.backend, self.task, self.estimator = cfg, backend, task, estimator
         self.lr, self.eps, self.guard, self.average = lr, eps, guard, average
         self.decay_mask = decay_mask
         self.rank, self.world = rank, world
@@ -59,17 +60,19 @@ class Stepper:
         _check_schedule("mezo.eps_schedule", m.eps_schedule, "eps", eps, step, positive=True)
         stats_before = stats_of(self.backend)
         start = time.perf_counter()
-        result = probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
-                       reduce=sum_over_ranks, applied=self.applied)
+        result = self.estimator.probe(self.backend, batch, direction_seeds(cfg.seed, step, m.q), eps,
+                                      applied=self.applied, reduce=sum_over_ranks)
         event, new_best = self._judge(result, step, eps, state)
         rejected = bool(event) and event["event"] in ("nonfinite", "rise")
         lr = 0.0 if rejected else self.guard.lr_scale * self.lr(step, m.steps)
         _check_schedule("mezo.lr_schedule", m.lr_schedule, "lr", lr, step)
         next_direction = None
-        if m.fuse_steps and not (rejected or self.pauses_after(step + 1) or self._anchors(step + 1, new_best)):
+        if m.fuse_steps and self.estimator.fuses_next and not (
+                rejected or self.pauses_after(step + 1) or self._anchors(step + 1, new_best)):
             next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
         self.applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction,
-                         decay_mask=self.decay_mask)
+                              decay_mask=self.decay_mask,
+                              coefficients=self.estimator.coefficients(result, lr) if lr else None)
         if not rejected and next_direction is None:  # clean weights: an absurd state diverged too
             too_large = self.guard.check_weights(self._max_abs(self.pauses_after(step + 1)))
             if too_large:

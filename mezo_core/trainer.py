@@ -35,17 +35,31 @@ from .threads import SlowStepWatch
 
 
 def make_schedule(registry, field, name, start, end, warmup, options, q):
-    """A schedule plugin with its options, tried at both ends before anything is written."""
+    """A schedule plugin built with its options (``options``: the ``{field}_options``
+    mapping, checked against the schedule's ``options`` dataclass), tried at both ends
+    before anything is written."""
+    from .config import choice_options
     cls = registry.get("epsilon_schedules", name)
     if q < cls.min_directions:
         raise MezoError(f"config field {field!r}: schedule {name!r} needs mezo.q >= {cls.min_directions}")
+    settings = choice_options(cls, options, f"{field}_options")
     try:
-        schedule = cls(start, end, warmup, **dict(options))
+        schedule = cls(start, end, warmup) if settings is None else cls(start, end, warmup, settings)
         schedule(0, 1)
         schedule.value(1.0)
     except (ValueError, TypeError, ZeroDivisionError) as exc:
         raise MezoError(f"config field {field!r}: schedule {name!r} cannot run: {exc}") from None
     return schedule
+
+
+def make_estimator(registry, name: str, options, q: int):
+    """The estimator plugin ``mezo.estimator`` with its options (``mezo.estimator_options``)."""
+    from .config import choice_options
+    cls = registry.get("estimators", name)
+    if q < cls.min_directions:
+        raise MezoError(f"config field 'mezo.estimator': estimator {name!r} needs mezo.q >= {cls.min_directions}")
+    settings = choice_options(cls, options, "mezo.estimator_options", "estimator")
+    return cls(settings)
 
 
 def logger_class(registry, name: str):
@@ -89,12 +103,13 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         self.writes = self.rank == 0
         self.run = RunState(cfg, backend, self.writes, self.world)   # the folder: start/resume, checkpoints
+        estimator = make_estimator(registry, m.estimator, m.estimator_options, m.q)
+        self.stepper = Stepper(cfg, backend, self.task, estimator, self.lr, self.eps, self.guard, self.average,
+                               decayed(backend.trainable_names(), list(m.weight_decay_exempt)), self.rank, self.world)
 
     # -- the run ---------------------------------------------------------------
     @_releases_the_lock
     def train(self, resume: bool = False) -> dict:
-        self.stepper = Stepper(cfg, backend, self.task, self.lr, self.eps, self.guard, self.average,
-                               decayed(backend.trainable_names(), list(m.weight_decay_exempt)), self.rank, self.world)
         """The run, top to bottom: start (or resume), evaluate the starting adapter, then
         steps -- forwards, the guard's verdict, the schedules, the update -- with the
         evaluations and checkpoints they are due, then the final evaluation and files."""

@@ -210,9 +210,6 @@ def test_eval_predictions_match_a_plain_peft_model(tmp_path, tiny_llama, capsys,
         assert row["prediction"] == min(range(2), key=lambda i: losses[i]) and row["label"] == d["label"]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: evaluation.evaluate indexes the function `generations` instead of the "
-                          "row's generated texts for a completion task's --predictions")
 def test_eval_predictions_of_a_completion_task(tmp_path, tiny_llama, capsys, fresh_registry):
     """One JSON line per dev row, in file order, with the loss a plain transformers model gives
     its completion (mean cross-entropy of the completion's tokens after the prompt)."""

@@ -5,46 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mezo_core import Backend, Example
+from mezo_core import Example
 from mezo_core.forwards import each_direction, objective
 from mezo_core.mezo import decayed, direction_seeds, mezo_step
 from mezo_core.perturb import apply_z, z_like
-from tiny import seeded
-
-SHAPES = [(4, 3), (7,), (2, 5)]
-
-
-class QuadraticBackend(Backend):
-    """theta: a few fp32 tensors. Example j's loss: 0.5 * w_j * ||theta - target||^2
-    with w_j = 1 + prompt_ids[0] (so the batch matters)."""
-
-    name = "quadratic"
-
-    def __init__(self, seed=0):
-        print("seed", seed)
-        g = torch.Generator().manual_seed(seed)
-        self.tensors = [torch.randn(s, generator=g) for s in SHAPES]
-        self.targets = [torch.randn(s, generator=g) for s in SHAPES]
-        self.calls = []
-
-    def trainable_names(self):
-        return [f"t{i}" for i in range(len(self.tensors))]
-
-    def perturb(self, terms, decay=1.0):
-        self.calls.append(("perturb", list(terms), decay))
-        apply_z(self.tensors, terms, decay)
-
-    def losses(self, batch):
-        self.calls.append(("losses", len(batch)))
-        sq = sum(float(((t.double() - c.double()) ** 2).sum()) for t, c in zip(self.tensors, self.targets))
-        return torch.tensor([0.5 * (1 + e.prompt_ids[0]) * sq for e in batch], dtype=torch.float64)
-
-    def save_adapter(self, path):
-        raise NotImplementedError
-
-    def load_adapter(self, path):
-        raise NotImplementedError
-
+from tiny import QuadraticBackend, seeded
 
 class SideBySideBackend(QuadraticBackend):
     """Evaluates both signs and leaves the weights where they were: offset 0."""
@@ -234,7 +199,7 @@ def test_decayed_spares_the_names_that_hold_a_pattern():
 def test_apply_z_with_per_tensor_decay_and_coefficients():
     """The oracle: theta_i * d_i + sum_k c_ki z(seed_k, i), computed tensor by tensor."""
     gen = seeded(1)
-    tensors = [torch.randn(s, generator=gen) for s in SHAPES]
+    tensors = [torch.randn(s, generator=gen) for s in [(4, 3), (7,), (2, 5)]]
     before = [t.clone() for t in tensors]
     decays, terms = [0.9, 1.0, 0.9], [(11, 0.5), (12, [-0.25, 0.125, -0.25])]
     apply_z(tensors, terms, decays)

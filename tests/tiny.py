@@ -1,5 +1,9 @@
 """The test helpers live in ``mezo_core.testing`` (importable by plugin packages
 and benchmarks); this name stays for the tests that import ``tiny``."""
+import torch
+
+from mezo_core import Backend
+from mezo_core.perturb import apply_z
 from mezo_core.testing import (WORDS, InterruptAt, build_model, corpus, train_tokenizer,  # noqa: F401
                                write_run_config, write_task_files)
 
@@ -68,3 +72,36 @@ def plain_choice_losses(model_dir, adapter_dir, texts, template="{text} It was",
             losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(target))))
         out.append(losses)
     return out
+
+
+class QuadraticBackend(Backend):
+    """theta: a few fp32 tensors. Example j's loss: 0.5 * w_j * ||theta - target||^2
+    with w_j = 1 + prompt_ids[0] (so the batch matters): a loss with a known gradient.
+    ``calls`` records every perturbation and forward."""
+
+    name = "quadratic"
+
+    def __init__(self, seed=0, dist="gaussian", shapes=((4, 3), (7,), (2, 5))):
+        print("seed", seed)
+        g = torch.Generator().manual_seed(seed)
+        self.tensors = [torch.randn(s, generator=g) for s in shapes]
+        self.targets = [torch.randn(s, generator=g) for s in shapes]
+        self.dist, self.calls = dist, []
+
+    def trainable_names(self):
+        return [f"t{i}" for i in range(len(self.tensors))]
+
+    def perturb(self, terms, decay=1.0):
+        self.calls.append(("perturb", list(terms), decay))
+        apply_z(self.tensors, terms, decay, dist=self.dist)
+
+    def losses(self, batch):
+        self.calls.append(("losses", len(batch)))
+        sq = sum(float(((t.double() - c.double()) ** 2).sum()) for t, c in zip(self.tensors, self.targets))
+        return torch.tensor([0.5 * (1 + e.prompt_ids[0]) * sq for e in batch], dtype=torch.float64)
+
+    def save_adapter(self, path):
+        raise NotImplementedError
+
+    def load_adapter(self, path):
+        raise NotImplementedError

@@ -1,8 +1,9 @@
-"""mezo-run's built-in plugin: schedules, eviction policies and loggers, registered
+"""mezo-run's built-in plugin: estimators, schedules, eviction policies and loggers, registered
 through the ``mezo`` entry point exactly as a third-party package would: ``register(cls)``,
 named by ``cls.name``."""
 from mezo_core import hookimpl
 
+from .estimators import FZOO as FZOOEstimator, SPSA
 from .eviction import FIFO, LFU, LRU, SizeAware
 from .loggers import CsvLogger, JsonlLogger, TensorBoardLogger, WandbLogger
 from .schedules import FZOO, RMS, Constant, Cosine, Exponential, Linear, NoiseFloor, Spall, SpallEps
@@ -36,3 +37,9 @@ def register_loggers(register):
     register(CsvLogger)
     register(TensorBoardLogger)
     register(WandbLogger)
+
+
+@hookimpl
+def register_estimators(register):
+    register(SPSA)
+    register(FZOOEstimator)

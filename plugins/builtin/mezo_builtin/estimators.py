@@ -1,0 +1,80 @@
+"""Built-in estimators: how a step's forward passes become an update direction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mezo_core import Estimator
+from mezo_core.config import setting
+from mezo_core.forwards import objective
+from mezo_core.mezo import StepResult, probe
+
+
+class SPSA(Estimator):
+    """Two-sided SPSA over q directions (MeZO: Malladi et al. 2023, "Fine-Tuning
+    Language Models with Just Forward Passes", Algorithm 1):
+
+        g_i = (L(theta + eps z_i) - L(theta - eps z_i)) / (2 eps),   theta <- theta - lr/q * sum_i g_i z_i
+
+    2q forwards a step, both signs of a direction side by side where the backend
+    can (``Backend.population_losses``)."""
+    name = "mezo"
+    fuses_next = True
+
+    def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
+        return probe(backend, batch, seeds, eps, reduce=reduce, applied=applied)
+
+    def coefficients(self, result, lr):
+        return [-lr * g / len(result.seeds) for g in result.grads]
+
+
+@dataclass
+class FZOOOptions:
+    delta: float = setting(1e-8, "added to the spread of the perturbed losses (no division by 0)")
+
+
+class FZOO(Estimator):
+    """Batched one-sided estimate with a step normalised by the spread of the
+    perturbed losses (FZOO: Dang et al. 2025, "FZOO: Fast Zeroth-Order Optimizer for
+    Fine-Tuning Large Language Models towards Adam-Scale Speed", arXiv:2506.09034):
+
+        l_0 = L(theta),  l_i = L(theta + eps u_i)  (i = 1..N, N = mezo.q),
+        sigma = std_i(l_i),   theta <- theta - lr / (N (sigma + delta)) * sum_i (l_i - l_0) u_i
+
+    N + 1 forwards a step (MeZO's two-sided step over q directions takes 2q). As
+    (l_i - l_0) / sigma is dimensionless, every coordinate moves about lr whatever
+    the loss scale (normalised SGD; the paper's "Adam-scale" steps): its mezo.lr is
+    an Adam-like learning rate, not MeZO's. The paper draws Rademacher u_i:
+    ``mezo.z=rademacher``. Logged: loss_plus = mean_i l_i, loss_minus = l_0, and
+    g_i = (l_i - l_0) / eps. Backends with ``StateLosses`` (hf with hf.pm_batch)
+    evaluate all N + 1 states in one batch."""
+    name = "fzoo"
+    options = FZOOOptions
+    min_directions = 2   # a spread needs two perturbed losses
+
+    def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
+        if applied:
+            backend.perturb([(seeds[0], -applied)])   # l_0 is measured at theta itself
+        states = [[]] + [[(seed, eps)] for seed in seeds]
+        if hasattr(backend, "state_losses"):
+            losses, offset = backend.state_losses(batch, states), 0.0
+        else:   # one state after another; each move undoes the last and applies the next
+            losses, previous = [objective(backend, batch)], None
+            for seed in seeds:
+                backend.perturb(([(previous, -eps)] if previous is not None else []) + [(seed, eps)])
+                losses.append(objective(backend, batch))
+                previous = seed
+            offset = eps
+        sums = [float(loss.sum()) for loss in losses] + [float(len(batch))]
+        if reduce is not None:
+            sums = reduce(sums)
+        l0, perturbed = sums[0] / sums[-1], [s / sums[-1] for s in sums[1:-1]]
+        return StepResult(list(seeds), [(li - l0) / eps for li in perturbed], perturbed,
+                          [l0] * len(perturbed), offset=offset)
+
+    def coefficients(self, result, lr):
+        l0, perturbed = result.losses_minus[0], result.losses_plus
+        n = len(perturbed)
+        mean = sum(perturbed) / n
+        sigma = math.sqrt(sum((li - mean) ** 2 for li in perturbed) / (n - 1))
+        return [-lr * (li - l0) / (n * (sigma + self.opts.delta)) for li in perturbed]

@@ -1,0 +1,128 @@
+"""Estimators (``mezo.estimator``): each against a hand-worked reference written with
+plain torch and explicit z tensors, the built-in ``mezo`` bit for bit the MeZO step
+it replaced, and a run with each through the CLI (resume bitwise, listed, refused
+where it cannot run)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mezo_core import Example
+from mezo_core.cli import main
+from mezo_core.mezo import direction_seeds, mezo_step, update
+from mezo_core.perturb import z_like
+from mezo_core.registry import Registry, make_plugin_manager
+from mezo_core.testing import write_run_config
+from tiny import QuadraticBackend
+
+SEED = 20261207
+SHAPES = [(3, 4), (5,)]
+BATCH = [Example((0,), (1,)), Example((2,), (1,)), Example((1,), (1,))]
+
+
+def Quadratic(dist="gaussian"):
+    return QuadraticBackend(SEED, dist, SHAPES)
+
+
+def forwards(backend) -> int:
+    return sum(call[0] == "losses" for call in backend.calls)
+
+
+def estimator(name, **options):
+    cls = Registry(make_plugin_manager()).get("estimators", name)
+    return cls(cls.options(**options) if cls.options else None)
+
+
+def test_mezo_estimator_is_the_mezo_step_bit_for_bit():
+    print("seed", SEED)
+    spsa = estimator("mezo")
+    a, b = Quadratic(), Quadratic()
+    applied_a = applied_b = 0.0
+    for step in range(4):
+        seeds, nxt = direction_seeds(3, step, 2), (direction_seeds(3, step + 1, 2)[0], 1e-3)
+        result = mezo_step(a, BATCH, seeds, 1e-3, 1e-2, 0.1, applied=applied_a, next_direction=nxt)
+        applied_a = result.applied
+        got = spsa.probe(b, BATCH, seeds, 1e-3, applied=applied_b)
+        applied_b = update(b, got, 1e-2, 0.1, next_direction=nxt, coefficients=spsa.coefficients(got, 1e-2))
+        assert got.grads == result.grads
+        assert all(x.equal(y) for x, y in zip(a.tensors, b.tensors))
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_fzoo_equals_the_formula_written_out(n):
+    """FZOO (arXiv:2506.09034): l_0 = L(theta), l_i = L(theta + eps u_i), sigma = std(l_i),
+    theta <- theta - lr / (n sigma) * sum (l_i - l_0) u_i, with Rademacher u_i."""
+    print("seed", SEED)
+    eps, lr, wd = 1e-2, 1e-3, 0.0
+    fzoo = estimator("fzoo", delta=0.0)
+    backend, ref = Quadratic("rademacher"), [t.clone().double() for t in Quadratic().tensors]
+    targets = [c.double() for c in Quadratic().targets]
+    mean_loss = lambda ts: sum(0.5 * (1 + e.prompt_ids[0]) * sum(float(((t - c) ** 2).sum()) for t, c in zip(ts, targets))
+                               for e in BATCH) / len(BATCH)
+    for step in range(3):
+        seeds = direction_seeds(11, step, n)
+        before = forwards(backend)
+        result = fzoo.probe(backend, BATCH, seeds, eps)
+        assert forwards(backend) - before == n + 1                      # one unperturbed forward, n perturbed
+        update(backend, result, lr, wd, coefficients=fzoo.coefficients(result, lr))
+        us = [[z_like(t, s, i, "rademacher").double() for i, t in enumerate(ref)] for s in seeds]
+        l0 = mean_loss(ref)
+        ls = [mean_loss([t + eps * u for t, u in zip(ref, u_i)]) for u_i in us]
+        sigma = math.sqrt(sum((x - sum(ls) / n) ** 2 for x in ls) / (n - 1))
+        assert result.losses_minus[0] == pytest.approx(l0, rel=1e-6)
+        assert result.losses_plus == pytest.approx(ls, rel=1e-6)
+        ref = [t - lr / (n * sigma) * sum((li - l0) * u_i[i] for li, u_i in zip(ls, us)) for i, t in enumerate(ref)]
+        for got, want in zip(backend.tensors, ref):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fzoo_starts_from_theta_when_a_step_was_applied():
+    """An estimator that does not fuse is never handed an applied z by the trainer, but
+    a caller that passes one gets theta's own loss first all the same."""
+    fzoo = estimator("fzoo")
+    a, b = Quadratic(), Quadratic()
+    b.perturb([(1, 0.5)])                                   # theta + 0.5 z(seeds[0])
+    want = fzoo.probe(a, BATCH, [1, 2], 1e-2)
+    got = fzoo.probe(b, BATCH, [1, 2], 1e-2, applied=0.5)
+    assert got.losses_minus[0] == pytest.approx(want.losses_minus[0], rel=1e-6)
+    assert got.losses_plus == pytest.approx(want.losses_plus, rel=1e-6)
+
+
+# -- through the CLI ---------------------------------------------------------------------
+def run_config(tmp_path, model, **extra):
+    return write_run_config(tmp_path, model, {"mezo.steps": 6, "checkpoint_every": 3, "mezo.q": 3,
+                                              "mezo.lr": 1e-3, "mezo.eps": 1e-2, "mezo.z": "rademacher",
+                                              **extra})
+
+
+def test_fzoo_run_resumes_bitwise_and_logs_its_losses(tmp_path, tiny_llama, fresh_registry, capsys):
+    cfg = run_config(tmp_path / "a", tiny_llama)
+    assert main(["train", "-c", str(cfg), "mezo.estimator=fzoo"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["grads"]) for r in rows] == [3] * 6
+    for r in rows:   # g_i = (l_i - l_0) / eps, logged as loss_plus (mean l_i) and loss_minus (l_0)
+        assert sum(r["grads"]) / 3 * 1e-2 == pytest.approx(r["loss_plus"] - r["loss_minus"], rel=1e-6, abs=1e-9)
+    cut = run_config(tmp_path / "b", tiny_llama, **{"mezo.steps": 3})
+    assert main(["train", "-c", str(cut), "mezo.estimator=fzoo"]) == 0
+    assert main(["train", "-c", str(cut), "mezo.estimator=fzoo", "mezo.steps=6", "--resume"]) == 0
+    a = load_file(str(tmp_path / "a" / "run" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    moved = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step-0000003" / "adapter_model.safetensors"))
+    assert any(not moved[k].equal(a[k]) for k in a)            # training moved the adapter
+
+
+def test_estimator_refusals_name_the_field(tmp_path, tiny_llama, fresh_registry, capsys):
+    cfg = run_config(tmp_path, tiny_llama)
+    assert main(["train", "-c", str(cfg), "mezo.estimator=fzoo", "mezo.q=1"]) == 2
+    err = capsys.readouterr().err
+    assert "mezo.estimator" in err and "mezo.q >= 2" in err, err
+    assert main(["train", "-c", str(cfg), "mezo.estimator=fzoo", "mezo.estimator_options={width: 3}"]) == 2
+    err = capsys.readouterr().err
+    assert "mezo.estimator_options" in err and "width" in err, err
+    assert main(["train", "-c", str(cfg), "mezo.estimator=nope"]) == 2
+    assert "unknown estimator 'nope'" in capsys.readouterr().err
