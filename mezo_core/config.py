@@ -22,18 +22,23 @@ from .schema import (BEST_CORRECTIONS, DEFAULT_CONFIG, DEFAULT_RECIPE, MAX_LORA_
                      recipes, recipes_dir, setting)
 
 
+#: plugin kinds whose options are read from ``mezo.<choice>_options``, not a section named after the plugin
+BESIDE_THE_CHOICE = ("epsilon_schedules", "estimators")
+
+
 def plugin_sections(registry) -> Dict[str, Any]:
     """Section name -> the options dataclass of the plugin of that name, or
     ``Dict[str, Any]`` for a backend without one (free-form: the backend checks its
     keys; none where its name is not an identifier). Plugins own their settings;
-    the core only merges them in, by name. Schedules have no section: one schedule
-    may drive both lr and eps, so its settings sit beside the choice
-    (``mezo.lr_schedule_options``: ``choice_options``)."""
+    the core only merges them in, by name. Schedules and estimators have no section:
+    their settings sit beside the choice (``mezo.lr_schedule_options``,
+    ``mezo.estimator_options``: ``choice_options``), since one schedule may drive
+    both lr and eps, and a name such as fzoo is both a schedule and an estimator."""
     core = {f.name for f in fields(RunConfig)}
     sections: Dict[str, Any] = {}
     owners: Dict[str, str] = {}
     for kind, items in registry.items.items():
-        if kind == "epsilon_schedules":
+        if kind in BESIDE_THE_CHOICE:
             continue
         for name, entry in sorted(items.items()):
             options = getattr(entry.obj, "options", None)
