@@ -23,11 +23,11 @@ TOY_DIST, TOY_VERSION, TOY_MODULE = "mezo-toy-plugin", "9.8.7", "mezo_toy_plugin
 TOY_SOURCE = '''
 """An outside mezo-run plugin: a backend (the hf one, instrumented) with options
 of its own, an unavailable backend and a schedule."""
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from mezo_core import EvictionPolicy, Schedule, hookimpl
-from mezo_core.config import plugin_options
+from mezo_core.config import plugin_options, setting
 from mezo_backend_hf.backend import HFBackend
 
 CALLS = {"init": 0, "losses": 0}
@@ -35,8 +35,8 @@ CALLS = {"init": 0, "losses": 0}
 
 @dataclass
 class ToyOptions:
-    width: int = 4                # how wide the toy is
-    label: str = "plain"          # what it is called
+    width: int = field(default=4, metadata={"help": "how wide the toy is"})
+    label: str = setting("plain", "what it is called")
 
 
 class ToyBackend(HFBackend):
@@ -69,7 +69,7 @@ class OffBackend(ToyBackend):
 
 @dataclass
 class StingyOptions:
-    spare: int = 0                # entries it never evicts first
+    spare: int = setting(0, "entries it never evicts first")
 
 
 class Stingy(EvictionPolicy):
@@ -416,38 +416,32 @@ def fill(p, sizes):
     return p
 
 
-def test_lru():
-    p = fill(policy("lru"), {"a": 10, "b": 10, "c": 10})
-    assert p.victim() == "a"
-    p.touch("a")
-    assert p.victim() == "b"
-    p.remove("b")
-    assert p.victim() == "c"
-    p.touch("c")
-    assert p.victim() == "a"
+EVICTION_SCRIPTS = {   # case: (policy, steps "insert KEY BYTES", "touch KEY [TIMES]", "remove KEY", "victim KEY")
+    "lru": ("lru", "insert a 10; insert b 10; insert c 10; victim a; touch a; victim b; remove b; victim c; "
+                   "touch c; victim a"),
+    "fifo ignores hits": ("fifo", "insert a 10; insert b 10; insert c 10; touch a 2; victim a; remove a; victim b"),
+    # least hits first; a new entry has none
+    "lfu": ("lfu", "insert a 10; insert b 10; insert c 10; touch a 3; touch b; touch c 2; victim b; remove b; "
+                   "victim c; insert d 10; victim d"),
+    "lfu tie: oldest insertion": ("lfu", "insert x 1; insert y 1; victim x"),
+}
 
 
-def test_fifo_ignores_hits():
-    p = fill(policy("fifo"), {"a": 10, "b": 10, "c": 10})
-    p.touch("a")
-    p.touch("a")
-    assert p.victim() == "a"
-    p.remove("a")
-    assert p.victim() == "b"
-
-
-def test_lfu():
-    p = fill(policy("lfu"), {"a": 10, "b": 10, "c": 10})
-    for key, hits in (("a", 3), ("b", 1), ("c", 2)):
-        for _ in range(hits):
-            p.touch(key)
-    assert p.victim() == "b"
-    p.remove("b")
-    assert p.victim() == "c"
-    p.insert("d", 10)            # new, no hits: goes first
-    assert p.victim() == "d"
-    q = fill(policy("lfu"), {"x": 1, "y": 1})   # tie: oldest insertion
-    assert q.victim() == "x"
+@pytest.mark.parametrize("case", list(EVICTION_SCRIPTS))
+def test_eviction_order(case):
+    name, script = EVICTION_SCRIPTS[case]
+    p = policy(name)
+    for n, step in enumerate(script.split("; ")):
+        op, key, *arg = step.split()
+        if op == "insert":
+            p.insert(key, int(arg[0]))
+        elif op == "touch":
+            for _ in range(int(arg[0]) if arg else 1):
+                p.touch(key)
+        elif op == "remove":
+            p.remove(key)
+        else:
+            assert (op, p.victim()) == ("victim", key), (n, step)
 
 
 def test_size_aware():

@@ -6,7 +6,7 @@ keeps the trainable state: an fp32 copy of the LoRA tensors in PEFT layout, on
 hf backend (``mezo_core.perturb`` draws z on the tensor's device). How the
 engine follows it (``sglang.adapter_transport``):
 
-* ``in_place`` (the default with a real engine): seeds only. This package's
+* ``in_place`` (the default): seeds only. This package's
   SGLang plugin (``worker.py``, entry point ``sglang.srt.plugins``) gives the
   scheduler ``mezo_*`` methods; ``Engine.collective_rpc`` sends them (seed,
   coefficient) terms, and the scheduler regenerates the same z on its GPU and
@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
 
 import torch
@@ -101,26 +101,27 @@ def radix_eviction_policy(name: str | None) -> str | None:
 
 @dataclass
 class SGLangOptions:
-    eviction_policy: Optional[str] = None  # a mezo-run eviction policy (lru, lfu, fifo) as SGLang's
-                                           # radix_eviction_policy; None: SGLang's default (LRU)
-    adapter_transport: str = "auto"        # how the engine follows the state: "in_place" (seeds to the
-                                           # scheduler, slots written in place), or a new adapter version
-                                           # per change: "bucket" (one flattened fp32 tensor), "tensors",
-                                           # "disk"; auto: in_place (tensors with a stand-in engine)
-    paired_signs: bool = True              # in_place: both signs of a direction in one generate call
-                                           # (a second slot holds theta - eps z)
-    name: str = "mezo"                     # engine-side adapter names: <name>, <name>-minus (in_place),
-                                           # <name>-v<version> (the other transports)
-    #: a batch whose requests share at least this many leading tokens (up to
-    #: their logprob_start_len) sends one request first, so that the others
-    #: find the shared prefix in the radix cache (0: never). Requests sent
-    #: together share nothing, and every MeZO forward runs under a new adapter
-    #: version, so in training this is the only way the radix cache saves work.
-    #: It costs one more engine round trip (~20-60 ms on an H100): at 16 x 128
-    #: tokens with a 112-token shared prefix it made a 135M-shape step slower
-    #: (280 vs 204 ms); it pays off for long shared contexts on large models.
-    prime_min_tokens: int = 0
-    engine: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for sglang.Engine, over the defaults
+    eviction_policy: Optional[str] = setting(None, "a mezo-run eviction policy (lru, lfu, fifo) as SGLang's "
+                                                   "radix_eviction_policy; None: SGLang's default (LRU)")
+    adapter_transport: str = setting("auto", "how the engine follows the state: \"in_place\" (seeds to the "
+                                             "scheduler, slots written in place), or a new adapter version "
+                                             "per change: \"bucket\" (one flattened fp32 tensor), \"tensors\", "
+                                             "\"disk\"; auto: in_place")
+    paired_signs: bool = setting(True, "in_place: both signs of a direction in one generate call (a second "
+                                       "slot holds theta - eps z)")
+    name: str = setting("mezo", "engine-side adapter names: <name>, <name>-minus (in_place), "
+                                "<name>-v<version> (the other transports)")
+    prime_min_tokens: int = setting(0, "a batch whose requests share at least this many leading tokens (up to "
+                                       "their logprob_start_len) sends one request first, so that the others "
+                                       "find the shared prefix in the radix cache (0: never). Requests sent "
+                                       "together share nothing, and every MeZO forward runs under a new "
+                                       "adapter version, so in training this is the only way the radix cache "
+                                       "saves work. It costs one more engine round trip (~20-60 ms on an "
+                                       "H100): at 16 x 128 tokens with a 112-token shared prefix it made a "
+                                       "135M-shape step slower (280 vs 204 ms); it pays off for long shared "
+                                       "contexts on large models.")
+    engine: Dict[str, Any] = setting(factory=dict, help="keyword arguments for sglang.Engine, over the "
+                                                        "defaults")
 
     def __post_init__(self):
         check_option_types(self, "sglang")
@@ -211,7 +212,7 @@ class SGLangBackend(LocalTensorsBackend):
         self.opts = opts = options_from(SGLangOptions, cfg.get("sglang"), "sglang")
         self.transport = opts.adapter_transport
         if self.transport == "auto":
-            self.transport = "tensors" if engine_factory is not None else "in_place"
+            self.transport = "in_place"
         self.in_place = self.transport == "in_place"
         self.paired = self.in_place and opts.paired_signs
         self.prime_min_tokens = opts.prime_min_tokens  # see SGLangOptions (benchmarks change it on the fly)

@@ -63,7 +63,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Sequence
 
@@ -97,11 +97,12 @@ WORKER_EXTENSION = "mezo_backend_vllm.worker.MezoWorkerExtension"
 
 @dataclass
 class VLLMOptions:
-    multiprocessing: bool = False   # false: the engine core runs in this process (collective_rpc is a plain
-                                    # call); true: vLLM's engine process (needs the usual __main__ guard)
-    paired_signs: bool = True       # both signs of a direction in one engine call, a second adapter slot
-                                    # holding theta - eps z (needs engine max_loras >= 2, the default)
-    engine: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for vllm.LLM, over the defaults
+    multiprocessing: bool = setting(False, "false: the engine core runs in this process (collective_rpc is a "
+                                           "plain call); true: vLLM's engine process (needs the usual "
+                                           "__main__ guard)")
+    paired_signs: bool = setting(True, "both signs of a direction in one engine call, a second adapter slot "
+                                       "holding theta - eps z (needs engine max_loras >= 2, the default)")
+    engine: Dict[str, Any] = setting(factory=dict, help="keyword arguments for vllm.LLM, over the defaults")
 
     def __post_init__(self):
         check_option_types(self, "vllm")
