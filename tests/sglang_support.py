@@ -66,7 +66,38 @@ def examples(n, prompt_len, target_len, vocab=300, seed=0, shared_prefix=()):
     return out
 
 
-class FakeEngine:
+class WithScheduler:
+    """The scheduler side of a stand-in engine: ``collective_rpc`` reaches a
+    ``FakeScheduler``, created by the first adapter loaded from a folder (as
+    SGLang's pinned adapters are), which every such adapter joins."""
+    scheduler = None
+
+    def collective_rpc(self, method, **kwargs):
+        """Like SGLang: ``getattr(scheduler, method)(**kwargs)``, failures as an
+        AssertionError with the error's text."""
+        self.calls.append(("rpc", method))
+        try:
+            getattr(self.scheduler, method)(**kwargs)
+        except Exception as exc:  # noqa: BLE001 -- SGLang turns any error into its text
+            raise AssertionError(str(exc)) from None
+        self.slots_written()
+
+    def slots_written(self):
+        """After every RPC: what the stand-in serves may have changed."""
+
+    def to_scheduler(self, result, lora_name, tensors):
+        """``result`` of loading ``lora_name`` from a folder; on success the
+        adapter joins the scheduler's LoRA manager too."""
+        if result["success"]:
+            if self.scheduler is None:
+                self.scheduler = FakeScheduler(self, {n: t.shape for n, t in tensors.items()},
+                                               self.kwargs.get("max_lora_rank", 8),
+                                               self.kwargs.get("max_loras_per_batch", 2))
+            self.scheduler.manager.load(lora_name, tensors)
+        return result
+
+
+class FakeEngine(WithScheduler):
     """CPU stand-in for ``sglang.Engine`` (transformers + peft underneath).
 
     What it copies from SGLang 0.5.15:
@@ -81,7 +112,11 @@ class FakeEngine:
     - ``cached_tokens``: a radix cache keyed by ``lora_id`` that matches a
       prefix of at most ``logprob_start_len`` tokens of a request of an earlier
       call (requests of one call are prefilled together and share nothing,
-      as seen on the GPU host).
+      as seen on the GPU host);
+    - ``collective_rpc`` reaches a scheduler (``FakeScheduler``, created by the
+      first ``load_lora_adapter`` from a folder) that holds SGLang's LoRA memory
+      pool; an adapter in a memory-pool slot is served from that slot (read back
+      with ``sglang_unstacked``), so the in-place transport runs end to end.
     """
 
     def __init__(self, model_path, enable_lora=True, max_lora_rank=8, lora_target_modules=(),
@@ -119,7 +154,9 @@ class FakeEngine:
 
         from mezo_core.adapter import read_peft_adapter
         config = json.loads((Path(lora_path) / "adapter_config.json").read_text())
-        return self.load_lora_adapter_from_tensors(lora_name, read_peft_adapter(lora_path), config)
+        tensors = read_peft_adapter(lora_path)
+        return self.to_scheduler(self.load_lora_adapter_from_tensors(lora_name, tensors, config),
+                                 lora_name, tensors)
 
     def unload_lora_adapter(self, lora_name):
         self.calls.append(("unload", lora_name))
@@ -140,6 +177,8 @@ class FakeEngine:
     @torch.no_grad()
     def _use(self, name):
         lora_id, tensors, scaling = self.adapters[name]
+        if self.scheduler is not None:  # an adapter in a memory-pool slot is served from it
+            tensors = self.scheduler.manager.slot_tensors(name) or tensors
         for key, p in self.params.items():
             p.copy_(tensors[key])
         for module in self.model.modules():
@@ -196,7 +235,7 @@ def scripted_logprob(token, position, weight):
     return -(0.5 + ((7 * int(token) + 3 * int(position)) % 11) / 4 + 0.1 * math.sin(weight))
 
 
-class ScriptedEngine:
+class ScriptedEngine(WithScheduler):
     """A stand-in for ``sglang.Engine`` with no model: the log-probability of a
     token is ``scripted_logprob`` of the token, its position and the adapter the
     request names (as loaded: the sum of its tensors). It records every call and
@@ -213,16 +252,9 @@ class ScriptedEngine:
                                 # / ("rpc", method)
         self.requests = []      # one dict per request
         self.shut = False
-        self.scheduler = None   # a FakeScheduler, once an adapter is loaded from a folder
 
-    def collective_rpc(self, method, **kwargs):
-        """Like SGLang: ``getattr(scheduler, method)(**kwargs)``, failures as an
-        AssertionError with the error's text. The slots' sums are re-read after."""
-        self.calls.append(("rpc", method))
-        try:
-            getattr(self.scheduler, method)(**kwargs)
-        except Exception as exc:  # noqa: BLE001 -- SGLang turns any error into its text
-            raise AssertionError(str(exc)) from None
+    def slots_written(self):
+        """The slots' sums are re-read after every RPC."""
         for name, weight in self.scheduler.manager.slot_sums().items():
             self.adapters[name] = weight
 
@@ -237,14 +269,7 @@ class ScriptedEngine:
     def load_lora_adapter(self, lora_name, lora_path, pinned=False):
         from mezo_core.adapter import read_peft_adapter
         tensors = read_peft_adapter(lora_path)
-        result = self.load_lora_adapter_from_tensors(lora_name, tensors, {})
-        if result["success"]:
-            if self.scheduler is None:
-                self.scheduler = FakeScheduler(self, {n: t.shape for n, t in tensors.items()},
-                                               self.kwargs.get("max_lora_rank", 8),
-                                               self.kwargs.get("max_loras_per_batch", 2))
-            self.scheduler.manager.load(lora_name, tensors)
-        return result
+        return self.to_scheduler(self.load_lora_adapter_from_tensors(lora_name, tensors, {}), lora_name, tensors)
 
     def unload_lora_adapter(self, lora_name):
         self.calls.append(("unload", lora_name))
@@ -315,6 +340,32 @@ def sglang_stacked(tensors):
     return out
 
 
+def sglang_unstacked(a_buffers, b_buffers, slot, shapes):
+    """The inverse of ``sglang_stacked`` on slot ``slot`` of the buffers: each PEFT
+    tensor (``shapes``: name -> shape) read back from the place SGLang's load puts
+    it -- part p of a stack at A rows [p*r, (p+1)*r) and at B rows after the
+    widths of the parts before it (a missing part as wide as its sibling)."""
+    by = {}
+    for name, shape in shapes.items():
+        layer, module, kind = _split(name)
+        by.setdefault(layer, {})[(module, kind)] = (name, tuple(shape))
+    out = {}
+    for layer, parts in by.items():
+        for module, kind in list(parts):
+            stack, members = next(((s, m) for s, m in SGLANG_STACKS.items() if module in m), (module, (module,)))
+            p = members.index(module)
+            name, shape = parts[(module, kind)]
+            if kind == "A":
+                r = shape[0]
+                out[name] = a_buffers[stack][layer][slot, p * r:(p + 1) * r, :].clone()
+                continue
+            have = [parts.get((m, "B"), (None, None))[1] for m in members]
+            like = next(s for s in reversed(have) if s is not None)
+            start = sum((s or like)[0] for s in have[:p])
+            out[name] = b_buffers[stack][layer][slot, start:start + shape[0], :shape[1]].clone()
+    return out
+
+
 class FakeLoraManager:
     """SGLang's LoRAManager as the mezo worker sees it: ``lora_refs`` (uid ->
     ref with ``lora_name``), ``fetch_new_loras`` and a ``memory_pool`` with
@@ -353,6 +404,15 @@ class FakeLoraManager:
                 pool.B_buffer[module][layer][slot, :, :b.shape[1]] = b
             pool.uid_to_buffer_id[uid] = slot
 
+    def slot_tensors(self, name):
+        """The PEFT tensors of adapter ``name``'s memory-pool slot (None when it has none)."""
+        pool = self.memory_pool
+        uid = next((u for u, ref in self.lora_refs.items() if ref.lora_name == name), None)
+        if uid not in pool.uid_to_buffer_id:
+            return None
+        shapes = {n: t.shape for n, t in self.loras[uid].items()}
+        return sglang_unstacked(pool.A_buffer, pool.B_buffer, pool.uid_to_buffer_id[uid], shapes)
+
     def slot_sums(self):
         """name -> the sum of its slot's contents (what ScriptedEngine answers from)."""
         pool = self.memory_pool
@@ -379,5 +439,4 @@ class FakeScheduler:
         self.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(lora_manager=self.manager))
 
     def flush_cache(self, empty_cache=True):
-        self.engine.calls.append(("flush",))
-        return True
+        return self.engine.flush_cache()

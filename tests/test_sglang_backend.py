@@ -4,9 +4,11 @@ Two groups:
 - everywhere (CPU CI): the plugin loads without SGLang, says why it cannot run,
   maps eviction policies, and -- over ``ScriptedEngine``, a stand-in with no
   model that records every request -- sends the right requests (input ids,
-  logprob_start_len, adapter versions, loads, unloads, flushes) and turns the
-  answers into the right losses; one end-to-end run over ``FakeEngine``
-  (transformers + peft behind SGLang's call shapes) lowers the loss;
+  logprob_start_len, adapter slots or versions, loads, unloads, flushes) and
+  turns the answers into the right losses; one end-to-end run over
+  ``FakeEngine`` (transformers + peft behind SGLang's call shapes) lowers the
+  loss. Both stand-ins carry the scheduler side (``FakeScheduler``), so every
+  test runs the production transport, ``in_place``, unless it is about another;
 - on a CUDA machine with SGLang (``requires_sglang``): the same checks against a
   real ``sglang.Engine`` and the hf backend on the GPU, a short MeZO run, the
   radix cache's cached tokens and the stale-version test. Elsewhere they are
@@ -111,8 +113,10 @@ def test_real_engine_refused_here(llama):
 
 
 @pytest.fixture
-def scripted(llama):
-    sg = SGLangBackend(make_config(llama), engine_factory=ScriptedEngine)
+def scripted(llama, request):
+    """A backend over ScriptedEngine with the default options -- the production
+    transport, in_place -- or those of an indirect parameter."""
+    sg = SGLangBackend(make_config(llama, sglang=getattr(request, "param", None)), engine_factory=ScriptedEngine)
     yield sg
     engine = sg.engine
     sg.close()
@@ -131,7 +135,9 @@ def expected_losses(sg, batch):
                          / len(e.target_ids) for e in batch], dtype=torch.float64)
 
 
+@pytest.mark.parametrize("scripted", [{"adapter_transport": "tensors"}], indirect=True)
 def test_requests_losses_and_adapter_versions(scripted):
+    """The versioned transports: a new adapter version per change of the state."""
     sg, engine = scripted, scripted.engine
     batch = examples(4, 6, 3, seed=1)
     torch.testing.assert_close(sg.losses(batch), expected_losses(sg, batch), rtol=0, atol=1e-12)
@@ -212,19 +218,23 @@ def test_reset_cache_flushes_and_reset_stats_zeroes(scripted):
     assert stats.adapter_version == 0 and stats.hit_rate == 0.0   # a gauge keeps its value
 
 
-def test_save_load_and_disk_transport(llama, tmp_path):
-    cfg = make_config(llama, sglang={"adapter_transport": "disk"})
-    sg = SGLangBackend(cfg, engine_factory=ScriptedEngine)
+def save_change_load(sg, tmp_path, atol):
+    """Save a perturbed state, move away from it, load it back: its losses return."""
     batch = examples(2, 5, 2, seed=4)
     sg.perturb([(3, 0.7)])
     saved = sg.losses(batch)
     sg.save_adapter(tmp_path / "a")
     sg.perturb([(4, 0.7)])
     assert (sg.losses(batch) - saved).abs().max() > 1e-4
-    assert sorted(p.name for p in Path(sg._tmp).iterdir()) == ["mezo-v1"]  # the unloaded version's folder is gone
     sg.load_adapter(tmp_path / "a")
-    torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=1e-12)
-    sg.close()
+    torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("scripted", [{"adapter_transport": "disk"}], indirect=True)
+def test_save_load_and_disk_transport(scripted, tmp_path):
+    save_change_load(scripted, tmp_path, atol=1e-12)
+    # three versions went to the engine as folders (v0, v1, the loaded v2); the unloaded ones' are gone
+    assert sorted(p.name for p in Path(scripted._tmp).iterdir()) == ["mezo-v2"]
 
 
 def loss_before_and_after_mezo(sg, batch, steps, run_seed, eps, lr):
@@ -236,10 +246,14 @@ def loss_before_and_after_mezo(sg, batch, steps, run_seed, eps, lr):
 
 
 def test_fake_engine_mezo_lowers_loss(llama):
-    """End to end over FakeEngine (transformers + peft under SGLang's call shapes)."""
+    """End to end over FakeEngine (transformers + peft under SGLang's call shapes),
+    with the production transport: seeds to the scheduler, both signs from its slots."""
     sg = SGLangBackend(make_config(llama), engine_factory=FakeEngine)
     first, last = loss_before_and_after_mezo(sg, examples(4, 6, 2, seed=5), 12, 0, 1e-3, 5e-3)
     assert last < first - 0.2, (first, last)
+    assert sg.transport == "in_place" and sg.engine.calls.count(("rpc", "mezo_fill")) == 12
+    assert [c for c in sg.engine.calls if c[0] == "load_tensors"] == [("load_tensors", "mezo"),
+                                                                     ("load_tensors", "mezo-minus")]
     sg.close()
 
 
@@ -298,21 +312,15 @@ def test_slot_views_refuse_what_they_cannot_place():
         slot_views(["m.layers.0.self_attn.o_proj.lora_A.weight"], [(2, 4)], a, b, 0)
 
 
-@pytest.fixture
-def in_place(llama):
-    sg = SGLangBackend(make_config(llama, sglang={"adapter_transport": "in_place"}), engine_factory=ScriptedEngine)
-    yield sg
-    sg.close()
-
-
 def worker_state(sg, tmp_path):
     from safetensors.torch import load_file
     sg._rpc("mezo_save", path=str(tmp_path / "worker.safetensors"))
     return load_file(str(tmp_path / "worker.safetensors"))
 
 
-def test_in_place_sends_seeds_not_tensors(in_place, tmp_path):
-    sg, engine = in_place, in_place.engine
+def test_in_place_sends_seeds_not_tensors(scripted, tmp_path):
+    sg, engine = scripted, scripted.engine
+    assert SGLangOptions().adapter_transport == "auto" and sg.transport == "in_place" and sg.paired
     # start: two pinned adapters from one folder, handed to the scheduler; 3 slots (plus, minus, base)
     assert engine.calls == [("load", "mezo"), ("load", "mezo-minus"), ("rpc", "mezo_attach"), ("flush",)]
     assert engine.kwargs["max_loras_per_batch"] == 3
@@ -333,11 +341,11 @@ def test_in_place_sends_seeds_not_tensors(in_place, tmp_path):
     assert stats.adapter_loads == 0 and stats.adapter_writes == 3 and stats.adapter_version == 2
 
 
-def test_in_place_paired_signs_one_call(in_place, tmp_path):
+def test_in_place_paired_signs_one_call(scripted, tmp_path):
     """Both signs in one generate call (rows 0..B-1 on the plus slot, B..2B-1 on the
     minus slot), with the losses of theta +- eps z computed here from z itself."""
     from mezo_core.perturb import z_like
-    sg, engine = in_place, in_place.engine
+    sg, engine = scripted, scripted.engine
     batch = examples(3, 5, 2, seed=3)
     theta = {n: t.clone() for n, t in sg.state_dict().items()}
     engine.requests.clear()
@@ -385,17 +393,10 @@ def test_in_place_training_matches_versioned_loads(llama, tmp_path):
         assert torch.equal(worker[name], tensor.cpu())
 
 
-def test_in_place_load_and_restore_reach_the_scheduler(in_place, tmp_path):
-    sg = in_place
-    batch = examples(2, 5, 2, seed=4)
+def test_in_place_load_and_restore_reach_the_scheduler(scripted, tmp_path):
+    sg = scripted
     snap = snapshot(sg)
-    sg.perturb([(3, 0.7)])
-    saved = sg.losses(batch)
-    sg.save_adapter(tmp_path / "a")
-    sg.perturb([(4, 0.7)])
-    assert (sg.losses(batch) - saved).abs().max() > 1e-4
-    sg.load_adapter(tmp_path / "a")
-    torch.testing.assert_close(sg.losses(batch), saved, rtol=0, atol=1e-9)
+    save_change_load(sg, tmp_path, atol=1e-9)
     restore(sg, snap)
     mine = worker_state(sg, tmp_path)
     assert all(torch.equal(mine[n], snap[n]) for n in snap)
