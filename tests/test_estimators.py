@@ -126,3 +126,29 @@ def test_estimator_refusals_name_the_field(tmp_path, tiny_llama, fresh_registry,
     assert "mezo.estimator_options" in err and "width" in err, err
     assert main(["train", "-c", str(cfg), "mezo.estimator=nope"]) == 2
     assert "unknown estimator 'nope'" in capsys.readouterr().err
+
+
+def test_fzoo_batched_states_match_the_sequence(tiny_llama):
+    """hf.pm_batch evaluates FZOO's q + 1 states in one batch of side adapters: the same
+    losses as one state after another (fp32 rounding of the sequence's restores apart),
+    and the trained adapter left at theta itself (offset 0)."""
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_core.config import load_config
+    from tiny import seeded
+    gen = seeded(SEED)
+    batch = [Example(tuple(torch.randint(4, 250, (n,), generator=gen).tolist()), (11, 12)) for n in (4, 7, 5)]
+    fzoo, got = estimator("fzoo"), {}
+    for pm_batch in (False, True):
+        backend = HFBackend(load_config(None, [f"model.path={tiny_llama}", "mezo.z=rademacher", "lora.r=4",
+                                               f"hf.pm_batch={str(pm_batch).lower()}", "lora.layers=[2,3]"]))
+        backend.perturb([(5, 0.01)])                      # a trained adapter that is not B = 0
+        start = [t.clone() for t in backend.trainable_tensors()]
+        got[pm_batch] = fzoo.probe(backend, batch, [21, 22, 23], 1e-2)
+        moved = [t - s for t, s in zip(backend.trainable_tensors(), start)]
+        if pm_batch:
+            assert got[pm_batch].offset == 0.0 and all(not m.any() for m in moved)
+        else:
+            assert got[pm_batch].offset == 1e-2 and any(m.any() for m in moved)
+    assert got[True].losses_minus == pytest.approx(got[False].losses_minus, rel=1e-6)
+    assert got[True].losses_plus == pytest.approx(got[False].losses_plus, rel=1e-5)
+    assert len(set(got[True].losses_plus)) == 3                # three directions, three losses

@@ -109,14 +109,23 @@ class HFBackend(LocalTensorsBackend):
             return each_direction(self, batch, seeds, eps, applied, pair=self._plus_minus_on_device)
         if applied:
             self.perturb([(seeds[0], -applied)])  # the side adapters start from theta itself
-        names = []
-        for i, seed in enumerate(seeds):
-            for sign, name in ((1.0, f"mezo_p{i}"), (-1.0, f"mezo_m{i}")):
-                self.side.fill(name, self._tensors, [(seed, sign * eps)])
-                names.append(name)
-        rows = objective(self, list(batch) * len(names), adapters=[name for name in names for _ in batch])
-        losses = rows.view(len(names), len(batch))
+        states = [[(seed, sign * eps)] for seed in seeds for sign in (1.0, -1.0)]
+        losses = self.state_losses(batch, states)
         return [(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))], 0.0
+
+    @torch.no_grad()
+    def state_losses(self, batch, states):
+        """hf.pm_batch: the losses under theta + sum(coef * z(seed)) of every state
+        (a list of terms; [] is theta itself), shape [len(states), B], in one batch:
+        block j of B rows runs under side adapter j. The trained adapter does not move.
+        None without hf.pm_batch (the caller then runs the states one after another)."""
+        if not self.opts.pm_batch:
+            return None
+        names = [f"mezo_s{j}" for j in range(len(states))]
+        for name, terms in zip(names, states):
+            self.side.fill(name, self._tensors, terms)
+        rows = objective(self, list(batch) * len(names), adapters=[name for name in names for _ in batch])
+        return rows.view(len(names), len(batch))
 
     def _plus_minus_on_device(self, batch, seed, eps, applied):
         loss_plus, loss_minus, offset = plus_minus(self, batch, seed, eps, applied, on_device=True)

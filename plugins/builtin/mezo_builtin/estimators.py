@@ -55,10 +55,10 @@ class FZOO(Estimator):
     def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
         if applied:
             backend.perturb([(seeds[0], -applied)])   # l_0 is measured at theta itself
-        states = [[]] + [[(seed, eps)] for seed in seeds]
-        if hasattr(backend, "state_losses"):
-            losses, offset = backend.state_losses(batch, states), 0.0
-        else:   # one state after another; each move undoes the last and applies the next
+        batched = getattr(backend, "state_losses", None)
+        losses = batched(batch, [[]] + [[(seed, eps)] for seed in seeds]) if batched else None
+        offset = 0.0
+        if losses is None:   # one state after another; each move undoes the last and applies the next
             losses, previous = [objective(backend, batch)], None
             for seed in seeds:
                 backend.perturb(([(previous, -eps)] if previous is not None else []) + [(seed, eps)])
