@@ -125,7 +125,7 @@ def _print_summary(summary, cfg):
     """Zero-shot, the last adapter and best/, each with its step and figures; the run's
     result (adapter/) marked. Nothing trained is hidden behind the selection."""
     zero, final, best = summary.get("zero_shot") or {}, summary.get("final") or {}, summary.get("best")
-    key = next(k for k in ("dev_accuracy", "dev_exact_match", "dev_loss") if k in final)
+    key = next(k for k in ("dev_accuracy", "dev_reward", "dev_exact_match", "dev_loss") if k in final)
     val = key.replace("dev_", "val_")
     print(f"\nDev {key.replace('dev_', '')} ({final.get('dev_examples')} examples of {cfg.task.dev}) "
           f"after {summary['step']} MeZO steps ({cfg.backend} backend):")
@@ -178,7 +178,8 @@ def cmd_backends(args, cfg, registry):
               f"{', '.join(entry.obj.capabilities)}")
         if reason:
             print(f"{'':10} -> {reason}")
-    for kind in ("epsilon_schedules", "eviction_policies", "loggers"):
+    for kind in [k for k in ("estimators", "rewards", "epsilon_schedules", "eviction_policies", "loggers")
+                 if k in registry.items]:
         items = registry.items[kind]
         print(f"{kind.replace('_', ' ')}: " + ", ".join(
             f"{n} ({e.distribution}{', unavailable' if _unavailable(e.obj) else ''})"

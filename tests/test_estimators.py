@@ -152,3 +152,9 @@ def test_fzoo_batched_states_match_the_sequence(tiny_llama):
     assert got[True].losses_minus == pytest.approx(got[False].losses_minus, rel=1e-6)
     assert got[True].losses_plus == pytest.approx(got[False].losses_plus, rel=1e-5)
     assert len(set(got[True].losses_plus)) == 3                # three directions, three losses
+
+
+def test_estimators_are_listed_with_their_distribution(capsys, fresh_registry):
+    assert main(["backends"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("estimators:"))
+    assert "fzoo (mezo-run)" in line and "mezo (mezo-run)" in line, line
