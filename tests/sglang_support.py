@@ -48,7 +48,7 @@ def make_config(model_dir, device="cpu", dtype="float32", seed=0, r=8, sglang=No
                              f"model.dtype={dtype}", f"seed={seed}", f"lora.r={r}",
                              f"lora.alpha={2 * r}"] + [f"{k}={v}" for k, v in extra.items()])
     if sglang:  # the typed section; keys that are not SGLangOptions' go to its engine dict
-        from mezo_backend_sglang.backend import SGLangOptions
+        from mezo_backend_sglang.options import SGLangOptions
         from mezo_core.testing import typed_section
         merged = {**OmegaConf.to_container(cfg.sglang), **sglang}
         cfg.sglang = typed_section(SGLangOptions, merged, "sglang")

@@ -32,8 +32,8 @@ from sglang_support import FakeEngine, ScriptedEngine, build_llama, examples, ma
 # the backend package (backends/sglang): installed by `make test`; a host that installs only
 # the core (the GPU host's kernel suite) skips this file rather than failing collection
 pytest.importorskip("mezo_backend_sglang", reason="the mezo-backend-sglang package is not installed")
-from mezo_backend_sglang.backend import (RADIX_EVICTION, UNSUPPORTED_EVICTION, SGLangBackend, SGLangOptions,
-                                         radix_eviction_policy)
+from mezo_backend_sglang.backend import SGLangBackend
+from mezo_backend_sglang.options import RADIX_EVICTION, UNSUPPORTED_EVICTION, SGLangOptions, radix_eviction_policy
 
 
 def _gpu_skip_reason():

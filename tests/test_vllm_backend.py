@@ -48,7 +48,7 @@ def make_cfg(model_dir, **vllm_opts):
     cfg.lora.r = 8
     cfg.lora.alpha = 16.0
     cfg.lora.target_modules = ["q_proj", "v_proj"]
-    from mezo_backend_vllm.backend import VLLMOptions
+    from mezo_backend_vllm.options import VLLMOptions
     from mezo_core.testing import typed_section
     # the typed section; keys that are not VLLMOptions' go to its engine dict
     cfg.vllm = typed_section(VLLMOptions, {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256,

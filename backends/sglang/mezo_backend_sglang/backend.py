@@ -4,22 +4,9 @@ The engine (``sglang.Engine``) runs the model in its own processes. The driver
 keeps the trainable state: an fp32 copy of the LoRA tensors in PEFT layout, on
 ``model.device`` (CUDA), so that ``perturb`` regenerates exactly the z of the
 hf backend (``mezo_core.perturb`` draws z on the tensor's device). How the
-engine follows it (``sglang.adapter_transport``):
-
-* ``in_place`` (the default): seeds only. This package's
-  SGLang plugin (``worker.py``, entry point ``sglang.srt.plugins``) gives the
-  scheduler ``mezo_*`` methods; ``Engine.collective_rpc`` sends them (seed,
-  coefficient) terms, and the scheduler regenerates the same z on its GPU and
-  writes theta into a pinned adapter's memory-pool slot in place, flushing the
-  radix cache (keyed by the adapter, which an in-place write keeps) so no prefix
-  is ever served across states. A second slot holds theta - eps z: both signs of
-  a step go in one ``generate`` call (``paired_signs``).
-* ``bucket``, ``tensors``, ``disk``: whenever the state has changed and losses
-  are asked for, it is loaded as a new adapter *version* under a new name
-  (``load_lora_adapter_from_tensors`` or a PEFT folder) and the previous
-  version is unloaded. SGLang's radix cache is keyed by the adapter's
-  ``lora_id``, fresh per load, so a prefix computed under one version can never
-  serve a request of another; the versioned name makes that guarantee ours.
+engine follows it (``sglang.adapter_transport``: seeds to the scheduler's
+adapter slots in place, or a new adapter version per change) is
+``transport.py``.
 
 Losses come from ``generate(input_ids, return_logprob=True,
 logprob_start_len=len(prompt) - 1, max_new_tokens=1)``: the engine returns the
@@ -29,121 +16,36 @@ target token. The radix cache reuses a cached prefix only up to
 ``logprob_start_len``, so this start is also the longest prefix that can be
 shared between examples (a few-shot context, a classification template).
 
-Options: the ``sglang`` section of the run config is ``SGLangOptions``: the
-keys this module reads and ``engine``, the keyword arguments passed to
-``sglang.Engine`` over the defaults below. Any other key of the section
-(``sglang.mem_fraction_static=0.3``, as before ``engine`` existed) goes into
-``engine`` too.
+Options: the ``sglang`` section of the run config is ``SGLangOptions``
+(``options.py``).
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Optional, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
-from mezo_core.config import options_from, setting
+from mezo_core.config import options_from
 from mezo_core.forwards import each_direction, objective
-from mezo_core.interfaces import check_option_types
 from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
 
-
-#: mezo-run EvictionPolicy names -> SGLang's --radix-eviction-policy.
-#: SGLang evicts leaves of its radix tree, ordered by a per-node priority:
-#: last access time (lru), (hit count, last access) (lfu), creation time (fifo).
-#: mezo's LFU breaks ties by oldest insertion, SGLang's by least recent access.
-RADIX_EVICTION = {"lru": "lru", "lfu": "lfu", "fifo": "fifo"}
-
-#: policies SGLang's radix cache cannot honour, with the reason.
-UNSUPPORTED_EVICTION = {
-    "size": "GreedyDual-Size ranks entries by (hits+1)/bytes, but SGLang's radix tree ranks "
-            "nodes only by access time, hit count, creation time or request priority; "
-            "a node's size plays no part",
-}
-
-#: how the engine's adapter follows the state (see the module docstring)
-TRANSPORTS = ("auto", "in_place", "bucket", "tensors", "disk")
+from .options import SGLangOptions, radix_eviction_policy
+from .transport import AdapterTransport, lora_config_dict
 
 #: what ``stats()`` counts (BackendStats' names): one lookup per request, a hit
 #: when any prompt token was cached
 COUNTERS = ("lookups", "hits", "tokens_reused", "tokens_looked_up", "target_tokens", "requests",
             "generate_calls", "generate_s", "primed_batches", "adapter_loads", "adapter_unloads", "adapter_load_s",
             "adapter_writes", "adapter_write_s")
-
-
-def radix_eviction_policy(name: str | None) -> str | None:
-    """SGLang's radix eviction policy for mezo-run's eviction policy ``name``
-    (None: leave SGLang's default, LRU). Raises MezoError for a policy that the
-    radix cache cannot honour."""
-    if name is None:
-        return None
-    key = str(name).lower()
-    if key in RADIX_EVICTION:
-        return RADIX_EVICTION[key]
-    if key in UNSUPPORTED_EVICTION:
-        raise MezoError(f"sglang.eviction_policy: {name!r} cannot be honoured by SGLang's radix "
-                        f"cache: {UNSUPPORTED_EVICTION[key]}. Use one of "
-                        f"{', '.join(sorted(RADIX_EVICTION))}")
-    raise MezoError(f"sglang.eviction_policy: {name!r} has no SGLang radix-cache counterpart "
-                    f"(SGLang can honour {', '.join(sorted(RADIX_EVICTION))}; its own policies "
-                    f"'slru' and 'priority' can be set with sglang.radix_eviction_policy)")
-
-
-@dataclass
-class SGLangOptions:
-    eviction_policy: Optional[str] = setting(None, "a mezo-run eviction policy (lru, lfu, fifo) as SGLang's "
-                                                   "radix_eviction_policy; None: SGLang's default (LRU)")
-    adapter_transport: str = setting("auto", "how the engine follows the state: \"in_place\" (seeds to the "
-                                             "scheduler, slots written in place), or a new adapter version "
-                                             "per change: \"bucket\" (one flattened fp32 tensor), \"tensors\", "
-                                             "\"disk\"; auto: in_place")
-    paired_signs: bool = setting(True, "in_place: both signs of a direction in one generate call (a second "
-                                       "slot holds theta - eps z)")
-    name: str = setting("mezo", "engine-side adapter names: <name>, <name>-minus (in_place), "
-                                "<name>-v<version> (the other transports)")
-    prime_min_tokens: int = setting(0, "a batch whose requests share at least this many leading tokens (up to "
-                                       "their logprob_start_len) sends one request first, so that the others "
-                                       "find the shared prefix in the radix cache (0: never). Requests sent "
-                                       "together share nothing, and every MeZO forward runs under a new "
-                                       "adapter version, so in training this is the only way the radix cache "
-                                       "saves work. It costs one more engine round trip (~20-60 ms on an "
-                                       "H100): at 16 x 128 tokens with a 112-token shared prefix it made a "
-                                       "135M-shape step slower (280 vs 204 ms); it pays off for long shared "
-                                       "contexts on large models.")
-    engine: Dict[str, Any] = setting(factory=dict, help="keyword arguments for sglang.Engine, over the "
-                                                        "defaults")
-
-    def __post_init__(self):
-        check_option_types(self, "sglang")
-        if self.adapter_transport not in TRANSPORTS:
-            raise MezoError(f"sglang.adapter_transport: {self.adapter_transport!r} "
-                            f"(use {', '.join(repr(t) for t in TRANSPORTS)})")
-        if self.prime_min_tokens < 0:
-            raise MezoError(f"sglang.prime_min_tokens: {self.prime_min_tokens} (0 or more)")
-        policy = radix_eviction_policy(self.eviction_policy)
-        native = self.engine.get("radix_eviction_policy")
-        if policy is not None and native is not None and native != policy:
-            raise MezoError(f"sglang: eviction_policy maps to radix_eviction_policy={policy!r} "
-                            f"but radix_eviction_policy={native!r} is also set")
-
-
-def lora_config_dict(lora, base_model: str = "") -> dict[str, Any]:
-    """The adapter_config.json content SGLang needs to accept an adapter."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora.r),
-            "lora_alpha": float(lora.alpha), "lora_dropout": 0.0, "bias": "none",
-            "target_modules": list(lora.target_modules),
-            "layers_to_transform": None if lora.layers is None else list(lora.layers),
-            "use_dora": False, "use_rslora": False, "base_model_name_or_path": str(base_model)}
 
 
 def target_logprobs(meta_info: dict, example: Example, start: int) -> list[float]:
@@ -187,7 +89,7 @@ def losses_under_folder(engine, folder, batch: Sequence[Example], name: str = "f
     return losses, outs
 
 
-class SGLangBackend(LocalTensorsBackend):
+class SGLangBackend(AdapterTransport, LocalTensorsBackend):
     name = "sglang"
     capabilities = ("cuda", "bf16", "fp16", "lora", "prefix-cache", "radix-cache",
                     "adapter-versions", "single-token-choices")
@@ -272,35 +174,6 @@ class SGLangBackend(LocalTensorsBackend):
         if self.in_place:
             self._attach()
 
-    # -- in_place: the scheduler holds the state in two adapter slots -----------------
-    def _attach(self) -> None:
-        """Load the initial state as two pinned adapters (plus, minus) and hand
-        them to the scheduler's mezo methods (``worker.py``)."""
-        self._tmp = tempfile.mkdtemp(prefix="mezo-sglang-")
-        folder = os.path.join(self._tmp, "initial")
-        write_peft_adapter(self.state_dict(), self.lora, self.model_dir, folder)
-        self._slot_names = (self.prefix, f"{self.prefix}-minus")
-        for name in self._slot_names:
-            self._check(self.engine.load_lora_adapter(name, folder, pinned=True), f"loading adapter {name}")
-        self._rpc("mezo_attach", slots={"plus": self._slot_names[0], "minus": self._slot_names[1]},
-                  adapter_dir=folder)
-        self._loaded, self._dirty, self._version = self._slot_names[0], False, 1  # version 0 is in the engine
-
-    def _rpc(self, method: str, **kwargs) -> None:
-        t0 = time.perf_counter()
-        try:
-            self.engine.collective_rpc(method, **kwargs)
-        except AssertionError as exc:  # SGLang asserts the scheduler's success flag
-            text = str(exc)
-            if "has no attribute 'mezo_" in text:
-                text = ("the scheduler has no mezo methods: the mezo-backend-sglang package's SGLang "
-                        "plugin (entry point group sglang.srt.plugins) is not installed where SGLang "
-                        "runs; pip install it, or set sglang.adapter_transport=bucket")
-            raise MezoError(f"sglang: {method} failed in the scheduler: {text}") from None
-        if method != "mezo_attach":  # writes only: the one-time attach is not a write
-            self._stats["adapter_write_s"] += time.perf_counter() - t0
-            self._stats["adapter_writes"] += 1
-
     # -- the trainable state --------------------------------------------------
     def perturb(self, terms, decay=1.0):
         super().perturb(terms, decay)
@@ -329,69 +202,6 @@ class SGLangBackend(LocalTensorsBackend):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self._names, self._tensors))
-
-    @property
-    def adapter_name(self) -> str:
-        """The engine-side adapter that holds the current state (loading it if needed)."""
-        return self._sync()
-
-    def _sync(self) -> str:
-        if self.in_place or (not self._dirty and self._loaded is not None):
-            return self._loaded
-        name = f"{self.prefix}-v{self._version}"
-        self._version += 1
-        t0 = time.perf_counter()
-        if self.transport == "bucket":
-            result = self.engine.load_lora_adapter_from_tensors(
-                name, self._bucket(), dict(self._config_dict), load_format="flattened_bucket")
-        elif self.transport == "tensors":
-            tensors = {n: t.detach().to("cpu", torch.float32).contiguous()
-                       for n, t in zip(self._names, self._tensors)}
-            result = self.engine.load_lora_adapter_from_tensors(name, tensors, dict(self._config_dict))
-        else:
-            if self._tmp is None:
-                self._tmp = tempfile.mkdtemp(prefix="mezo-sglang-")
-            folder = os.path.join(self._tmp, name)
-            write_peft_adapter(self.state_dict(), self.lora, self.model_dir, folder)
-            result = self.engine.load_lora_adapter(name, folder)
-        self._check(result, f"loading adapter version {name}")
-        old, self._loaded, self._dirty = self._loaded, name, False
-        self._stats["adapter_loads"] += 1
-        if old is not None:
-            self._check(self.engine.unload_lora_adapter(old), f"unloading adapter version {old}")
-            self._stats["adapter_unloads"] += 1
-            if self._tmp is not None:
-                shutil.rmtree(os.path.join(self._tmp, old), ignore_errors=True)
-        self._stats["adapter_load_s"] += time.perf_counter() - t0
-        return name
-
-    def _bucket(self) -> str:
-        """The state as SGLang's serialized flattened bucket: one fp32 CPU
-        tensor (one shared-memory segment to pass between processes, where a
-        dict of tensors costs one per tensor: 0.8 s a load at 120 tensors)."""
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-        flat = torch.cat([t.detach().reshape(-1) for t in self._tensors]).to("cpu", torch.float32)
-        flat = flat.view(torch.uint8)
-        metadata, start = [], 0
-        for name, t in zip(self._names, self._tensors):
-            nbytes = t.numel() * 4
-            metadata.append(FlattenedTensorMetadata(name=name, shape=t.shape, dtype=torch.float32,
-                                                    start_idx=start, end_idx=start + nbytes,
-                                                    numel=nbytes))
-            start += nbytes
-        return MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata},
-                                                   output_str=True)
-
-    @staticmethod
-    def _check(result, what: str) -> None:
-        ok = getattr(result, "success", None)
-        if ok is None and isinstance(result, dict):
-            ok = result.get("success", True)
-        if ok is False:
-            msg = getattr(result, "error_message", None) or (
-                result.get("error_message") if isinstance(result, dict) else None)
-            raise MezoError(f"sglang: {what} failed: {msg}")
 
     # -- forward passes ---------------------------------------------------------
     @staticmethod

@@ -46,41 +46,29 @@ and each request is issued once per adapter in a single engine call (the
 hf backend's mixed-adapter batch, in vLLM terms). ``vllm.paired_signs=false``
 falls back to the plain sequence.
 
-Options: the ``vllm`` section of the run config is ``VLLMOptions``: the keys
-this module reads (``multiprocessing``, ``paired_signs``) and ``engine``, the
-keyword arguments passed to ``vllm.LLM`` over the defaults below. Any other
-key of the section (``vllm.max_model_len=512``, as before ``engine`` existed)
-goes into ``engine`` too. On a CPU the defaults are block_size 32,
-enforce_eager, max_num_seqs 64 and a 1 GiB KV cache. In-process, vLLM's CPU
-worker pins this process's OpenMP threads and sets torch to one intra-op
-thread (vLLM's serving default); choose ``multiprocessing`` to keep the
-caller's process untouched.
+Options: the ``vllm`` section of the run config is ``VLLMOptions``, and what it
+makes of the engine's arguments is ``engine_kwargs`` (``options.py``).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from mezo_core import Backend, Example, MezoError
-from mezo_core.config import options_from, setting
+from mezo_core.config import options_from
 from mezo_core.forwards import each_direction, objective
-from mezo_core.interfaces import check_option_types
 from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
 
-#: ranks vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks)
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from .options import VLLMOptions, engine_env, engine_kwargs
 
 #: most token ids one request may ask logprobs for (vllm MAX_LOGPROB_TOKEN_IDS)
 MAX_IDS = 128
@@ -92,50 +80,6 @@ COUNTERS = ("requests", "computed_tokens", "lookups", "hits", "tokens_looked_up"
 LORA_NAME = "mezo"
 LORA_ID = 1
 MINUS_ID = 2
-WORKER_EXTENSION = "mezo_backend_vllm.worker.MezoWorkerExtension"
-
-
-@dataclass
-class VLLMOptions:
-    multiprocessing: bool = setting(False, "false: the engine core runs in this process (collective_rpc is a "
-                                           "plain call); true: vLLM's engine process (needs the usual "
-                                           "__main__ guard)")
-    paired_signs: bool = setting(True, "both signs of a direction in one engine call, a second adapter slot "
-                                       "holding theta - eps z (needs engine max_loras >= 2, the default)")
-    engine: Dict[str, Any] = setting(factory=dict, help="keyword arguments for vllm.LLM, over the defaults")
-
-    def __post_init__(self):
-        check_option_types(self, "vllm")
-
-
-def _max_lora_rank(r: int) -> int:
-    for rank in LORA_RANKS:
-        if rank >= r:
-            return rank
-    raise MezoError(f"lora.r: vLLM supports LoRA ranks up to {LORA_RANKS[-1]} (got {r})")
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str | None):
-    """Set an environment variable around engine construction (vLLM reads its
-    settings from the environment, and caches them once an engine is up)."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        import vllm.envs as envs
-        if hasattr(envs, "disable_envs_cache"):
-            envs.disable_envs_cache()
-    except ImportError:
-        pass
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
 
 
 class VLLMBackend(Backend):
@@ -190,22 +134,9 @@ class VLLMBackend(Backend):
         adapter_dir = write_peft_adapter(initial_adapter(shapes, cfg.seed), cfg.lora, model_dir,
                                          self._workdir / "adapter")
 
-        paired = self.opts.paired_signs
-        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=int(cfg.seed),
-                      enable_lora=True, max_lora_rank=_max_lora_rank(int(cfg.lora.r)),
-                      max_loras=2 if paired else 1,
-                      enable_prefix_caching=True, disable_log_stats=True,
-                      worker_extension_cls=WORKER_EXTENSION,
-                      logits_processors=["mezo_backend_vllm.logitsprocs:ForceTargetsLogitsProcessor"])
-        if on_cpu:
-            # small blocks: a prefix is reused in whole blocks only (CPU default: 128 tokens);
-            # eager: torch.compile takes minutes on a small CPU and buys little here
-            # KV cache: 1 GiB (vLLM's CPU default claims most of the node's memory)
-            kwargs.update(block_size=32, enforce_eager=True, max_num_seqs=64,
-                          kv_cache_memory_bytes=1 << 30)
-        kwargs.update(self.opts.engine)
+        kwargs = engine_kwargs(self.opts, model_dir, dtype, cfg.seed, cfg.lora.r, on_cpu)
         try:
-            with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if self.opts.multiprocessing else "0"):
+            with engine_env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if self.opts.multiprocessing else "0"):
                 self.llm = LLM(**kwargs)
         except TypeError as exc:
             raise MezoError(f"vllm: bad engine option: {exc}") from None
@@ -217,7 +148,7 @@ class VLLMBackend(Backend):
                             f"{len(self._names)} (first: {names[:1]} vs {self._names[:1]})")
         # the minus adapter of plus_minus_losses: created in the worker from memory (its
         # path is never read: the worker registers and pins it before any request)
-        self._paired = paired and int(kwargs.get("max_loras", 1)) >= 2
+        self._paired = self.opts.paired_signs and int(kwargs.get("max_loras", 1)) >= 2
         self.minus_request = LoRARequest(LORA_NAME + "-minus", MINUS_ID, str(adapter_dir))
         if self._paired:
             self._rpc("mezo_fill", MINUS_ID, [])
