@@ -92,7 +92,10 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:   # the GPU host may lack it: --summarize draws it here
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
