@@ -19,7 +19,7 @@ from typing import Sequence
 
 from .forwards import Example
 from .interfaces import Backend
-from .perturb import mix
+from .philox import mix
 
 
 def direction_seeds(run_seed: int, step: int, q: int) -> list[int]:
