@@ -39,6 +39,10 @@ class Estimator(abc.ABC):
     def __init__(self, options=None):
         self.opts = options
 
+    def forwards(self, q: int) -> int:
+        """Forward passes of a step over its batch with q directions (two-sided: 2q)."""
+        return 2 * q
+
     @abc.abstractmethod
     def probe(self, backend, batch: Sequence[Example], seeds: Sequence[int], eps: float,
               applied: float = 0.0, reduce=None) -> StepResult:

@@ -86,7 +86,7 @@ class Stepper:
         if event:
             self.guard.events += 1
         seconds = time.perf_counter() - start
-        tokens = 2 * m.q * sum(e.num_tokens for e in batch)
+        tokens = self.estimator.forwards(m.q) * sum(e.num_tokens for e in batch)
         row = {"step": step + 1, "loss": result.loss, "loss_plus": result.loss_plus,
                "loss_minus": result.loss_minus, "grads": result.grads, "seeds": result.seeds,
                "eps": eps, "lr": lr, "step_seconds": seconds, "tokens_per_second": tokens / seconds,

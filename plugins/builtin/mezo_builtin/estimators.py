@@ -52,6 +52,9 @@ class FZOO(Estimator):
     options = FZOOOptions
     min_directions = 2   # a spread needs two perturbed losses
 
+    def forwards(self, q):
+        return q + 1
+
     def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
         if applied:
             backend.perturb([(seeds[0], -applied)])   # l_0 is measured at theta itself
