@@ -23,7 +23,7 @@ from .schema import (BEST_CORRECTIONS, DEFAULT_CONFIG, DEFAULT_RECIPE, MAX_LORA_
 
 
 #: plugin kinds whose options are read from ``mezo.<choice>_options``, not a section named after the plugin
-BESIDE_THE_CHOICE = ("epsilon_schedules", "estimators")
+BESIDE_THE_CHOICE = ("epsilon_schedules", "estimators", "rewards")
 
 
 def plugin_sections(registry) -> Dict[str, Any]:
@@ -219,6 +219,9 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
     chosen = registry.items["estimators"].get(cfg.mezo.estimator)   # an estimator's options, likewise
     if chosen is not None:
         choice_options(chosen.obj, cfg.mezo.estimator_options, "mezo.estimator_options", "estimator")
+    chosen = registry.items["rewards"].get(cfg.task.reward) if cfg.task.kind == "reward" else None
+    if chosen is not None:   # a reward's options, likewise
+        choice_options(chosen.obj, cfg.task.reward_options, "task.reward_options", "reward")
     return cfg
 
 
@@ -356,8 +359,11 @@ def validate(cfg: DictConfig) -> None:
     need(t.n_train is None or t.n_train >= 1, "task.n_train", "must be >= 1 or null (every row)")
     need(t.n_dev is None or t.n_dev >= 1, "task.n_dev", "must be >= 1 or null (every row)")
     need(len(t.template) <= MAX_TEMPLATE, "task.template", f"must be at most {MAX_TEMPLATE} characters")
-    need(cfg.task.kind in ("classification", "multiple_choice", "completion"), "task.kind",
-         "must be 'classification', 'multiple_choice' or 'completion'")
+    need(cfg.task.kind in ("classification", "multiple_choice", "completion", "reward"), "task.kind",
+         "must be 'classification', 'multiple_choice', 'completion' or 'reward'")
+    need(t.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
+    need(t.samples >= 1, "task.samples", "must be >= 1 (1: the greedy completion)")
+    need(math.isfinite(t.temperature) and t.temperature > 0, "task.temperature", "must be > 0")
     verbalizer = cfg.task.verbalizer
     mapping = isinstance(verbalizer, DictConfig)
     need(mapping or isinstance(verbalizer, ListConfig), "task.verbalizer",

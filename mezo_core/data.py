@@ -1,10 +1,12 @@
 """Tasks as in the MeZO paper: classification by prompt + verbalizer words
 (SST-2: ``<sentence> It was [terrible|great]``), multiple choice with candidates of
-each example's own (COPA), and plain prompt/completion: a Task turns the rows of
-its splits into token-level Examples and training batches. Reading rows is
+each example's own (COPA), plain prompt/completion, and prompts whose generated
+completions a reward scores (``reward``): a Task turns the rows of its splits into
+token-level Examples (reward rows: Prompts) and training batches. Reading rows is
 ``readers``, choosing them ``splits``, scoring them ``evaluation``."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 
@@ -12,7 +14,7 @@ import torch
 
 from .errors import MezoError
 from .evaluation import candidate_losses, evaluate, exact_match, normalize_answer  # noqa: F401 (public)
-from .forwards import Example
+from .forwards import Example, Prompt
 from .philox import mix
 from .readers import (MAX_LABEL_CHARS, MAX_LINE_CHARS, Record, hf_dataset_spec, label_names,  # noqa: F401
                       load_hf_split, read_records, verbalizer_words)
@@ -22,9 +24,10 @@ from .splits import Overlap, make_splits, sample  # noqa: F401 (public)
 class Task:
     """Turns records into token-level Examples for a tokenizer."""
 
-    def __init__(self, cfg, tokenizer, batch_size: int | None = None):
+    def __init__(self, cfg, tokenizer, batch_size: int | None = None, registry=None):
         """``batch_size`` (mezo.batch_size, when training) is checked against the
-        sampled train set: a larger batch would repeat examples within a step."""
+        sampled train set: a larger batch would repeat examples within a step.
+        ``registry``: where a reward task finds ``task.reward`` (None: the installed plugins)."""
         self.cfg, self.tok = cfg, tokenizer
         self.kind = cfg.kind
         self.words = verbalizer_words(cfg.verbalizer)
@@ -50,6 +53,13 @@ class Task:
         if self.kind == "classification":
             self.choices = [tuple(self._ids(w, special=False)) for w in self.words]
             self._check_choices()
+        self.rewarder = None
+        if self.kind == "reward":
+            from .registry import or_installed
+            from .rewards import Rewarder, make_reward
+            self.rewarder = Rewarder(make_reward(or_installed(registry), cfg), cfg.max_new_tokens, cfg.samples,
+                                     cfg.temperature)
+            self._check_references()
         self.train_examples = [self.example(r) for r in self.train]
         self.truncated = 0
         if self.max_tokens:
@@ -65,6 +75,20 @@ class Task:
         if self.truncated:
             print(f"mezo-run: task.max_tokens={self.max_tokens}: cut the text of {self.truncated} examples ("
                   + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")", file=sys.stderr)
+
+    def reference(self, record: Record) -> str | None:
+        """A reward row's reference: its own, or (a labelled row) its label's
+        verbalizer word without surrounding whitespace; None where it has none."""
+        return record.completion if record.label is None else self.words[record.label].strip()
+
+    def _check_references(self):
+        """Every row has a reference where the reward needs one (said before any model work)."""
+        if not getattr(self.rewarder.reward, "needs_reference", True):
+            return
+        for record in (*self.train, *self.val, *self.dev):
+            if self.reference(record) is None:
+                raise MezoError(f"{record.where or 'task'}: reward {self.cfg.reward!r} needs a reference in "
+                                f"every row (\"reference\" in JSONL, a 'reference' column in TSV)")
 
     def _check_choices(self, words=None, choices=None, where="config field 'task.verbalizer'"):
         """Two words with the same tokens could never be told apart: accuracy would be a coin."""
@@ -102,7 +126,11 @@ class Task:
 
     def _make_prompt(self, record: Record) -> tuple[int, ...]:
         """Classification and multiple choice: ``task.template`` around the text (cut
-        to task.max_tokens from the text's tail); completion: the prompt as written."""
+        to task.max_tokens from the text's tail); completion: the prompt as written.
+        Reward rows: the prompt as written (cut to task.max_tokens from its head), or
+        for a labelled row the template around its text, as classification's."""
+        if self.kind == "reward":
+            return self._reward_prompt(record)
         if self.kind == "completion":
             ids = tuple(self._ids(record.text))
             room = None if not self.max_tokens else self.max_tokens - len(self._ids(record.completion, special=False))
@@ -121,6 +149,18 @@ class Task:
         if room is None or len(ids) <= room:
             return ids
         return self._truncated_prompt(record, room)
+
+    def _reward_prompt(self, record: Record) -> tuple[int, ...]:
+        if record.label is not None:
+            ids = tuple(self._ids(self.cfg.template.format(text=record.text)))
+            return ids if not self.max_tokens or len(ids) <= self.max_tokens else \
+                self._truncated_prompt(record, self.max_tokens)
+        ids = tuple(self._ids(record.text))
+        if self.max_tokens and len(ids) > self.max_tokens:   # keep the end (it leads into the answer) and BOS
+            head = (ids[0],) if ids[0] == getattr(self.tok, "bos_token_id", None) else ()
+            self._cut.add(id(record))
+            ids = head + ids[len(ids) - (self.max_tokens - len(head)):]
+        return ids
 
     def _truncated_prompt(self, record: Record, room: int) -> tuple[int, ...]:
         """The prompt with the longest head of the text's tokens that fits ``room``:
@@ -147,6 +187,8 @@ class Task:
         if not self.prompt(record):
             raise MezoError(f"task: the prompt of {record.text[:40]!r} has no tokens (the tokenizer adds "
                             "no BOS token): give every example a non-empty prompt")
+        if self.kind == "reward":
+            return Prompt(self.prompt(record), self.reference(record), self.rewarder)
         if self.kind in ("classification", "multiple_choice"):
             candidates = self.candidates(record)
             choices = candidates if self.cfg.train_loss == "choices" else None
@@ -155,13 +197,17 @@ class Task:
 
     def train_batch(self, run_seed: int, step: int, batch_size: int) -> list[Example]:
         """Batches walk through a seeded permutation per epoch: a pure function
-        of (seed, step), so a resumed run sees the same batches."""
+        of (seed, step), so a resumed run sees the same batches. A reward row gets
+        the seed of its samples from (seed, step, its place in the batch)."""
         n = len(self.train_examples)
         out = []
         for i in range(step * batch_size, (step + 1) * batch_size):
             epoch, pos = divmod(i, n)
             perm = self._perm(run_seed, epoch, n, batch_size)
-            out.append(self.train_examples[perm[pos]])
+            example = self.train_examples[perm[pos]]
+            if isinstance(example, Prompt):
+                example = dataclasses.replace(example, sample_seed=mix(run_seed, step, i, 0x5A3F))
+            out.append(example)
         return out
 
     def _perm(self, run_seed, epoch, n, batch_size=1):

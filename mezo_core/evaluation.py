@@ -1,6 +1,7 @@
 """Scoring a task's rows under the current adapter: accuracy by the lowest-loss
-candidate, the gold candidate's loss, exact match of greedy generations, and the
-per-row predictions of ``mezo-run eval --predictions``."""
+candidate, the gold candidate's loss, exact match of greedy generations, the mean
+reward of greedy completions (reward tasks), and the per-row predictions of
+``mezo-run eval --predictions``."""
 from __future__ import annotations
 
 import sys
@@ -20,7 +21,9 @@ def evaluate(task, backend, batch_size: int, progress=None, split: str = "dev",
     of greedy generations (``task.exact_match``; skipped with a note where the
     backend cannot generate). ``split``: "dev" or "val" (the keys are prefixed with it).
     ``predictions``: a list that receives one record per row, in file order
-    (``mezo-run eval --predictions``)."""
+    (``mezo-run eval --predictions``). Reward tasks: ``evaluate_rewards``."""
+    if task.kind == "reward":
+        return evaluate_rewards(task, backend, batch_size, progress, split, predictions)
     records = task.val if split == "val" else task.dev
     scored = task.kind != "completion"
     # shortest first: a batch is padded to its longest row, so rows of similar length
@@ -68,6 +71,43 @@ def evaluate(task, backend, batch_size: int, progress=None, split: str = "dev",
     if predictions is not None:
         predictions += [{"index": i, "where": r.where, **rows_out[id(r)]} for i, r in enumerate(records)]
     return out
+
+def evaluate_rewards(task, backend, batch_size: int, progress=None, split: str = "dev",
+                     predictions: list | None = None) -> dict:
+    """A reward task's rows scored by their greedy completions (whatever
+    ``task.samples``: evaluation measures the adapter, not the sampler):
+    ``{split}_reward``, the mean reward; ``{split}_loss``, minus it (what training
+    minimises, and what best/ is selected on); ``{split}_exact_match``, the share of
+    rows with a reference whose completion is it exactly (``exact_match``'s rule);
+    ``{split}_outcomes`` where every reward is 0 or 1 (full reward or not, per row in
+    file order: best/'s sign test)."""
+    records = task.val if split == "val" else task.dev
+    prompts = {id(r): task.prompt(r) for r in records}
+    order = sorted(records, key=lambda r: len(prompts[id(r)]))   # similar lengths batch together
+    rewards, texts = {}, {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        generated = task.rewarder.completions(backend, [prompts[id(r)] for r in chunk], greedy=True)
+        for r, (text,) in zip(chunk, generated):
+            texts[id(r)] = text
+            rewards[id(r)] = task.rewarder.rewards([text], task.reference(r))[0]
+        if progress:
+            progress.update(len(chunk))
+    mean = sum(rewards.values()) / len(records)
+    out = {f"{split}_loss": 0.0 - mean, f"{split}_reward": mean, f"{split}_examples": len(records)}
+    referenced = [r for r in records if task.reference(r) is not None]
+    matched = {id(r): exact_match(texts[id(r)], task.reference(r)) for r in referenced}
+    if referenced:
+        out[f"{split}_exact_match"] = sum(matched.values()) / len(referenced)
+    if all(v in (0.0, 1.0) for v in rewards.values()):
+        out[f"{split}_outcomes"] = "".join("1" if rewards[id(r)] == 1.0 else "0" for r in records)
+    if predictions is not None:
+        predictions += [{"index": i, "where": r.where, "prompt": r.text, "reference": task.reference(r),
+                         "generation": texts[id(r)], "reward": rewards[id(r)],
+                         **({"exact_match": matched[id(r)]} if id(r) in matched else {})}
+                        for i, r in enumerate(records)]
+    return out
+
 
 def prediction(task, record: Record, scores) -> dict:
     """One scored row for --predictions: the gold and predicted label (names where

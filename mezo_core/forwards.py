@@ -11,8 +11,8 @@ on the backend.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -40,6 +40,29 @@ class Example:
         return len(self.prompt_ids) + len(self.target_ids)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One reward row (``task.kind=reward``): the loss is minus the mean reward of
+    the completions generated after ``prompt_ids`` (``rewarder``, a
+    ``mezo_core.rewards.Rewarder``, generates and scores them); ``reference`` is
+    what the reward compares them with (None: the row has none); ``sample_seed``
+    seeds the row's samples (``Task.train_batch`` sets it from (run seed, step))."""
+
+    prompt_ids: tuple[int, ...]
+    reference: str | None
+    rewarder: Any = field(compare=False, repr=False)
+    sample_seed: int = 0
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("a Prompt needs at least one prompt token")
+
+    @property
+    def num_tokens(self) -> int:
+        """The prompt and the longest completions it may get (each sample's)."""
+        return len(self.prompt_ids) + self.rewarder.max_new_tokens * self.rewarder.samples
+
+
 # A perturbation: theta <- decay * theta + sum(coef * z(seed)) over the terms.
 Terms = Sequence[tuple[int, float]]
 
@@ -53,7 +76,15 @@ def objective(backend, batch: Sequence[Example], **route) -> torch.Tensor:
     A batch that shares one set of choices (a verbalizer) scores them with
     ``choice_losses``. Rows with candidates of their own (multiple choice) are scored
     by ``losses`` in one pass per candidate index, each over all rows of the batch in
-    order, so a per-row ``route`` still fits its rows."""
+    order, so a per-row ``route`` still fits its rows.
+
+    Reward rows (``Prompt``): minus the mean reward of the completions generated
+    under the current adapter, or each row's adapter of ``route``
+    (``rewards.Rewarder.losses``)."""
+    if batch and isinstance(batch[0], Prompt):
+        if not all(isinstance(e, Prompt) for e in batch):
+            raise ValueError("a batch mixes reward rows with scored examples")
+        return batch[0].rewarder.losses(backend, batch, **route)
     with_choices = [e.choices is not None for e in batch]
     if not any(with_choices):
         return backend.losses(batch, **route)

@@ -88,6 +88,18 @@ def register_estimators(register):
 
 
 @hookspec
+def register_rewards(register):
+    """Register rewards: ``register(RewardSubclass)`` (``mezo_core.rewards.Reward``).
+
+    ``task.reward`` picks one for a reward task (``task.kind=reward``): it scores
+    each generated completion against its row's reference (``score(completion,
+    reference) -> float``, higher is better). It is built as ``cls(options)``, its
+    ``options`` dataclass filled from ``task.reward_options`` (None for one that
+    declares none).
+    """
+
+
+@hookspec
 def on_step_end(step, metrics):
     """Called after every optimisation step with the metrics dict that is also
     written to ``metrics.jsonl``. Loggers (W&B, TensorBoard, ...) hook in here.

@@ -4,7 +4,10 @@ checked (errors name the file and line).
 Files: TSV/CSV with a ``sentence``/``label`` header (standard
 quoting when the file quotes its fields) or JSONL, one object a line:
 ``{"text": ..., "label": 0}``, ``{"text": ..., "choices": [...], "label": 1}`` or
-``{"prompt": ..., "completion": ...}``. A label is the index of its verbalizer
+``{"prompt": ..., "completion": ...}``; reward rows are ``{"prompt": ..., "reference": ...}``
+(the reference optional, a number taken as its text) or, in TSV, a ``prompt`` column and an
+optional ``reference`` one; a reward task also reads classification rows (text and label:
+the reference is then the label's verbalizer word). A label is the index of its verbalizer
 word, or its name when ``task.verbalizer`` is a mapping ``{name: word}``; a
 multiple-choice label is the index of its candidate or the candidate itself.
 Or a Hugging Face dataset (``task.hf_dataset``) with the same fields.
@@ -37,7 +40,8 @@ MAX_LABEL_CHARS = 100     # characters of a label: an index or a name
 @dataclass(frozen=True)
 class Record:
     """One raw example: ``text``/``label`` for classification, plus ``choices`` for
-    multiple choice (``label`` indexes them), ``text``/``completion`` otherwise.
+    multiple choice (``label`` indexes them), ``text``/``completion`` otherwise (a
+    reward row's prompt and its reference, None where it has none).
     ``where`` (file and line) names the example in errors found after reading."""
     text: str
     label: int | None = None
@@ -118,19 +122,19 @@ def _read_text(path: Path, field: str) -> str:
                         "(save the file as UTF-8)") from None
 
 
-def _read_tsv(path: Path, text: str, labels) -> list[Record]:
+def _read_tsv(path: Path, text: str, labels, kind: str = "classification") -> list[Record]:
     """A TSV with a header. Read as written (no quoting: GLUE's TSVs hold bare quote
     characters) unless the file quotes its fields -- a field wrapped in quotes, or a
     row that only splits right with quotes -- then with standard CSV quoting
     (``"a ""b""<TAB>c"``: tabs, newlines and doubled quotes inside a field)."""
     first = _looks_quoted(text)
     try:
-        return _parse_tsv(path, text, labels, first)
+        return _parse_tsv(path, text, labels, first, kind)
     except _TableError as exc:  # the other reading, where it may apply; else the error of
         if '"' not in text:     # the reading that got further into the file
             raise
         try:
-            return _parse_tsv(path, text, labels, not first)
+            return _parse_tsv(path, text, labels, not first, kind)
         except _TableError as other:
             raise (other if other.line > exc.line else exc) from None
 
@@ -146,15 +150,20 @@ def _looks_quoted(text: str) -> bool:
     return re.search(r'(^|\t)"[^\n]*"(\t|\r?$)', text, re.M) is not None
 
 
-def _parse_tsv(path, text, labels, quoted) -> list[Record]:
+def _parse_tsv(path, text, labels, quoted, kind="classification") -> list[Record]:
     quoting = dict(quoting=csv.QUOTE_MINIMAL, doublequote=True) if quoted else dict(quoting=csv.QUOTE_NONE)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", strict=quoted, **quoting)
     records, line = [], 1
     try:
         header = next(reader, None)
-        if not header or "sentence" not in header or "label" not in header:
-            raise _TableError(path, 1, "expected a header with 'sentence' and 'label'")
-        si, li = header.index("sentence"), header.index("label")
+        prompts = kind == "reward" and bool(header) and "prompt" in header   # prompt[, reference] rows
+        if not prompts and (not header or "sentence" not in header or "label" not in header):
+            raise _TableError(path, 1, "expected a header with 'sentence' and 'label'"
+                              + (" (or 'prompt' and an optional 'reference')" if kind == "reward" else ""))
+        if prompts:
+            si, li = header.index("prompt"), header.index("reference") if "reference" in header else None
+        else:
+            si, li = header.index("sentence"), header.index("label")
         line = reader.line_num + 1
         for row in reader:
             where = f"{path}, line {line}"
@@ -163,8 +172,12 @@ def _parse_tsv(path, text, labels, quoted) -> list[Record]:
                         "a sentence holding a tab or a newline must be quoted: \"...\", a quote inside doubled")
                 raise _TableError(path, line, f"expected {len(header)} tab-separated fields, got {len(row)} ({hint})")
             try:
-                records.append(Record(_check_text(row[si], "sentence", where), _check_label(row[li], labels, where),
-                                      where=where))
+                if prompts:
+                    reference = None if li is None or not row[li].strip() else _check_text(row[li], "reference", where)
+                    records.append(Record(_check_text(row[si], "prompt", where), completion=reference, where=where))
+                else:
+                    records.append(Record(_check_text(row[si], "sentence", where),
+                                          _check_label(row[li], labels, where), where=where))
             except MezoError as exc:
                 raise _TableError(path, line, str(exc).removeprefix(f"{where}: ")) from None
             line = reader.line_num + 1
@@ -206,13 +219,15 @@ def _read_jsonl(path: Path, text: str, kind: str, labels) -> list[Record]:
 
 
 FIELDS = {"classification": ("text", "label"), "multiple_choice": ("text", "choices", "label"),
-          "completion": ("prompt", "completion")}
+          "completion": ("prompt", "completion"), "reward": ("prompt",)}
 
 
 def _record(obj: dict, kind: str, labels, where: str, names: dict | None = None) -> Record:
     """One example from a JSON object (or a dataset row); ``names`` maps the
     standard field names to the row's own (task.hf_dataset's ``*_field``)."""
     names = names or {}
+    if kind == "reward" and names.get("prompt", "prompt") not in obj and "label" in obj:
+        kind = "classification"   # a labelled row: the reference is its label's verbalizer word
     need = FIELDS[kind]
     missing = [names.get(k, k) for k in need if names.get(k, k) not in obj]
     if missing:
@@ -227,6 +242,13 @@ def _record(obj: dict, kind: str, labels, where: str, names: dict | None = None)
         choices = _check_choices(get("choices"), names.get("choices", "choices"), where)
         return Record(_check_text(get("text"), names.get("text", "text"), where),
                       _check_choice_label(get("label"), choices, where), choices=choices, where=where)
+    if kind == "reward":
+        key = names.get("reference", "reference")
+        reference = obj.get(key)
+        if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+            reference = str(reference)   # {"prompt": "2+3=", "reference": 5}
+        return Record(_check_text(get("prompt"), names.get("prompt", "prompt"), where, empty_ok=True),
+                      completion=None if reference is None else _check_text(reference, key, where), where=where)
     # an empty prompt is fine where the tokenizer adds BOS (Task checks)
     return Record(_check_text(get("prompt"), names.get("prompt", "prompt"), where, empty_ok=True),
                   completion=_check_text(get("completion"), names.get("completion", "completion"), where),
@@ -274,13 +296,13 @@ def read_records(path: str | Path, kind: str, labels=2, field: str = "task.train
     if path.suffix not in (".tsv", ".jsonl", ".json"):
         raise MezoError(f"{field}: {path}: unknown data format {path.suffix or '(no suffix)'!r} "
                         "(supported: .tsv with a sentence/label header, .jsonl or .json with one object a line)")
-    if path.suffix == ".tsv" and kind != "classification":
+    if path.suffix == ".tsv" and kind not in ("classification", "reward"):
         raise MezoError(f"{field}: {path}: TSV files hold classification data (sentence, label); "
                         f"{kind} data is JSONL {FIELDS[kind]}")
     text = _read_text(path, field)
     _check_line_lengths(path, text)
     if path.suffix == ".tsv":
-        records = _read_tsv(path, text, labels)
+        records = _read_tsv(path, text, labels, kind)
     else:
         records = _read_jsonl(path, text, kind, labels)
     if not records:
@@ -298,6 +320,7 @@ HF_DATASET_KEYS = {  # task.hf_dataset as a mapping: key -> default
     "label_field": "label",
     "choices_field": "choices",  # a column holding the candidates, or a list of columns, one each
     "completion_field": "completion",
+    "reference_field": "reference",  # reward tasks: the column holding each prompt's reference
 }
 
 
@@ -351,12 +374,12 @@ def load_hf_split(spec, split_key: str, kind: str, labels) -> list[Record]:
         raise MezoError(f"task.hf_dataset={ref}: cannot load split {split!r}: {reason[:200]}{hint}; "
                         f"{alternative}") from None
     names = {"label": spec["label_field"], "choices": spec["choices_field"],
-             "completion": spec["completion_field"]}
+             "completion": spec["completion_field"], "reference": spec["reference_field"]}
     text_field = spec["text_field"]
     columns = list(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else []))
-    if kind == "completion":
+    if kind in ("completion", "reward"):
         names["prompt"] = text_field or "prompt"
-    else:
+    if kind != "completion":   # reward tasks read labelled rows too
         names["text"] = text_field or ("sentence" if "text" not in columns and "sentence" in columns else "text")
     spread = spec["choices_field"] if not isinstance(spec["choices_field"], str) else None
     if spread is not None:   # one column per candidate (super_glue/copa: choice1, choice2)

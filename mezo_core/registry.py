@@ -15,7 +15,7 @@ from .errors import MezoError
 @dataclass(frozen=True)
 class Registered:
     name: str
-    obj: Any            # a Backend/EvictionPolicy/Schedule subclass
+    obj: Any            # a Backend/EvictionPolicy/Schedule/Estimator/Reward subclass
     plugin: str         # the plugin (entry point) that registered it
     distribution: str   # its distribution ("builtin" when added in code)
     version: str
@@ -28,9 +28,11 @@ class Registry:
              "eviction_policies": "register_eviction_policies",
              "epsilon_schedules": "register_epsilon_schedules",
              "loggers": "register_loggers",
-             "estimators": "register_estimators"}
+             "estimators": "register_estimators",
+             "rewards": "register_rewards"}
     SINGULAR = {"backends": "backend", "eviction_policies": "eviction policy",
-                "epsilon_schedules": "epsilon schedule", "loggers": "logger", "estimators": "estimator"}
+                "epsilon_schedules": "epsilon schedule", "loggers": "logger", "estimators": "estimator",
+                "rewards": "reward"}
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm

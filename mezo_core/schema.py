@@ -71,7 +71,8 @@ class LoraConfig:
 @dataclass
 class TaskConfig:
     kind: str = setting("classification", "classification (verbalizer words) | multiple_choice (each row's "
-                                          "own \"choices\") | completion")
+                                          "own \"choices\") | completion | reward (prompts whose generated "
+                                          "completions a reward plugin scores)")
     train: str = setting("${assets}/data/sst2/train.tsv", ".tsv (sentence, label) or .jsonl")
     dev: str = setting("${assets}/data/sst2/dev.tsv", "the reported evaluation set")
     hf_dataset: Any = setting(None, "a Hugging Face dataset instead of the files: \"PATH\" or \"PATH:NAME\" "
@@ -102,6 +103,14 @@ class TaskConfig:
     group_by_length: bool = setting(False, "training batches of rows of similar length (less padding)")
     exact_match: bool = setting(True, "completion tasks: also score greedy generations against the gold "
                                       "completion (exact_match)")
+    reward: str = setting("exact_match", "reward tasks: the reward plugin scoring each completion against the "
+                                         "row's reference: label_word, exact_match, regex, numeric")
+    reward_options: Dict[str, Any] = setting(factory=dict, help="the reward's own settings")
+    max_new_tokens: int = setting(16, "reward tasks: the longest completion in tokens (generation also "
+                                      "stops at EOS)")
+    samples: int = setting(1, "reward tasks: completions per prompt and perturbed state (1: the greedy one; "
+                              "more: sampled at task.temperature, seeded from the step)")
+    temperature: float = setting(1.0, "reward tasks with task.samples > 1: the sampling temperature")
 
 
 @dataclass

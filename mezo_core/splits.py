@@ -82,7 +82,9 @@ class Splits:
 
 def make_splits(cfg, load: Callable[[str], list], source: str) -> Splits:
     """The three splits of ``cfg`` (task config): ``load(split)`` reads "train", "dev"
-    or "val"; ``source`` names the train data in messages. Seeded by ``sample_seed``."""
+    or "val"; ``source`` names the train data in messages. Seeded by ``sample_seed``.
+    ``k_per_class`` samples classification rows, and reward rows that all have a label
+    (classification data answered by generation); other kinds take ``n_train`` rows."""
     hf = cfg.get("hf_dataset")
     train = load("train")
     overlap_words = cfg.get("val_overlap_words", 0)
@@ -100,8 +102,8 @@ def make_splits(cfg, load: Callable[[str], list], source: str) -> Splits:
         if overlap_dropped:
             print(f"mezo-run: left {overlap_dropped} rows of {source} out of training: each is part of "
                   f"a validation row or holds one (task.val_overlap_words={overlap_words})", file=sys.stderr)
-    sampled = sample(train, cfg.k_per_class if cfg.kind == "classification" else None,
-                     cfg.n_train, cfg.sample_seed)
+    labelled = cfg.kind == "classification" or (cfg.kind == "reward" and all(r.label is not None for r in train))
+    sampled = sample(train, cfg.k_per_class if labelled else None, cfg.n_train, cfg.sample_seed)
     dev = load("dev")
     # a seeded random sample, in file order (not the first n rows: a file sorted by
     # label would give one class)

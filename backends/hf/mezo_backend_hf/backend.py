@@ -228,8 +228,12 @@ class HFBackend(LocalTensorsBackend):
         self.model = self.forwards = None
         self._tensors = self._model_tensors = []
 
-    def generate(self, prompts, max_new_tokens):
-        """Greedy continuations under the current adapter (exact match of completion tasks)."""
-        from .generation import greedy_generate
-        return greedy_generate(self.model, prompts, max_new_tokens, pad_id=self.forwards.pad_id,
-                               eos_id=self.tokenizer.eos_token_id, device=self.device)
+    def generate(self, prompts, max_new_tokens, adapters=None, *, temperature=0.0, seeds=None):
+        """Continuations under the current adapter, or under ``adapters`` (a peft adapter
+        name per row: hf.pm_batch's side adapters), in one batch with a KV cache, each
+        ending at EOS: greedy, or sampled at ``temperature`` with row i's generator
+        seeded by ``seeds[i]`` (``generation.generate``)."""
+        from .generation import generate
+        return generate(self.model, prompts, max_new_tokens, pad_id=self.forwards.pad_id,
+                        eos_id=self.tokenizer.eos_token_id, device=self.device, adapters=adapters,
+                        temperature=temperature, seeds=seeds)

@@ -1,4 +1,4 @@
-"""mezo-run's built-in plugin: estimators, schedules, eviction policies and loggers, registered
+"""mezo-run's built-in plugin: estimators, rewards, schedules, eviction policies and loggers, registered
 through the ``mezo`` entry point exactly as a third-party package would: ``register(cls)``,
 named by ``cls.name``."""
 from mezo_core import hookimpl
@@ -6,6 +6,7 @@ from mezo_core import hookimpl
 from .estimators import FZOO as FZOOEstimator, SPSA
 from .eviction import FIFO, LFU, LRU, SizeAware
 from .loggers import CsvLogger, JsonlLogger, TensorBoardLogger, WandbLogger
+from .rewards import ExactMatch, LabelWord, Numeric, Regex
 from .schedules import FZOO, RMS, Constant, Cosine, Exponential, Linear, NoiseFloor, Spall, SpallEps
 
 
@@ -43,3 +44,11 @@ def register_loggers(register):
 def register_estimators(register):
     register(SPSA)
     register(FZOOEstimator)
+
+
+@hookimpl
+def register_rewards(register):
+    register(LabelWord)
+    register(ExactMatch)
+    register(Regex)
+    register(Numeric)
