@@ -81,8 +81,13 @@ class Backend(abc.ABC):
     def generate(self, prompts: Sequence[tuple[int, ...]], max_new_tokens: int) -> list[tuple[int, ...]]:
         """Greedy continuations of ``prompts`` under the current adapter, at most
         ``max_new_tokens`` each, ending at (and without) the tokenizer's EOS; used
-        for the exact-match metric of completion tasks. A backend that cannot
-        generate keeps this default: evaluation then reports the loss only."""
+        for the exact-match metric of completion tasks and the completions of reward
+        tasks. A backend that cannot generate keeps this default: evaluation then
+        reports the loss only. Reward tasks pass on a step's routing keywords (e.g.
+        ``adapters``, one per prompt, as to ``losses``) and, for ``task.samples`` > 1,
+        keyword-only ``temperature`` and ``seeds`` (one per prompt: row i samples
+        from a generator seeded by ``seeds[i]``); a generate without ``seeds`` is
+        told apart and refused for sampling (``rewards.Rewarder``)."""
         raise MezoError(f"backend {getattr(self, 'name', type(self).__name__)!r} cannot generate text")
 
     def population_losses(self, batch: Sequence[Example], seeds: Sequence[int], eps: float,

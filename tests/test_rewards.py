@@ -325,3 +325,20 @@ def test_sampled_reward_run_resumes_bitwise(tmp_path, tiny_llama, fresh_registry
 def test_reward_interface_is_abstract():
     with pytest.raises(TypeError):
         Reward()
+
+
+def test_fzoo_runs_on_rewards(tmp_path, tiny_llama, fresh_registry):
+    """fzoo's one-sided estimate from rewards: g_i = (l_i - l_0)/eps with l = -reward,
+    the q + 1 states side by side (hf.pm_batch) and one after another alike."""
+    extra = {"task.reward": "regex", "task.reward_options": {"pattern": "e"}, "mezo.estimator": "fzoo",
+             "mezo.q": 2, "mezo.lr": 1e-3, "mezo.steps": 3}
+    rows = {}
+    for pm in (True, False):
+        cfg = reward_run(tmp_path / str(pm), tiny_llama, **extra, **{"hf.pm_batch": pm})
+        assert main(["train", "-c", str(cfg)]) == 0
+        rows[pm] = [json.loads(x) for x in (tmp_path / str(pm) / "run" / "metrics.jsonl").read_text().splitlines()]
+        for r in rows[pm]:
+            assert sum(r["grads"]) / 2 * 0.5 == pytest.approx(r["loss_plus"] - r["loss_minus"], abs=1e-12)
+            assert -1.0 <= r["loss_minus"] <= 0.0 and r["tokens_per_second"] > 0
+    assert any(g != 0 for r in rows[True] for g in r["grads"])
+    assert [r["grads"] for r in rows[True]] == [r["grads"] for r in rows[False]]

@@ -234,6 +234,9 @@ class HFBackend(LocalTensorsBackend):
         ending at EOS: greedy, or sampled at ``temperature`` with row i's generator
         seeded by ``seeds[i]`` (``generation.generate``)."""
         from .generation import generate
-        return generate(self.model, prompts, max_new_tokens, pad_id=self.forwards.pad_id,
-                        eos_id=self.tokenizer.eos_token_id, device=self.device, adapters=adapters,
-                        temperature=temperature, seeds=seeds)
+        out = generate(self.model, prompts, max_new_tokens, pad_id=self.forwards.pad_id,
+                       eos_id=self.tokenizer.eos_token_id, device=self.device, adapters=adapters,
+                       temperature=temperature, seeds=seeds)
+        # counted as the forwards count theirs: every prompt token once, every generated one once
+        self.forwards.forward_tokens += sum(map(len, prompts)) + sum(map(len, out))
+        return out
