@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import MezoError
 from .interfaces import check_option_types
+from .overrides import apply_override, describe, literal_escapes, replaceable
 from .schema import (BEST_CORRECTIONS, DEFAULT_CONFIG, DEFAULT_RECIPE, MAX_LORA_R, MAX_Q,  # noqa: F401 (public)
                      MAX_TEMPLATE, MAX_THREADS, MIN_EPS, MOVED, QUANTIZATIONS, GuardConfig, LoraConfig,
                      MezoConfig, ModelConfig, RunConfig, SelectionConfig, TaskConfig, default_config,
@@ -151,17 +152,6 @@ def _line_of(text: str, key: str) -> str:
     return f", line {line}" if line else ""
 
 
-def _describe(exc: OmegaConfBaseException) -> str:
-    key = getattr(exc, "full_key", None) or ""
-    msg = str(exc).splitlines()[0]
-    kind = getattr(exc, "object_type", None)
-    if "." not in key and msg.endswith("not in 'RunConfig'"):
-        msg += " (neither a core field nor the section of an installed plugin: see mezo-run backends)"
-    elif msg.startswith("Key '") and "not in" in msg and is_dataclass(kind):
-        msg += f" (its keys: {', '.join(f.name for f in fields(kind))})"
-    return key, msg
-
-
 def load_config(path: str | Path | None = None, overrides: List[str] = (), registry=None) -> DictConfig:
     """Schema defaults <- YAML file <- ``key=value`` overrides, validated.
 
@@ -192,16 +182,16 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
             if key in MOVED:
                 raise MezoError(f"{path}{_line_of(text, key)}: field {key!r} is now {MOVED[key]!r}")
         try:
-            cfg = OmegaConf.merge(_replaceable(cfg, data), OmegaConf.create(data))
+            cfg = OmegaConf.merge(replaceable(cfg, data), OmegaConf.create(data))
         except OmegaConfBaseException as exc:
-            key, msg = _describe(exc)
+            key, msg = describe(exc)
             raise MezoError(f"{path}{_line_of(text, key)}: field {key!r}: {msg}") from None
     for item in overrides:
-        cfg = _apply_override(cfg, item)
+        cfg = apply_override(cfg, item)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        key, msg = _describe(exc)
+        key, msg = describe(exc)
         raise MezoError(f"config field {key!r}: {msg}") from None
     validate(cfg)
     for key in dict.fromkeys(literal_escapes(cfg)):
@@ -223,92 +213,6 @@ def load_config(path: str | Path | None = None, overrides: List[str] = (), regis
     if chosen is not None:   # a reward's options, likewise
         choice_options(chosen.obj, cfg.task.reward_options, "task.reward_options", "reward")
     return cfg
-
-
-def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
-    """``key=value`` split at the first '='. The value of a string field is taken
-    as written (``task.template={text} It was`` is not YAML); other values are
-    YAML, as in OmegaConf's dotlist."""
-    key, eq, raw = item.partition("=")
-    key = key.strip()
-    if not eq or not key:
-        raise MezoError(f"override {item!r}: expected key=value")
-    if not re.fullmatch(r"\w+(\.\w+)*", key):
-        raise MezoError(f"override {item!r}: {key!r} is not a dotted field name like mezo.lr")
-    if key in MOVED:
-        raise MezoError(f"override {item!r}: field {key!r} is now {MOVED[key]!r}")
-    node = _schema_node(cfg, key)
-    try:
-        if isinstance(node, StringNode):
-            patch = OmegaConf.create()
-            OmegaConf.update(patch, key, None if raw == "null" and node._is_optional() else _unquote(raw))
-        else:
-            patch = OmegaConf.from_dotlist([f"{key}={raw}"])
-        return OmegaConf.merge(_replaceable(cfg, patch), patch)
-    except yaml.YAMLError as exc:
-        raise MezoError(f"override {item!r}: field {key!r}: cannot parse {raw!r}: "
-                        f"{getattr(exc, 'problem', None) or 'invalid YAML'}") from None
-    except OmegaConfBaseException as exc:
-        found, msg = _describe(exc)
-        raise MezoError(f"override {item!r}: field {found or key!r}: {msg}") from None
-    except (TypeError, ValueError) as exc:  # OmegaConf's own, for shapes it cannot merge
-        raise MezoError(f"override {item!r}: field {key!r}: {exc}") from None
-
-
-#: fields that may be a list or a mapping: a new value replaces the old one, never merges into it
-REPLACED = ("task.verbalizer", "task.hf_dataset")
-
-
-def _replaceable(cfg: DictConfig, incoming) -> DictConfig:
-    """``cfg`` with the REPLACED fields that ``incoming`` sets emptied, so that a
-    mapping can replace a list (OmegaConf cannot merge one into the other)."""
-    for key in REPLACED:
-        node = incoming
-        for part in key.split("."):
-            node = node.get(part) if hasattr(node, "get") else None
-        if node is not None:
-            cfg = cfg.copy()
-            OmegaConf.update(cfg, key, None, merge=False)
-    return cfg
-
-
-def _schema_node(cfg: DictConfig, key: str):
-    """The node at dotted ``key``, or None where the schema has none (the free-form backend sections)."""
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            return None
-        node = node._get_node(part)
-    return node
-
-
-#: the escapes a string value on the command line understands, as in a double-quoted YAML string
-ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
-
-
-def _unquote(raw: str) -> str:
-    """``'a b'`` or ``"a b"`` -> ``a b`` (quoted strings were YAML before); anything else
-    as written, except the escapes ``\\n``, ``\\t`` and ``\\\\``: a newline, a tab and a
-    backslash, so that ``'task.template=Review: {text}\\nSentiment:'`` on the command
-    line is the template a recipe writes as ``"Review: {text}\\nSentiment:"`` (other
-    backslashes stay as written)."""
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            return raw
-        if isinstance(value, str):
-            return value
-    return re.sub(r"\\([nt\\])", lambda m: ESCAPES[m.group(1)], raw)
-
-
-def literal_escapes(cfg) -> list[str]:
-    """Text fields holding a backslash followed by n or t as two characters: almost always
-    a newline or tab meant in a YAML string written without double quotes."""
-    words = cfg.task.verbalizer
-    words = list(words.values()) if isinstance(words, DictConfig) else list(words or [])
-    found = [("task.template", cfg.task.template)] + [("task.verbalizer", w) for w in words]
-    return [key for key, text in found if isinstance(text, str) and re.search(r"\\[nt]", text)]
 
 
 def _template_problem(template: str) -> str | None:
@@ -385,7 +289,7 @@ def validate(cfg: DictConfig) -> None:
         problem = _template_problem(cfg.task.template)
         need(problem is None, "task.template", problem)
     if cfg.task.hf_dataset is not None:
-        from .data import hf_dataset_spec
+        from .readers import hf_dataset_spec
         hf_dataset_spec(cfg.task.hf_dataset)  # the shape only; the data is read when the task is
     need(cfg.eval_batch_size > 0, "eval_batch_size", "must be > 0")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
