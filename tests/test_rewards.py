@@ -342,3 +342,29 @@ def test_fzoo_runs_on_rewards(tmp_path, tiny_llama, fresh_registry):
             assert -1.0 <= r["loss_minus"] <= 0.0 and r["tokens_per_second"] > 0
     assert any(g != 0 for r in rows[True] for g in r["grads"])
     assert [r["grads"] for r in rows[True]] == [r["grads"] for r in rows[False]]
+
+
+def test_reward_rows_from_a_hf_dataset(monkeypatch, tmp_path):
+    from test_tasks import fake_datasets
+    rows = [{"question": f"q{i}", "answer": i} for i in range(5)]
+    fake_datasets(monkeypatch, {"train": rows, "validation": rows[:2]})
+    spec = "{path: gsm, text_field: question, reference_field: answer}"
+    cfg = load_config(None, [f"task.hf_dataset={spec}", "task.kind=reward", "task.k_per_class=null",
+                             "task.reward=numeric", "model.path=unused"])
+    task = Task(cfg.task, Words())
+    assert [(r.text, task.reference(r)) for r in task.dev] == [("q0", "0"), ("q1", "1")]
+    assert sorted(e.reference for e in task.train_examples) == ["0", "1", "2", "3", "4"]
+
+
+def test_eval_predictions_of_a_reward_task(tmp_path, tiny_llama, fresh_registry, capsys):
+    cfg = reward_run(tmp_path, tiny_llama, **{"task.reward": "regex", "task.reward_options": {"pattern": "e"}})
+    out = tmp_path / "pred.jsonl"
+    assert main(["eval", "-c", str(cfg), "--predictions", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and all(r["reference"] == "the" for r in rows)
+    for r in rows:   # the reward of each greedy generation, by hand
+        assert r["reward"] == float("e" in r["generation"])
+        assert r["exact_match"] == (r["generation"].lstrip().split("\n", 1)[0].split() == ["the"])
+    mean = sum(r["reward"] for r in rows) / 4
+    assert f'"dev_reward": {mean}' in printed and f'"dev_loss": {0.0 - mean}' in printed
