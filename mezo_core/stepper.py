@@ -13,6 +13,8 @@ import contextlib
 import math
 import time
 
+import torch
+
 from .distributed import shard, sum_over_ranks
 from .errors import MezoError
 from .forwards import objective
@@ -148,8 +150,7 @@ class Stepper:
         anything is written) from a snapshot otherwise. None: not measured this step."""
         tensors = getattr(self.backend, "trainable_tensors", None)
         if tensors is not None:
-            tensors = [t for t in tensors() if t.numel()]
-            import torch
+            tensors = [t.detach() for t in tensors() if t.numel()]   # peft may have turned grads on
             return float(torch.stack(torch._foreach_norm(tensors, float("inf"))).max()) if tensors else 0.0
         if pausing:
             return max((float(t.abs().max()) for t in snapshot(self.backend).values() if t.numel()), default=0.0)
