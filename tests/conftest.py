@@ -62,3 +62,33 @@ def fresh_registry():
     get_registry.cache_clear()
     yield get_registry()
     get_registry.cache_clear()
+
+
+@pytest.fixture
+def install_plugin(tmp_path, monkeypatch):
+    """``install(module, dist, version, source, entry)``: a fake installed distribution,
+    <site>/<module>.py and <site>/<module>-<version>.dist-info/{METADATA,entry_points.txt},
+    found through the ``mezo`` entry-point group like a package pip installed."""
+    import sys
+    from mezo_core.registry import get_registry
+    installed = []
+
+    def install(module, dist, version, source, entry):
+        site = tmp_path / f"site-{module}"
+        site.mkdir()
+        (site / f"{module}.py").write_text(source)
+        info = site / f"{module}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[mezo]\n{entry} = {module}\n")
+        (info / "RECORD").write_text("")
+        monkeypatch.syspath_prepend(str(site))
+        sys.modules.pop(module, None)
+        installed.append(module)
+        get_registry.cache_clear()
+        return site
+
+    yield install
+    get_registry.cache_clear()
+    for module in installed:
+        sys.modules.pop(module, None)

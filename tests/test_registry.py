@@ -120,23 +120,8 @@ def register_eviction_policies(register):
 
 
 @pytest.fixture
-def toy_plugin(tmp_path, monkeypatch):
-    """A fake installed distribution: <site>/mezo_toy_plugin.py and
-    <site>/mezo_toy_plugin-9.8.7.dist-info/{METADATA,entry_points.txt}."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / f"{TOY_MODULE}.py").write_text(TOY_SOURCE)
-    info = site / f"{TOY_MODULE}-{TOY_VERSION}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {TOY_DIST}\nVersion: {TOY_VERSION}\n")
-    (info / "entry_points.txt").write_text(f"[mezo]\ntoyplugin = {TOY_MODULE}\n")
-    (info / "RECORD").write_text("")
-    monkeypatch.syspath_prepend(str(site))
-    sys.modules.pop(TOY_MODULE, None)
-    get_registry.cache_clear()
-    yield site
-    get_registry.cache_clear()
-    sys.modules.pop(TOY_MODULE, None)
+def toy_plugin(install_plugin):
+    return install_plugin(TOY_MODULE, TOY_DIST, TOY_VERSION, TOY_SOURCE, "toyplugin")
 
 
 def write_config(tmp_path, model):

@@ -19,7 +19,7 @@ from mezo_core.data import Task
 from mezo_core.forwards import Prompt, objective
 from mezo_core.mezo import probe
 from mezo_core.philox import mix
-from mezo_core.registry import Registry, get_registry, make_plugin_manager
+from mezo_core.registry import Registry, make_plugin_manager
 from mezo_core.rewards import Reward, Rewarder
 from mezo_core.testing import write_run_config
 
@@ -246,22 +246,8 @@ def register_rewards(register):
 
 
 @pytest.fixture
-def outside_reward(tmp_path, monkeypatch):
-    """An installed distribution of its own: <site>/mezo_length_reward.py and its dist-info."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / f"{OUTSIDE_MODULE}.py").write_text(OUTSIDE_SOURCE)
-    info = site / f"{OUTSIDE_MODULE}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {OUTSIDE_DIST}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[mezo]\nlength = {OUTSIDE_MODULE}\n")
-    (info / "RECORD").write_text("")
-    monkeypatch.syspath_prepend(str(site))
-    sys.modules.pop(OUTSIDE_MODULE, None)
-    get_registry.cache_clear()
-    yield site
-    get_registry.cache_clear()
-    sys.modules.pop(OUTSIDE_MODULE, None)
+def outside_reward(install_plugin):
+    return install_plugin(OUTSIDE_MODULE, OUTSIDE_DIST, "1.0", OUTSIDE_SOURCE, "length")
 
 
 def reward_files(tmp_path, n_train=6, n_dev=4, reference=True):
