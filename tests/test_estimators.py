@@ -158,3 +158,50 @@ def test_estimators_are_listed_with_their_distribution(capsys, fresh_registry):
     assert main(["backends"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("estimators:"))
     assert "fzoo (mezo-run)" in line and "mezo (mezo-run)" in line, line
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+@pytest.mark.parametrize("normalize", ["zscore", "rank"])
+def test_es_equals_the_formula_written_out(antithetic, normalize):
+    """ES with rewards R = -L normalised across the population, written out with explicit z:
+    antithetic theta + lr/(2q) sum (R~+_i - R~-_i) z_i, one-sided theta + lr/q sum R~_i z_i."""
+    print("seed", SEED)
+    q, eps, lr = 4, 1e-2, 1e-2
+    es = estimator("es", normalize=normalize, antithetic=antithetic)
+    backend, ref = Quadratic(), [t.clone().double() for t in Quadratic().tensors]
+    targets = [c.double() for c in Quadratic().targets]
+    mean_loss = lambda ts: sum(0.5 * (1 + e.prompt_ids[0]) * sum(float(((t - c) ** 2).sum()) for t, c in zip(ts, targets))
+                               for e in BATCH) / len(BATCH)
+
+    def norm(values):
+        if normalize == "zscore":
+            m = sum(values) / len(values)
+            s = math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+            return [(v - m) / s for v in values]
+        ranked = sorted(values)
+        return [ranked.index(v) / (len(values) - 1) - 0.5 for v in values]   # no ties here
+
+    for step in range(3):
+        seeds = direction_seeds(13, step, q)
+        before = forwards(backend)
+        result = es.probe(backend, BATCH, seeds, eps)
+        assert forwards(backend) - before == (2 * q if antithetic else q)
+        update(backend, result, lr, 0.0, coefficients=es.coefficients(result, lr))
+        zs = [[z_like(t, s, i).double() for i, t in enumerate(ref)] for s in seeds]
+        plus = [-mean_loss([t + eps * z for t, z in zip(ref, z_i)]) for z_i in zs]
+        if antithetic:
+            minus = [-mean_loss([t - eps * z for t, z in zip(ref, z_i)]) for z_i in zs]
+            r = norm(plus + minus)
+            coef = [(r[i] - r[q + i]) / (2 * q) for i in range(q)]
+        else:
+            coef = [x / q for x in norm(plus)]
+        ref = [t + lr * sum(c * z_i[i] for c, z_i in zip(coef, zs)) for i, t in enumerate(ref)]
+        for got, want in zip(backend.tensors, ref):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_es_ranks_share_ties():
+    from mezo_builtin.estimators import normalized
+    assert normalized([3.0, 1.0, 3.0, 2.0], "rank") == [pytest.approx(5 / 6 - 0.5)] * 1 + [-0.5] + \
+        [pytest.approx(5 / 6 - 0.5), pytest.approx(1 / 3 - 0.5)]
+    assert normalized([1.0, 1.0], "zscore") == [0.0, 0.0]

@@ -81,3 +81,86 @@ class FZOO(Estimator):
         mean = sum(perturbed) / n
         sigma = math.sqrt(sum((li - mean) ** 2 for li in perturbed) / (n - 1))
         return [-lr * (li - l0) / (n * (sigma + self.opts.delta)) for li in perturbed]
+
+
+@dataclass
+class ESOptions:
+    normalize: str = setting("zscore", "how a population's rewards are normalised: zscore (minus the mean, over "
+                                       "the standard deviation) or rank (centred ranks in [-0.5, 0.5])")
+    antithetic: bool = setting(True, "evaluate both signs of every direction (2q forwards, the engines run each "
+                                     "pair in one call) rather than theta + eps z alone (q forwards)")
+
+    def __post_init__(self):
+        if self.normalize not in ("zscore", "rank"):
+            raise ValueError(f"normalize must be 'zscore' or 'rank', got {self.normalize!r}")
+
+
+def normalized(values: list[float], how: str) -> list[float]:
+    """z-scores (0 for a population without spread) or centred ranks in [-0.5, 0.5]
+    (ties share their mean rank) of ``values``."""
+    n = len(values)
+    if how == "rank":
+        order = sorted(range(n), key=lambda i: values[i])
+        ranks = [0.0] * n
+        i = 0
+        while i < n:
+            j = i
+            while j + 1 < n and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                ranks[order[k]] = (i + j) / 2
+            i = j + 1
+        return [r / (n - 1) - 0.5 for r in ranks]
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return [(v - mean) / std if std > 0 else 0.0 for v in values]
+
+
+class ES(Estimator):
+    """Evolution strategies over a population of q directions, rewards normalised across
+    the population (OpenAI-ES, Salimans et al. 2017; "Evolution Strategies at Scale",
+    Qiu et al. 2025, who fine-tune LLMs this way from rewards). The reward of a state is
+    minus its loss (for reward tasks: the mean reward of its completions):
+
+        antithetic:  R+_i = -L(theta + eps z_i), R-_i = -L(theta - eps z_i), normalised together,
+                     theta <- theta + lr / (2q) * sum_i (R~+_i - R~-_i) z_i
+        one-sided:   R_i = -L(theta + eps z_i), normalised,  theta <- theta + lr / q * sum_i R~_i z_i
+
+    Normalising makes the step independent of the reward's scale and robust to outliers
+    (rank). Logged g_i: (L+ - L-) / (2 eps) as for MeZO (one-sided: L_i / eps, and
+    loss_minus repeats loss_plus)."""
+    name = "es"
+    options = ESOptions
+    min_directions = 2   # a population needs a spread
+
+    @property
+    def fuses_next(self):
+        return self.opts.antithetic   # its probe then starts at theta + eps z(seeds[0]), as MeZO's
+
+    def forwards(self, q):
+        return 2 * q if self.opts.antithetic else q
+
+    def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
+        if self.opts.antithetic:
+            return probe(backend, batch, seeds, eps, reduce=reduce, applied=applied)
+        if applied:
+            backend.perturb([(seeds[0], -applied)])
+        losses, previous = [], None
+        for seed in seeds:
+            backend.perturb(([(previous, -eps)] if previous is not None else []) + [(seed, eps)])
+            losses.append(objective(backend, batch))
+            previous = seed
+        sums = [float(loss.sum()) for loss in losses] + [float(len(batch))]
+        if reduce is not None:
+            sums = reduce(sums)
+        means = [s / sums[-1] for s in sums[:-1]]
+        # no second sign: loss_minus repeats loss_plus, so the logged loss is the population's mean
+        return StepResult(list(seeds), [m / eps for m in means], means, list(means), offset=eps)
+
+    def coefficients(self, result, lr):
+        q = len(result.seeds)
+        if not self.opts.antithetic:
+            rewards = normalized([-loss for loss in result.losses_plus], self.opts.normalize)
+            return [lr * r / q for r in rewards]
+        rewards = normalized([-loss for loss in result.losses_plus + result.losses_minus], self.opts.normalize)
+        return [lr * (rewards[i] - rewards[q + i]) / (2 * q) for i in range(q)]
