@@ -46,6 +46,13 @@ and each request is issued once per adapter in a single engine call (the
 hf backend's mixed-adapter batch, in vLLM terms). ``vllm.paired_signs=false``
 falls back to the plain sequence.
 
+Generation (reward tasks, the exact match of completion tasks): ``generate``
+issues one request per distinct (slot, prompt[, seed]) row under the same salts,
+so both signs of a direction (slot 0 and slot 1) decode in one engine call and
+every row of a prompt reuses its cached prefix. Greedy rows equal the hf
+backend's token for token on the tests' model (``tests/test_vllm_generate.py``);
+sampled rows use vLLM's per-request seeded generator.
+
 Options: the ``vllm`` section of the run config is ``VLLMOptions``, and what it
 makes of the engine's arguments is ``engine_kwargs`` (``options.py``).
 """
@@ -331,6 +338,47 @@ class VLLMBackend(Backend):
         uniq = list(dict.fromkeys(keys))
         lps = dict(zip(uniq, self._next_token_logprobs(uniq, [ids] * len(uniq))))
         return torch.tensor([[-lps[k][t] for t in ids] for k in keys], dtype=torch.float64)
+
+    # -- generation ----------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens, adapters=None, *, temperature=0.0, seeds=None):
+        """Continuations of ``prompts`` (``Backend.generate``): at most ``max_new_tokens``
+        new token ids each, cut before the first ``tokenizer.eos_token_id`` (not
+        returned); greedy at temperature 0, else sampled at ``temperature`` with row
+        i's request seeded by ``seeds[i]`` (vLLM's per-request generator: a row's
+        sample does not depend on the other rows of the call; vLLM raises a temperature
+        below 1e-2 to 1e-2). ``adapters``: a slot per row (``_slots``), so both signs
+        of a direction generate in one engine call.
+
+        The hf backend's stopping rule exactly: ``ignore_eos`` with the tokenizer's
+        EOS as the only stop token, so that vLLM neither adds the generation config's
+        other EOS ids nor stops anywhere else. Rows that are the same request (slot,
+        prompt and, when sampling, seed) are issued once. Each request reads the
+        prefix cache under its adapter's salt (``_request``); ``stats()`` counts the
+        requests, their cached prompt tokens and the tokens computed (prompt tokens
+        not served from the cache, and every generated token but the last)."""
+        from vllm import SamplingParams
+        if not prompts:
+            return []
+        if max_new_tokens < 1:
+            return [() for _ in prompts]
+        sampling = temperature > 0
+        if sampling and (seeds is None or len(seeds) != len(prompts)):
+            raise ValueError("sampling needs one seed per prompt")
+        slots = self._slots(adapters, len(prompts))
+        rows = [(slot, tuple(int(t) for t in p), int(seed) & 0x7FFF_FFFF_FFFF_FFFF if sampling else None)
+                for slot, p, seed in zip(slots, prompts, seeds if sampling else [None] * len(prompts))]
+        uniq = list(dict.fromkeys(rows))
+        eos = self.tokenizer.eos_token_id
+        stop = {} if eos is None else {"stop_token_ids": [int(eos)]}
+        params = [SamplingParams(max_tokens=int(max_new_tokens), temperature=float(temperature) if sampling else 0.0,
+                                 seed=seed, ignore_eos=True, detokenize=False, **stop)
+                  for _, _, seed in uniq]
+        done = {}
+        for row, out in zip(uniq, self._generate([(slot, ids) for slot, ids, _ in uniq], params)):
+            ids = list(out.outputs[0].token_ids)
+            done[row] = tuple(ids[:ids.index(eos)] if eos is not None and eos in ids else ids)
+        return [done[row] for row in rows]
 
     # -- adapter files -------------------------------------------------------------
     def save_adapter(self, path):

