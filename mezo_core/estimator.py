@@ -39,6 +39,19 @@ class Estimator(abc.ABC):
     def __init__(self, options=None):
         self.opts = options
 
+    def perturb(self, backend, terms, decay=1.0) -> None:
+        """Apply a pass of seeded terms (the update's, with its restore and decay): the
+        backend's own ``perturb`` unless the estimator's directions are not plain z."""
+        backend.perturb(terms, decay)
+
+    def state_dict(self) -> dict:
+        """What a resume needs to continue bitwise: JSON values, and tensors (saved beside
+        the checkpoint's adapter). Seed-only estimators keep nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def forwards(self, q: int) -> int:
         """Forward passes of a step over its batch with q directions (two-sided: 2q)."""
         return 2 * q

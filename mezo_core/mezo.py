@@ -87,7 +87,7 @@ def decayed(names: Sequence[str], exempt: Sequence[str]) -> list[bool]:
 
 def update(backend: Backend, result: StepResult, lr: float, weight_decay: float = 0.0,
            next_direction: tuple[int, float] | None = None, decay_mask: Sequence[bool] | None = None,
-           coefficients: Sequence[float] | None = None) -> float:
+           coefficients: Sequence[float] | None = None, perturb=None) -> float:
     """theta <- decay*(theta - offset*z_q) - lr/q * sum g_i z_i [+ eps'*z'] in one pass
     (theta here carries offset*z_q; decay = 1 - lr*wd applies to the clean weights).
 
@@ -97,7 +97,8 @@ def update(backend: Backend, result: StepResult, lr: float, weight_decay: float 
     +eps*z into this pass; returns the multiple of it left applied.
     ``decay_mask``: per trainable tensor, whether it decays (``decayed``; None: all).
     ``coefficients``: the multiple of each z(seed) the step moves (an estimator's
-    ``coefficients``); None: SPSA's -lr/q * g_i.
+    ``coefficients``); None: SPSA's -lr/q * g_i. ``perturb``: how the pass is applied
+    (an estimator's ``perturb``); None: ``backend.perturb``.
     """
     decay = 1.0 - lr * weight_decay
     if decay != 1.0 and decay_mask is not None and not all(decay_mask):
@@ -111,7 +112,7 @@ def update(backend: Backend, result: StepResult, lr: float, weight_decay: float 
         terms.append((result.seeds[-1], restore))
     if next_direction is not None:
         terms.append(next_direction)
-    backend.perturb(terms, decay=decay)
+    (perturb or backend.perturb)(terms, decay=decay)
     result.applied = 0.0 if next_direction is None else float(next_direction[1])
     return result.applied
 

@@ -9,6 +9,7 @@ import hashlib
 import math
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from .checkpoints import RunFolder
@@ -171,21 +172,28 @@ class RunState:
             self.folder.write_config(self.cfg)
         return state
 
-    def save(self, state: dict, lr, eps, guard, average) -> None:
+    def save(self, state: dict, lr, eps, guard, average, estimator=None) -> None:
         """A checkpoint with everything a bitwise resume needs: the adapter, the state,
-        the schedules' and the guard's state, and the guard's anchor and the weight
-        average as tensors of their own (written atomically: RunFolder.write_checkpoint)."""
+        the schedules', the guard's and the estimator's state, and the guard's anchor,
+        the weight average and the estimator's tensors as files of their own (written
+        atomically: RunFolder.write_checkpoint)."""
         state["schedules"] = {"lr": lr.state_dict(), "eps": eps.state_dict()}
+        kept = estimator.state_dict() if estimator is not None else {}
+        tensors = {k: v for k, v in kept.items() if isinstance(v, torch.Tensor)}
+        state["estimator"] = {k: v for k, v in kept.items() if k not in tensors}
         state["guard"] = guard.state_dict()
         extra = {"guard_anchor": guard.anchor} if guard.anchor else {}
         if average.tensors is not None:
             state["average"] = average.state_dict()
             extra["weight_average"] = average.tensors
+        if tensors:
+            extra["estimator"] = tensors
         if self.writes:
             self.folder.write_checkpoint(self.backend, state, self.cfg.keep_checkpoints, extra or None)
 
-    def restore(self, state: dict, lr, eps, guard, average) -> None:
-        """The schedules, guard and average as the checkpoint left them (a fresh run: as built)."""
+    def restore(self, state: dict, lr, eps, guard, average, estimator=None) -> None:
+        """The schedules, guard, average and estimator as the checkpoint left them (a fresh
+        run: as built)."""
         if "schedules" in state:
             lr.load_state_dict(state["schedules"]["lr"])
             eps.load_state_dict(state["schedules"]["eps"])
@@ -194,6 +202,8 @@ class RunState:
             guard.anchor = self.load_extra("guard_anchor")
         if "average" in state:
             average.load_state_dict(state["average"], self.load_extra("weight_average"))
+        if estimator is not None and "estimator" in state:
+            estimator.load_state_dict({**state["estimator"], **(self.load_extra("estimator") or {})})
 
     def load_extra(self, name: str):
         """The extra tensors ``name`` of the checkpoint this run resumed from (None if

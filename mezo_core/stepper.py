@@ -74,7 +74,8 @@ class Stepper:
             next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
         self.applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction,
                               decay_mask=self.decay_mask,
-                              coefficients=self.estimator.coefficients(result, lr) if lr else None)
+                              coefficients=self.estimator.coefficients(result, lr) if lr else None,
+                              perturb=lambda terms, decay: self.estimator.perturb(self.backend, terms, decay))
         if not rejected and next_direction is None:  # clean weights: an absurd state diverged too
             too_large = self.guard.check_weights(self._max_abs(self.pauses_after(step + 1)))
             if too_large:

@@ -115,7 +115,7 @@ class Trainer:
         evaluations and checkpoints they are due, then the final evaluation and files."""
         cfg, m = self.cfg, self.cfg.mezo
         state = self.run.start(resume, {"mezo.eps_schedule": self.eps, "mezo.lr_schedule": self.lr})
-        self.run.restore(state, self.lr, self.eps, self.guard, self.average)
+        self.run.restore(state, self.lr, self.eps, self.guard, self.average, self.stepper.estimator)
         self._open_logs(state)
         self._prepare(state)
         bar = tqdm(total=m.steps, initial=state["step"], desc="mezo", dynamic_ncols=True,
@@ -252,7 +252,7 @@ class Trainer:
         return stop
 
     def _save(self, state: dict) -> None:
-        self.run.save(state, self.lr, self.eps, self.guard, self.average)
+        self.run.save(state, self.lr, self.eps, self.guard, self.average, self.stepper.estimator)
 
     def _release(self) -> None:
         """However the run ends; a logger whose file cannot be flushed (a full disk, the

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mezo_core import Example
+from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.cli import main
 from mezo_core.mezo import direction_seeds, mezo_step, update
 from mezo_core.perturb import z_like
@@ -205,3 +205,85 @@ def test_es_ranks_share_ties():
     assert normalized([3.0, 1.0, 3.0, 2.0], "rank") == [pytest.approx(5 / 6 - 0.5)] * 1 + [-0.5] + \
         [pytest.approx(5 / 6 - 0.5), pytest.approx(1 / 3 - 0.5)]
     assert normalized([1.0, 1.0], "zscore") == [0.0, 0.0]
+
+
+class LocalQuadratic(LocalTensorsBackend):
+    """The quadratic loss over tensors held in this process (hizoo scales z elementwise)."""
+    name = "local-quadratic"
+
+    def __init__(self):
+        q = Quadratic()
+        self._names, self._tensors, self.targets = q.trainable_names(), q.tensors, q.targets
+        self.z_dist, self.calls = "gaussian", []
+
+    losses = QuadraticBackend.losses
+
+    @property
+    def tensors(self):   # what QuadraticBackend.losses reads
+        return self._tensors
+
+    def save_adapter(self, path):
+        raise NotImplementedError
+
+    def load_adapter(self, path):
+        raise NotImplementedError
+
+
+def test_hizoo_equals_the_formula_written_out():
+    """HiZOO (arXiv:2402.15173), written out with explicit z: s = D^-1/2, l_0, l_+- at
+    theta +- eps s*u, theta - lr g s*u, then D <- (1-a) D + a h D u^2 before the next step."""
+    print("seed", SEED)
+    eps, lr, alpha = 1e-2, 1e-2, 0.3
+    hizoo = estimator("hizoo", alpha=alpha)
+    backend = LocalQuadratic()
+    ref = [t.clone().double() for t in backend.trainable_tensors()]
+    targets = [c.double() for c in backend.targets]
+    d = [torch.ones_like(t) for t in ref]
+    mean_loss = lambda ts: sum(0.5 * (1 + e.prompt_ids[0]) * sum(float(((t - c) ** 2).sum()) for t, c in zip(ts, targets))
+                               for e in BATCH) / len(BATCH)
+    for step in range(4):
+        seed = direction_seeds(17, step, 1)[0]
+        result = hizoo.probe(backend, BATCH, [seed], eps)
+        update(backend, result, lr, 0.0, coefficients=hizoo.coefficients(result, lr),
+               perturb=lambda terms, decay: hizoo.perturb(backend, terms, decay))
+        u = [z_like(t, seed, i).double() for i, t in enumerate(ref)]
+        s = [x.rsqrt() for x in d]
+        l0 = mean_loss(ref)
+        lp = mean_loss([t + eps * si * ui for t, si, ui in zip(ref, s, u)])
+        lm = mean_loss([t - eps * si * ui for t, si, ui in zip(ref, s, u)])
+        assert result.losses_plus[0] == pytest.approx(lp, rel=1e-6)
+        g, h = (lp - lm) / (2 * eps), abs(lp + lm - 2 * l0) / (2 * eps ** 2)
+        ref = [t - lr * g * si * ui for t, si, ui in zip(ref, s, u)]
+        d = [(1 - alpha) * x + alpha * h * x * ui ** 2 for x, ui in zip(d, u)]
+        for got, want in zip(backend.trainable_tensors(), ref):   # fp32 weights against a float64 oracle
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    hizoo._fold_pending(backend.trainable_tensors(), "gaussian")
+    for got, want in zip(hizoo.curvature, d):   # h is a second difference: loss rounding / eps^2
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-6)
+    assert any(not torch.allclose(x, torch.ones_like(x)) for x in hizoo.curvature)   # it learned something
+
+
+def test_hizoo_state_round_trips_and_refuses_engines():
+    hizoo = estimator("hizoo")
+    backend = LocalQuadratic()
+    hizoo.probe(backend, BATCH, [5], 1e-2)
+    again = estimator("hizoo")
+    again.load_state_dict(hizoo.state_dict())
+    assert again.pending == hizoo.pending and all(a.equal(b) for a, b in zip(again.curvature, hizoo.curvature))
+    with pytest.raises(MezoError, match="hizoo needs mezo.q=1 and a backend holding its tensors"):
+        hizoo.probe(Quadratic(), BATCH, [5], 1e-2)
+
+
+def test_hizoo_run_resumes_bitwise(tmp_path, tiny_llama, fresh_registry, capsys):
+    """The curvature estimate lives in the checkpoints: 3 steps + a resume to 6 end on the
+    adapter of 6 straight steps, bit for bit."""
+    extra = ["mezo.estimator=hizoo", "mezo.q=1", "mezo.estimator_options={alpha: 0.1}"]
+    cfg = run_config(tmp_path / "a", tiny_llama, **{"mezo.q": 1})
+    assert main(["train", "-c", str(cfg), *extra]) == 0
+    cut = run_config(tmp_path / "b", tiny_llama, **{"mezo.steps": 3, "mezo.q": 1})
+    assert main(["train", "-c", str(cut), *extra]) == 0
+    assert (tmp_path / "b" / "run" / "checkpoints" / "step-0000003" / "estimator.safetensors").exists()
+    assert main(["train", "-c", str(cut), *extra, "mezo.steps=6", "--resume"]) == 0
+    a = load_file(str(tmp_path / "a" / "run" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

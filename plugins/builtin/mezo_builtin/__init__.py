@@ -3,7 +3,7 @@ through the ``mezo`` entry point exactly as a third-party package would: ``regis
 named by ``cls.name``."""
 from mezo_core import hookimpl
 
-from .estimators import ES, FZOO as FZOOEstimator, SPSA
+from .estimators import ES, FZOO as FZOOEstimator, SPSA, HiZOO
 from .eviction import FIFO, LFU, LRU, SizeAware
 from .loggers import CsvLogger, JsonlLogger, TensorBoardLogger, WandbLogger
 from .rewards import ExactMatch, LabelWord, Numeric, Regex
@@ -45,6 +45,7 @@ def register_estimators(register):
     register(SPSA)
     register(FZOOEstimator)
     register(ES)
+    register(HiZOO)
 
 
 @hookimpl

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mezo_core import Estimator
+import torch
+
+from mezo_core import Estimator, MezoError
 from mezo_core.config import setting
 from mezo_core.forwards import objective
 from mezo_core.mezo import StepResult, probe
@@ -164,3 +166,97 @@ class ES(Estimator):
             return [lr * r / q for r in rewards]
         rewards = normalized([-loss for loss in result.losses_plus + result.losses_minus], self.opts.normalize)
         return [lr * (rewards[i] - rewards[q + i]) / (2 * q) for i in range(q)]
+
+
+@dataclass
+class HiZOOOptions:
+    alpha: float = setting(1e-4, "how fast the diagonal curvature estimate follows new measurements (0 < "
+                                 "alpha < 1)")
+
+    def __post_init__(self):
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+
+
+class HiZOO(Estimator):
+    """Two-sided SPSA along directions preconditioned by a diagonal curvature estimate,
+    measured from the same forwards plus one at theta (HiZOO: Zhao et al. 2024,
+    "Second-Order Fine-Tuning without Pain for LLMs: A Hessian Informed Zeroth-Order
+    Optimizer", arXiv:2402.15173). With D the diagonal estimate (D = 1 at the start),
+    s = D^(-1/2) and one direction u per step (mezo.q = 1):
+
+        l_0 = L(theta),  l_+- = L(theta +- eps s*u)
+        g = (l_+ - l_-) / (2 eps),   theta <- theta - lr * g * s*u
+        h = |l_+ + l_- - 2 l_0| / (2 eps^2),   D <- (1 - alpha) D + alpha * h * D * u^2
+
+    (* elementwise; the curvature update uses this step's u and is applied before the
+    next step's forwards, so the update's restore uses the scales its forwards used).
+    3 forwards a step. D is the estimator's state: as large as the trainable tensors,
+    saved in every checkpoint, so a resume continues bitwise. Needs a backend holding
+    its tensors in this process (hf): the scaled z is drawn tensor by tensor."""
+    name = "hizoo"
+    options = HiZOOOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.curvature = None      # D, one fp32 tensor per trainable tensor
+        self.pending = None        # (seed, h) of the last step, folded into D before the next
+
+    def forwards(self, q):
+        return 3
+
+    def scales(self):
+        return [d.rsqrt() for d in self.curvature]
+
+    def perturb(self, backend, terms, decay=1.0):
+        backend.perturb(terms, decay, scales=self.scales())
+
+    def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
+        tensors = getattr(backend, "trainable_tensors", None)
+        if tensors is None or len(seeds) != 1:
+            raise MezoError("mezo.estimator=hizoo needs mezo.q=1 and a backend holding its tensors in this "
+                            "process (hf)")
+        if self.curvature is None:
+            self.curvature = [torch.ones_like(t, dtype=torch.float32) for t in tensors()]
+        self._fold_pending(tensors(), backend.z_dist)
+        if applied:
+            backend.perturb([(seeds[0], -applied)])
+        seed = seeds[0]
+        l0 = objective(backend, batch)
+        self.perturb(backend, [(seed, eps)])
+        plus = objective(backend, batch)
+        self.perturb(backend, [(seed, -2.0 * eps)])
+        minus = objective(backend, batch)
+        sums = [float(plus.sum()), float(minus.sum()), float(l0.sum()), float(len(batch))]
+        if reduce is not None:
+            sums = reduce(sums)
+        lp, lm, l0 = (x / sums[3] for x in sums[:3])
+        h = abs(lp + lm - 2.0 * l0) / (2.0 * eps * eps)
+        self.pending = (int(seed), h) if math.isfinite(h) else None
+        return StepResult([seed], [(lp - lm) / (2.0 * eps)], [lp], [lm], offset=-eps)
+
+    def coefficients(self, result, lr):
+        return [-lr * result.grads[0]]
+
+    def _fold_pending(self, tensors, dist):
+        if self.pending is None:
+            return
+        from mezo_core.perturb import z_like
+        seed, h = self.pending
+        a = self.opts.alpha
+        for i, (t, d) in enumerate(zip(tensors, self.curvature)):
+            u = z_like(t, seed, i, dist).to(d.device)
+            seen = d * u.square()            # the old D's, before it decays
+            d.mul_(1.0 - a).add_(seen, alpha=a * h)
+        self.pending = None
+
+    def state_dict(self):
+        out = {"pending": list(self.pending) if self.pending else None}
+        if self.curvature is not None:
+            out.update({f"curvature.{i}": d for i, d in enumerate(self.curvature)})
+        return out
+
+    def load_state_dict(self, state):
+        self.pending = tuple(state["pending"]) if state.get("pending") else None
+        keys = sorted((k for k in state if k.startswith("curvature.")), key=lambda k: int(k.split(".")[1]))
+        self.curvature = [state[k].clone() for k in keys] if keys else None
