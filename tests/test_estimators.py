@@ -287,3 +287,51 @@ def test_hizoo_run_resumes_bitwise(tmp_path, tiny_llama, fresh_registry, capsys)
     a = load_file(str(tmp_path / "a" / "run" / "last" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "last" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_sparse_equals_the_formula_written_out():
+    """Sparse-MeZO (arXiv:2402.15751): per tensor, m = 1 on the density-smallest |theta|
+    (read at the step's clean weights), SPSA along m*z_i, written out with explicit z."""
+    print("seed", SEED)
+    q, eps, lr, density = 2, 1e-2, 1e-2, 0.5
+    sparse = estimator("sparse", density=density)
+    backend = LocalQuadratic()
+    ref = [t.clone().double() for t in backend.trainable_tensors()]
+    targets = [c.double() for c in backend.targets]
+    mean_loss = lambda ts: sum(0.5 * (1 + e.prompt_ids[0]) * sum(float(((t - c) ** 2).sum()) for t, c in zip(ts, targets))
+                               for e in BATCH) / len(BATCH)
+    for step in range(3):
+        seeds = direction_seeds(19, step, q)
+        masks = []
+        for t in ref:   # the rule, by sorting: the k smallest magnitudes
+            k = max(1, round(density * t.numel()))
+            masks.append((t.abs() <= t.abs().flatten().sort().values[k - 1]).double())
+        result = sparse.probe(backend, BATCH, seeds, eps)
+        update(backend, result, lr, 0.0, coefficients=sparse.coefficients(result, lr),
+               perturb=lambda terms, decay: sparse.perturb(backend, terms, decay))
+        zs = [[z_like(t, s, i).double() * m for i, (t, m) in enumerate(zip(ref, masks))] for s in seeds]
+        grads = [(mean_loss([t + eps * z for t, z in zip(ref, z_i)]) - mean_loss([t - eps * z for t, z in zip(ref, z_i)]))
+                 / (2 * eps) for z_i in zs]
+        assert result.grads == pytest.approx(grads, rel=1e-4, abs=1e-6)
+        ref = [t - lr / q * sum(g * z_i[i] for g, z_i in zip(grads, zs)) for i, t in enumerate(ref)]
+        for got, want, m in zip(backend.trainable_tensors(), ref, masks):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert 0 < sum(float(m.sum()) for m in sparse.masks) < sum(m.numel() for m in sparse.masks)
+
+
+def test_sparse_full_params_run_resumes_bitwise(tmp_path, tiny_llama, fresh_registry, capsys):
+    """hf.full_params with the sparse mask: the mask is read from the weights, so a resume
+    recomputes it and continues bit for bit (no estimator state in the checkpoint)."""
+    extra = ["mezo.estimator=sparse", "mezo.estimator_options={density: 0.5}", "hf.full_params=[.*layers\\.3\\.mlp.*]"]
+    cfg = run_config(tmp_path / "a", tiny_llama)
+    assert main(["train", "-c", str(cfg), *extra]) == 0
+    cut = run_config(tmp_path / "b", tiny_llama, **{"mezo.steps": 3})
+    assert main(["train", "-c", str(cut), *extra]) == 0
+    assert not (tmp_path / "b" / "run" / "checkpoints" / "step-0000003" / "estimator.safetensors").exists()
+    assert main(["train", "-c", str(cut), *extra, "mezo.steps=6", "--resume"]) == 0
+    a = load_file(str(tmp_path / "a" / "run" / "last" / "mezo_params.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "last" / "mezo_params.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    start = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step-0000003" / "mezo_params.safetensors"))
+    moved = [(a[k] != start[k]).float().mean().item() for k in a]
+    assert all(0 < m < 1 for m in moved), moved        # some entries moved, the largest ones did not

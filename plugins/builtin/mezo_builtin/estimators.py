@@ -260,3 +260,67 @@ class HiZOO(Estimator):
         self.pending = tuple(state["pending"]) if state.get("pending") else None
         keys = sorted((k for k in state if k.startswith("curvature.")), key=lambda k: int(k.split(".")[1]))
         self.curvature = [state[k].clone() for k in keys] if keys else None
+
+
+@dataclass
+class SparseOptions:
+    density: float = setting(0.75, "fraction of each tensor's entries perturbed and moved: those of smallest "
+                                   "magnitude (0 < density <= 1)")
+
+    def __post_init__(self):
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+
+
+class Sparse(Estimator):
+    """Two-sided SPSA over directions masked to the small-magnitude weights (Sparse-MeZO:
+    Liu et al. 2024, "Sparse MeZO: Less Parameters for Better Performance in Zeroth-Order
+    LLM Fine-Tuning", arXiv:2402.15751). At the clean weights of each step,
+
+        m = [|theta| <= the density-quantile of |theta|]  (per tensor),
+        g_i = (L(theta + eps m*z_i) - L(theta - eps m*z_i)) / (2 eps),  theta <- theta - lr/q sum_i g_i m*z_i
+
+    2q forwards a step. The mask is a function of the weights at the step's start, so a
+    resume recomputes it: nothing is stored. Meant for hf.full_params, where large
+    weights carry what pre-training learnt; needs a backend holding its tensors (hf)."""
+    name = "sparse"
+    options = SparseOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.masks = None
+
+    def perturb(self, backend, terms, decay=1.0):
+        backend.perturb(terms, decay, scales=self.masks)
+
+    def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
+        tensors = getattr(backend, "trainable_tensors", None)
+        if tensors is None:
+            raise MezoError("mezo.estimator=sparse needs a backend holding its tensors in this process (hf)")
+        if applied:
+            backend.perturb([(seeds[0], -applied)])   # the mask is read at the clean weights
+        self.masks = [self.mask(t) for t in tensors()]
+        grads, plus, minus, previous = [], [], [], None
+        for seed in seeds:   # each move undoes the last direction (-eps) and applies this one (+eps)
+            self.perturb(backend, ([(previous, eps)] if previous is not None else []) + [(seed, eps)])
+            loss_plus = objective(backend, batch)
+            self.perturb(backend, [(seed, -2.0 * eps)])
+            loss_minus = objective(backend, batch)
+            sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
+            if reduce is not None:
+                sums = reduce(sums)
+            plus.append(sums[0] / sums[2])
+            minus.append(sums[1] / sums[2])
+            grads.append((plus[-1] - minus[-1]) / (2.0 * eps))
+            previous = seed
+        return StepResult(list(seeds), grads, plus, minus, offset=-eps)
+
+    def coefficients(self, result, lr):
+        return [-lr * g / len(result.seeds) for g in result.grads]
+
+    def mask(self, tensor):
+        """1 where |theta| is among the ``density`` smallest of the tensor, else 0."""
+        flat = tensor.detach().abs().flatten().float()
+        k = max(1, int(round(self.opts.density * flat.numel())))
+        threshold = flat.kthvalue(k).values if k < flat.numel() else flat.max()
+        return (tensor.detach().abs() <= threshold).to(torch.float32)
