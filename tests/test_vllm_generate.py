@@ -21,10 +21,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mezo_core import MezoError
 from mezo_core.forwards import Prompt, one_direction
 from mezo_core.rewards import Reward, Rewarder
 from mezo_core.stats import stats_of
-from test_vllm_backend import make_cfg, rand_ids
+# the module's engine and its hf oracle: test_vllm_backend's module-scoped fixtures (one engine here too)
+from test_vllm_backend import backends, rand_ids, vllm_model_dir  # noqa: F401
 from tiny import seeded_random
 
 pytestmark = [pytest.mark.vllm,
@@ -34,27 +36,11 @@ pytestmark = [pytest.mark.vllm,
 NEW = 12   # new tokens per completion
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    from mezo_backend_hf.backend import HFBackend
-    from mezo_backend_vllm.backend import VLLMBackend
-    from tiny import build_model
-    model = build_model(tmp_path_factory.mktemp("tiny-llama-gen"), "llama", heads=2, kv_heads=1)
-    cfg = make_cfg(model)
-    vb = VLLMBackend(cfg)
-    hb = HFBackend(cfg)
-    init = tmp_path_factory.mktemp("adapters") / "initial"
-    vb.save_adapter(init)
-    yield vb, hb, init
-    hb.close()
-    vb.close()
-
-
 @pytest.fixture
-def pair(engines):
+def pair(backends):
     """Both backends at the same adapter, moved off the seeded initial one (its B is
     zero: the adapter would not matter), stats zeroed."""
-    vb, hb, init = engines
+    vb, hb, init = backends
     for b in (vb, hb):
         b.load_adapter(init)
         b.perturb([(29, 0.5)])
@@ -124,6 +110,9 @@ def test_eos_stops_a_row_as_in_hf(pair, monkeypatch):
     assert all(eos not in row for row in got)
     assert any(len(w) < NEW for w in want) and any(len(w) == NEW for w in want)
     assert vb.generate(prompts, 0) == [()] * len(prompts) and vb.generate([], NEW) == []
+    # a completion that would not fit the engine's max_model_len (256 here) is refused, not cut short
+    with pytest.raises(MezoError, match="max_model_len 256"):
+        vb.generate([tuple(range(5, 250))], NEW)
 
 
 # -- both signs in one engine call --------------------------------------------------------

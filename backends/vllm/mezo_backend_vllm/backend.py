@@ -366,6 +366,11 @@ class VLLMBackend(Backend):
         if sampling and (seeds is None or len(seeds) != len(prompts)):
             raise ValueError("sampling needs one seed per prompt")
         slots = self._slots(adapters, len(prompts))
+        # vLLM would cut a completion short at max_model_len without a word: refuse instead
+        limit, longest = int(self.llm.llm_engine.model_config.max_model_len), max(map(len, prompts))
+        if longest + max_new_tokens > limit:
+            raise MezoError(f"vllm: a prompt of {longest} tokens plus {max_new_tokens} new tokens is longer than "
+                            f"the engine's max_model_len {limit} (set vllm.engine.max_model_len)")
         rows = [(slot, tuple(int(t) for t in p), int(seed) & 0x7FFF_FFFF_FFFF_FFFF if sampling else None)
                 for slot, p, seed in zip(slots, prompts, seeds if sampling else [None] * len(prompts))]
         uniq = list(dict.fromkeys(rows))
