@@ -10,6 +10,7 @@ import torch
 
 from mezo_core.config import load_config
 from mezo_core.testing import corpus
+from tiny import assert_samples_follow, commonest_inner_token
 
 SEED = 29
 
@@ -46,11 +47,7 @@ def test_batched_greedy_is_transformers_greedy_with_eos(setup):
     free = [hf_generate(plain, p, n, eos=-1) for p in prompts]        # no EOS: n tokens each
     assert backend.generate(prompts, n) == free or backend.tokenizer.eos_token_id in sum(free, ())
     # an EOS that the model does emit mid-way on some rows: those rows stop there, the others run on
-    counts = {}
-    for row in free:
-        for t in row[1:-1]:
-            counts[t] = counts.get(t, 0) + 1
-    eos = max(counts, key=counts.get)
+    eos = commonest_inner_token(free)
     want = [hf_generate(plain, p, n, eos) for p in prompts]
     got = generate(backend.model, prompts, n, pad_id=backend.forwards.pad_id, eos_id=eos, device="cpu")
     assert got == want
@@ -80,23 +77,10 @@ def test_sampling_follows_the_softmax_and_its_seeds(setup):
     prompt, temperature, n = prompts[0], 0.3, 3000
     with torch.no_grad():
         logits = plain(input_ids=torch.tensor([prompt])).logits[0, -1].double()
-    probs = torch.softmax(logits / temperature, -1)
     seeds = list(range(n))
     first = [row[0] for row in generate(backend.model, [prompt] * n, 1, pad_id=backend.forwards.pad_id, eos_id=None,
                                         device="cpu", temperature=temperature, seeds=seeds)]   # EOS kept
-    freq = torch.bincount(torch.tensor(first), minlength=probs.numel()).double() / n
-    top = probs.topk(5).indices
-    sigma = (probs[top] * (1 - probs[top]) / n).sqrt()
-    assert ((freq[top] - probs[top]).abs() <= 4 * sigma + 1e-9).all(), (freq[top], probs[top])
-    def chi2(p):   # Pearson's statistic over the tokens expected >= 5 times, the rest pooled
-        big = p * n >= 5
-        observed = torch.cat([freq[big], freq[~big].sum()[None]]) * n
-        expected = torch.cat([p[big], p[~big].sum()[None]]) * n
-        return float(((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum()), int(big.sum())
-    statistic, df = chi2(probs)
-    assert statistic < df + 5 * (2 * df) ** 0.5, (statistic, df)
-    wrong, _ = chi2(torch.softmax(logits / (2 * temperature), -1))   # the test tells temperatures apart
-    assert wrong > df + 5 * (2 * df) ** 0.5, wrong
+    assert_samples_follow(first, logits, temperature)
     # a row's sample is its seed's, whatever the other rows and their order
     rows = backend.generate(prompts, 5, temperature=1.0, seeds=[11, 12, 13, 14, 15, 16])
     again = backend.generate(prompts[::-1], 5, temperature=1.0, seeds=[16, 15, 14, 13, 12, 11])

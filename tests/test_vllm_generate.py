@@ -27,7 +27,7 @@ from mezo_core.rewards import Reward, Rewarder
 from mezo_core.stats import stats_of
 # the module's engine and its hf oracle: test_vllm_backend's module-scoped fixtures (one engine here too)
 from test_vllm_backend import backends, rand_ids, vllm_model_dir  # noqa: F401
-from tiny import seeded_random
+from tiny import assert_samples_follow, commonest_inner_token, seeded_random
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -98,11 +98,7 @@ def test_eos_stops_a_row_as_in_hf(pair, monkeypatch):
     monkeypatch.setattr(vb, "tokenizer", SimpleNamespace(eos_token_id=None))
     free = vb.generate(prompts, NEW)                       # no EOS: NEW tokens each
     assert all(len(row) == NEW for row in free)
-    counts = {}
-    for row in free:
-        for t in row[1:-1]:
-            counts[t] = counts.get(t, 0) + 1
-    eos = max(counts, key=counts.get)
+    eos = commonest_inner_token(free)
     want = generate(hb.model, prompts, NEW, pad_id=hb.forwards.pad_id, eos_id=eos, device="cpu")
     monkeypatch.setattr(vb, "tokenizer", SimpleNamespace(eos_token_id=eos))
     got = vb.generate(prompts, NEW)
@@ -163,23 +159,8 @@ def test_sampling_follows_the_softmax_and_its_seeds(pair, monkeypatch):
     prompt, temperature, n = prompts[0], 0.1, 4000
     with torch.no_grad():
         logits = hb.model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
-    probs = torch.softmax(logits / temperature, -1)
     first = [row[0] for row in vb.generate([prompt] * n, 1, temperature=temperature, seeds=list(range(n)))]
-    freq = torch.bincount(torch.tensor(first), minlength=probs.numel()).double() / n
-    top = probs.topk(5).indices
-    sigma = (probs[top] * (1 - probs[top]) / n).sqrt()
-    print(f"\nfirst tokens, {n} samples at T={temperature}: freq {freq[top].tolist()} vs p {probs[top].tolist()}")
-    assert ((freq[top] - probs[top]).abs() <= 4 * sigma + 1e-9).all(), (freq[top], probs[top])
-
-    def chi2(p):   # Pearson's statistic over the tokens expected >= 5 times, the rest pooled
-        big = p * n >= 5
-        observed = torch.cat([freq[big], freq[~big].sum()[None]]) * n
-        expected = torch.cat([p[big], p[~big].sum()[None]]) * n
-        return float(((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum()), int(big.sum())
-    statistic, df = chi2(probs)
-    assert statistic < df + 5 * (2 * df) ** 0.5, (statistic, df)
-    wrong, wrong_df = chi2(torch.softmax(logits / (2 * temperature), -1))   # the test tells temperatures apart
-    assert wrong > wrong_df + 5 * (2 * wrong_df) ** 0.5, wrong
+    assert_samples_follow(first, logits, temperature)
     # a row's sample is its seed's, whatever the other rows, their order and their adapters
     seeds = [11, 12, 13, 14, 15, 16]
     rows = vb.generate(prompts, 5, temperature=1.0, seeds=seeds)

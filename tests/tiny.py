@@ -105,3 +105,36 @@ class QuadraticBackend(Backend):
 
     def load_adapter(self, path):
         raise NotImplementedError
+
+
+def assert_samples_follow(first_tokens, logits, temperature):
+    """Sampled first tokens against softmax(logits / T): each of the 5 likeliest within 4
+    sigma of its probability, and Pearson's chi-square over the tokens expected >= 5 times
+    (the rest pooled) accepting T and rejecting 2T (the check tells temperatures apart)."""
+    n = len(first_tokens)
+    probs = torch.softmax(logits / temperature, -1)
+    freq = torch.bincount(torch.tensor(first_tokens), minlength=probs.numel()).double() / n
+    top = probs.topk(5).indices
+    sigma = (probs[top] * (1 - probs[top]) / n).sqrt()
+    print(f"first tokens, {n} samples at T={temperature}: freq {freq[top].tolist()} vs p {probs[top].tolist()}")
+    assert ((freq[top] - probs[top]).abs() <= 4 * sigma + 1e-9).all(), (freq[top], probs[top])
+
+    def chi2(p):
+        big = p * n >= 5
+        observed = torch.cat([freq[big], freq[~big].sum()[None]]) * n
+        expected = torch.cat([p[big], p[~big].sum()[None]]) * n
+        return float(((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum()), int(big.sum())
+    statistic, df = chi2(probs)
+    assert statistic < df + 5 * (2 * df) ** 0.5, (statistic, df)
+    wrong, wrong_df = chi2(torch.softmax(logits / (2 * temperature), -1))
+    assert wrong > wrong_df + 5 * (2 * wrong_df) ** 0.5, wrong
+
+
+def commonest_inner_token(rows) -> int:
+    """The token most often generated mid-row (neither first nor last): taken as EOS, it
+    stops some rows early and lets others run to the end."""
+    counts = {}
+    for row in rows:
+        for t in row[1:-1]:
+            counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=counts.get)
