@@ -45,6 +45,8 @@ SUITES = {
     # one device call: MeZO's recipe (its first 1000 steps, evaluated every 100) beside
     # FZOO with N = 8 at three learning rates, 300 steps each (2700 forwards)
     "gpu": lambda: [mezo(0, 1000, 100)] + [fzoo(0, lr, 8, 300, 25) for lr in (2e-4, 5e-4, 1e-3)],
+    # what a short device call affords (about 5 minutes)
+    "gpu-short": lambda: [mezo(0, 600, 100)] + [fzoo(0, lr, 8, 200, 25) for lr in (5e-4, 1e-3)],
     # the seeds of the chosen setting
     "gpu-seeds": lambda: [mezo(s, 1000, 100) for s in (1, 2)] + [fzoo(s, 5e-4, 8, 300, 25) for s in (1, 2)],
     # the CPU demo's recipe (top 4 layers, k = 16) at an equal budget of 600 forward passes:
