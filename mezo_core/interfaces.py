@@ -174,24 +174,24 @@ class LocalTensorsBackend(Backend):
     def trainable_tensors(self) -> list[torch.Tensor]:
         return list(self._tensors)
 
-    def perturb(self, terms: Terms, decay: float | Sequence[float] = 1.0, scales=None) -> None:
+    def perturb(self, terms: Terms, decay: float | Sequence[float] = 1.0, direction=None) -> None:
         """``decay`` (and a term's coefficient) may be one value per trainable
         tensor, in ``trainable_names`` order: weight decay that exempts some.
-        ``scales``: one tensor per trainable tensor multiplying every z elementwise
-        (a preconditioned direction, e.g. the hizoo estimator's Sigma^1/2 z); z is then
-        drawn whole, tensor by tensor (``perturb.z_like``), not fused."""
-        from .perturb import apply_z, z_like
-        if scales is None:
+        ``direction(seed, index, tensor)``: the tensor a term's seed stands for, in
+        place of z (an estimator's own directions: masked, preconditioned, low-rank);
+        it is then drawn whole, tensor by tensor, not fused."""
+        from .perturb import apply_z
+        if direction is None:
             return apply_z(self._tensors, terms, decay, dist=self.z_dist)
         decays = decay if isinstance(decay, (list, tuple)) else [decay] * len(self._tensors)
         with torch.no_grad():
-            for i, (tensor, scale) in enumerate(zip(self._tensors, scales)):
+            for i, tensor in enumerate(self._tensors):
                 if decays[i] != 1.0:
                     tensor.mul_(decays[i])
                 for seed, coef in terms:
                     c = coef[i] if isinstance(coef, (list, tuple)) else coef
                     if c:
-                        tensor.add_(z_like(tensor, seed, i, self.z_dist).mul_(scale), alpha=c)
+                        tensor.add_(direction(seed, i, tensor), alpha=c)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in zip(self._names, self._tensors)}

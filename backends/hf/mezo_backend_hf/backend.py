@@ -194,8 +194,8 @@ class HFBackend(LocalTensorsBackend):
             tensor.copy_(state[name])
         self._sync_model_adapter()
 
-    def perturb(self, terms, decay=1.0, scales=None):
-        super().perturb(terms, decay, scales)
+    def perturb(self, terms, decay=1.0, direction=None):
+        super().perturb(terms, decay, direction)
         self._sync_model_adapter()
 
     @torch.no_grad()  # peft's enable_adapters() turns requires_grad back on

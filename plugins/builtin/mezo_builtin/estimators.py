@@ -10,6 +10,7 @@ from mezo_core import Estimator, MezoError
 from mezo_core.config import setting
 from mezo_core.forwards import objective
 from mezo_core.mezo import StepResult, probe
+from mezo_core.perturb import z_like
 
 
 class SPSA(Estimator):
@@ -205,11 +206,9 @@ class HiZOO(Estimator):
     def forwards(self, q):
         return 3
 
-    def scales(self):
-        return [d.rsqrt() for d in self.curvature]
-
     def perturb(self, backend, terms, decay=1.0):
-        backend.perturb(terms, decay, scales=self.scales())
+        scales = [d.rsqrt() for d in self.curvature]
+        backend.perturb(terms, decay, direction=lambda seed, i, t: z_like(t, seed, i, backend.z_dist).mul_(scales[i]))
 
     def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
         tensors = getattr(backend, "trainable_tensors", None)
@@ -241,7 +240,6 @@ class HiZOO(Estimator):
     def _fold_pending(self, tensors, dist):
         if self.pending is None:
             return
-        from mezo_core.perturb import z_like
         seed, h = self.pending
         a = self.opts.alpha
         for i, (t, d) in enumerate(zip(tensors, self.curvature)):
@@ -291,7 +289,8 @@ class Sparse(Estimator):
         self.masks = None
 
     def perturb(self, backend, terms, decay=1.0):
-        backend.perturb(terms, decay, scales=self.masks)
+        masks = self.masks
+        backend.perturb(terms, decay, direction=lambda seed, i, t: z_like(t, seed, i, backend.z_dist).mul_(masks[i]))
 
     def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
         tensors = getattr(backend, "trainable_tensors", None)
