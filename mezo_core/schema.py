@@ -142,7 +142,8 @@ class MezoConfig:
                                      "normalised by the spread of the losses), es (a population of q, "
                                      "rewards -L normalised across it), hizoo (q=1, 3 forwards, directions "
                                      "preconditioned by a diagonal curvature estimate; hf only), sparse (SPSA on "
-                                     "the small-magnitude weights; hf, meant for hf.full_params)")
+                                     "the small-magnitude weights; hf, meant for hf.full_params), lozo (SPSA "
+                                     "along low-rank U V^T; hf, meant for hf.full_params)")
     estimator_options: Dict[str, Any] = setting(factory=dict, help="the estimator's own settings")
     lr_schedule_options: Dict[str, Any] = setting(factory=dict, help="the schedule's own settings")
     eps_schedule_options: Dict[str, Any] = setting(factory=dict, help="the eps schedule's settings")

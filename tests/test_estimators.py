@@ -335,3 +335,59 @@ def test_sparse_full_params_run_resumes_bitwise(tmp_path, tiny_llama, fresh_regi
     start = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step-0000003" / "mezo_params.safetensors"))
     moved = [(a[k] != start[k]).float().mean().item() for k in a]
     assert all(0 < m < 1 for m in moved), moved        # some entries moved, the largest ones did not
+
+
+def test_lozo_moves_each_matrix_in_rank_r_and_follows_the_formula():
+    """LOZO (arXiv:2410.07698): two-sided SPSA along Z = U V^T / sqrt(r) for matrices
+    (plain z for vectors), V kept for lazy_steps; the update of a matrix over steps that
+    share V stays in V's r-dimensional row space."""
+    from mezo_core.perturb import z_range
+    print("seed", SEED)
+    eps, lr, r = 1e-2, 1e-2, 2
+    lozo = estimator("lozo", rank=r, lazy_steps=3)
+    backend = LocalQuadratic()
+    start = [t.clone() for t in backend.trainable_tensors()]
+    ref = [t.clone().double() for t in start]
+    targets = [c.double() for c in backend.targets]
+    mean_loss = lambda ts: sum(0.5 * (1 + e.prompt_ids[0]) * sum(float(((t - c) ** 2).sum()) for t, c in zip(ts, targets))
+                               for e in BATCH) / len(BATCH)
+    v_seeds = []
+    for step in range(3):
+        seed = direction_seeds(23, step, 1)[0]
+        result = lozo.probe(backend, BATCH, [seed], eps)
+        v_seeds.append(lozo.v_seed)
+        update(backend, result, lr, 0.0, coefficients=lozo.coefficients(result, lr),
+               perturb=lambda terms, decay: lozo.perturb(backend, terms, decay))
+        zs = []
+        for i, t in enumerate(ref):
+            if t.dim() == 2:
+                (m, n) = t.shape
+                u = z_range(seed, i, 0, m * r).view(m, r).double()
+                v = z_range(lozo.v_seed, i, 0, n * r).view(n, r).double()
+                zs.append(u @ v.T / r ** 0.5)
+            else:
+                zs.append(z_like(t, seed, i).double())
+        g = (mean_loss([t + eps * z for t, z in zip(ref, zs)]) - mean_loss([t - eps * z for t, z in zip(ref, zs)])) / (2 * eps)
+        assert result.grads[0] == pytest.approx(g, rel=1e-4, abs=1e-6)
+        ref = [t - lr * g * z for t, z in zip(ref, zs)]
+        for got, want in zip(backend.trainable_tensors(), ref):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert len(set(v_seeds)) == 1                                   # one V for the 3 lazy steps
+    for t, t0 in zip(backend.trainable_tensors(), start):
+        if t.dim() == 2:
+            assert torch.linalg.matrix_rank((t - t0).double(), atol=1e-6) == r
+
+
+def test_lozo_run_resumes_bitwise_across_a_new_v(tmp_path, tiny_llama, fresh_registry, capsys):
+    extra = ["mezo.estimator=lozo", "mezo.q=1", "mezo.estimator_options={rank: 2, lazy_steps: 2}",
+             "hf.full_params=[.*layers\\.3\\.mlp.*]"]
+    cfg = run_config(tmp_path / "a", tiny_llama, **{"mezo.q": 1})
+    assert main(["train", "-c", str(cfg), *extra]) == 0
+    cut = run_config(tmp_path / "b", tiny_llama, **{"mezo.steps": 3, "mezo.q": 1})
+    assert main(["train", "-c", str(cut), *extra]) == 0
+    state = json.loads((tmp_path / "b" / "run" / "checkpoints" / "step-0000003" / "state.json").read_text())
+    assert state["estimator"]["age"] == 3                             # V's age: step 3 of a pair of 2
+    assert main(["train", "-c", str(cut), *extra, "mezo.steps=6", "--resume"]) == 0
+    a = load_file(str(tmp_path / "a" / "run" / "last" / "mezo_params.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "last" / "mezo_params.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -11,6 +11,7 @@ from mezo_core.config import setting
 from mezo_core.forwards import objective
 from mezo_core.mezo import StepResult, probe
 from mezo_core.perturb import z_like
+from mezo_core.philox import mix
 
 
 class SPSA(Estimator):
@@ -270,6 +271,33 @@ class SparseOptions:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
 
 
+def two_sided(estimator, backend, batch, seeds, eps, reduce=None) -> StepResult:
+    """SPSA's forwards along the estimator's own directions (its ``perturb``): each move
+    undoes the last direction (-eps) and applies this one (+eps); leaves -eps on the last."""
+    grads, plus, minus, previous = [], [], [], None
+    for seed in seeds:
+        estimator.perturb(backend, ([(previous, eps)] if previous is not None else []) + [(seed, eps)])
+        loss_plus = objective(backend, batch)
+        estimator.perturb(backend, [(seed, -2.0 * eps)])
+        loss_minus = objective(backend, batch)
+        sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
+        if reduce is not None:
+            sums = reduce(sums)
+        plus.append(sums[0] / sums[2])
+        minus.append(sums[1] / sums[2])
+        grads.append((plus[-1] - minus[-1]) / (2.0 * eps))
+        previous = seed
+    return StepResult(list(seeds), grads, plus, minus, offset=-eps)
+
+
+def local_tensors(backend, name: str):
+    """The backend's trainable tensors, or a refusal naming the estimator."""
+    tensors = getattr(backend, "trainable_tensors", None)
+    if tensors is None:
+        raise MezoError(f"mezo.estimator={name} needs a backend holding its tensors in this process (hf)")
+    return tensors()
+
+
 class Sparse(Estimator):
     """Two-sided SPSA over directions masked to the small-magnitude weights (Sparse-MeZO:
     Liu et al. 2024, "Sparse MeZO: Less Parameters for Better Performance in Zeroth-Order
@@ -293,26 +321,11 @@ class Sparse(Estimator):
         backend.perturb(terms, decay, direction=lambda seed, i, t: z_like(t, seed, i, backend.z_dist).mul_(masks[i]))
 
     def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
-        tensors = getattr(backend, "trainable_tensors", None)
-        if tensors is None:
-            raise MezoError("mezo.estimator=sparse needs a backend holding its tensors in this process (hf)")
+        tensors = local_tensors(backend, self.name)
         if applied:
             backend.perturb([(seeds[0], -applied)])   # the mask is read at the clean weights
-        self.masks = [self.mask(t) for t in tensors()]
-        grads, plus, minus, previous = [], [], [], None
-        for seed in seeds:   # each move undoes the last direction (-eps) and applies this one (+eps)
-            self.perturb(backend, ([(previous, eps)] if previous is not None else []) + [(seed, eps)])
-            loss_plus = objective(backend, batch)
-            self.perturb(backend, [(seed, -2.0 * eps)])
-            loss_minus = objective(backend, batch)
-            sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
-            if reduce is not None:
-                sums = reduce(sums)
-            plus.append(sums[0] / sums[2])
-            minus.append(sums[1] / sums[2])
-            grads.append((plus[-1] - minus[-1]) / (2.0 * eps))
-            previous = seed
-        return StepResult(list(seeds), grads, plus, minus, offset=-eps)
+        self.masks = [self.mask(t) for t in tensors]
+        return two_sided(self, backend, batch, seeds, eps, reduce)
 
     def coefficients(self, result, lr):
         return [-lr * g / len(result.seeds) for g in result.grads]
@@ -323,3 +336,64 @@ class Sparse(Estimator):
         k = max(1, int(round(self.opts.density * flat.numel())))
         threshold = flat.kthvalue(k).values if k < flat.numel() else flat.max()
         return (tensor.detach().abs() <= threshold).to(torch.float32)
+
+
+@dataclass
+class LOZOOptions:
+    rank: int = setting(2, "rank r of the perturbation U V^T of every matrix")
+    lazy_steps: int = setting(50, "steps that share one V (LOZO's lazy sampling); U is drawn anew every step")
+
+    def __post_init__(self):
+        if self.rank < 1 or self.lazy_steps < 1:
+            raise ValueError(f"rank and lazy_steps must be >= 1, got {self.rank} and {self.lazy_steps}")
+
+
+class LOZO(Estimator):
+    """Two-sided SPSA along low-rank directions (LOZO: Chen et al. 2024, "Enhancing
+    Zeroth-order Fine-tuning for Language Models with Low-rank Structures",
+    arXiv:2410.07698). Every matrix W (m x n) of the trainable tensors moves along
+
+        Z = U V^T / sqrt(r),  U (m x r) drawn from the direction's seed every step,
+        V (n x r) from a seed kept for ``lazy_steps`` steps;   vectors along plain z,
+
+    with g_i = (L(theta + eps Z_i) - L(theta - eps Z_i)) / (2 eps) and theta <- theta -
+    lr/q sum_i g_i Z_i. U and V are the perturbation engine's Gaussian z of (seed, tensor
+    index), so every device draws the same; V's seed and its age are the estimator's
+    state (two numbers in the checkpoint). 2q forwards a step; meant for hf.full_params
+    (the update of a matrix lives in an r-dimensional column space for lazy_steps)."""
+    name = "lozo"
+    options = LOZOOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.v_seed, self.age = None, 0
+
+    def direction(self, seed, i, tensor):
+        from mezo_core.perturb import z_range
+        if tensor.dim() != 2:
+            return z_like(tensor, seed, i, "gaussian")
+        (m, n), r = tensor.shape, self.opts.rank
+        u = z_range(seed, i, 0, m * r, tensor.device).view(m, r)
+        v = z_range(self.v_seed, i, 0, n * r, tensor.device).view(n, r)
+        return (u @ v.T).div_(r ** 0.5).to(tensor.dtype)
+
+    def perturb(self, backend, terms, decay=1.0):
+        backend.perturb(terms, decay, direction=self.direction)
+
+    def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
+        local_tensors(backend, self.name)
+        if applied:
+            backend.perturb([(seeds[0], -applied)])
+        if self.v_seed is None or self.age % self.opts.lazy_steps == 0:
+            self.v_seed = mix(seeds[0], 0x4C4F5A4F)   # a fresh V, a pure function of the step's seeds
+        self.age += 1
+        return two_sided(self, backend, batch, seeds, eps, reduce)
+
+    def coefficients(self, result, lr):
+        return [-lr * g / len(result.seeds) for g in result.grads]
+
+    def state_dict(self):
+        return {"v_seed": self.v_seed, "age": self.age}
+
+    def load_state_dict(self, state):
+        self.v_seed, self.age = state.get("v_seed"), int(state.get("age", 0))
