@@ -120,8 +120,8 @@ KILLS = {
 # and 4, after a carried +eps and before a pause, twice)
 MID_STEP = ("import os, signal\nfrom mezo_core.interfaces import LocalTensorsBackend\n"
             "real = LocalTensorsBackend.perturb\nmoves = []\n"
-            "def perturb(self, terms, decay=1.0):\n"
-            "    real(self, terms, decay)\n    moves.append(terms)\n"
+            "def perturb(self, terms, decay=1.0, direction=None):\n"
+            "    real(self, terms, decay, direction)\n    moves.append(terms)\n"
             "    if len(moves) == 9:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
             "LocalTensorsBackend.perturb = perturb")
 

@@ -99,8 +99,8 @@ def reference(tmp_path_factory, tiny_llama, task):
 # 16th move is step 7's -2 eps z)
 KILL = ("import os, signal\nfrom mezo_core.interfaces import LocalTensorsBackend\n"
         "real = LocalTensorsBackend.perturb\nmoves = []\n"
-        "def perturb(self, terms, decay=1.0):\n"
-        "    real(self, terms, decay)\n    moves.append(terms)\n"
+        "def perturb(self, terms, decay=1.0, direction=None):\n"
+        "    real(self, terms, decay, direction)\n    moves.append(terms)\n"
         "    if len(moves) == 16:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
         "LocalTensorsBackend.perturb = perturb")
 
