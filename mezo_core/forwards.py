@@ -148,3 +148,15 @@ def one_direction(backend, batch: Sequence[Example], seed: int, eps: float, appl
     ``population_losses`` (paired signs, side-by-side batches included)."""
     pairs, offset = backend.population_losses(batch, [seed], eps, applied)
     return (*pairs[0], offset)
+
+
+def nothing_to_generate(prompts, max_new_tokens: int, temperature: float, seeds):
+    """What ``Backend.generate`` returns without running anything ([] for no prompts,
+    empty rows for no new tokens), else None; sampling needs one seed per prompt."""
+    if not prompts:
+        return []
+    if max_new_tokens < 1:
+        return [() for _ in prompts]
+    if temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampling needs one seed per prompt")
+    return None

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from mezo_core.forwards import nothing_to_generate
+
 
 @torch.inference_mode()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int,
@@ -31,13 +33,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pa
     before the first ``eos_id`` (which is not returned). ``adapters``: a peft adapter
     name per row (None: the model's active adapter). ``temperature`` 0: greedy; above
     0: sampled, row i with a generator seeded by ``seeds[i]``."""
-    if not prompts:
-        return []
-    if max_new_tokens < 1:
-        return [() for _ in prompts]
+    done = nothing_to_generate(prompts, max_new_tokens, temperature, seeds)
+    if done is not None:
+        return done
     sampling = temperature > 0
-    if sampling and (seeds is None or len(seeds) != len(prompts)):
-        raise ValueError("sampling needs one seed per prompt")
     from transformers import DynamicCache
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from mezo_core import MezoError
+from mezo_core.forwards import nothing_to_generate
 
 
 def generate(backend, prompts, max_new_tokens, adapters=None, temperature=0.0, seeds=None):
@@ -21,13 +22,10 @@ def generate(backend, prompts, max_new_tokens, adapters=None, temperature=0.0, s
     requests, their cached prompt tokens and the tokens computed (prompt tokens
     not served from the cache, and every generated token but the last)."""
     from vllm import SamplingParams
-    if not prompts:
-        return []
-    if max_new_tokens < 1:
-        return [() for _ in prompts]
+    done = nothing_to_generate(prompts, max_new_tokens, temperature, seeds)
+    if done is not None:
+        return done
     sampling = temperature > 0
-    if sampling and (seeds is None or len(seeds) != len(prompts)):
-        raise ValueError("sampling needs one seed per prompt")
     slots = backend._slots(adapters, len(prompts))
     # vLLM would cut a completion short at max_model_len without a word: refuse instead
     limit, longest = int(backend.llm.llm_engine.model_config.max_model_len), max(map(len, prompts))
