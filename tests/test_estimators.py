@@ -391,3 +391,30 @@ def test_lozo_run_resumes_bitwise_across_a_new_v(tmp_path, tiny_llama, fresh_reg
     a = load_file(str(tmp_path / "a" / "run" / "last" / "mezo_params.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "last" / "mezo_params.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fzoo", "hizoo", "sparse", "lozo", "es"])
+def test_estimators_on_cuda_match_the_cpu(name, tiny_llama):
+    """The estimators' own directions drawn on the GPU are the CPU's (z is counter-based):
+    three steps of each on the hf backend, fp32, CPU against CUDA."""
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_core.config import load_config
+    from tiny import seeded
+    gen = seeded(SEED)
+    batch = [Example(tuple(torch.randint(4, 250, (n,), generator=gen).tolist()), (11, 12)) for n in (4, 7, 5)]
+    got = {}
+    for device in ("cpu", "cuda"):
+        backend = HFBackend(load_config(None, [f"model.path={tiny_llama}", f"model.device={device}", "lora.r=4",
+                                               "lora.layers=[2,3]", "hf.pm_batch=true"]))
+        backend.perturb([(5, 0.01)])
+        est = estimator(name)
+        q = 1 if name == "hizoo" else 3
+        for step in range(3):
+            seeds = direction_seeds(31, step, q)
+            result = est.probe(backend, batch, seeds, 1e-2)
+            update(backend, result, 1e-3, 0.0, coefficients=est.coefficients(result, 1e-3),
+                   perturb=lambda terms, decay: est.perturb(backend, terms, decay))
+        got[device] = [t.detach().cpu() for t in backend.trainable_tensors()]
+    for a, b in zip(got["cpu"], got["cuda"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
