@@ -257,7 +257,7 @@ def test_hizoo_equals_the_formula_written_out():
         d = [(1 - alpha) * x + alpha * h * x * ui ** 2 for x, ui in zip(d, u)]
         for got, want in zip(backend.trainable_tensors(), ref):   # fp32 weights against a float64 oracle
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
-    hizoo._fold_pending(backend.trainable_tensors(), "gaussian")
+    hizoo.fold_pending(backend.trainable_tensors(), "gaussian")
     for got, want in zip(hizoo.curvature, d):   # h is a second difference: loss rounding / eps^2
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-6)
     assert any(not torch.allclose(x, torch.ones_like(x)) for x in hizoo.curvature)   # it learned something

@@ -3,7 +3,8 @@ through the ``mezo`` entry point exactly as a third-party package would: ``regis
 named by ``cls.name``."""
 from mezo_core import hookimpl
 
-from .estimators import ES, FZOO as FZOOEstimator, LOZO, SPSA, HiZOO, Sparse
+from .directional import LOZO, HiZOO, Sparse
+from .estimators import ES, FZOO as FZOOEstimator, SPSA
 from .eviction import FIFO, LFU, LRU, SizeAware
 from .loggers import CsvLogger, JsonlLogger, TensorBoardLogger, WandbLogger
 from .rewards import ExactMatch, LabelWord, Numeric, Regex
