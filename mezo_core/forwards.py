@@ -143,6 +143,17 @@ def each_direction(backend, batch: Sequence[Example], seeds: Sequence[int], eps:
     return pairs, offset
 
 
+def one_sided(backend, batch: Sequence[Example], seeds: Sequence[int], eps: float, **route) -> list[torch.Tensor]:
+    """The losses at theta + eps z(seed) for each seed, one state after another: each move
+    undoes the last direction and applies the next in one pass. Leaves +eps z(seeds[-1])."""
+    losses, previous = [], None
+    for seed in seeds:
+        backend.perturb(([(previous, -eps)] if previous is not None else []) + [(seed, eps)])
+        losses.append(objective(backend, batch, **route))
+        previous = seed
+    return losses
+
+
 def one_direction(backend, batch: Sequence[Example], seed: int, eps: float, applied: float = 0.0):
     """``(loss_plus, loss_minus, offset)`` of one direction through the backend's own
     ``population_losses`` (paired signs, side-by-side batches included)."""

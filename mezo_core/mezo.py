@@ -57,6 +57,28 @@ class StepResult:
         return all(math.isfinite(v) for v in (*self.grads, *self.losses_plus, *self.losses_minus))
 
 
+def batch_means(losses, count: int, reduce=None) -> list[float]:
+    """The mean of each per-example loss tensor over the whole batch: their sums and the
+    row ``count``, summed over data-parallel ranks by ``reduce``
+    (``distributed.sum_over_ranks``) so that every rank measures the same step."""
+    sums = [float(loss.sum()) for loss in losses] + [float(count)]
+    if reduce is not None:
+        sums = reduce(sums)
+    return [s / sums[-1] for s in sums[:-1]]
+
+
+def measured(pairs, seeds: Sequence[int], eps: float, count: int, reduce=None, offset: float = 0.0) -> StepResult:
+    """A step's result from the (L+, L-) loss tensors of each direction: the means and
+    the projected gradients (L+ - L-) / (2 eps)."""
+    grads, plus, minus = [], [], []
+    for loss_plus, loss_minus in pairs:
+        lp, lm = batch_means([loss_plus, loss_minus], count, reduce)
+        grads.append((lp - lm) / (2.0 * eps))
+        plus.append(lp)
+        minus.append(lm)
+    return StepResult(list(seeds), grads, plus, minus, offset=offset)
+
+
 def probe(backend: Backend, batch: Sequence[Example], seeds: Sequence[int], eps: float,
           reduce=None, applied: float = 0.0) -> StepResult:
     """The forwards of a step: L+ and L- of every direction and the projected gradients.
@@ -65,17 +87,13 @@ def probe(backend: Backend, batch: Sequence[Example], seeds: Sequence[int], eps:
     (``distributed.sum_over_ranks``), so every rank measures the same gradient.
     ``applied``: the multiple of z(seeds[0]) already on the weights.
     """
-    grads, plus, minus = [], [], []
     pairs, offset = backend.population_losses(batch, seeds, eps, applied)
-    for loss_plus, loss_minus in pairs:
-        sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
-        if reduce is not None:
-            sums = reduce(sums)
-        lp, lm = sums[0] / sums[2], sums[1] / sums[2]
-        grads.append((lp - lm) / (2.0 * eps))
-        plus.append(lp)
-        minus.append(lm)
-    return StepResult(list(seeds), grads, plus, minus, offset=offset)
+    return measured(pairs, seeds, eps, len(batch), reduce, offset)
+
+
+def spsa_coefficients(result: StepResult, lr: float) -> list[float]:
+    """SPSA's update: -lr/q * g_i of each direction."""
+    return [-lr * g / len(result.seeds) for g in result.grads]
 
 
 def decayed(names: Sequence[str], exempt: Sequence[str]) -> list[bool]:
@@ -104,7 +122,7 @@ def update(backend: Backend, result: StepResult, lr: float, weight_decay: float 
     if decay != 1.0 and decay_mask is not None and not all(decay_mask):
         decay = [decay if d else 1.0 for d in decay_mask]   # per tensor, restore term too
     if coefficients is None:
-        coefficients = [-lr * g / len(result.seeds) for g in result.grads]
+        coefficients = spsa_coefficients(result, lr)
     terms = list(zip(result.seeds, coefficients)) if lr else []
     if result.offset:
         restore = ([-d * result.offset for d in decay] if isinstance(decay, list)

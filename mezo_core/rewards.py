@@ -86,8 +86,7 @@ class Rewarder:
 
     def rewards(self, texts: Sequence[str], reference: str | None) -> list[float]:
         """The reward of each text for a row with ``reference`` (a finite float each)."""
-        out = [float(self.reward.score(text, reference)) for text in texts]
-        return out
+        return [float(self.reward.score(text, reference)) for text in texts]
 
     def losses(self, backend, batch, **route) -> torch.Tensor:
         """Minus the mean reward of each row's completions, float64, shape [B] (the

@@ -11,7 +11,7 @@ import torch
 from mezo_core import Estimator, MezoError
 from mezo_core.config import setting
 from mezo_core.forwards import objective
-from mezo_core.mezo import StepResult
+from mezo_core.mezo import StepResult, batch_means, measured, spsa_coefficients
 from mezo_core.perturb import z_like
 from mezo_core.philox import mix
 
@@ -49,22 +49,25 @@ class HiZOO(Estimator):
         super().__init__(options)
         self.curvature = None      # D, one fp32 tensor per trainable tensor
         self.pending = None        # (seed, h) of the last step, folded into D before the next
+        self.scales = None         # D^-1/2, derived from D
 
     def forwards(self, q):
         return 3
 
     def perturb(self, backend, terms, decay=1.0):
-        scales = [d.rsqrt() for d in self.curvature]
+        if self.scales is None:   # s = D^-1/2, kept until D changes (fold_pending)
+            self.scales = [d.rsqrt() for d in self.curvature]
+        scales = self.scales
         backend.perturb(terms, decay, direction=lambda seed, i, t: z_like(t, seed, i, backend.z_dist).mul_(scales[i]))
 
     def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
-        tensors = getattr(backend, "trainable_tensors", None)
-        if tensors is None or len(seeds) != 1:
+        if len(seeds) != 1 or not hasattr(backend, "trainable_tensors"):
             raise MezoError("mezo.estimator=hizoo needs mezo.q=1 and a backend holding its tensors in this "
                             "process (hf)")
+        tensors = backend.trainable_tensors()
         if self.curvature is None:
-            self.curvature = [torch.ones_like(t, dtype=torch.float32) for t in tensors()]
-        self.fold_pending(tensors(), backend.z_dist)
+            self.curvature = [torch.ones_like(t, dtype=torch.float32) for t in tensors]
+        self.fold_pending(tensors, backend.z_dist)
         if applied:
             backend.perturb([(seeds[0], -applied)])
         seed = seeds[0]
@@ -73,16 +76,13 @@ class HiZOO(Estimator):
         plus = objective(backend, batch)
         self.perturb(backend, [(seed, -2.0 * eps)])
         minus = objective(backend, batch)
-        sums = [float(plus.sum()), float(minus.sum()), float(l0.sum()), float(len(batch))]
-        if reduce is not None:
-            sums = reduce(sums)
-        lp, lm, l0 = (x / sums[3] for x in sums[:3])
+        lp, lm, l0 = batch_means([plus, minus, l0], len(batch), reduce)
         h = abs(lp + lm - 2.0 * l0) / (2.0 * eps * eps)
         self.pending = (int(seed), h) if math.isfinite(h) else None
         return StepResult([seed], [(lp - lm) / (2.0 * eps)], [lp], [lm], offset=-eps)
 
     def coefficients(self, result, lr):
-        return [-lr * result.grads[0]]
+        return spsa_coefficients(result, lr)
 
     def fold_pending(self, tensors, dist):
         """D <- (1 - alpha) D + alpha h D u^2 with the last step's (seed, h); the next probe
@@ -95,7 +95,7 @@ class HiZOO(Estimator):
             u = z_like(t, seed, i, dist).to(d.device)
             seen = d * u.square()            # the old D's, before it decays
             d.mul_(1.0 - a).add_(seen, alpha=a * h)
-        self.pending = None
+        self.pending, self.scales = None, None
 
     def state_dict(self):
         out = {"pending": list(self.pending) if self.pending else None}
@@ -107,6 +107,7 @@ class HiZOO(Estimator):
         self.pending = tuple(state["pending"]) if state.get("pending") else None
         keys = sorted((k for k in state if k.startswith("curvature.")), key=lambda k: int(k.split(".")[1]))
         self.curvature = [state[k].clone() for k in keys] if keys else None
+        self.scales = None
 
 
 @dataclass
@@ -122,20 +123,14 @@ class SparseOptions:
 def two_sided(estimator, backend, batch, seeds, eps, reduce=None) -> StepResult:
     """SPSA's forwards along the estimator's own directions (its ``perturb``): each move
     undoes the last direction (-eps) and applies this one (+eps); leaves -eps on the last."""
-    grads, plus, minus, previous = [], [], [], None
+    pairs, previous = [], None
     for seed in seeds:
         estimator.perturb(backend, ([(previous, eps)] if previous is not None else []) + [(seed, eps)])
         loss_plus = objective(backend, batch)
         estimator.perturb(backend, [(seed, -2.0 * eps)])
-        loss_minus = objective(backend, batch)
-        sums = [float(loss_plus.sum()), float(loss_minus.sum()), float(len(batch))]
-        if reduce is not None:
-            sums = reduce(sums)
-        plus.append(sums[0] / sums[2])
-        minus.append(sums[1] / sums[2])
-        grads.append((plus[-1] - minus[-1]) / (2.0 * eps))
+        pairs.append((loss_plus, objective(backend, batch)))
         previous = seed
-    return StepResult(list(seeds), grads, plus, minus, offset=-eps)
+    return measured(pairs, seeds, eps, len(batch), reduce, offset=-eps)
 
 
 def local_tensors(backend, name: str):
@@ -176,7 +171,7 @@ class Sparse(Estimator):
         return two_sided(self, backend, batch, seeds, eps, reduce)
 
     def coefficients(self, result, lr):
-        return [-lr * g / len(result.seeds) for g in result.grads]
+        return spsa_coefficients(result, lr)
 
     def mask(self, tensor):
         """1 where |theta| is among the ``density`` smallest of the tensor, else 0."""
@@ -238,7 +233,7 @@ class LOZO(Estimator):
         return two_sided(self, backend, batch, seeds, eps, reduce)
 
     def coefficients(self, result, lr):
-        return [-lr * g / len(result.seeds) for g in result.grads]
+        return spsa_coefficients(result, lr)
 
     def state_dict(self):
         return {"v_seed": self.v_seed, "age": self.age}

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from mezo_core import Estimator
 from mezo_core.config import setting
-from mezo_core.forwards import objective
-from mezo_core.mezo import StepResult, probe
+from mezo_core.forwards import objective, one_sided
+from mezo_core.mezo import StepResult, batch_means, probe, spsa_coefficients
 
 
 class SPSA(Estimator):
@@ -25,7 +25,7 @@ class SPSA(Estimator):
         return probe(backend, batch, seeds, eps, reduce=reduce, applied=applied)
 
     def coefficients(self, result, lr):
-        return [-lr * g / len(result.seeds) for g in result.grads]
+        return spsa_coefficients(result, lr)
 
 
 @dataclass
@@ -46,8 +46,8 @@ class FZOO(Estimator):
     the loss scale (normalised SGD; the paper's "Adam-scale" steps): its mezo.lr is
     an Adam-like learning rate, not MeZO's. The paper draws Rademacher u_i:
     ``mezo.z=rademacher``. Logged: loss_plus = mean_i l_i, loss_minus = l_0, and
-    g_i = (l_i - l_0) / eps. Backends with ``StateLosses`` (hf with hf.pm_batch)
-    evaluate all N + 1 states in one batch."""
+    g_i = (l_i - l_0) / eps. A backend with ``state_losses`` (hf with hf.pm_batch)
+    evaluates all N + 1 states in one batch."""
     name = "fzoo"
     options = FZOOOptions
     min_directions = 2   # a spread needs two perturbed losses
@@ -61,17 +61,9 @@ class FZOO(Estimator):
         batched = getattr(backend, "state_losses", None)
         losses = batched(batch, [[]] + [[(seed, eps)] for seed in seeds]) if batched else None
         offset = 0.0
-        if losses is None:   # one state after another; each move undoes the last and applies the next
-            losses, previous = [objective(backend, batch)], None
-            for seed in seeds:
-                backend.perturb(([(previous, -eps)] if previous is not None else []) + [(seed, eps)])
-                losses.append(objective(backend, batch))
-                previous = seed
-            offset = eps
-        sums = [float(loss.sum()) for loss in losses] + [float(len(batch))]
-        if reduce is not None:
-            sums = reduce(sums)
-        l0, perturbed = sums[0] / sums[-1], [s / sums[-1] for s in sums[1:-1]]
+        if losses is None:   # one state after another
+            losses, offset = [objective(backend, batch)] + one_sided(backend, batch, seeds, eps), eps
+        l0, *perturbed = batch_means(losses, len(batch), reduce)
         return StepResult(list(seeds), [(li - l0) / eps for li in perturbed], perturbed,
                           [l0] * len(perturbed), offset=offset)
 
@@ -145,15 +137,7 @@ class ES(Estimator):
             return probe(backend, batch, seeds, eps, reduce=reduce, applied=applied)
         if applied:
             backend.perturb([(seeds[0], -applied)])
-        losses, previous = [], None
-        for seed in seeds:
-            backend.perturb(([(previous, -eps)] if previous is not None else []) + [(seed, eps)])
-            losses.append(objective(backend, batch))
-            previous = seed
-        sums = [float(loss.sum()) for loss in losses] + [float(len(batch))]
-        if reduce is not None:
-            sums = reduce(sums)
-        means = [s / sums[-1] for s in sums[:-1]]
+        means = batch_means(one_sided(backend, batch, seeds, eps), len(batch), reduce)
         # no second sign: loss_minus repeats loss_plus, so the logged loss is the population's mean
         return StepResult(list(seeds), [m / eps for m in means], means, list(means), offset=eps)
 
