@@ -136,6 +136,8 @@ class FakeEngine(WithScheduler):
         self.cache = {}          # lora_id -> list of cached token sequences
         self.calls = []          # (method, args) log
         self.shut = False
+        eos = base.config.eos_token_id  # the model's EOS ids: SGLang stops at each of them
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     # -- adapters ---------------------------------------------------------
     def load_lora_adapter_from_tensors(self, lora_name, tensors, config_dict, load_format=None):
@@ -201,7 +203,9 @@ class FakeEngine(WithScheduler):
     def generate(self, input_ids, sampling_params=None, return_logprob=False, logprob_start_len=None,
                  lora_path=None, token_ids_logprob=None, **unused):
         self.calls.append(("generate", len(input_ids)))
-        assert return_logprob and sampling_params["max_new_tokens"] == 1
+        if not return_logprob:
+            return self._complete(input_ids, sampling_params, lora_path)
+        assert sampling_params["max_new_tokens"] == 1
         if not isinstance(logprob_start_len, (list, tuple)):
             logprob_start_len = [logprob_start_len] * len(input_ids)
         outs, inserts = [], []
@@ -225,6 +229,45 @@ class FakeEngine(WithScheduler):
         # finds another's prefix; the radix tree holds them all afterwards
         for lora_id, ids in inserts:
             self.cache.setdefault(lora_id, []).append(ids)
+        return outs
+
+
+    @torch.no_grad()
+    def _complete(self, input_ids, sampling_params, lora_path):
+        """Generation as SGLang 0.5.15 answers it: ``output_ids`` up to and with the
+        token it stopped at -- one of ``stop_token_ids`` or the model's EOS ids
+        (``eos_token_ids``), none with ``ignore_eos`` -- and ``finish_reason``
+        ``{"type": "stop", "matched": id}`` or ``{"type": "length", ...}``;
+        temperature 0 is greedy (top_k = 1), else a request samples with a generator
+        seeded by its ``sampling_seed``; a request reuses a cached prefix of at most
+        its prompt less one token, and its prompt and output are cached after the call."""
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        outs, inserts = [], []
+        for ids, sp, name in zip(input_ids, params, lora_path):
+            lora_id = self._use(name)
+            cached = self._cached(lora_id, ids, len(ids) - 1)
+            temperature = sp.get("temperature", 1.0)
+            gen = torch.Generator().manual_seed(int(sp.get("sampling_seed") or 42))
+            stops = set() if sp.get("ignore_eos") else set(sp.get("stop_token_ids") or ()) | self.eos_token_ids
+            seq, out = list(ids), []
+            reason = {"type": "length", "length": sp["max_new_tokens"]}
+            for _ in range(sp["max_new_tokens"]):
+                logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+                if temperature < 1e-6:
+                    token = int(logits.argmax())
+                else:
+                    token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
+                out.append(token)
+                seq.append(token)
+                if token in stops:
+                    reason = {"type": "stop", "matched": token}
+                    break
+            inserts.append((lora_id, seq))
+            outs.append({"text": "", "output_ids": out,
+                         "meta_info": {"prompt_tokens": len(ids), "cached_tokens": cached,
+                                       "completion_tokens": len(out), "finish_reason": reason}})
+        for lora_id, seq in inserts:
+            self.cache.setdefault(lora_id, []).append(seq)
         return outs
 
 

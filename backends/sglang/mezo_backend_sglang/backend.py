@@ -16,6 +16,10 @@ target token. The radix cache reuses a cached prefix only up to
 ``logprob_start_len``, so this start is also the longest prefix that can be
 shared between examples (a few-shot context, a classification template).
 
+Generation (reward tasks, the exact match of completion tasks): ``generate``
+(``generation.py``) sends the completions of both signs in one call through the
+same adapter names, the samples of a prompt reading its KV from the radix cache.
+
 Options: the ``sglang`` section of the run config is ``SGLangOptions``
 (``options.py``).
 """
@@ -228,6 +232,7 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
         return [self._slot_names[a] if a else name for a in adapters]
 
     def _generate(self, input_ids, starts, adapters=None, **extra) -> list[dict]:
+        """Input-token log-probabilities from ``starts`` on (one new token each)."""
         names = self._names_of(adapters, len(input_ids))
         # Requests sent together are prefilled together and do not share a
         # prefix computed in the same pass; send one first and the rest reuse it.
@@ -238,17 +243,21 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
             self._stats["primed_batches"] += 1
         outs = []
         for lo, hi in ((0, split), (split, len(input_ids))):
-            if hi <= lo:
-                continue
-            part = {k: v[lo:hi] for k, v in extra.items()}
-            t0 = time.perf_counter()
-            got = self.engine.generate(input_ids=input_ids[lo:hi],
-                                       sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-                                       return_logprob=True, logprob_start_len=starts[lo:hi],
-                                       lora_path=names[lo:hi], **part)
-            self._stats["generate_s"] += time.perf_counter() - t0
-            self._stats["generate_calls"] += 1
-            outs.extend([got] if isinstance(got, dict) else got)
+            if hi > lo:
+                outs += self._engine_call(input_ids[lo:hi], names[lo:hi],
+                                          sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                                          return_logprob=True, logprob_start_len=starts[lo:hi],
+                                          **{k: v[lo:hi] for k, v in extra.items()})
+        return outs
+
+    def _engine_call(self, input_ids, names, **request) -> list[dict]:
+        """One ``engine.generate`` of these requests under these adapter names, its
+        time and the radix cache's answers counted in ``stats()``."""
+        t0 = time.perf_counter()
+        got = self.engine.generate(input_ids=input_ids, lora_path=names, **request)
+        self._stats["generate_s"] += time.perf_counter() - t0
+        self._stats["generate_calls"] += 1
+        outs = [got] if isinstance(got, dict) else list(got)
         if len(outs) != len(input_ids):
             raise MezoError(f"sglang: {len(input_ids)} requests, {len(outs)} answers")
         for out in outs:
@@ -304,6 +313,12 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
                     raise MezoError(f"sglang: no logprob for choice token {token}")
                 result[i, j] = -got[token]
         return result
+
+    def generate(self, prompts, max_new_tokens, adapters=None, *, temperature=0.0, seeds=None):
+        """Continuations of ``prompts`` (``Backend.generate``), both signs of a direction
+        in one engine call through ``adapters``: ``generation.generate``."""
+        from .generation import generate
+        return generate(self, prompts, max_new_tokens, adapters, temperature, seeds)
 
     # -- adapter files ----------------------------------------------------------
     def save_adapter(self, path):
