@@ -4,7 +4,10 @@
 minimises; ``plus_minus`` and ``each_direction`` run the SPSA forwards of a step
 in the plain sequence. A backend that can do better (both signs in one engine
 call, every direction in one batch) overrides ``Backend.population_losses`` and
-hands its own pair function to ``each_direction``. Per-row routing of a
+hands its own pair function to ``each_direction``. A backend that holds several
+perturbed states side by side (``side_by_side`` of them: hf's side adapters, an
+engine's extra adapter slots) evaluates them in one call with ``state_losses``:
+every direction of a step (``all_directions``), every one-sided state. Per-row routing of a
 side-by-side batch (which adapter each row runs under) travels as keyword
 arguments (``route``) to every ``losses``/``choice_losses`` call, never as state
 on the backend.
@@ -143,13 +146,43 @@ def each_direction(backend, batch: Sequence[Example], seeds: Sequence[int], eps:
     return pairs, offset
 
 
-def one_sided(backend, batch: Sequence[Example], seeds: Sequence[int], eps: float, **route) -> list[torch.Tensor]:
-    """The losses at theta + eps z(seed) for each seed, one state after another: each move
-    undoes the last direction and applies the next in one pass. Leaves +eps z(seeds[-1])."""
+def holds_side_by_side(backend, states: int) -> bool:
+    """Whether ``backend.state_losses`` evaluates ``states`` perturbed states in one call
+    (``side_by_side``: how many it holds; none without the attribute)."""
+    return states > 1 and getattr(backend, "side_by_side", 0) >= states
+
+
+def slot_losses(backend, batch: Sequence[Example], states: int) -> torch.Tensor:
+    """An engine's ``state_losses`` once its adapter slots 1..states hold the states
+    (slot 0, the trained adapter, stays theta): the batch once per slot in one
+    objective call, shape [states, len(batch)]."""
+    n = len(batch)
+    losses = objective(backend, list(batch) * states, adapters=[k for k in range(1, states + 1) for _ in range(n)])
+    return losses.view(states, n)
+
+
+def all_directions(backend, batch: Sequence[Example], seeds: Sequence[int], eps: float, applied: float = 0.0):
+    """L+ and L- of every direction in one call (``state_losses`` of theta + eps z(seed)
+    and theta - eps z(seed) for each seed). Returns ``(pairs, 0.0)``: the trained
+    adapter does not move (``applied`` is taken off first)."""
+    if applied:
+        backend.perturb([(seeds[0], -applied)])
+    losses = backend.state_losses(batch, [[(seed, sign * eps)] for seed in seeds for sign in (1.0, -1.0)])
+    return [(losses[2 * j], losses[2 * j + 1]) for j in range(len(seeds))], 0.0
+
+
+def one_sided(backend, batch: Sequence[Example], seeds: Sequence[int], eps: float) -> list[torch.Tensor]:
+    """The losses at theta + eps z(seed) for each seed: side by side in one call where the
+    backend holds them, else one state after another (each move undoes the last
+    direction and applies the next in one pass). Leaves +eps z(seeds[-1]) either way."""
+    if holds_side_by_side(backend, len(seeds)):
+        losses = list(backend.state_losses(batch, [[(seed, eps)] for seed in seeds]))
+        backend.perturb([(seeds[-1], eps)])
+        return losses
     losses, previous = [], None
     for seed in seeds:
         backend.perturb(([(previous, -eps)] if previous is not None else []) + [(seed, eps)])
-        losses.append(objective(backend, batch, **route))
+        losses.append(objective(backend, batch))
         previous = seed
     return losses
 

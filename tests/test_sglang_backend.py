@@ -370,6 +370,54 @@ def test_in_place_paired_signs_one_call(scripted, tmp_path):
     torch.testing.assert_close(got[:3], sg.choice_losses(prompts, [(7,), (9,)]), rtol=0, atol=0)
 
 
+def test_in_place_every_state_of_a_step_in_one_call(llama):
+    """mezo.q = 3: the six states theta +/- eps z(seed_j) go to 2q pinned slots in one
+    scheduler round trip and one generate call, and give the hf backend's losses of
+    the plain sequence (FakeEngine serves each adapter from its memory-pool slot);
+    theta is left (offset 0, ``applied`` taken off first). The one-sided states of
+    fzoo/es likewise, leaving +eps z(last seed) as the sequential loop does."""
+    from mezo_backend_hf.backend import HFBackend
+    from mezo_core.forwards import each_direction, one_sided
+    sg = SGLangBackend(make_config(llama, **{"mezo.q": 3}), engine_factory=FakeEngine)
+    hb = HFBackend(make_config(llama, **{"mezo.q": 3}))
+    engine = sg.engine
+    try:
+        assert sg.side_by_side == 6 and engine.kwargs["max_loras_per_batch"] == 8
+        for b in (sg, hb):
+            b.perturb([(62, 0.5)])
+        batch, seeds, eps = examples(5, 6, 2, seed=4), [201, 202, 203], 1e-2
+        sg.perturb([(seeds[0], 0.25)])      # the previous update left 0.25 z(seeds[0]) on the weights
+        n = len(engine.calls)
+        pairs, offset = sg.population_losses(batch, seeds, eps, applied=0.25)
+        assert offset == 0.0
+        assert engine.calls[n:] == [("rpc", "mezo_perturb"), ("rpc", "mezo_fill_slots"), ("generate", 30)]
+        want, hoffset = each_direction(hb, batch, seeds, eps)
+        hb.perturb([(seeds[-1], -hoffset)])
+        for (lp, lm), (hp, hm) in zip(pairs, want):
+            # fp32: theta +/- eps z filled in one sum vs the sequence's moves differ in the last bits
+            torch.testing.assert_close(lp, hp, rtol=0, atol=5e-5)
+            torch.testing.assert_close(lm, hm, rtol=0, atol=5e-5)
+            assert (lp - lm).abs().max().item() > 1e-3
+        for t, h in zip(sg.trainable_tensors(), hb.trainable_tensors()):
+            torch.testing.assert_close(t, h.detach(), rtol=0, atol=1e-6)
+        n = len(engine.calls)
+        got = one_sided(sg, batch, seeds, eps)
+        assert [c for c in engine.calls[n:] if c[0] == "generate"] == [("generate", 15)]
+        for g, w in zip(got, one_sided(hb, batch, seeds, eps)):
+            torch.testing.assert_close(g, w, rtol=0, atol=5e-5)
+        for t, h in zip(sg.trainable_tensors(), hb.trainable_tensors()):
+            torch.testing.assert_close(t, h.detach(), rtol=0, atol=1e-6)
+        # one direction keeps the paired path; more states than slots are refused
+        plus, minus, offset = one_direction(sg, batch, 77, eps)
+        assert offset == eps
+        with pytest.raises(ValueError, match="slots"):
+            sg.state_losses(batch, [[(1, eps)]] * 7)
+        with pytest.raises(ValueError, match="adapter slots"):
+            sg.losses(batch[:1], adapters=[7])
+    finally:
+        sg.close()
+
+
 def test_in_place_training_matches_versioned_loads(llama, tmp_path):
     """MeZO steps with seeds sent to the scheduler (paired signs) and with a new
     adapter version per change (the sequential path) give the same losses and

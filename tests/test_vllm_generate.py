@@ -149,6 +149,32 @@ def test_both_signs_in_one_call_give_the_sequential_completions(pair, monkeypatc
         assert texts == paired
 
 
+@pytest.mark.vllm
+def test_every_state_of_a_reward_step_in_one_call(pair, monkeypatch):
+    """mezo.q = 3 (the module's engine), greedy: the completions of all six states
+    theta +/- eps z(seed_j) come from one engine call through the adapter slots, and
+    are the hf backend's of the plain sequence, so the rewards are too."""
+    from mezo_core.forwards import each_direction
+    vb, hb = pair
+    rewarder = Rewarder(Record(), max_new_tokens=8)
+    batch = [Prompt(p, None, rewarder, sample_seed=i) for i, p in enumerate(random_prompts(9, n=5))]
+    seeds, eps = [301, 302, 303], 0.5
+    calls = []
+    engine_call = vb._generate
+    monkeypatch.setattr(vb, "_generate", lambda keys, params: calls.append(len(keys)) or engine_call(keys, params))
+    pairs, offset = vb.population_losses(batch, seeds, eps)
+    distinct = len({p.prompt_ids for p in batch})
+    assert offset == 0.0 and calls == [6 * distinct]
+    seen = list(rewarder.reward.seen)
+    rewarder.reward.seen.clear()
+    want, hoffset = each_direction(hb, batch, seeds, eps)
+    hb.perturb([(seeds[-1], -hoffset)])
+    assert seen == rewarder.reward.seen and len(set(seen)) > 4
+    for (lp, lm), (hp, hm) in zip(pairs, want):
+        assert torch.equal(lp, hp) and torch.equal(lm, hm)
+    assert any(not torch.equal(lp, lm) for lp, lm in pairs)    # the signs generate differently
+
+
 # -- sampling --------------------------------------------------------------------------
 @pytest.mark.vllm
 def test_sampling_follows_the_softmax_and_its_seeds(pair, monkeypatch):

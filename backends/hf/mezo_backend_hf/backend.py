@@ -7,6 +7,7 @@ side), ``graphs`` (CUDA graphs, torch.compile), configured by ``options.HFOption
 from __future__ import annotations
 
 import functools
+import sys
 from typing import ClassVar, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.adapter import (check_adapter_tensors, initial_adapter, peft_lora_config, read_peft_adapter,
                                read_tensors, write_peft_adapter, write_tensors)
 from mezo_core.config import options_from, plugin_options
-from mezo_core.forwards import each_direction, objective, plus_minus
+from mezo_core.forwards import all_directions, each_direction, objective, plus_minus
 from mezo_core.stats import BackendStats
 from mezo_core.registry import or_installed
 from mezo_core.models import load_pretrained, resolve_model_dir
@@ -61,6 +62,9 @@ class HFBackend(LocalTensorsBackend):
                                  self._make_trunk(cfg, opts, or_installed(registry)), opts.trim_last_layer,
                                  opts.prefix_min_tokens if opts.prefix_sharing else None)
         self._configure_graphs(opts)
+        #: perturbed states evaluated side by side in one call (state_losses): any number
+        #: with hf.pm_batch (one side adapter each), none without
+        self.side_by_side = sys.maxsize if opts.pm_batch else 0
         if opts.pm_batch:
             from .side import SideAdapters
             self.side = SideAdapters(self.model, self._lora_config, self._names, self.z_dist)
@@ -107,20 +111,13 @@ class HFBackend(LocalTensorsBackend):
         queued while the +eps pass runs, so the device never waits for the host."""
         if not self.opts.pm_batch:
             return each_direction(self, batch, seeds, eps, applied, pair=self._plus_minus_on_device)
-        if applied:
-            self.perturb([(seeds[0], -applied)])  # the side adapters start from theta itself
-        states = [[(seed, sign * eps)] for seed in seeds for sign in (1.0, -1.0)]
-        losses = self.state_losses(batch, states)
-        return [(losses[2 * i], losses[2 * i + 1]) for i in range(len(seeds))], 0.0
+        return all_directions(self, batch, seeds, eps, applied)
 
     @torch.no_grad()
     def state_losses(self, batch, states):
         """hf.pm_batch: the losses under theta + sum(coef * z(seed)) of every state
         (a list of terms; [] is theta itself), shape [len(states), B], in one batch:
-        block j of B rows runs under side adapter j. The trained adapter does not move.
-        None without hf.pm_batch (the caller then runs the states one after another)."""
-        if not self.opts.pm_batch:
-            return None
+        block j of B rows runs under side adapter j. The trained adapter does not move."""
         names = [f"mezo_s{j}" for j in range(len(states))]
         for name, terms in zip(names, states):
             self.side.fill(name, self._tensors, terms)

@@ -35,7 +35,7 @@ import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.config import options_from
-from mezo_core.forwards import each_direction, objective
+from mezo_core.forwards import all_directions, each_direction, holds_side_by_side, objective, slot_losses
 from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
@@ -121,6 +121,11 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
             self.transport = "in_place"
         self.in_place = self.transport == "in_place"
         self.paired = self.in_place and opts.paired_signs
+        # in_place slots beside the trained one: the minus side of a paired step, or
+        # every state of a step (2q) side by side (state_losses)
+        q = int(cfg.mezo.q)
+        extra = (2 * q if opts.all_directions and q > 1 else 1) if self.paired else 0
+        self.side_by_side = extra if opts.all_directions else min(extra, 1)
         self.prime_min_tokens = opts.prime_min_tokens  # see SGLangOptions (benchmarks change it on the fly)
         self.prefix = opts.name
         options = dict(opts.engine)
@@ -155,8 +160,8 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
         engine_kwargs = dict(model_path=str(self.model_dir), dtype=dtype, enable_lora=True,
                              max_lora_rank=int(cfg.lora.r),
                              lora_target_modules=list(cfg.lora.target_modules),
-                             # in_place: the plus and minus slots (pinned) and the base model
-                             max_loras_per_batch=3 if self.in_place else 2, attention_backend="triton",
+                             # in_place: the trained slot, the extra ones (all pinned) and the base model
+                             max_loras_per_batch=2 + extra if self.in_place else 2, attention_backend="triton",
                              random_seed=int(cfg.seed), log_level="error")
         if self.device.type == "cuda" and self.device.index is not None:
             engine_kwargs["base_gpu_id"] = self.device.index
@@ -176,7 +181,7 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
         self._tmp = None                    # folder for adapter_transport=disk and in_place's start
         self.reset_stats()
         if self.in_place:
-            self._attach()
+            self._attach(extra)
 
     # -- the trainable state --------------------------------------------------
     def perturb(self, terms, decay=1.0):
@@ -188,9 +193,23 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
             self._dirty = True  # the engine gets the new version before the next forward
 
     def population_losses(self, batch, seeds, eps, applied=0.0):
-        """Every direction in turn, both signs of each in one engine call when paired."""
+        """Every direction and sign in one generate call when the slots hold them
+        (``all_directions``), else each direction in turn, both signs of each in one
+        call when paired."""
+        if len(seeds) > 1 and holds_side_by_side(self, 2 * len(seeds)):
+            return all_directions(self, batch, seeds, eps, applied)
         pair = self._both_signs if self.paired else None
         return each_direction(self, batch, seeds, eps, applied, pair=pair)
+
+    def state_losses(self, batch, states):
+        """The losses under theta + sum(coef * z(seed)) of every state (a list of terms),
+        shape [len(states), B], in one generate call: the scheduler writes state k into
+        pinned slot k + 1 in one round trip, the trained adapter does not move."""
+        if len(states) > self.side_by_side:
+            raise ValueError(f"sglang backend: {len(states)} states, {self.side_by_side} slots")
+        self._rpc("mezo_fill_slots", fills=[(self._roles[k], [(int(s), float(c)) for s, c in terms])
+                                            for k, terms in enumerate(states, 1)], dist=self.z_dist)
+        return slot_losses(self, batch, len(states))
 
     def _both_signs(self, batch, seed, eps, applied):
         """L+ and L- in one generate call (in_place with ``paired_signs``): the plus
@@ -220,16 +239,18 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
         return n
 
     def _names_of(self, adapters, n: int) -> list[str]:
-        """The engine adapter of each of n rows: slot 0 the state, 1 the minus slot."""
+        """The engine adapter of each of n rows: slot 0 the state, 1 the minus slot,
+        k state k of ``fill_slots``."""
         name = self._sync()
         if adapters is None:
             return [name] * n
         if len(adapters) != n:
             raise ValueError(f"sglang backend: {n} rows but {len(adapters)} adapters")
-        if any(a not in (0, 1) for a in adapters) or (not self.paired and any(adapters)):
-            raise ValueError(f"sglang backend: adapter slots {sorted(set(adapters))} "
-                             f"(0, and 1 with in_place paired signs)")
-        return [self._slot_names[a] if a else name for a in adapters]
+        slots = len(self._slot_names) if self.in_place else 1
+        if any(not 0 <= int(a) < slots for a in adapters):
+            raise ValueError(f"sglang backend: adapter slots {sorted(set(adapters))} (the engine has {slots}: "
+                             f"sglang.paired_signs, sglang.all_directions, mezo.q with in_place)")
+        return [self._slot_names[int(a)] if a else name for a in adapters]
 
     def _generate(self, input_ids, starts, adapters=None, **extra) -> list[dict]:
         """Input-token log-probabilities from ``starts`` on (one new token each)."""

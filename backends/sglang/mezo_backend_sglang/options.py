@@ -62,7 +62,10 @@ class SGLangOptions:
                                              "\"disk\"; auto: in_place")
     paired_signs: bool = setting(True, "in_place: both signs of a direction in one generate call (a second "
                                        "slot holds theta - eps z)")
-    name: str = setting("mezo", "engine-side adapter names: <name>, <name>-minus (in_place), "
+    all_directions: bool = setting(True, "in_place with paired_signs and mezo.q > 1: every perturbed state of "
+                                         "a step in one generate call, 2q pinned slots beside the trained "
+                                         "adapter")
+    name: str = setting("mezo", "engine-side adapter names: <name>, <name>-minus, <name>-s<k> (in_place), "
                                 "<name>-v<version> (the other transports)")
     prime_min_tokens: int = setting(0, "a batch whose requests share at least this many leading tokens (up to "
                                        "their logprob_start_len) sends one request first, so that the others "

@@ -50,18 +50,19 @@ class AdapterTransport:
     ``_dirty``), ``_tmp`` (the folder of disk loads and in_place's start) and
     ``_stats`` (the ``adapter_*`` counters)."""
 
-    # -- in_place: the scheduler holds the state in two adapter slots -----------------
-    def _attach(self) -> None:
-        """Load the initial state as two pinned adapters (plus, minus) and hand
-        them to the scheduler's mezo methods (``worker.py``)."""
+    # -- in_place: the scheduler holds the state in pinned adapter slots -----------------
+    def _attach(self, extra: int = 1) -> None:
+        """Load the initial state as pinned adapters (plus: the trained one; minus and
+        s2..s<extra>: the perturbed states beside it) and hand them to the scheduler's
+        mezo methods (``worker.py``)."""
         self._tmp = tempfile.mkdtemp(prefix="mezo-sglang-")
         folder = os.path.join(self._tmp, "initial")
         write_peft_adapter(self.state_dict(), self.lora, self.model_dir, folder)
-        self._slot_names = (self.prefix, f"{self.prefix}-minus")
+        self._roles = ["plus", "minus"] + [f"s{k}" for k in range(2, extra + 1)]
+        self._slot_names = [self.prefix] + [f"{self.prefix}-{role}" for role in self._roles[1:]]
         for name in self._slot_names:
             self._check(self.engine.load_lora_adapter(name, folder, pinned=True), f"loading adapter {name}")
-        self._rpc("mezo_attach", slots={"plus": self._slot_names[0], "minus": self._slot_names[1]},
-                  adapter_dir=folder)
+        self._rpc("mezo_attach", slots=dict(zip(self._roles, self._slot_names)), adapter_dir=folder)
         self._loaded, self._dirty, self._version = self._slot_names[0], False, 1  # version 0 is in the engine
 
     def _rpc(self, method: str, **kwargs) -> None:

@@ -11,10 +11,11 @@ error's text). Nothing but seeds, coefficients and names crosses the process
 boundary; nothing touches the disk per step.
 
 The state. The scheduler holds the seeded state of ``mezo_core.engine_state``
-(the fp32 master copy, z regenerated from seeds on its GPU). Two adapters,
-loaded once from a PEFT folder and pinned, are its *slots*: ``plus`` holds
-theta, ``minus`` a perturbed copy (the other sign of a step, evaluated in the
-same engine call). This module is SGLang's slot layout and how its scheduler
+(the fp32 master copy, z regenerated from seeds on its GPU). Adapters loaded
+once from a PEFT folder and pinned are its *slots*: ``plus`` holds theta,
+``minus`` a perturbed copy (the other sign of a step, evaluated in the same
+engine call), ``s2``..``s<2q>`` the other perturbed states of a step when all of
+them go in one call. This module is SGLang's slot layout and how its scheduler
 is reached.
 
 Writing a slot. SGLang keeps every loaded adapter in a memory-pool slot:
@@ -120,7 +121,7 @@ def _flush(scheduler) -> None:
 class SchedulerMethods(SeededWorker):
     """The ``mezo_*`` methods that ``add_methods`` grafts onto SGLang's Scheduler
     (``self`` is the scheduler); the seeded-state ones come from ``SeededWorker``.
-    Slots are named by role: ``plus`` (the trained adapter), ``minus``."""
+    Slots are named by role: ``plus`` (the trained adapter), ``minus``, ``s<k>``."""
 
     def mezo_attach(self, slots: dict, adapter_dir: str) -> None:
         """Take the adapters named in ``slots`` (role -> adapter name; loaded from
@@ -144,18 +145,26 @@ class SchedulerMethods(SeededWorker):
         self._mezo_write()
 
     @torch.no_grad()
-    def _mezo_write(self, role: str = "plus", tensors=None) -> None:
+    def _mezo_write(self, role: str = "plus", tensors=None, flush: bool = True) -> None:
         pool = _manager(self).memory_pool
         if pool.uid_to_buffer_id.get(self._mezo_uids[role]) != self._mezo_slots[role]:
             # pinned adapters are never evicted nor moved; make sure, the views hold that slot
             raise RuntimeError(f"mezo: adapter {role!r} left its memory-pool slot")
         for view, tensor in zip(self._mezo_views[role], self._mezo.tensors if tensors is None else tensors):
             view.copy_(tensor)
-        _flush(self)
+        if flush:
+            _flush(self)
 
     def mezo_fill(self, terms, dist: str = "gaussian") -> None:
         """The minus slot <- theta + sum coef*z(seed, i), computed on copies."""
         self._mezo_write("minus", self._mezo.filled(terms, dist))
+
+    def mezo_fill_slots(self, fills, dist: str = "gaussian") -> None:
+        """Each (role, terms): that slot <- theta + sum coef*z(seed, i); one cache flush
+        for all (the states of a step side by side)."""
+        for role, terms in fills:
+            self._mezo_write(role, self._mezo.filled(terms, dist), flush=False)
+        _flush(self)
 
     def mezo_compare_slot(self, role: str, reference: str) -> None:
         """Raise unless the ``role`` slot equals, bit for bit over every mapped view,

@@ -40,16 +40,17 @@ cached prefix -- is only context:
   per target token. (Also the single-token path on a vLLM without
   ``logprob_token_ids``: one forced one-token request per (prompt, token).)
 
-Both signs side by side. ``population_losses`` keeps a second adapter in the
-engine (``max_loras=2``): the worker fills it with theta - eps*z from memory,
-and each request is issued once per adapter in a single engine call (the
-hf backend's mixed-adapter batch, in vLLM terms). ``vllm.paired_signs=false``
-falls back to the plain sequence.
+Perturbed states side by side. The engine holds adapter slots beside the trained
+one (``max_loras``): the worker fills them from memory, with theta - eps*z (both
+signs of a direction) or, with ``mezo.q`` > 1, every state of a step
+(``state_losses``), and each request is issued once per slot in a single engine
+call (the hf backend's mixed-adapter batch, in vLLM terms); each slot has its own
+salt version. ``vllm.paired_signs=false`` falls back to the plain sequence.
 
 Generation (reward tasks, the exact match of completion tasks): ``generate``
 issues one request per distinct (slot, prompt[, seed]) row under the same salts,
-so both signs of a direction (slot 0 and slot 1) decode in one engine call and
-every row of a prompt reuses its cached prefix. Greedy rows equal the hf
+so all states decode in one engine call and every row of a prompt reuses its
+cached prefix. Greedy rows equal the hf
 backend's token for token on the tests' model (``tests/test_vllm_generate.py``);
 sampled rows use vLLM's per-request seeded generator.
 
@@ -68,7 +69,7 @@ import torch
 
 from mezo_core import Backend, Example, MezoError
 from mezo_core.config import options_from
-from mezo_core.forwards import each_direction, objective
+from mezo_core.forwards import all_directions, each_direction, holds_side_by_side, objective, slot_losses
 from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
@@ -86,7 +87,6 @@ COUNTERS = ("requests", "computed_tokens", "lookups", "hits", "tokens_looked_up"
 
 LORA_NAME = "mezo"
 LORA_ID = 1
-MINUS_ID = 2
 
 
 class VLLMBackend(Backend):
@@ -141,7 +141,7 @@ class VLLMBackend(Backend):
         adapter_dir = write_peft_adapter(initial_adapter(shapes, cfg.seed), cfg.lora, model_dir,
                                          self._workdir / "adapter")
 
-        kwargs = engine_kwargs(self.opts, model_dir, dtype, cfg.seed, cfg.lora.r, on_cpu)
+        kwargs = engine_kwargs(self.opts, model_dir, dtype, cfg.seed, cfg.lora.r, on_cpu, int(cfg.mezo.q))
         try:
             with engine_env("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if self.opts.multiprocessing else "0"):
                 self.llm = LLM(**kwargs)
@@ -153,13 +153,18 @@ class VLLMBackend(Backend):
         if names != self._names:
             raise MezoError(f"vllm: the worker holds {len(names)} LoRA tensors, mezo expects "
                             f"{len(self._names)} (first: {names[:1]} vs {self._names[:1]})")
-        # the minus adapter of plus_minus_losses: created in the worker from memory (its
-        # path is never read: the worker registers and pins it before any request)
-        self._paired = self.opts.paired_signs and int(kwargs.get("max_loras", 1)) >= 2
-        self.minus_request = LoRARequest(LORA_NAME + "-minus", MINUS_ID, str(adapter_dir))
+        # the slots beside the trained one (1: the minus side of a paired step; 1..2q: every state
+        # of a step), filled in the worker from memory (their path is never read)
+        extra = int(kwargs.get("max_loras", 1)) - 1 if self.opts.paired_signs else 0
+        self._paired = extra >= 1
+        #: perturbed states evaluated side by side in one call (state_losses)
+        self.side_by_side = extra if self.opts.all_directions else min(extra, 1)
+        self._requests = [self.lora_request] + [
+            LoRARequest(f"{LORA_NAME}-minus" if k == 1 else f"{LORA_NAME}-s{k}", LORA_ID + k, str(adapter_dir))
+            for k in range(1, extra + 1)]
+        self._slot_versions = [0] * (extra + 1)
         if self._paired:
-            self._rpc("mezo_fill", MINUS_ID, [])
-        self._minus_version = 0
+            self._rpc("mezo_fill_slots", [(LORA_ID + k, []) for k in range(1, extra + 1)], self.z_dist)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         fields = getattr(SamplingParams, "__struct_fields__", None)
         if fields is None:
@@ -198,9 +203,25 @@ class VLLMBackend(Backend):
 
     # -- both signs side by side ---------------------------------------------------
     def population_losses(self, batch, seeds, eps, applied=0.0):
-        """Every direction in turn, both signs of each in one engine call when paired."""
+        """Every direction and sign in one engine call when the slots hold them
+        (``all_directions``), else each direction in turn, both signs of each in one
+        call when paired."""
+        if len(seeds) > 1 and holds_side_by_side(self, 2 * len(seeds)):
+            return all_directions(self, batch, seeds, eps, applied)
         pair = self._both_signs if self._paired else None
         return each_direction(self, batch, seeds, eps, applied, pair=pair)
+
+    def state_losses(self, batch, states):
+        """The losses under theta + sum(coef * z(seed)) of every state (a list of terms),
+        shape [len(states), B], in one engine call: the worker writes state k into
+        adapter slot k + 1, the trained adapter does not move."""
+        if len(states) > self.side_by_side:
+            raise ValueError(f"vllm backend: {len(states)} states, {self.side_by_side} slots")
+        self._rpc("mezo_fill_slots", [(LORA_ID + k, [(int(s), float(c)) for s, c in terms])
+                                      for k, terms in enumerate(states, 1)], self.z_dist)
+        for k in range(1, len(states) + 1):
+            self._slot_versions[k] += 1
+        return slot_losses(self, batch, len(states))
 
     def _both_signs(self, batch, seed, eps, applied):
         """L+ and L- in one engine call. The main adapter moves to theta + eps*z
@@ -211,19 +232,18 @@ class VLLMBackend(Backend):
         like the hf backend's mixed-adapter batch. Leaves theta + eps*z: offset +eps."""
         if eps != applied:
             self.perturb([(seed, eps - applied)])
-        self._rpc("mezo_fill", MINUS_ID, [(int(seed), -2.0 * float(eps))], self.z_dist)
-        self._minus_version += 1
+        self._rpc("mezo_fill", LORA_ID + 1, [(int(seed), -2.0 * float(eps))], self.z_dist)
+        self._slot_versions[1] += 1
         losses = objective(self, list(batch) + list(batch), adapters=[0] * len(batch) + [1] * len(batch))
         return losses[:len(batch)], losses[len(batch):], eps
 
-    @staticmethod
-    def _slots(adapters, n: int) -> list[int]:
-        """Adapter slot of each of n rows: 0 the trained adapter, 1 the minus one."""
-        if adapters is None:
-            return [0] * n
-        if len(adapters) != n:
-            raise ValueError(f"vllm backend: {n} rows but {len(adapters)} adapters")
-        return list(adapters)
+    def _slots(self, adapters, n: int) -> list[int]:
+        """Adapter slot of each of n rows: 0 the trained adapter, k >= 1 a perturbed state."""
+        slots = [0] * n if adapters is None else [int(a) for a in adapters]
+        if len(slots) != n or not all(0 <= a < len(self._requests) for a in slots):
+            raise ValueError(f"vllm backend: adapter slots {sorted(set(slots))} for {n} rows (the engine has "
+                             f"{len(self._requests)}: vllm.paired_signs, vllm.all_directions, mezo.q)")
+        return slots
 
     # -- forward passes ------------------------------------------------------------
     def _request(self, key):
@@ -234,9 +254,8 @@ class VLLMBackend(Backend):
         if not ids:
             raise MezoError("vllm backend: an example has an empty prompt (vLLM needs at least "
                             "one prompt token to predict the first target)")
-        salt = f"mezo-v{self._version}" if slot == 0 else f"mezo-minus-v{self._minus_version}"
-        lora = self.lora_request if slot == 0 else self.minus_request
-        return {"prompt_token_ids": [int(t) for t in ids], "cache_salt": salt}, lora
+        salt = f"mezo-v{self._version}" if slot == 0 else f"mezo-s{slot}-v{self._slot_versions[slot]}"
+        return {"prompt_token_ids": [int(t) for t in ids], "cache_salt": salt}, self._requests[slot]
 
     def _generate(self, keys, params):
         reqs = [self._request(k) for k in keys]
@@ -299,8 +318,8 @@ class VLLMBackend(Backend):
 
     @torch.inference_mode()
     def losses(self, batch: Sequence[Example], adapters=None) -> torch.Tensor:
-        """``adapters``: an adapter slot per example (0: the trained adapter, 1:
-        the minus adapter of ``population_losses``; None: all 0)."""
+        """``adapters``: an adapter slot per example (0: the trained adapter, k: the
+        perturbed state in slot k; None: all 0)."""
         out = torch.empty(len(batch), dtype=torch.float64)
         keys = [(slot, tuple(e.prompt_ids)) for slot, e in zip(self._slots(adapters, len(batch)), batch)]
         single: dict[tuple, set[int]] = {}

@@ -35,10 +35,21 @@ class VLLMOptions:
                                            "__main__ guard)")
     paired_signs: bool = setting(True, "both signs of a direction in one engine call, a second adapter slot "
                                        "holding theta - eps z (needs engine max_loras >= 2, the default)")
+    all_directions: bool = setting(True, "with mezo.q > 1 and paired_signs: every perturbed state of a step in "
+                                         "one engine call, 2q adapter slots beside the trained one (engine "
+                                         "max_loras defaults to 2q + 1)")
     engine: Dict[str, Any] = setting(factory=dict, help="keyword arguments for vllm.LLM, over the defaults")
 
     def __post_init__(self):
         check_option_types(self, "vllm")
+
+
+def extra_slots(opts: VLLMOptions, directions: int) -> int:
+    """Adapter slots beside the trained one: none without paired signs, one (the
+    minus side) for one direction, 2q with ``all_directions``."""
+    if not opts.paired_signs:
+        return 0
+    return 2 * directions if opts.all_directions and directions > 1 else 1
 
 
 def max_lora_rank(r: int) -> int:
@@ -49,13 +60,14 @@ def max_lora_rank(r: int) -> int:
     raise MezoError(f"lora.r: vLLM supports LoRA ranks up to {LORA_RANKS[-1]} (got {r})")
 
 
-def engine_kwargs(opts: VLLMOptions, model_dir, dtype: str, seed: int, lora_r: int, on_cpu: bool) -> dict:
+def engine_kwargs(opts: VLLMOptions, model_dir, dtype: str, seed: int, lora_r: int, on_cpu: bool,
+                  directions: int = 1) -> dict:
     """The keyword arguments of ``vllm.LLM``: LoRA, the prefix cache, this
     package's worker extension and logits processor, the CPU defaults, then
     ``opts.engine`` over all of them."""
     kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=int(seed),
                   enable_lora=True, max_lora_rank=max_lora_rank(int(lora_r)),
-                  max_loras=2 if opts.paired_signs else 1,
+                  max_loras=1 + extra_slots(opts, directions),
                   enable_prefix_caching=True, disable_log_stats=True,
                   worker_extension_cls=WORKER_EXTENSION,
                   logits_processors=["mezo_backend_vllm.logitsprocs:ForceTargetsLogitsProcessor"])

@@ -63,6 +63,11 @@ class MezoWorkerExtension(SeededWorker):
             raise ValueError("mezo_fill: that is the trained adapter")
         self._mezo_write(int(lora_int_id), self._mezo.filled(terms, dist))
 
+    def mezo_fill_slots(self, fills, dist: str = "gaussian") -> None:
+        """``mezo_fill`` of each (lora_int_id, terms): the states of a step side by side."""
+        for lora_int_id, terms in fills:
+            self.mezo_fill(lora_int_id, terms, dist)
+
     def mezo_slot_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """vLLM's stacked (A, B) of the adapter's slot per LoRA layer (tests)."""
         mgr = self.model_runner.lora_manager._adapter_manager

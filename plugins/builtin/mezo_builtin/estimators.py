@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mezo_core import Estimator
 from mezo_core.config import setting
-from mezo_core.forwards import objective, one_sided
+from mezo_core.forwards import holds_side_by_side, objective, one_sided
 from mezo_core.mezo import StepResult, batch_means, probe, spsa_coefficients
 
 
@@ -46,8 +46,8 @@ class FZOO(Estimator):
     the loss scale (normalised SGD; the paper's "Adam-scale" steps): its mezo.lr is
     an Adam-like learning rate, not MeZO's. The paper draws Rademacher u_i:
     ``mezo.z=rademacher``. Logged: loss_plus = mean_i l_i, loss_minus = l_0, and
-    g_i = (l_i - l_0) / eps. A backend with ``state_losses`` (hf with hf.pm_batch)
-    evaluates all N + 1 states in one batch."""
+    g_i = (l_i - l_0) / eps. A backend that holds N + 1 states side by side (hf with
+    hf.pm_batch, the engines' adapter slots) evaluates them in one call."""
     name = "fzoo"
     options = FZOOOptions
     min_directions = 2   # a spread needs two perturbed losses
@@ -58,10 +58,9 @@ class FZOO(Estimator):
     def probe(self, backend, batch, seeds, eps, applied=0.0, reduce=None):
         if applied:
             backend.perturb([(seeds[0], -applied)])   # l_0 is measured at theta itself
-        batched = getattr(backend, "state_losses", None)
-        losses = batched(batch, [[]] + [[(seed, eps)] for seed in seeds]) if batched else None
-        offset = 0.0
-        if losses is None:   # one state after another
+        if holds_side_by_side(backend, len(seeds) + 1):   # theta and every perturbed state in one call
+            losses, offset = backend.state_losses(batch, [[]] + [[(seed, eps)] for seed in seeds]), 0.0
+        else:
             losses, offset = [objective(backend, batch)] + one_sided(backend, batch, seeds, eps), eps
         l0, *perturbed = batch_means(losses, len(batch), reduce)
         return StepResult(list(seeds), [(li - l0) / eps for li in perturbed], perturbed,
