@@ -15,7 +15,7 @@ import sys
 
 #: the harnesses with a main(argv) of their own
 MODULES = ("accuracy", "backprop", "bench_dp", "bench_eval_long", "bench_hf", "bench_perturb", "bench_reuse",
-           "compare", "gpu_sglang", "profile_step", "seed7b", "sweep")
+           "compare", "gpu_sglang", "profile_step", "reward_speed", "seed7b", "sweep")
 
 
 def main(argv=None) -> int:

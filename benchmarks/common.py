@@ -116,10 +116,11 @@ def environment(device) -> dict:
            "transformers": transformers.__version__, "platform": platform.platform(),
            "command": " ".join([Path(sys.executable).name, "-m", "benchmarks." + Path(sys.argv[0]).stem]
                                + sys.argv[1:])}
-    for name in ("peft", "triton"):
+    from importlib.metadata import PackageNotFoundError, version
+    for name in ("peft", "triton", "vllm", "sglang"):   # from the metadata: importing an engine is slow
         try:
-            env[name] = __import__(name).__version__
-        except ImportError:
+            env[name] = version(name)
+        except PackageNotFoundError:
             pass
     if torch.device(device).type == "cuda":
         env["device"] = torch.cuda.get_device_name()

@@ -61,6 +61,17 @@ def _engine_suites(engine):
             Step(f"pytest-{engine}", ("pytest", "-p", "no:cacheprovider", "-q", "-rs", "-m", "gpu",
                                       f"tests/test_{engine}_backend.py"), 400, out=False),
         ), needs=(engine,)),
+        f"reward-{engine}": Suite(f"a reward step on {engine} against generating as many completions, hf "
+                                  "beside (1.1B shape, 64 prompts x 128 new tokens, q=8), then 8 samples a prompt",
+                                  "cuda", (
+            Step(f"reward-{engine}", ("benchmarks.reward_speed", "--device", "cuda", "--shape", "llama-1.1b",
+                                      "--prompts", "64", "--prompt-len", "64", "--shared", "48", "--new", "128",
+                                      "--q", "8", "--steps", "2", "--rows", f"{engine},{engine}-pairs,hf-pm"), 420),
+            Step(f"reward-{engine}-samples8", ("benchmarks.reward_speed", "--device", "cuda", "--shape",
+                                               "llama-1.1b", "--prompts", "16", "--prompt-len", "64", "--shared",
+                                               "48", "--new", "32", "--q", "2", "--samples", "8", "--steps", "2",
+                                               "--rows", engine), 170),
+        ), needs=(engine,)),
         f"engines-{engine}": Suite(f"{engine}'s step against two bare {engine} passes beside hf: the 1.1B "
                                    "shape and the SST-2 demo recipe", "cuda", (
             Step(f"{engine}-1.1b", ("benchmarks.compare", "--device", "cuda", *rows, "--steps", "20"), 290),

@@ -17,7 +17,7 @@ import torch
 
 from .distributed import shard, sum_over_ranks
 from .errors import MezoError
-from .forwards import objective
+from .forwards import holds_side_by_side, objective
 from .interfaces import Signals, restore, snapshot
 from .mezo import direction_seeds, update
 from .stats import per_step, stats_of
@@ -69,7 +69,8 @@ class Stepper:
         lr = 0.0 if rejected else self.guard.lr_scale * self.lr(step, m.steps)
         _check_schedule("mezo.lr_schedule", m.lr_schedule, "lr", lr, step)
         next_direction = None
-        if m.fuse_steps and self.estimator.fuses_next and not (
+        # (a backend holding every state of a step side by side starts from theta: nothing to fuse)
+        if m.fuse_steps and self.estimator.fuses_next and not holds_side_by_side(self.backend, 2 * m.q) and not (
                 rejected or self.pauses_after(step + 1) or self._anchors(step + 1, new_best)):
             next_direction = (direction_seeds(cfg.seed, step + 1, m.q)[0], self.eps(step + 1, m.steps))
         self.applied = update(self.backend, result, lr, m.weight_decay, next_direction=next_direction,

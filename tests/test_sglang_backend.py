@@ -647,11 +647,14 @@ def test_gpu_paired_signs_match_the_sequence(gpu):
 
 
 @requires_sglang
-def test_gpu_generate_agrees_with_hf_and_samples_reuse_their_prompt(gpu):
-    """Greedy completions of the bf16 engine against fp32 hf: the first token agrees
-    wherever hf's top two logits are 0.3 apart (bf16 noise cannot flip those); with 8
-    samples per prompt, the engine reports its radix cache serving each sample's prompt."""
+def test_gpu_generate_agrees_with_hf_and_samples_reuse_their_prompt(gpu, tmp_path):
+    """Greedy completions of the bf16 engine against fp32 hf under the same adapter (the
+    engine's, trained by the tests before): the first token agrees wherever hf's top two
+    logits are 0.3 apart (bf16 noise cannot flip those); with 8 samples per prompt, the
+    engine reports its radix cache serving each sample's prompt."""
     sg, hf = gpu
+    sg.save_adapter(tmp_path / "state")
+    hf.load_adapter(tmp_path / "state")
     prompts = [e.prompt_ids for e in examples(8, 32, 1, seed=21)]
     got, want = sg.generate(prompts, 8), hf.generate(prompts, 8)
     with torch.no_grad():

@@ -219,6 +219,16 @@ def test_stats_count_requests_tokens_and_prefix_reuse(pair, monkeypatch):
     s = stats_of(vb)
     print(f"\nsecond generation of {len(prompts)} prompts sharing 80 tokens: {s}")
     assert s["requests"] == 6 and s["tokens_reused"] >= 6 * 64 and s["token_reuse"] > 0.7
+    # 8 samples a prompt in one call, under a new adapter version (nothing cached): vLLM writes a
+    # step's KV before its attention reads, so the samples share their prompt's blocks at once
+    vb.perturb([(31, 0.1)])
+    vb.reset_stats()
+    rows = [p for p in prompts[:4] for _ in range(8)]
+    vb.generate(rows, 4, temperature=1.0, seeds=list(range(len(rows))))
+    s = stats_of(vb)
+    print(f"4 prompts x 8 samples: {s}")
+    blocks = sum(len(p) // 32 * 32 for p in prompts[:4])   # their full KV blocks of 32 tokens (81..88 tokens)
+    assert s["requests"] == 32 and s["tokens_reused"] >= 7 * blocks   # all but the first computed nothing twice
 
 
 # -- a reward run on the engine ------------------------------------------------------------

