@@ -20,20 +20,25 @@ regenerates z there.
   slot to be filled with (theta + eps z) - 2 eps z -- the sequential path's own
   arithmetic.
 
+With ``mezo.q`` > 1 the engine may hold 2q slots beside the trained one, every
+perturbed state of a step, so that a step is one engine call (``state_losses``).
+
 ``EngineState`` is the master copy and its arithmetic; ``SeededWorker`` the
 worker methods the backends call over RPC (``mezo_perturb``, ``mezo_load``,
 ``mezo_state_bytes``, ``mezo_save``). An engine's worker subclasses it and
 supplies ``_mezo_write`` (how a state reaches a slot) plus its attach and fill
-calls (how slots are named and found in that engine).
+calls (how slots are named and found in that engine). ``SlotStates`` is the
+driver's side of the slots, the same for both engines.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from mezo_core.adapter import read_peft_adapter
+from mezo_core.adapter import read_peft_adapter, write_peft_adapter
+from mezo_core.forwards import all_directions, each_direction, holds_side_by_side, objective, slot_losses
 from mezo_core.perturb import apply_z
 
 
@@ -127,3 +132,50 @@ class SeededWorker:
     def mezo_save(self, path: str) -> None:
         """Write theta (fp32) to ``path`` as safetensors (tests compare it with the driver's)."""
         self._mezo.save(path)
+
+
+class SlotStates:
+    """The driver's side of an engine's perturbed-state slots, mixed into the vLLM and
+    SGLang backends. They supply ``paired`` (both signs of a direction in one call),
+    ``side_by_side`` (how many states the slots beside the trained one hold) and
+    ``_fill_slots(states)``: the worker writes theta + sum(coef * z(seed)) of
+    ``states[k]`` into slot k + 1, the trained slot 0 stays; and ``generation``,
+    their package's ``generation.generate``."""
+
+    generation: Callable
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens, adapters=None, *, temperature=0.0, seeds=None):
+        """Continuations of ``prompts`` (``Backend.generate``), the rows of every state in
+        one engine call through ``adapters`` (a slot per row)."""
+        return type(self).generation(self, prompts, max_new_tokens, adapters, temperature, seeds)
+
+    def save_adapter(self, path):
+        write_peft_adapter(self.state_dict(), self.lora, self.model_name, path)
+
+    def population_losses(self, batch, seeds, eps, applied=0.0):
+        """Every direction and sign in one engine call when the slots hold them
+        (``all_directions``), else each direction in turn, both signs of each in one
+        call when paired."""
+        if len(seeds) > 1 and holds_side_by_side(self, 2 * len(seeds)):
+            return all_directions(self, batch, seeds, eps, applied)
+        return each_direction(self, batch, seeds, eps, applied, pair=self._both_signs if self.paired else None)
+
+    def state_losses(self, batch, states):
+        """The losses under theta + sum(coef * z(seed)) of every state (a list of terms),
+        shape [len(states), B], in one engine call; the trained adapter does not move."""
+        if len(states) > self.side_by_side:
+            raise ValueError(f"{self.name} backend: {len(states)} states, {self.side_by_side} slots")
+        self._fill_slots([[(int(s), float(c)) for s, c in terms] for terms in states])
+        return slot_losses(self, batch, len(states))
+
+    def _both_signs(self, batch, seed, eps, applied):
+        """L+ and L- in one engine call. The trained adapter moves to theta + eps*z (as
+        in the plain sequence); slot 1 is filled with (theta + eps*z) - 2*eps*z -- the
+        sequential path's own arithmetic -- and the objective runs once over ``batch +
+        batch``, the second half routed to slot 1. Leaves theta + eps*z: offset +eps."""
+        if eps != applied:
+            self.perturb([(seed, eps - applied)])
+        self._fill_slots([[(int(seed), -2.0 * float(eps))]])
+        losses = objective(self, list(batch) + list(batch), adapters=[0] * len(batch) + [1] * len(batch))
+        return losses[:len(batch)], losses[len(batch):], eps

@@ -251,7 +251,7 @@ def test_fake_engine_mezo_lowers_loss(llama):
     sg = SGLangBackend(make_config(llama), engine_factory=FakeEngine)
     first, last = loss_before_and_after_mezo(sg, examples(4, 6, 2, seed=5), 12, 0, 1e-3, 5e-3)
     assert last < first - 0.2, (first, last)
-    assert sg.transport == "in_place" and sg.engine.calls.count(("rpc", "mezo_fill")) == 12
+    assert sg.transport == "in_place" and sg.engine.calls.count(("rpc", "mezo_fill_slots")) == 12
     assert [c for c in sg.engine.calls if c[0] == "load_tensors"] == [("load_tensors", "mezo"),
                                                                      ("load_tensors", "mezo-minus")]
     sg.close()
@@ -352,7 +352,7 @@ def test_in_place_paired_signs_one_call(scripted, tmp_path):
     n = len(engine.calls)
     plus, minus, offset = one_direction(sg, batch, 21, 0.25)
     assert offset == 0.25
-    assert engine.calls[n:] == [("rpc", "mezo_perturb"), ("flush",), ("rpc", "mezo_fill"), ("flush",),
+    assert engine.calls[n:] == [("rpc", "mezo_perturb"), ("flush",), ("rpc", "mezo_fill_slots"), ("flush",),
                                 ("generate", 6)]
     assert [r["lora_path"] for r in engine.requests] == ["mezo"] * 3 + ["mezo-minus"] * 3
     names = sg.trainable_names()

@@ -15,10 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mezo_core.forwards import Prompt, one_direction
-from mezo_core.rewards import Reward, Rewarder
+from mezo_core.forwards import one_direction
 from sglang_support import FakeEngine, build_llama, make_config
-from tiny import commonest_inner_token, seeded_random
+from tiny import commonest_inner_token, count_calls, recorded_rows, seeded_random
 
 pytest.importorskip("mezo_backend_sglang", reason="the mezo-backend-sglang package is not installed")
 from mezo_backend_hf.backend import HFBackend  # noqa: E402
@@ -50,20 +49,6 @@ def random_prompts(seed, n=6):
     rng = seeded_random(seed)
     prompts = [tuple(rng.randrange(4, 300) for _ in range(rng.randint(3, 20))) for _ in range(n)]
     return prompts + [prompts[0]]          # a repeated row: one request
-
-
-class Record(Reward):
-    """Scores a completion by its length and keeps every text it saw."""
-    name = "record"
-    needs_reference = False
-
-    def __init__(self, options=None):
-        super().__init__(options)
-        self.seen = []
-
-    def score(self, completion, reference):
-        self.seen.append(completion)
-        return float(len(completion))
 
 
 def test_greedy_completions_equal_hf_under_each_adapter(pair):
@@ -107,12 +92,8 @@ def test_both_signs_in_one_call_give_the_sequential_completions(pair, monkeypatc
     """In place with paired signs: theta + eps z (the state) and theta - eps z (the
     minus slot) generate in one engine call, the completions of the plain sequence."""
     sg, _ = pair
-    rewarder = Rewarder(Record(), max_new_tokens=6, samples=samples, temperature=1.0)
-    batch = [Prompt(p, None, rewarder, sample_seed=100 + i) for i, p in enumerate(random_prompts(5, n=4))]
-    calls = []
-    engine_call = sg._engine_call
-    monkeypatch.setattr(sg, "_engine_call", lambda ids, names, **kw: calls.append(len(ids)) or
-                        engine_call(ids, names, **kw))
+    rewarder, batch = recorded_rows(random_prompts(5, n=4), 6, samples, first_seed=100)
+    calls = count_calls(monkeypatch, sg, "_engine_call")
     eps, seed = 0.5, 77
     with pytest.warns(UserWarning, match="enable_deterministic_inference") if samples > 1 else _nothing():
         lp, lm, offset = one_direction(sg, batch, seed, eps)
@@ -142,13 +123,9 @@ def test_every_state_of_a_reward_step_in_one_call(llama, monkeypatch):
     try:
         for b in (sg, hb):
             b.perturb([(29, 0.5)])
-        rewarder = Rewarder(Record(), max_new_tokens=6)
-        batch = [Prompt(p, None, rewarder, sample_seed=i) for i, p in enumerate(random_prompts(8, n=4))]
+        rewarder, batch = recorded_rows(random_prompts(8, n=4), 6)
         seeds, eps = [301, 302, 303], 0.5
-        calls = []
-        engine_call = sg._engine_call
-        monkeypatch.setattr(sg, "_engine_call", lambda ids, names, **kw: calls.append(sorted(set(names))) or
-                            engine_call(ids, names, **kw))
+        calls = count_calls(monkeypatch, sg, "_engine_call", lambda ids, names, **kw: sorted(set(names)))
         pairs, offset = sg.population_losses(batch, seeds, eps)
         assert offset == 0.0 and len(calls) == 1
         assert calls[0] == ["mezo-minus"] + [f"mezo-s{k}" for k in range(2, 7)]   # slots 1..6, not the state

@@ -25,7 +25,7 @@ from mezo_core import Example, MezoError
 from mezo_core.adapter import read_peft_adapter
 from mezo_core.forwards import objective, one_direction
 from mezo_core.stats import stats_of
-from tiny import seeded_random
+from tiny import count_calls, seeded_random
 
 pytestmark = pytest.mark.vllm
 
@@ -309,7 +309,7 @@ def test_plus_minus_side_by_side(pair, monkeypatch, with_choices):
     vb.perturb([(77, -offset)])
     assert max_state_diff(vb.state_dict(), hf_state(hb)) < 1e-6
     # vLLM's own plain sequence agrees closely with its side-by-side path
-    monkeypatch.setattr(vb, "_paired", False)
+    monkeypatch.setattr(vb, "paired", False)
     sp, sm, soffset = one_direction(vb, batch, 77, eps)
     assert soffset == -eps
     assert torch.allclose(sp, lp, atol=1e-5, rtol=0) and torch.allclose(sm, lm, atol=1e-5, rtol=0)
@@ -330,9 +330,7 @@ def test_every_state_of_a_step_in_one_call(pair, monkeypatch):
     vb.reset_stats()
     objective(vb, batch)
     one_state = vb.stats().requests
-    calls = []
-    engine_call = vb._generate
-    monkeypatch.setattr(vb, "_generate", lambda keys, params: calls.append(len(keys)) or engine_call(keys, params))
+    calls = count_calls(monkeypatch, vb, "_generate")
     vb.reset_stats()
     vb.perturb([(seeds[0], 0.25)])          # the previous update left 0.25 z(seeds[0]) on the weights
     pairs, offset = vb.population_losses(batch, seeds, eps, applied=0.25)
@@ -502,9 +500,9 @@ def test_gpu_vllm_agrees_with_hf_and_writes_in_place(vllm_model_dir):
         paired = one_direction(vb, batch, 59, 0.3)
         vb.perturb([(59, -0.3)])
         check_fast_writes_equal_vllms_conversion(vb)
-        vb._paired = False
+        vb.paired = False
         plain = one_direction(vb, batch, 59, 0.3)
-        vb._paired = True
+        vb.paired = True
         assert (plain[0] - plain[1]).abs().max() > 0.05
         for got, want in zip(paired[:2], plain[:2]):
             torch.testing.assert_close(got, want, rtol=0, atol=0.03)

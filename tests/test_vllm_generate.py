@@ -22,12 +22,11 @@ import pytest
 import torch
 
 from mezo_core import MezoError
-from mezo_core.forwards import Prompt, one_direction
-from mezo_core.rewards import Reward, Rewarder
+from mezo_core.forwards import one_direction
 from mezo_core.stats import stats_of
 # the module's engine and its hf oracle: test_vllm_backend's module-scoped fixtures (one engine here too)
 from test_vllm_backend import backends, rand_ids, vllm_model_dir  # noqa: F401
-from tiny import assert_samples_follow, commonest_inner_token, seeded_random
+from tiny import assert_samples_follow, commonest_inner_token, count_calls, recorded_rows, seeded_random
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -52,20 +51,6 @@ def random_prompts(seed, n=8):
     rng = seeded_random(seed)
     prompts = [rand_ids(rng, rng.randint(3, 40)) for _ in range(n - 1)] + [rand_ids(rng, 40)]
     return prompts + [prompts[0]]          # a repeated row; one prompt holds a full KV block
-
-
-class Record(Reward):
-    """Scores a completion by its length and keeps every text it saw."""
-    name = "record"
-    needs_reference = False
-
-    def __init__(self, options=None):
-        super().__init__(options)
-        self.seen = []
-
-    def score(self, completion, reference):
-        self.seen.append(completion)
-        return float(len(completion))
 
 
 # -- greedy: vLLM against hf -----------------------------------------------------------
@@ -119,11 +104,8 @@ def test_both_signs_in_one_call_give_the_sequential_completions(pair, monkeypatc
     (slot 1) in one engine call; the completions (and so the rewards) are those of
     the plain sequence, and those of hf with the same states applied in place."""
     vb, hb = pair
-    rewarder = Rewarder(Record(), max_new_tokens=8, samples=samples, temperature=1.0)
-    batch = [Prompt(p, None, rewarder, sample_seed=100 + i) for i, p in enumerate(random_prompts(5, n=6))]
-    calls = []
-    engine_call = vb._generate
-    monkeypatch.setattr(vb, "_generate", lambda keys, params: calls.append(len(keys)) or engine_call(keys, params))
+    rewarder, batch = recorded_rows(random_prompts(5, n=6), 8, samples, first_seed=100)
+    calls = count_calls(monkeypatch, vb, "_generate")
     eps, seed = 0.5, 77
     lp, lm, offset = one_direction(vb, batch, seed, eps)
     paired = list(rewarder.reward.seen)
@@ -132,7 +114,7 @@ def test_both_signs_in_one_call_give_the_sequential_completions(pair, monkeypatc
     assert offset == eps
     vb.perturb([(seed, -offset)])
     rewarder.reward.seen.clear()
-    monkeypatch.setattr(vb, "_paired", False)
+    monkeypatch.setattr(vb, "paired", False)
     sp, sm, soffset = one_direction(vb, batch, seed, eps)
     vb.perturb([(seed, -soffset)])
     assert rewarder.reward.seen == paired
@@ -156,12 +138,9 @@ def test_every_state_of_a_reward_step_in_one_call(pair, monkeypatch):
     are the hf backend's of the plain sequence, so the rewards are too."""
     from mezo_core.forwards import each_direction
     vb, hb = pair
-    rewarder = Rewarder(Record(), max_new_tokens=8)
-    batch = [Prompt(p, None, rewarder, sample_seed=i) for i, p in enumerate(random_prompts(9, n=5))]
+    rewarder, batch = recorded_rows(random_prompts(9, n=5), 8)
     seeds, eps = [301, 302, 303], 0.5
-    calls = []
-    engine_call = vb._generate
-    monkeypatch.setattr(vb, "_generate", lambda keys, params: calls.append(len(keys)) or engine_call(keys, params))
+    calls = count_calls(monkeypatch, vb, "_generate")
     pairs, offset = vb.population_losses(batch, seeds, eps)
     distinct = len({p.prompt_ids for p in batch})
     assert offset == 0.0 and calls == [6 * distinct]

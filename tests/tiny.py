@@ -4,6 +4,7 @@ import torch
 
 from mezo_core import Backend
 from mezo_core.perturb import apply_z
+from mezo_core.rewards import Reward
 from mezo_core.testing import (WORDS, InterruptAt, build_model, corpus, train_tokenizer,  # noqa: F401
                                write_run_config, write_task_files)
 
@@ -138,3 +139,35 @@ def commonest_inner_token(rows) -> int:
         for t in row[1:-1]:
             counts[t] = counts.get(t, 0) + 1
     return max(counts, key=counts.get)
+
+
+class Record(Reward):
+    """A reward that scores a completion by its length and keeps every text it saw
+    (the generation tests compare what each path generated)."""
+    name = "record"
+    needs_reference = False
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.seen = []
+
+    def score(self, completion, reference):
+        self.seen.append(completion)
+        return float(len(completion))
+
+
+def count_calls(monkeypatch, obj, name, measure=lambda first, *rest, **kw: len(first)):
+    """Wrap ``obj.name`` so that every call appends ``measure(*args)`` (default: the length
+    of the first argument, e.g. a call's requests) to the list returned."""
+    calls, real = [], getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a, **kw: calls.append(measure(*a, **kw)) or real(*a, **kw))
+    return calls
+
+
+def recorded_rows(prompts, max_new_tokens, samples=1, first_seed=0):
+    """Reward rows of ``prompts`` scored by a ``Record`` (row i sampled with seed
+    first_seed + i): ``(rewarder, batch)``, the rewarder's ``reward.seen`` the texts."""
+    from mezo_core.forwards import Prompt
+    from mezo_core.rewards import Rewarder
+    rewarder = Rewarder(Record(), max_new_tokens=max_new_tokens, samples=samples, temperature=1.0)
+    return rewarder, [Prompt(p, None, rewarder, sample_seed=first_seed + i) for i, p in enumerate(prompts)]

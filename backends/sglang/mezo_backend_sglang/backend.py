@@ -35,13 +35,14 @@ import torch
 
 from mezo_core import Example, LocalTensorsBackend, MezoError
 from mezo_core.config import options_from
-from mezo_core.forwards import all_directions, each_direction, holds_side_by_side, objective, slot_losses
+from mezo_core.engine_state import SlotStates
 from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
 
+from .generation import generate
 from .options import SGLangOptions, radix_eviction_policy
 from .transport import AdapterTransport, lora_config_dict
 
@@ -93,11 +94,12 @@ def losses_under_folder(engine, folder, batch: Sequence[Example], name: str = "f
     return losses, outs
 
 
-class SGLangBackend(AdapterTransport, LocalTensorsBackend):
+class SGLangBackend(SlotStates, AdapterTransport, LocalTensorsBackend):
     name = "sglang"
     capabilities = ("cuda", "bf16", "fp16", "lora", "prefix-cache", "radix-cache",
                     "adapter-versions", "single-token-choices")
     options: ClassVar[type] = SGLangOptions
+    generation = staticmethod(generate)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -192,36 +194,10 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
         else:
             self._dirty = True  # the engine gets the new version before the next forward
 
-    def population_losses(self, batch, seeds, eps, applied=0.0):
-        """Every direction and sign in one generate call when the slots hold them
-        (``all_directions``), else each direction in turn, both signs of each in one
-        call when paired."""
-        if len(seeds) > 1 and holds_side_by_side(self, 2 * len(seeds)):
-            return all_directions(self, batch, seeds, eps, applied)
-        pair = self._both_signs if self.paired else None
-        return each_direction(self, batch, seeds, eps, applied, pair=pair)
-
-    def state_losses(self, batch, states):
-        """The losses under theta + sum(coef * z(seed)) of every state (a list of terms),
-        shape [len(states), B], in one generate call: the scheduler writes state k into
-        pinned slot k + 1 in one round trip, the trained adapter does not move."""
-        if len(states) > self.side_by_side:
-            raise ValueError(f"sglang backend: {len(states)} states, {self.side_by_side} slots")
-        self._rpc("mezo_fill_slots", fills=[(self._roles[k], [(int(s), float(c)) for s, c in terms])
-                                            for k, terms in enumerate(states, 1)], dist=self.z_dist)
-        return slot_losses(self, batch, len(states))
-
-    def _both_signs(self, batch, seed, eps, applied):
-        """L+ and L- in one generate call (in_place with ``paired_signs``): the plus
-        slot moves to theta + eps*z as in the plain sequence, the scheduler fills
-        the minus slot with (theta + eps*z) - 2*eps*z -- the sequential path's
-        arithmetic -- and every request is sent once per slot. Leaves theta +
-        eps*z: offset +eps."""
-        if eps != applied:
-            self.perturb([(seed, eps - applied)])
-        self._rpc("mezo_fill", terms=[(int(seed), -2.0 * float(eps))], dist=self.z_dist)
-        losses = objective(self, list(batch) + list(batch), adapters=[0] * len(batch) + [1] * len(batch))
-        return losses[:len(batch)], losses[len(batch):], eps
+    def _fill_slots(self, states):
+        """``SlotStates``: the scheduler writes every state into its pinned slot in one round trip."""
+        self._rpc("mezo_fill_slots", fills=[(self._roles[k], terms) for k, terms in enumerate(states, 1)],
+                  dist=self.z_dist)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self._names, self._tensors))
@@ -335,16 +311,7 @@ class SGLangBackend(AdapterTransport, LocalTensorsBackend):
                 result[i, j] = -got[token]
         return result
 
-    def generate(self, prompts, max_new_tokens, adapters=None, *, temperature=0.0, seeds=None):
-        """Continuations of ``prompts`` (``Backend.generate``), both signs of a direction
-        in one engine call through ``adapters``: ``generation.generate``."""
-        from .generation import generate
-        return generate(self, prompts, max_new_tokens, adapters, temperature, seeds)
-
     # -- adapter files ----------------------------------------------------------
-    def save_adapter(self, path):
-        write_peft_adapter(self.state_dict(), self.lora, self.model_name, path)
-
     def load_adapter(self, path):
         state = read_peft_adapter(path)
         # names, exact shapes, floating dtypes: nothing broadcast or cast on the way in

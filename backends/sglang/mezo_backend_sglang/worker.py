@@ -155,13 +155,10 @@ class SchedulerMethods(SeededWorker):
         if flush:
             _flush(self)
 
-    def mezo_fill(self, terms, dist: str = "gaussian") -> None:
-        """The minus slot <- theta + sum coef*z(seed, i), computed on copies."""
-        self._mezo_write("minus", self._mezo.filled(terms, dist))
-
     def mezo_fill_slots(self, fills, dist: str = "gaussian") -> None:
-        """Each (role, terms): that slot <- theta + sum coef*z(seed, i); one cache flush
-        for all (the states of a step side by side)."""
+        """Each (role, terms): that slot <- theta + sum coef*z(seed, i), computed on
+        copies; one cache flush for all (the minus side of a direction, or every state
+        of a step side by side)."""
         for role, terms in fills:
             self._mezo_write(role, self._mezo.filled(terms, dist), flush=False)
         _flush(self)

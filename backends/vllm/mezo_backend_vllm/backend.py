@@ -69,13 +69,14 @@ import torch
 
 from mezo_core import Backend, Example, MezoError
 from mezo_core.config import options_from
-from mezo_core.forwards import all_directions, each_direction, holds_side_by_side, objective, slot_losses
+from mezo_core.engine_state import SlotStates
 from mezo_core.stats import BackendStats
 from mezo_core.adapter import (adapter_shapes, check_adapter_tensors, initial_adapter, read_peft_adapter,
                                write_peft_adapter)
 from mezo_core.models import dtype_name, resolve_model_dir
 from mezo_core.perturb import configured_dist
 
+from .generation import generate
 from .options import VLLMOptions, engine_env, engine_kwargs
 
 #: most token ids one request may ask logprobs for (vllm MAX_LOGPROB_TOKEN_IDS)
@@ -89,11 +90,12 @@ LORA_NAME = "mezo"
 LORA_ID = 1
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(SlotStates, Backend):
     name = "vllm"
     capabilities = ("cpu", "cuda", "fp32", "bf16", "lora", "prefix-cache", "in-place-perturbation",
                     "single-token-choices")
     options: ClassVar[type] = VLLMOptions
+    generation = staticmethod(generate)
 
     @classmethod
     def unavailable_reason(cls):
@@ -156,14 +158,14 @@ class VLLMBackend(Backend):
         # the slots beside the trained one (1: the minus side of a paired step; 1..2q: every state
         # of a step), filled in the worker from memory (their path is never read)
         extra = int(kwargs.get("max_loras", 1)) - 1 if self.opts.paired_signs else 0
-        self._paired = extra >= 1
+        self.paired = extra >= 1
         #: perturbed states evaluated side by side in one call (state_losses)
         self.side_by_side = extra if self.opts.all_directions else min(extra, 1)
         self._requests = [self.lora_request] + [
             LoRARequest(f"{LORA_NAME}-minus" if k == 1 else f"{LORA_NAME}-s{k}", LORA_ID + k, str(adapter_dir))
             for k in range(1, extra + 1)]
         self._slot_versions = [0] * (extra + 1)
-        if self._paired:
+        if self.paired:
             self._rpc("mezo_fill_slots", [(LORA_ID + k, []) for k in range(1, extra + 1)], self.z_dist)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         fields = getattr(SamplingParams, "__struct_fields__", None)
@@ -201,41 +203,11 @@ class VLLMBackend(Backend):
         return {n: torch.frombuffer(bytearray(data), dtype=torch.float32).view(*shape)
                 for n, (shape, data) in state.items()}
 
-    # -- both signs side by side ---------------------------------------------------
-    def population_losses(self, batch, seeds, eps, applied=0.0):
-        """Every direction and sign in one engine call when the slots hold them
-        (``all_directions``), else each direction in turn, both signs of each in one
-        call when paired."""
-        if len(seeds) > 1 and holds_side_by_side(self, 2 * len(seeds)):
-            return all_directions(self, batch, seeds, eps, applied)
-        pair = self._both_signs if self._paired else None
-        return each_direction(self, batch, seeds, eps, applied, pair=pair)
-
-    def state_losses(self, batch, states):
-        """The losses under theta + sum(coef * z(seed)) of every state (a list of terms),
-        shape [len(states), B], in one engine call: the worker writes state k into
-        adapter slot k + 1, the trained adapter does not move."""
-        if len(states) > self.side_by_side:
-            raise ValueError(f"vllm backend: {len(states)} states, {self.side_by_side} slots")
-        self._rpc("mezo_fill_slots", [(LORA_ID + k, [(int(s), float(c)) for s, c in terms])
-                                      for k, terms in enumerate(states, 1)], self.z_dist)
+    # -- perturbed states side by side (SlotStates) ----------------------------------
+    def _fill_slots(self, states):
+        self._rpc("mezo_fill_slots", [(LORA_ID + k, terms) for k, terms in enumerate(states, 1)], self.z_dist)
         for k in range(1, len(states) + 1):
-            self._slot_versions[k] += 1
-        return slot_losses(self, batch, len(states))
-
-    def _both_signs(self, batch, seed, eps, applied):
-        """L+ and L- in one engine call. The main adapter moves to theta + eps*z
-        (as in the plain sequence); the worker fills a second adapter with
-        (theta + eps*z) - 2*eps*z -- the very arithmetic of the sequential path --
-        and every request is issued once per adapter. The objective runs once
-        over ``batch + batch`` with the second half routed to the minus adapter,
-        like the hf backend's mixed-adapter batch. Leaves theta + eps*z: offset +eps."""
-        if eps != applied:
-            self.perturb([(seed, eps - applied)])
-        self._rpc("mezo_fill", LORA_ID + 1, [(int(seed), -2.0 * float(eps))], self.z_dist)
-        self._slot_versions[1] += 1
-        losses = objective(self, list(batch) + list(batch), adapters=[0] * len(batch) + [1] * len(batch))
-        return losses[:len(batch)], losses[len(batch):], eps
+            self._slot_versions[k] += 1     # a new salt: no prefix of the slot's last state is served
 
     def _slots(self, adapters, n: int) -> list[int]:
         """Adapter slot of each of n rows: 0 the trained adapter, k >= 1 a perturbed state."""
@@ -358,18 +330,7 @@ class VLLMBackend(Backend):
         lps = dict(zip(uniq, self._next_token_logprobs(uniq, [ids] * len(uniq))))
         return torch.tensor([[-lps[k][t] for t in ids] for k in keys], dtype=torch.float64)
 
-    # -- generation ----------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens, adapters=None, *, temperature=0.0, seeds=None):
-        """Continuations of ``prompts`` (``Backend.generate``), both signs of a direction
-        in one engine call through ``adapters``: ``generation.generate``."""
-        from .generation import generate
-        return generate(self, prompts, max_new_tokens, adapters, temperature, seeds)
-
     # -- adapter files -------------------------------------------------------------
-    def save_adapter(self, path):
-        write_peft_adapter(self.state_dict(), self.lora, self.model_name, path)
-
     def load_adapter(self, path):
         state = read_peft_adapter(path)  # validates the folder here, with a MezoError
         # names, exact shapes, floating dtypes, before the engine reads the folder
