@@ -32,12 +32,14 @@ driver's side of the slots, the same for both engines.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 from mezo_core.adapter import read_peft_adapter, write_peft_adapter
+from mezo_core.config import setting
 from mezo_core.forwards import all_directions, each_direction, holds_side_by_side, objective, slot_losses
 from mezo_core.perturb import apply_z
 
@@ -132,6 +134,17 @@ class SeededWorker:
     def mezo_save(self, path: str) -> None:
         """Write theta (fp32) to ``path`` as safetensors (tests compare it with the driver's)."""
         self._mezo.save(path)
+
+
+@dataclass
+class SlotOptions:
+    """The slots' options, the same in the ``vllm`` and ``sglang`` sections (their
+    options dataclasses extend this one)."""
+    paired_signs: bool = setting(True, "both signs of a direction in one engine call, a second adapter slot "
+                                       "holding theta - eps z (sglang: with adapter_transport in_place)")
+    all_directions: bool = setting(True, "with mezo.q > 1 and paired_signs: every perturbed state of a step in "
+                                         "one engine call, 2q adapter slots beside the trained one (vllm: "
+                                         "engine max_loras 2q + 1; sglang: pinned slots)")
 
 
 class SlotStates:

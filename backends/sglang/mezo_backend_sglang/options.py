@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 from mezo_core import MezoError
 from mezo_core.config import setting
+from mezo_core.engine_state import SlotOptions
 from mezo_core.interfaces import check_option_types
 
 #: mezo-run EvictionPolicy names -> SGLang's --radix-eviction-policy.
@@ -53,18 +54,13 @@ def radix_eviction_policy(name: str | None) -> str | None:
 
 
 @dataclass
-class SGLangOptions:
+class SGLangOptions(SlotOptions):
     eviction_policy: Optional[str] = setting(None, "a mezo-run eviction policy (lru, lfu, fifo) as SGLang's "
                                                    "radix_eviction_policy; None: SGLang's default (LRU)")
     adapter_transport: str = setting("auto", "how the engine follows the state: \"in_place\" (seeds to the "
                                              "scheduler, slots written in place), or a new adapter version "
                                              "per change: \"bucket\" (one flattened fp32 tensor), \"tensors\", "
                                              "\"disk\"; auto: in_place")
-    paired_signs: bool = setting(True, "in_place: both signs of a direction in one generate call (a second "
-                                       "slot holds theta - eps z)")
-    all_directions: bool = setting(True, "in_place with paired_signs and mezo.q > 1: every perturbed state of "
-                                         "a step in one generate call, 2q pinned slots beside the trained "
-                                         "adapter")
     name: str = setting("mezo", "engine-side adapter names: <name>, <name>-minus, <name>-s<k> (in_place), "
                                 "<name>-v<version> (the other transports)")
     prime_min_tokens: int = setting(0, "a batch whose requests share at least this many leading tokens (up to "

@@ -20,6 +20,7 @@ from typing import Any, Dict
 
 from mezo_core import MezoError
 from mezo_core.config import setting
+from mezo_core.engine_state import SlotOptions
 from mezo_core.interfaces import check_option_types
 
 #: ranks vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks)
@@ -29,15 +30,10 @@ WORKER_EXTENSION = "mezo_backend_vllm.worker.MezoWorkerExtension"
 
 
 @dataclass
-class VLLMOptions:
+class VLLMOptions(SlotOptions):
     multiprocessing: bool = setting(False, "false: the engine core runs in this process (collective_rpc is a "
                                            "plain call); true: vLLM's engine process (needs the usual "
                                            "__main__ guard)")
-    paired_signs: bool = setting(True, "both signs of a direction in one engine call, a second adapter slot "
-                                       "holding theta - eps z (needs engine max_loras >= 2, the default)")
-    all_directions: bool = setting(True, "with mezo.q > 1 and paired_signs: every perturbed state of a step in "
-                                         "one engine call, 2q adapter slots beside the trained one (engine "
-                                         "max_loras defaults to 2q + 1)")
     engine: Dict[str, Any] = setting(factory=dict, help="keyword arguments for vllm.LLM, over the defaults")
 
     def __post_init__(self):
