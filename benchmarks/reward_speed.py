@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         try:
             med, reuse, requests = measure(backend, args, vocab)
         finally:
-            backend.close() if hasattr(backend, "close") else None
+            backend.close()
             del backend
             gc.collect()
             synchronize(args.device)

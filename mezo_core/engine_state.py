@@ -146,6 +146,13 @@ class SlotOptions:
                                          "one engine call, 2q adapter slots beside the trained one (vllm: "
                                          "engine max_loras 2q + 1; sglang: pinned slots)")
 
+    def extra_slots(self, directions: int) -> int:
+        """Adapter slots beside the trained one: none without paired signs, one (the
+        minus side) for one direction, 2q with ``all_directions``."""
+        if not self.paired_signs:
+            return 0
+        return 2 * directions if self.all_directions and directions > 1 else 1
+
 
 class SlotStates:
     """The driver's side of an engine's perturbed-state slots, mixed into the vLLM and

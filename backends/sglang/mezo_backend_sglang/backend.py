@@ -125,9 +125,8 @@ class SGLangBackend(SlotStates, AdapterTransport, LocalTensorsBackend):
         self.paired = self.in_place and opts.paired_signs
         # in_place slots beside the trained one: the minus side of a paired step, or
         # every state of a step (2q) side by side (state_losses)
-        q = int(cfg.mezo.q)
-        extra = (2 * q if opts.all_directions and q > 1 else 1) if self.paired else 0
-        self.side_by_side = extra if opts.all_directions else min(extra, 1)
+        extra = opts.extra_slots(int(cfg.mezo.q)) if self.in_place else 0
+        self.side_by_side = extra
         self.prime_min_tokens = opts.prime_min_tokens  # see SGLangOptions (benchmarks change it on the fly)
         self.prefix = opts.name
         options = dict(opts.engine)

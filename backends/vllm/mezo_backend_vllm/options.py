@@ -40,14 +40,6 @@ class VLLMOptions(SlotOptions):
         check_option_types(self, "vllm")
 
 
-def extra_slots(opts: VLLMOptions, directions: int) -> int:
-    """Adapter slots beside the trained one: none without paired signs, one (the
-    minus side) for one direction, 2q with ``all_directions``."""
-    if not opts.paired_signs:
-        return 0
-    return 2 * directions if opts.all_directions and directions > 1 else 1
-
-
 def max_lora_rank(r: int) -> int:
     """The smallest rank vLLM accepts as max_lora_rank that holds rank ``r``."""
     for rank in LORA_RANKS:
@@ -63,7 +55,7 @@ def engine_kwargs(opts: VLLMOptions, model_dir, dtype: str, seed: int, lora_r: i
     ``opts.engine`` over all of them."""
     kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=int(seed),
                   enable_lora=True, max_lora_rank=max_lora_rank(int(lora_r)),
-                  max_loras=1 + extra_slots(opts, directions),
+                  max_loras=1 + opts.extra_slots(directions),
                   enable_prefix_caching=True, disable_log_stats=True,
                   worker_extension_cls=WORKER_EXTENSION,
                   logits_processors=["mezo_backend_vllm.logitsprocs:ForceTargetsLogitsProcessor"])
